@@ -1,0 +1,17 @@
+"""s2d_jax: System 2 distillation of language models in JAX.
+
+    model = s2d_jax.load_model(path)          # HF directory or .gguf file
+    tok = s2d_jax.load_tokenizer(path)
+    logits = model(input_ids)                 # int32 [B, T] -> float32 [B, T, vocab]
+    s2d_jax.save_hf(model, out_dir)
+    mesh = s2d_jax.make_mesh(data=-1, fsdp=1, tensor=1)
+"""
+
+from s2d_jax.errors import S2DError
+from s2d_jax.mesh import make_mesh
+from s2d_jax.model import ModelConfig, Transformer, init_model, load_model, save_hf
+from s2d_jax.tokenizer import load_tokenizer
+
+__version__ = "0.1.0"
+__all__ = ["S2DError", "ModelConfig", "Transformer", "init_model", "load_model", "load_tokenizer", "make_mesh",
+           "save_hf"]

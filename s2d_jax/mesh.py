@@ -1,0 +1,99 @@
+"""Device meshes and the logical-axis rules: the only module that knows mesh axis names.
+
+Model, cache and trainer code name *logical* axes (`batch`, `embed`, `kv_heads`, ...). One table maps them to the
+mesh axes `data`, `fsdp` and `tensor`. A dimension that a mesh axis does not divide stays replicated on that axis,
+so a model with 3 kv heads still runs on `tensor=2` (its attention is then replicated, not split).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from s2d_jax.errors import S2DError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes it is split over, in order. Axes not listed are replicated.
+RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+}
+
+Axes = Sequence[str | None]
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all). -1 takes all remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if list(sizes.values()).count(-1) > 1:
+        raise S2DError(f"mesh {sizes}: at most one axis may be -1")
+    if any(v == 0 or v < -1 for v in sizes.values()):
+        raise S2DError(f"mesh {sizes}: axis sizes must be positive or -1")
+    sizes = {k: (len(devices) // known if v == -1 else v) for k, v in sizes.items()}
+    if math.prod(sizes.values()) != len(devices):
+        raise S2DError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, but {len(devices)} are available")
+    grid = np.asarray(devices).reshape(tuple(sizes.values()))
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def partition_spec(axes: Axes, shape: Sequence[int], mesh) -> P:
+    """The PartitionSpec that RULES give `axes` on `mesh`, keeping only mesh axes that divide the dimension."""
+    spec, used = [], set()
+    for name, dim in zip(axes, shape):
+        chosen = []
+        for mesh_axis in RULES.get(name, ()) if name else ():
+            size = mesh.shape[mesh_axis]
+            if mesh_axis in used or size == 1 or dim % (math.prod(mesh.shape[a] for a in chosen) * size):
+                continue
+            chosen.append(mesh_axis)
+        used.update(chosen)
+        spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+    return P(*spec)
+
+
+def named_sharding(axes: Axes, shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, partition_spec(axes, shape, mesh))
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+    """Inside jit under `jax.set_mesh`: pin `x` to the rules' layout. Without a mesh it is a no-op."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, partition_spec(axes, x.shape, mesh))
+
+
+def param_axes(variable: nnx.Variable) -> Axes:
+    """The logical axes a parameter was created with (`nnx.Param(..., axes=(...))`)."""
+    axes = variable.get_metadata().get("axes")
+    return axes if axes is not None else (None,) * len(variable.shape)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh):
+    """A pytree of NamedShardings matching `state`, from each parameter's logical axes."""
+    return jax.tree.map(
+        lambda v: v.replace(named_sharding(param_axes(v), v.shape, mesh)),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """Place every parameter of `model` (in place) on `mesh` by the rules."""
+    graphdef, state = nnx.split(model)
+    shardings = state_shardings(state, mesh)
+    state = jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings)
+    nnx.update(model, state)
+    return model

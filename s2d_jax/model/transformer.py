@@ -1,0 +1,214 @@
+"""One config-driven decoder (Llama 2/3, Mistral, Qwen2, SmolLM2, Gemma 1) in Flax NNX.
+
+Layouts are chosen for decode speed and for tensor parallelism at once:
+  - q, k and v are one fused projection `qkv: [embed, kv_heads, group + 2, head_dim]`: per kv head, its `group`
+    query heads, then its key, then its value. One matmul per layer, and splitting `kv_heads` over the `tensor`
+    mesh axis keeps every query head with its own key/value head.
+  - gate and up are one projection `gate_up: [embed, 2, mlp]`.
+  - attention runs on `[batch, kv_heads, len, head_dim]`, the KV cache's layout.
+
+Two ways to call it. Without a cache, tokens attend causally within their segment (`segment_ids`, 0 = padding):
+the plain forward, training (packed rows) and the sampler's prefill, which also takes back every layer's k/v.
+With a cache, new tokens are written at slot `cache.index` and attend to every valid slot before them: decoding.
+Positions are explicit, so a left-padded prompt sees positions 0..n-1 whatever its padding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from s2d_jax.mesh import constrain
+from s2d_jax.model.config import ModelConfig
+
+_MASKED = -0.7 * float(np.finfo(np.float32).max)
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys/values per layer `[batch, kv_heads, max_len, head_dim]`, which slots hold a token, and
+    the next slot to write (one index for the whole batch: prompts are left-padded to a common length)."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    valid: jax.Array  # [batch, max_len] bool
+    index: jax.Array  # [] int32
+
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies `[head_dim // 2]`, with Llama 3 / linear scaling as transformers computes them."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = cfg.rope_scaling
+    if scaling and scaling[0] == "linear":
+        inv = inv / scaling[1]
+    elif scaling and scaling[0] == "llama3":
+        _, factor, low, high, original = scaling
+        wavelen = 2 * math.pi / inv
+        low_wavelen, high_wavelen = original / low, original / high
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate `x: [batch, heads..., len, head_dim]` by `positions: [batch, len]` (rotate-half convention)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    extra = x.ndim - angles.ndim
+    angles = angles.reshape(angles.shape[:1] + (1,) * extra + angles.shape[1:])
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal"):
+    if init == "normal":
+        value = jax.random.normal(rngs.params(), shape, jnp.float32) * 0.02
+    else:
+        value = jnp.full(shape, 0.0 if init == "zeros" else 1.0, jnp.float32)
+    return nnx.Param(value.astype(dtype), axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.eps, self.plus_one = cfg.rms_norm_eps, cfg.norm_plus_one
+        self.weight = _param(rngs, (cfg.hidden_size,), (None,), cfg.param_dtype, "zeros" if self.plus_one else "ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        w = self.weight[...]
+        if self.plus_one:  # Gemma: scale in float32, then cast
+            return (normed * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+        return w.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, k, g, hd = cfg.hidden_size, cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+        self.qkv = _param(rngs, (d, k, g + 2, hd), ("embed", "kv_heads", None, None), cfg.param_dtype)
+        self.qkv_bias = _param(rngs, (k, g + 2, hd), ("kv_heads", None, None), cfg.param_dtype, "zeros") if cfg.qkv_bias else None
+        self.o = _param(rngs, (k, g, hd, d), ("kv_heads", None, None, "embed"), cfg.param_dtype)
+        self.o_bias = _param(rngs, (d,), (None,), cfg.param_dtype, "zeros") if cfg.o_bias else None
+
+    def __call__(self, x, positions, inv_freq, *, segment_ids=None, cache_kv=None, cache_valid=None, index=None):
+        cfg, dt = self.cfg, x.dtype
+        g = cfg.group_size
+        qkv = jnp.einsum("btd,dkch->bkcth", x, self.qkv[...].astype(dt))
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias[...].astype(dt)[None, :, :, None, :]
+        q = apply_rope(qkv[:, :, :g], positions, inv_freq)  # [B, K, G, T, hd]
+        k = apply_rope(qkv[:, :, g], positions, inv_freq)  # [B, K, T, hd]
+        v = qkv[:, :, g + 1]
+        t = x.shape[1]
+        if cache_kv is None:  # attend within the new tokens: causal, same segment, not padding
+            keys, values = k, v
+            q_slot = k_slot = jnp.arange(t)
+            seg = jnp.ones(x.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+            allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+            allowed &= (q_slot[:, None] >= k_slot[None, :])[None]
+        else:  # write at slot `index`, attend to every valid slot up to the query's own
+            ck, cv = cache_kv
+            keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0)).astype(dt)
+            values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0)).astype(dt)
+            q_slot = index + jnp.arange(t)
+            k_slot = jnp.arange(keys.shape[2])
+            allowed = cache_valid[:, None, :] & (q_slot[:, None] >= k_slot[None, :])[None]
+        if cfg.sliding_window:
+            allowed &= (q_slot[:, None] - k_slot[None, :] < cfg.sliding_window)[None]
+        scores = jnp.einsum("bkgth,bksh->bkgts", q, keys).astype(jnp.float32) * cfg.head_dim**-0.5
+        scores = jnp.where(allowed[:, None, None], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bksh->bkgth", probs, values)
+        out = jnp.einsum("bkgth,kghd->btd", out, self.o[...].astype(dt))
+        if self.o_bias is not None:
+            out = out + self.o_bias[...].astype(dt)
+        new_kv = (keys, values) if cache_kv is not None else (k, v)
+        return out, new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, i = cfg.hidden_size, cfg.intermediate_size
+        self.activation = cfg.activation
+        self.gate_up = _param(rngs, (d, 2, i), ("embed", None, "mlp"), cfg.param_dtype)
+        self.down = _param(rngs, (i, d), ("mlp", "embed"), cfg.param_dtype)
+
+    def __call__(self, x):
+        h = jnp.einsum("btd,dci->btci", x, self.gate_up[...].astype(x.dtype))
+        gate, up = h[:, :, 0], h[:, :, 1]
+        act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        return jnp.einsum("bti,id->btd", act * up, self.down[...].astype(x.dtype))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, inv_freq, **attn_kwargs):
+        h, kv = self.attn(self.attn_norm(x), positions, inv_freq, **attn_kwargs)
+        x = constrain(x + h, ("batch", None, None))
+        x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", None, None))
+        return x, kv
+
+
+class Transformer(nnx.Module):
+    """`model(tokens) -> float32 logits [B, T, vocab]`; `forward` and `logits` are the parts the sampler uses."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg, rngs=rngs)
+        self.lm_head = None if cfg.tie_embeddings else _param(
+            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        hidden, _ = self.forward(tokens, positions, segment_ids=segment_ids)
+        return self.logits(hidden)
+
+    def forward(self, tokens, positions=None, *, segment_ids=None, cache: KVCache | None = None):
+        """Final hidden states `[B, T, embed]` and either every layer's new (k, v) (no cache) or the updated cache."""
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        inv_freq = rope_frequencies(cfg)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+        if cfg.embed_scale:
+            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
+        x = constrain(x, ("batch", None, None))
+        if cache is not None:  # the new tokens' slots are valid before attention: each token sees itself
+            valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones(tokens.shape, bool), (0, cache.index))
+        kvs = []
+        for i, layer in enumerate(self.layers):
+            if cache is None:
+                x, kv = layer(x, positions, inv_freq, segment_ids=segment_ids)
+            else:
+                x, kv = layer(x, positions, inv_freq, cache_kv=(cache.k[i], cache.v[i]),
+                              cache_valid=valid, index=cache.index)
+            kvs.append(kv)
+        hidden = self.final_norm(x)
+        if cache is None:
+            return hidden, kvs
+        return hidden, KVCache(tuple(kv[0].astype(cache.k[0].dtype) for kv in kvs),
+                               tuple(kv[1].astype(cache.v[0].dtype) for kv in kvs), valid, cache.index + tokens.shape[1])
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        head = self.embed if self.lm_head is None else self.lm_head
+        out = jnp.einsum("...d,vd->...v", hidden, head[...].astype(hidden.dtype))
+        return out.astype(jnp.float32)
