@@ -20,7 +20,7 @@ CHATML_TEMPLATE = (
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """The tokenizer of a model: an HF directory, a `.gguf` file, or `"bytes"` for the built-in byte tokenizer."""
-    path = os.fspath(path)
+    path = str(os.fspath(path))
     if path == BYTES:
         return byte_tokenizer()
     if not os.path.exists(path):

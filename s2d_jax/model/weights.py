@@ -230,6 +230,7 @@ def read_config(path: str) -> ModelConfig:
 
 def load_model(path: str, dtype: str = "float32", mesh=None, compute_dtype: str | None = None) -> Transformer:
     """The model at `path` with parameters in `dtype`, placed on `mesh` by the logical-axis rules if given."""
+    path = os.fspath(path)
     source = open_checkpoint(path)
     cfg = source.config.replace(param_dtype=dtype, dtype=compute_dtype or dtype)
     layout = hf_layout(cfg)
@@ -284,6 +285,8 @@ def save_hf(model: Transformer, out_dir: str, tokenizer=None, max_shard_bytes: i
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         cfg = model.cfg
         layout = hf_layout(cfg)
@@ -317,6 +320,9 @@ def save_hf(model: Transformer, out_dir: str, tokenizer=None, max_shard_bytes: i
         AutoConfig.for_model(hf.pop("model_type"), **hf).save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name in os.listdir(tmp):  # mkdtemp and safetensors create private files; use the user's umask
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
         if os.path.exists(out_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old.", dir=parent)
             os.replace(out_dir, os.path.join(old, "x"))

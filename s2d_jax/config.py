@@ -1,0 +1,152 @@
+"""Experiment configs: Python files with `get_config()`, checked against one schema of defaults.
+
+A config file returns an `ml_collections.ConfigDict` holding only what it changes; it is merged onto `defaults()`,
+and so are command-line overrides (`--config.train.steps=100`). Every key must exist in the schema (else the error
+names the closest valid key) and every value must have the schema's type (ml_collections checks it).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+import traceback
+
+import ml_collections
+from ml_collections import ConfigDict
+
+from s2d_jax.errors import S2DError
+
+
+def defaults() -> ConfigDict:
+    """The schema: every key an experiment may set, with its default and so its type."""
+    return ConfigDict({
+        "seed": 0,
+        "model": {
+            "path": "",  # HF directory or .gguf file; "" = random init of `preset`
+            "preset": "",  # a name in s2d_jax.model.PRESETS, used when `path` is ""
+            "dtype": "float32",  # parameter dtype
+            "compute_dtype": "",  # "" = same as dtype
+        },
+        "tokenizer": "",  # "" = model.path; "bytes" = the built-in byte tokenizer
+        "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+        "convert": {"output": ""},  # "" = WORKDIR/converted
+    })
+
+
+def _leaf_paths(c: ConfigDict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in c.items():
+        path = prefix + key
+        out.extend(_leaf_paths(value, path + ".") if isinstance(value, ConfigDict) else [path])
+    return out
+
+
+def _unknown(key: str, schema: ConfigDict, where: str) -> S2DError:
+    close = difflib.get_close_matches(key, _leaf_paths(schema) + list(schema.keys()), n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return S2DError(f"{where}: unknown key {key!r}{hint}")
+
+
+def _assign(c: ConfigDict, key: str, value, where: str, schema: ConfigDict) -> None:
+    *parents, leaf = key.split(".")
+    node = c
+    for i, part in enumerate(parents):
+        node = node.get(part) if isinstance(node, ConfigDict) else None
+        if not isinstance(node, ConfigDict):
+            raise _unknown(key, schema, where)
+    if leaf not in node:
+        raise _unknown(key, schema, where)
+    old = node[leaf]
+    if isinstance(old, ConfigDict):
+        if not isinstance(value, (dict, ConfigDict)):
+            raise S2DError(f"{where}: key {key!r} is a group; set its fields ({key}.…), not the group")
+        for sub, v in value.items():
+            _assign(c, f"{key}.{sub}", v, where, schema)
+        return
+    try:
+        setattr(node, leaf, tuple(value) if isinstance(old, tuple) and isinstance(value, list) else value)
+    except TypeError:
+        raise S2DError(f"{where}: key {key!r} expects {type(old).__name__}, got {value!r}") from None
+
+
+def _parse(text: str, old):
+    """Command-line text to the type of the value it replaces."""
+    if isinstance(old, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        return text
+    if isinstance(old, str):
+        return text
+    if isinstance(old, int):
+        try:
+            return int(text)
+        except ValueError:
+            return text
+    if isinstance(old, float):
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def load_config_file(path: str) -> ConfigDict:
+    """Run a config file's `get_config()`."""
+    if not os.path.isfile(path):
+        raise S2DError(f"{path}: no such config file")
+    spec = importlib.util.spec_from_file_location(f"s2d_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise S2DError(f"{path}: line {e.lineno}: {e.msg}") from None
+    except Exception as e:
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), "?")
+        raise S2DError(f"{path}: line {line}: {type(e).__name__}: {e}") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise S2DError(f"{path}: no get_config() function (a config file defines get_config() -> ConfigDict)")
+    config = module.get_config()
+    if not isinstance(config, (dict, ConfigDict)):
+        raise S2DError(f"{path}: get_config() returned {type(config).__name__}, expected a ConfigDict")
+    return ConfigDict(config) if isinstance(config, dict) else config
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> ConfigDict:
+    """The defaults, updated by the config file at `path` and then by `KEY=VALUE` overrides; locked."""
+    schema = defaults()
+    config = defaults()
+    if path:
+        for key, value in load_config_file(path).items():
+            _assign(config, key, value.to_dict() if isinstance(value, ConfigDict) else value, path, schema)
+    for item in overrides:
+        if "=" not in item:
+            raise S2DError(f"--config.{item}: expected --config.KEY=VALUE")
+        key, text = item.split("=", 1)
+        node_value = _lookup(config, key, schema, f"--config.{key}")
+        _assign(config, key, _parse(text, node_value), f"--config.{item}", schema)
+    config.lock()
+    return config
+
+
+def _lookup(config: ConfigDict, key: str, schema: ConfigDict, where: str):
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, ConfigDict) or part not in node:
+            raise _unknown(key, schema, where)
+        node = node[part]
+    return node
+
+
+def to_dict(config: ConfigDict) -> dict:
+    return config.to_dict()
+
+
+__all__ = ["defaults", "load_config", "load_config_file", "to_dict", "ml_collections"]
