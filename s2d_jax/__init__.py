@@ -10,8 +10,9 @@
 from s2d_jax.errors import S2DError
 from s2d_jax.mesh import make_mesh
 from s2d_jax.model import ModelConfig, Transformer, init_model, load_model, save_hf
+from s2d_jax.sampling import Sample, Sampler
 from s2d_jax.tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["S2DError", "ModelConfig", "Transformer", "init_model", "load_model", "load_tokenizer", "make_mesh",
+__all__ = ["S2DError", "ModelConfig", "Sample", "Sampler", "Transformer", "init_model", "load_model", "load_tokenizer", "make_mesh",
            "save_hf"]
