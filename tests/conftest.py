@@ -26,7 +26,7 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
     "gemma": ("GemmaConfig", dict(num_key_value_heads=1, head_dim=32)),
 }
-TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+TINY = dict(vocab_size=264, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256)
 
 

@@ -14,9 +14,9 @@ from conftest import FAMILIES, torch_logits
 def test_logits_match_transformers(hf_models, family):
     path, ref = hf_models[family]
     model = s2d_jax.load_model(path)
-    ids = np.random.RandomState(1).randint(0, 160, (3, 17))
+    ids = np.random.RandomState(1).randint(0, 264, (3, 17))
     ours = np.asarray(model(jnp.asarray(ids, jnp.int32)))
-    assert ours.dtype == np.float32 and ours.shape == (3, 17, 160)
+    assert ours.dtype == np.float32 and ours.shape == (3, 17, 264)
     assert np.abs(ours - torch_logits(ref, ids)).max() <= 1e-4
 
 
@@ -33,7 +33,7 @@ def test_bfloat16_params_and_compute(hf_models):
     path, ref = hf_models["llama"]
     model = s2d_jax.load_model(path, dtype="bfloat16")
     assert model.layers[0].attn.qkv[...].dtype == jnp.bfloat16
-    ids = np.random.RandomState(2).randint(0, 160, (2, 9))
+    ids = np.random.RandomState(2).randint(0, 264, (2, 9))
     ours = np.asarray(model(jnp.asarray(ids, jnp.int32)))
     assert ours.dtype == np.float32
     ref_logits = torch_logits(ref, ids)

@@ -30,7 +30,7 @@ def test_save_hf_round_trips(hf_models, tmp_path, family):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert again.cfg == model.cfg
     ref = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-    ids = np.random.RandomState(0).randint(0, 160, (2, 11))
+    ids = np.random.RandomState(0).randint(0, 264, (2, 11))
     np.testing.assert_allclose(torch_logits(ref, ids), np.asarray(model(jnp.asarray(ids, jnp.int32))), atol=1e-4)
 
 

@@ -118,6 +118,7 @@ class Sampler:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = tuple(sorted(eos))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or (0,))[0]
+        self.prefill_rows = 0  # prompt rows prefilled so far (n samples of a prompt share one)
         self.row_multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
 
     # ------------------------------------------------------------------------------------------ public
@@ -184,6 +185,7 @@ class Sampler:
         prompt_ids = np.repeat(np.asarray(list(indices) + [-1] * (num - len(rows))), n)
         sample_ids = np.tile(np.arange(n), num)
         keys = jax.vmap(lambda p, s: jax.random.fold_in(jax.random.fold_in(base, p), s))(prompt_ids, sample_ids)
+        self.prefill_rows += len(rows)
         with self._mesh_context():
             put = self._put
             logits, cache = _prefill(self.graphdef, self.state, put(tokens), put(positions), put(segments),

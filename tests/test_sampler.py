@@ -1,0 +1,180 @@
+"""The sampler: parity with transformers' greedy generate, batching invariance, sharding, sampling statistics."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import s2d_jax
+from s2d_jax import mesh as mesh_lib
+from s2d_jax.errors import S2DError
+from s2d_jax.model import PRESETS, init_model
+from s2d_jax.sampling import Sampler, Sampling
+from s2d_jax.sampling.sampler import _prefill
+from s2d_jax.tokenizer import byte_tokenizer, chat_prompt
+from conftest import FAMILIES
+
+PROMPTS = ["a", "The quick brown fox", "0123456789 abcdefghij klmnop", "xyz xyz"]
+
+
+def _hf_greedy(ref, ids, max_new, eos_ids, pad_id):
+    import torch
+
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False,
+                           eos_token_id=list(eos_ids), pad_token_id=pad_id)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_matches_transformers_generate(hf_models, family):
+    path, ref = hf_models[family]
+    tok = byte_tokenizer()
+    sampler = Sampler(s2d_jax.load_model(path), tok)
+    out = sampler.generate(PROMPTS, max_new_tokens=20, progress=False)
+    for prompt, (sample,) in zip(PROMPTS, out):
+        expected = _hf_greedy(ref, tok(prompt).input_ids, 20, sampler.eos_ids, sampler.pad_id)
+        assert sample.token_ids == expected[:sample.num_tokens]
+        assert sample.num_tokens == len([t for t in expected if t != sampler.pad_id]) or sample.finish_reason == "stop"
+
+
+def test_smollm2_greedy_matches_transformers_with_chat_template(smollm2_gguf):
+    import torch
+    import transformers
+
+    model, tok = s2d_jax.load_model(smollm2_gguf), s2d_jax.load_tokenizer(smollm2_gguf)
+    questions = ["What is 2+2?", "Hi", "Name three colors of the rainbow and say why the sky is blue, briefly.",
+                 "Take the last letters of each word in 'Elon Musk Sam Altman' and concatenate them."]
+    out = Sampler(model, tok).generate(questions, max_new_tokens=48, chat=True, progress=False)
+    d, f = os.path.split(smollm2_gguf)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    lengths = set()
+    for q, (sample,) in zip(questions, out):
+        ids = tok(chat_prompt(tok, q), add_special_tokens=False).input_ids
+        lengths.add(len(ids))
+        with torch.no_grad():
+            expected = ref.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)[0, len(ids):].tolist()
+        assert sample.token_ids == expected
+        assert sample.text == tok.decode(expected, skip_special_tokens=True)
+    assert len(lengths) == 4 and any(s.finish_reason == "length" and s.num_tokens == 48 for (s,) in out)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return init_model(PRESETS["tiny"], seed=1), byte_tokenizer()
+
+
+def test_greedy_is_the_same_alone_or_in_a_mixed_batch_whatever_the_bucket(tiny):
+    model, tok = tiny
+    alone = [Sampler(model, tok, min_prompt_bucket=b).generate([PROMPTS[1]], max_new_tokens=12, progress=False)[0][0]
+             for b in (32, 128)]
+    mixed = Sampler(model, tok).generate(PROMPTS, max_new_tokens=12, progress=False)[1][0]
+    assert alone[0].token_ids == alone[1].token_ids == mixed.token_ids
+
+
+def test_second_call_in_the_same_bucket_does_not_compile(tiny):
+    model, tok = tiny
+    sampler = Sampler(model, tok)
+    sampler.generate(["hello", "world!"], max_new_tokens=10, progress=False)
+    before = Sampler.traces
+    sampler.generate(["other", "prompts here"], max_new_tokens=12, seed=5, progress=False)
+    assert Sampler.traces == before
+    sampler.generate(["x" * 40], max_new_tokens=10, progress=False)  # a longer prompt bucket compiles again
+    assert Sampler.traces > before
+
+
+def test_n_samples_share_one_prefill_and_results_do_not_depend_on_batching(tiny):
+    model, tok = tiny
+    big = Sampler(model, tok, max_batch=32)
+    out = big.generate(PROMPTS, n=4, temperature=1.0, max_new_tokens=8, seed=3, progress=False)
+    assert big.prefill_rows == 4  # four prompts prefilled once each, not 16 rows
+    small = Sampler(model, tok, max_batch=4)  # one prompt per batch
+    again = small.generate(PROMPTS, n=4, temperature=1.0, max_new_tokens=8, seed=3, progress=False)
+    assert [[s.token_ids for s in row] for row in out] == [[s.token_ids for s in row] for row in again]
+    assert len({tuple(s.token_ids) for s in out[0]}) > 1  # samples of one prompt differ
+    other_seed = big.generate(PROMPTS, n=4, temperature=1.0, max_new_tokens=8, seed=4, progress=False)
+    assert [s.token_ids for s in other_seed[0]] != [s.token_ids for s in out[0]]
+
+
+def test_eight_devices_give_the_same_outputs_and_split_the_cache(tiny):
+    model, tok = tiny
+    mesh = s2d_jax.make_mesh(data=4, fsdp=1, tensor=2)
+    sharded = init_model(model.cfg, seed=1, mesh=mesh)
+    one = Sampler(model, tok).generate(PROMPTS, n=2, temperature=0.8, top_k=20, max_new_tokens=10, progress=False)
+    eight = Sampler(sharded, tok, mesh=mesh).generate(PROMPTS, n=2, temperature=0.8, top_k=20, max_new_tokens=10,
+                                                      progress=False)
+    assert [[s.token_ids for s in r] for r in one] == [[s.token_ids for s in r] for r in eight]
+    sampler = Sampler(sharded, tok, mesh=mesh)
+    tokens = jnp.zeros((8, 32), jnp.int32)
+    with jax.set_mesh(mesh):
+        put = sampler._put
+        _, cache = _prefill(sampler.graphdef, sampler.state, put(tokens), put(tokens), put(tokens + 1), n=1, max_len=64)
+    k = cache.k[0]
+    assert k.shape == (8, 2, 64, 16)
+    assert all(s.data.nbytes == k.nbytes // 8 for s in k.addressable_shards)
+
+
+def test_top_k_and_top_p_sample_the_renormalised_distribution():
+    logits = jnp.log(jnp.asarray([0.30, 0.25, 0.20, 0.10, 0.08, 0.05, 0.02], jnp.float32))[None].repeat(20000, 0)
+    keys = jax.random.split(jax.random.key(0), 20000)
+    for method, allowed in [(Sampling(1.0, top_k=3), 3), (Sampling(1.0, top_p=0.7), 3),
+                            (Sampling(1.0, top_k=5, top_p=0.85), 4), (Sampling(1.0), 7)]:
+        draws = np.asarray(method.select(logits, keys))  # top-p acts on the top-k renormalised
+        assert draws.max() < allowed  # nothing outside the allowed set, ever
+        p = np.asarray([0.30, 0.25, 0.20, 0.10, 0.08, 0.05, 0.02])[:allowed]
+        expected = p / p.sum() * len(draws)
+        counts = np.bincount(draws, minlength=allowed)
+        chi2 = ((counts - expected) ** 2 / expected).sum()
+        assert chi2 < 25.0  # p < 0.001 for up to 6 degrees of freedom
+    again = np.asarray(Sampling(1.0, top_k=3).select(logits, keys))
+    assert (again == np.asarray(Sampling(1.0, top_k=3).select(logits, keys))).all()
+
+
+def test_eos_stops_a_row_and_masks_what_follows(tiny):
+    model, tok = tiny
+    free = Sampler(model, tok).generate([PROMPTS[2]], max_new_tokens=12, progress=False)[0][0]
+    assert free.finish_reason == "length"
+    eos = free.token_ids[3]
+    first = free.token_ids.index(eos)
+    model_eos = init_model(model.cfg.replace(eos_token_ids=(eos,)), seed=1)
+    sampler = Sampler(model_eos, tok)
+    out = sampler.generate([PROMPTS[2], PROMPTS[0]], max_new_tokens=12, progress=False)[0][0]
+    assert out.finish_reason == "stop" and out.token_ids == free.token_ids[:first + 1] and out.num_tokens == first + 1
+
+
+def test_stop_strings_cut_text_and_tokens(tiny):
+    model, tok = tiny
+    sampler = Sampler(model, tok)
+    free = sampler.generate(["hello there"], max_new_tokens=40, progress=False)[0][0]
+    text = free.text
+    stop = text[20:22]
+    cut = text.find(stop)
+    out = sampler.generate(["hello there"], max_new_tokens=40, stop=[stop, "\x00never"], progress=False)[0][0]
+    assert out.finish_reason == "stop" and out.text == text[:cut]
+    assert out.token_ids == free.token_ids[:out.num_tokens] and out.num_tokens < 40
+    assert stop in tok.decode(out.token_ids) and stop not in tok.decode(out.token_ids[:-1])
+
+
+def test_logprobs_are_the_chosen_tokens_log_probabilities(tiny):
+    model, tok = tiny
+    sample = Sampler(model, tok).generate(["abc"], max_new_tokens=3, logprobs=True, progress=False)[0][0]
+    ids = jnp.asarray([tok("abc").input_ids + sample.token_ids], jnp.int32)
+    logp = jax.nn.log_softmax(model(ids)[0], -1)
+    expect = [float(logp[2 + t, sample.token_ids[t]]) for t in range(3)]
+    np.testing.assert_allclose(sample.logprobs, expect, atol=1e-4)
+
+
+def test_bad_calls(tiny):
+    model, tok = tiny
+    sampler = Sampler(model, tok)
+    assert sampler.generate([], max_new_tokens=4) == []
+    with pytest.raises(S2DError, match=r"prompt 1: 1020 tokens \+ max_new_tokens=8 = 1028 exceeds the model's context of 1024"):
+        sampler.generate(["ok", "y" * 1020], max_new_tokens=8, progress=False)
+    with pytest.raises(S2DError, match="prompt 0: empty"):
+        sampler.generate([""], progress=False)
+    with pytest.raises(S2DError, match="top_p=1.5"):
+        sampler.generate(["a"], temperature=1.0, top_p=1.5)
+    with pytest.raises(S2DError, match="expected a list of strings"):
+        sampler.generate("a")
