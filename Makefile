@@ -26,7 +26,7 @@ test: setup fixtures
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: setup fixtures
-	$(VENV)/bin/s2d convert --config configs/smollm2.py --workdir runs/demo
+	$(PY) -m s2d_jax.demo
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

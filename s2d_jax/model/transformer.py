@@ -58,16 +58,20 @@ def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate `x: [batch, heads..., len, head_dim]` by `positions: [batch, len]` (rotate-half convention)."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos and sin `[batch, len, head_dim]` for `positions: [batch, len]`: computed once per forward, not per layer."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
-    extra = x.ndim - angles.ndim
-    angles = angles.reshape(angles.shape[:1] + (1,) * extra + angles.shape[1:])
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate `x: [batch, heads..., len, head_dim]` (rotate-half convention, as transformers)."""
+    cos, sin = rope
+    shape = cos.shape[:1] + (1,) * (x.ndim - cos.ndim) + cos.shape[1:]
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+    return x * cos.reshape(shape) + rotated * sin.reshape(shape)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal"):
@@ -101,40 +105,30 @@ class Attention(nnx.Module):
         self.o = _param(rngs, (k, g, hd, d), ("kv_heads", None, None, "embed"), cfg.param_dtype)
         self.o_bias = _param(rngs, (d,), (None,), cfg.param_dtype, "zeros") if cfg.o_bias else None
 
-    def __call__(self, x, positions, inv_freq, *, segment_ids=None, cache_kv=None, cache_valid=None, index=None):
+    def __call__(self, x, rope, allowed, cache_kv=None, index=None):
+        """`allowed: [batch, new, keys]` says which keys each new token sees (see `Transformer.forward`)."""
         cfg, dt = self.cfg, x.dtype
         g = cfg.group_size
         qkv = jnp.einsum("btd,dkch->bkcth", x, self.qkv[...].astype(dt))
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...].astype(dt)[None, :, :, None, :]
-        q = apply_rope(qkv[:, :, :g], positions, inv_freq)  # [B, K, G, T, hd]
-        k = apply_rope(qkv[:, :, g], positions, inv_freq)  # [B, K, T, hd]
+        q = apply_rope(qkv[:, :, :g], rope)  # [B, K, G, T, hd]
+        k = apply_rope(qkv[:, :, g], rope)  # [B, K, T, hd]
         v = qkv[:, :, g + 1]
-        t = x.shape[1]
-        if cache_kv is None:  # attend within the new tokens: causal, same segment, not padding
+        if cache_kv is None:
             keys, values = k, v
-            q_slot = k_slot = jnp.arange(t)
-            seg = jnp.ones(x.shape[:2], jnp.int32) if segment_ids is None else segment_ids
-            allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
-            allowed &= (q_slot[:, None] >= k_slot[None, :])[None]
-        else:  # write at slot `index`, attend to every valid slot up to the query's own
+        else:  # write at slot `index`, then attend over the whole cache
             ck, cv = cache_kv
-            keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0)).astype(dt)
-            values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0)).astype(dt)
-            q_slot = index + jnp.arange(t)
-            k_slot = jnp.arange(keys.shape[2])
-            allowed = cache_valid[:, None, :] & (q_slot[:, None] >= k_slot[None, :])[None]
-        if cfg.sliding_window:
-            allowed &= (q_slot[:, None] - k_slot[None, :] < cfg.sliding_window)[None]
-        scores = jnp.einsum("bkgth,bksh->bkgts", q, keys).astype(jnp.float32) * cfg.head_dim**-0.5
+            keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0))
+            values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
+        scores = jnp.einsum("bkgth,bksh->bkgts", q, keys.astype(dt)).astype(jnp.float32) * cfg.head_dim**-0.5
         scores = jnp.where(allowed[:, None, None], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bksh->bkgth", probs, values)
+        out = jnp.einsum("bkgts,bksh->bkgth", probs, values.astype(dt))
         out = jnp.einsum("bkgth,kghd->btd", out, self.o[...].astype(dt))
         if self.o_bias is not None:
             out = out + self.o_bias[...].astype(dt)
-        new_kv = (keys, values) if cache_kv is not None else (k, v)
-        return out, new_kv
+        return out, (keys, values) if cache_kv is not None else (k, v)
 
 
 class MLP(nnx.Module):
@@ -158,8 +152,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, **attn_kwargs):
-        h, kv = self.attn(self.attn_norm(x), positions, inv_freq, **attn_kwargs)
+    def __call__(self, x, rope, allowed, **cache_kwargs):
+        h, kv = self.attn(self.attn_norm(x), rope, allowed, **cache_kwargs)
         x = constrain(x + h, ("batch", None, None))
         x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", None, None))
         return x, kv
@@ -187,20 +181,30 @@ class Transformer(nnx.Module):
         dt = jnp.dtype(cfg.dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        inv_freq = rope_frequencies(cfg)
+        rope = rope_tables(positions, rope_frequencies(cfg), dt)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
         if cfg.embed_scale:
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
         x = constrain(x, ("batch", None, None))
-        if cache is not None:  # the new tokens' slots are valid before attention: each token sees itself
+        t = tokens.shape[1]
+        if cache is None:  # causal, within the same segment, never onto padding (segment 0)
+            seg = jnp.ones(tokens.shape, jnp.int32) if segment_ids is None else segment_ids
+            q_slot = k_slot = jnp.arange(t)
+            allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+        else:  # the new tokens' slots become valid first: each token sees itself and every valid slot before it
             valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones(tokens.shape, bool), (0, cache.index))
+            q_slot, k_slot = cache.index + jnp.arange(t), jnp.arange(cache.valid.shape[1])
+            allowed = valid[:, None, :]
+        causal = q_slot[:, None] >= k_slot[None, :]
+        if cfg.sliding_window:
+            causal &= q_slot[:, None] - k_slot[None, :] < cfg.sliding_window
+        allowed = allowed & causal[None]
         kvs = []
         for i, layer in enumerate(self.layers):
             if cache is None:
-                x, kv = layer(x, positions, inv_freq, segment_ids=segment_ids)
+                x, kv = layer(x, rope, allowed)
             else:
-                x, kv = layer(x, positions, inv_freq, cache_kv=(cache.k[i], cache.v[i]),
-                              cache_valid=valid, index=cache.index)
+                x, kv = layer(x, rope, allowed, cache_kv=(cache.k[i], cache.v[i]), index=cache.index)
             kvs.append(kv)
         hidden = self.final_norm(x)
         if cache is None:
