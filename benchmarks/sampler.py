@@ -39,10 +39,11 @@ def matmul_peak(reps=5) -> float:
     return best
 
 
-def flops_per_token(cfg, context: int) -> float:
-    """Matmul FLOPs of one token: 2 x matmul parameters (the tied head counts) + attention over `context`."""
-    matmul_params = cfg.num_params - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_embeddings else 1)
-    return 2 * matmul_params + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
+def flops_per_token(cfg, context: float, head: bool = True) -> float:
+    """Matmul FLOPs of one token: 2 x layer parameters, + attention over `context`, + the LM head if computed."""
+    embed = cfg.vocab_size * cfg.hidden_size
+    layers = cfg.num_params - embed * (1 if cfg.tie_embeddings else 2)
+    return 2 * layers + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context + (2 * embed if head else 0)
 
 
 def main():
@@ -85,7 +86,8 @@ def main():
         t = time.perf_counter()
         run()
         prefill_s = time.perf_counter() - t
-        prefill_mfu = flops_per_token(cfg, plen / 2) * batch * plen / prefill_s / peak
+        prefill_flops = flops_per_token(cfg, plen / 2, head=False) * batch * plen + 2 * cfg.vocab_size * cfg.hidden_size * batch
+        prefill_mfu = prefill_flops / prefill_s / peak  # logits only at each prompt's last position
         mean_ctx = np.mean([len(i) for i in ids]) + args.new / 2
         decode_mfu = flops_per_token(cfg, mean_ctx) * ours_tokens / ours_s / peak
         hf_rate = float("nan")
