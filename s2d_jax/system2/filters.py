@@ -1,0 +1,85 @@
+"""Self-consistency filters: pure host code over parsed answers, no model gradients.
+
+Each filter decides per input: keep it with a target answer, or drop it with a reason. `FilterReport` sums the
+decisions into what a user checks after `s2d filter`: kept fraction, vote-share histogram, drop reasons.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Hashable, Sequence
+
+MIRROR = {"A": "B", "B": "A", "tie": "tie"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    answer: Hashable | None  # the target when kept, else None
+    share: float  # votes of the top answer / number of samples (unparseable samples count)
+    reason: str | None = None  # why it was dropped: all_invalid | tie | below_min_share | order_inconsistent
+
+
+def vote(answers: Sequence[Hashable | None], min_share: float = 0.0) -> Decision:
+    """Majority vote. None (unparseable) samples count in the denominator; a tie for the top gives no answer;
+    a share below `min_share` (inclusive bound: equal is kept) gives no answer."""
+    valid = [a for a in answers if a is not None]
+    if not valid:
+        return Decision(None, 0.0, "all_invalid")
+    ranked = collections.Counter(valid).most_common()
+    share = ranked[0][1] / len(answers)
+    if len(ranked) > 1 and ranked[1][1] == ranked[0][1]:
+        return Decision(None, share, "tie")
+    if share < min_share:
+        return Decision(None, share, "below_min_share")
+    return Decision(ranked[0][0], share)
+
+
+def majority_vote(answers: Sequence[Hashable | None], min_share: float = 0.0) -> tuple[Hashable | None, float]:
+    """`(answer or None, share)`: see `vote`."""
+    d = vote(answers, min_share)
+    return d.answer, d.share
+
+
+def order_swap(verdicts_ab: Sequence[str | None], verdicts_ba: Sequence[str | None],
+               min_share: float = 0.0) -> Decision:
+    """Pairwise judging under input perturbation: the verdict on (B, A) must mirror the verdict on (A, B).
+
+    Verdicts are "A", "B" or "tie" (None: unparseable). Each order is majority-voted; the input is kept only when
+    the (B, A) majority, mirrored, equals the (A, B) majority. The share is the smaller of the two shares.
+    """
+    ab = vote(verdicts_ab, min_share)
+    ba = vote([MIRROR.get(v) if v is not None else None for v in verdicts_ba], min_share)
+    share = min(ab.share, ba.share)
+    if ab.reason or ba.reason:
+        return Decision(None, share, ab.reason or ba.reason)
+    if ab.answer != ba.answer:
+        return Decision(None, share, "order_inconsistent")
+    return Decision(ab.answer, share)
+
+
+@dataclasses.dataclass
+class FilterReport:
+    """What a filter did over a whole rollout set."""
+
+    total: int = 0
+    kept: int = 0
+    drops: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    share_histogram: list[int] = dataclasses.field(default_factory=lambda: [0] * 10)  # shares in tenths
+
+    def add(self, decision: Decision) -> None:
+        self.total += 1
+        self.share_histogram[min(int(decision.share * 10), 9)] += 1
+        if decision.reason is None:
+            self.kept += 1
+        else:
+            self.drops[decision.reason] += 1
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.kept / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "kept": self.kept, "kept_fraction": self.kept_fraction,
+                "drops": dict(sorted(self.drops.items())),
+                "share_histogram": {f"{i / 10:.1f}-{(i + 1) / 10:.1f}": n for i, n in enumerate(self.share_histogram)}}

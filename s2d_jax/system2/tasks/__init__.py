@@ -1,0 +1,17 @@
+"""Tasks, found by name: `get_task("last_letters")`."""
+
+from s2d_jax.errors import S2DError
+from s2d_jax.system2.tasks.base import Example, Task
+from s2d_jax.system2.tasks.coin_flip import CoinFlip
+from s2d_jax.system2.tasks.last_letters import LastLetters
+
+TASKS = {t.name: t for t in (CoinFlip, LastLetters)}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise S2DError(f"unknown task {name!r} (tasks: {', '.join(sorted(TASKS))})")
+    return TASKS[name]()
+
+
+__all__ = ["Example", "Task", "TASKS", "get_task"]

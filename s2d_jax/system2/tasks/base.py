@@ -1,0 +1,111 @@
+"""What every task provides: examples from files (and from a seed where synthetic), the System 1 prompt, an
+answer parser for real model text, and a scorer. Labels are used only to score, never in distillation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+from typing import Any
+
+from s2d_jax.errors import S2DError
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    id: str
+    input: str  # the task input as the user would type it
+    label: Any = None  # gold answer (normalised), for evaluation only
+    meta: dict = dataclasses.field(default_factory=dict)
+
+
+class Task:
+    name: str = ""
+
+    def load(self, path: str) -> list[Example]:
+        raise NotImplementedError
+
+    def system1_prompt(self, example: Example) -> str:
+        return example.input
+
+    def parse(self, text: str):
+        raise NotImplementedError
+
+    def score(self, answer, example: Example) -> bool:
+        return answer is not None and answer == example.label
+
+
+def read_json(path: str):
+    """A JSON file, with bad input as one clear error (file and line)."""
+    if not os.path.exists(path):
+        raise S2DError(f"{path}: no such file")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise S2DError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def question_answer_rows(path: str) -> list[dict]:
+    """Rows of `{"examples": [{"question", "answer"}, ...]}` (zero-shot-CoT files) or of a JSON list of such
+    objects (Rephrase-and-Respond files, which add `refined_question`)."""
+    data = read_json(path)
+    rows = data.get("examples") if isinstance(data, dict) else data
+    if not isinstance(rows, list):
+        raise S2DError(f"{path}: expected a JSON list or an object with an 'examples' list")
+    if not rows:
+        raise S2DError(f"{path}: no examples")
+    for i, row in enumerate(rows):
+        for key in ("question", "answer"):
+            if not isinstance(row, dict) or not isinstance(row.get(key), str):
+                raise S2DError(f"{path}: example {i}: missing string field {key!r}")
+    return rows
+
+
+_SYLLABLES = ["ka", "lo", "mi", "re", "to", "na", "su", "vi", "de", "ba", "ri", "zo", "el", "an", "ju", "po",
+              "ty", "ch", "sh", "ex", "ol", "ur", "ig", "am", "wen", "dar", "lin", "mar", "kel", "son"]
+
+
+def made_up_names(rng: random.Random, count: int) -> list[str]:
+    """`count` distinct capitalised made-up names from a seeded generator (any number, no name list needed)."""
+    names: list[str] = []
+    while len(names) < count:
+        name = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def stated_answer(text: str, marker: str = r"answer\s*(?:is|:)") -> str | None:
+    """The span after the last `marker`: a quoted span up to its closing quote, else up to the end of the
+    sentence or line. None when the marker is absent or nothing follows it."""
+    parts = re.split(marker, text, flags=re.IGNORECASE)
+    if len(parts) < 2:
+        return None
+    tail = parts[-1].lstrip(" \t:*`")
+    if tail[:1] in "\"'“":
+        close = {"\"": "\"", "'": "'", "“": "”"}[tail[0]]
+        end = tail.find(close, 1)
+        span = tail[1:end] if end > 0 else tail[1:].split("\n")[0]
+    else:
+        span = re.split(r"(?<=[.!?])\s|\n", tail)[0].rstrip(".!?*` ")
+    return span.strip() or None
+
+
+def sentences(text: str) -> list[str]:
+    """Complete sentences: a last one cut off by the token limit (no final punctuation) is left out."""
+    parts = [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if s.strip()]
+    if parts and not re.search(r"[.!?\"'*)]$", parts[-1]):
+        parts.pop()
+    return parts
+
+
+def last_match(patterns: list[str], text: str, flags=re.IGNORECASE | re.DOTALL) -> str | None:
+    """The last match of the first pattern that matches at all (models state answers at the end)."""
+    for pattern in patterns:
+        found = re.findall(pattern, text, flags)
+        if found:
+            return found[-1]
+    return None

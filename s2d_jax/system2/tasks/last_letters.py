@@ -1,0 +1,55 @@
+"""Last-letter concatenation (Kojima et al. 2022; Rephrase-and-Respond). Synthetic: any size, any list length."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+
+from s2d_jax.system2.tasks.base import (Example, Task, last_match, made_up_names, question_answer_rows,
+                                        stated_answer)
+
+QUESTION = 'Take the last letters of each words in "{words}" and concatenate them.'
+_WORD = r"([A-Za-z]+)"
+
+
+def normalise(text: str | None) -> str | None:
+    if text is None:
+        return None
+    letters = re.sub(r"[^a-z]", "", text.lower())
+    return letters or None
+
+
+class LastLetters(Task):
+    name = "last_letters"
+
+    def load(self, path: str) -> list[Example]:
+        base = os.path.basename(path)
+        out = []
+        for i, row in enumerate(question_answer_rows(path)):
+            m = re.search(r'"([^"]+)"', row["question"])
+            words = m.group(1).split() if m else []
+            out.append(Example(f"{base}:{i}", row["question"], normalise(row["answer"]), {"words": words}))
+        return out
+
+    def generate(self, n: int, seed: int = 0, num_words: int = 4) -> list[Example]:
+        rng = random.Random(f"last_letters:{seed}:{num_words}")
+        out = []
+        for i in range(n):
+            words = made_up_names(rng, num_words)
+            out.append(Example(f"last_letters-s{seed}-w{num_words}:{i}", QUESTION.format(words=" ".join(words)),
+                               "".join(w[-1] for w in words).lower(), {"words": words}))
+        return out
+
+    def parse(self, text: str) -> str | None:
+        """'The answer is: **yajo**.', 'So the concatenation is "yajo".', a bare 'yajo', trailing explanations.
+        A restatement of the input words is not an answer (None)."""
+        for marker in (r"answer\s*(?:is|:)", r"concatenat\w*\s+(?:of\s+[^.\n]*?\s+)?(?:is|gives|yields|=)"):
+            span = stated_answer(text, marker)
+            if span is not None:
+                return normalise(span)
+        found = last_match([rf"\*\*\s*\"?{_WORD}\"?\s*\*\*"], text)
+        if found is None:
+            words = re.findall(r"[A-Za-z]+", text)
+            found = words[0] if len(words) == 1 else None
+        return normalise(found)

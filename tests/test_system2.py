@@ -1,0 +1,125 @@
+"""Tasks and filters: host code only."""
+
+import json
+import pathlib
+
+import pytest
+
+from s2d_jax.errors import S2DError
+from s2d_jax.system2.filters import FilterReport, majority_vote, order_swap, vote
+from s2d_jax.system2.tasks import get_task
+from conftest import SHARED_DATA
+
+GOLDEN = pathlib.Path(__file__).parent / "fixtures" / "golden_parses.jsonl"
+
+
+# ------------------------------------------------------------------------------------------ filters
+
+def test_majority_vote_counts_invalid_samples_in_the_denominator():
+    assert majority_vote(["a", "a", "b", None]) == ("a", 0.5)
+    assert majority_vote(["a", "a", "a", "b"], min_share=0.75) == ("a", 0.75)  # inclusive bound
+    assert majority_vote(["a", "a", "b", None], min_share=0.75) == (None, 0.5)
+
+
+def test_ties_no_majority_and_all_invalid():
+    assert vote(["a", "b", "a", "b"]).reason == "tie" and vote(["a", "b", "a", "b"]).answer is None
+    assert vote([None, None, None]) .reason == "all_invalid"
+    assert vote(["a", "a", "b", "c"], min_share=0.6).reason == "below_min_share"
+    assert vote(["a", "b", "c"]).reason == "tie"
+
+
+def test_order_swap_needs_mirrored_verdicts():
+    assert order_swap(["A", "A"], ["B", "B"]).answer == "A"  # A wins in both orders
+    assert order_swap(["tie"], ["tie"]).answer == "tie"
+    d = order_swap(["A", "A"], ["A", "A"])  # position bias: the first slot always wins
+    assert d.answer is None and d.reason == "order_inconsistent"
+    assert order_swap(["A", "B"], ["B", "B"]).reason == "tie"
+
+
+def test_filter_report():
+    report = FilterReport()
+    for answers in (["a", "a"], ["a", "b"], [None, None], ["x", "x", "x", "y"]):
+        report.add(vote(answers))
+    out = report.to_dict()
+    assert (out["total"], out["kept"], out["kept_fraction"]) == (4, 2, 0.5)
+    assert out["drops"] == {"all_invalid": 1, "tie": 1}
+    assert out["share_histogram"]["0.7-0.8"] == 1 and out["share_histogram"]["0.9-1.0"] == 1
+
+
+# ------------------------------------------------------------------------------------------ tasks
+
+def test_unknown_task_lists_the_valid_ones():
+    with pytest.raises(S2DError, match=r"unknown task 'letters' \(tasks: coin_flip, last_letters\)"):
+        get_task("letters")
+
+
+@pytest.mark.parametrize("task, path, count", [
+    ("last_letters", "last_letters/last_letters.json", 500),
+    ("last_letters", "last_letters/last_letter_concatenation_gpt-4.json", 219),
+    ("coin_flip", "coin_flip/coin_flip.json", 500),
+])
+def test_loads_every_public_format(task, path, count):
+    if not (SHARED_DATA / path).exists():
+        pytest.skip(f"{SHARED_DATA / path} is absent (the shared data directory is not beside the repo)")
+    examples = get_task(task).load(str(SHARED_DATA / path))
+    assert len(examples) == count and len({e.id for e in examples}) == count
+    if task == "last_letters":  # the label is the concatenation of the names' last letters; 16 of Kojima's rows
+        # hold two-word names ("Jose Antonio"), so check the rows whose word count equals the label's length
+        simple = [e for e in examples if len(e.meta["words"]) == len(e.label)]
+        assert len(simple) >= 0.95 * count
+        assert all(e.label == "".join(w[-1] for w in e.meta["words"]).lower() for e in simple)
+    else:
+        assert {e.label for e in examples} == {"yes", "no"}
+
+
+def test_generators_are_seeded_and_correct():
+    ll, cf = get_task("last_letters"), get_task("coin_flip")
+    a, b = ll.generate(50, seed=3, num_words=6), ll.generate(50, seed=3, num_words=6)
+    assert a == b and a != ll.generate(50, seed=4, num_words=6)
+    assert all(len(e.meta["words"]) == 6 and e.label == "".join(w[-1] for w in e.meta["words"]).lower() for e in a)
+    flips = cf.generate(200, seed=1, num_people=5)
+    assert all(e.label == ("yes" if e.input.count(" flips the coin") % 2 == 0 else "no") for e in flips)
+    assert 60 < sum(e.label == "yes" for e in flips) < 140
+
+
+def test_bad_task_files(tmp_path):
+    task = get_task("coin_flip")
+    (tmp_path / "bad.json").write_text('{"examples": [\n{"question": "q"\n')
+    with pytest.raises(S2DError, match=r"bad.json: line 3: not valid JSON"):
+        task.load(str(tmp_path / "bad.json"))
+    (tmp_path / "missing.json").write_text('[{"question": "q"}]')
+    with pytest.raises(S2DError, match=r"missing.json: example 0: missing string field 'answer'"):
+        task.load(str(tmp_path / "missing.json"))
+    (tmp_path / "empty.json").write_text('{"examples": []}')
+    with pytest.raises(S2DError, match="empty.json: no examples"):
+        task.load(str(tmp_path / "empty.json"))
+
+
+@pytest.mark.parametrize("task, text, expected", [
+    ("coin_flip", "The answer is: **yes**.", "yes"),
+    ("coin_flip", "Let's see. No one flips it twice... So the answer is no. Because two flips cancel.", "no"),
+    ("coin_flip", "Yes, it is.", "yes"),
+    ("last_letters", 'So the concatenation is "yajo".', "yajo"),
+    ("last_letters", "The answer is yajo. This is because y, a, j, o are the last letters.", "yajo"),
+    ("last_letters", "The answer is: **yajo**", "yajo"),
+    ("last_letters", "yajo", "yajo"),
+])
+def test_parsers_on_the_forms_models_write(task, text, expected):
+    assert get_task(task).parse(text) == expected
+
+
+def test_parsers_on_golden_real_outputs():
+    """31 real SmolLM2-135M-Instruct outputs (greedy, chat template) on questions from our own seeded
+    generators (seed 7), answered directly and step by step; `expected` was labelled by hand from the text:
+    what the text states as its answer, or None where it never concludes, restates the input, or is cut off."""
+    rows = [json.loads(line) for line in GOLDEN.open()]
+    assert len(rows) >= 30
+    wrong = [(r["text"][-80:], r["expected"]) for r in rows if get_task(r["task"]).parse(r["text"]) != r["expected"]]
+    assert not wrong
+
+
+def test_score_compares_normalised_answers():
+    ll = get_task("last_letters")
+    (example,) = ll.generate(1, seed=0)
+    assert ll.score(ll.parse(f'The answer is "{example.label.upper()}".'), example)
+    assert not ll.score(None, example)
