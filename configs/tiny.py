@@ -1,7 +1,5 @@
-"""Tiny and self-contained: a random 2-layer Llama (preset `tiny`) with the built-in byte tokenizer.
-
-Every stage runs on CPU in seconds; tests and the tiny pipeline use it.
-"""
+"""Tiny and self-contained: a random 2-layer Llama (preset `tiny`) with the built-in byte tokenizer, on a few
+generated last-letter inputs. Every stage runs on CPU in seconds; tests and the tiny pipeline use it."""
 
 from ml_collections import ConfigDict
 
@@ -12,4 +10,8 @@ def get_config():
         "model": {"preset": "tiny"},
         "tokenizer": "bytes",
         "mesh": {"data": 1},
+        "task": {"name": "last_letters", "n": 6, "size": 3},
+        "program": {"name": "rar2", "max_new_tokens": 24},
+        "generate": {"samples": 4, "temperature": 1.0, "chunk": 4},
+        "filter": {"min_share": 0.25},
     })

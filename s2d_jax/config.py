@@ -32,6 +32,23 @@ def defaults() -> ConfigDict:
         "tokenizer": "",  # "" = model.path; "bytes" = the built-in byte tokenizer
         "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
         "convert": {"output": ""},  # "" = WORKDIR/converted
+        "task": {
+            "name": "",  # s2d_jax.system2.tasks.TASKS
+            "path": "",  # the unlabelled input pool; "" = generate `n` examples (synthetic tasks)
+            "n": 0,  # how many inputs to use (0 = all in `path`)
+            "size": 4,  # synthetic tasks: words (last letters) or people (coin flip) per input
+            "seed": 0,  # synthetic tasks: generator seed
+        },
+        "program": {"name": "", "chat": True, "max_new_tokens": 0},  # PROGRAMS; 0 = each stage's own budget
+        "generate": {
+            "samples": 8,  # System 2 samples per input (N)
+            "temperature": 0.7,
+            "top_k": 0,  # 0 = off
+            "top_p": 1.0,  # 1.0 = off
+            "max_batch": 32,  # sequences per device batch
+            "chunk": 64,  # inputs per rollout chunk written to disk (the resume granularity)
+        },
+        "filter": {"name": "majority", "min_share": 0.5},  # majority (vote over answers)
     })
 
 

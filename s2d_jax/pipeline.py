@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import json
 import logging
 import os
 
@@ -10,6 +12,10 @@ from ml_collections import ConfigDict
 from s2d_jax import mesh as mesh_lib
 from s2d_jax.errors import S2DError
 from s2d_jax.model import PRESETS, init_model, load_model, save_hf
+from s2d_jax.sampling import Sampler
+from s2d_jax.system2.filters import FilterReport, vote
+from s2d_jax.system2.programs import get_program, run_program
+from s2d_jax.system2.tasks import Example, get_task
 from s2d_jax.tokenizer import load_tokenizer
 
 log = logging.getLogger("s2d")
@@ -17,8 +23,16 @@ log = logging.getLogger("s2d")
 
 def build_mesh(config: ConfigDict):
     """The configured mesh, or None for a single device (no sharding annotations at all)."""
+    import jax
+
     m = config.mesh
-    mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor)
+    sizes = (m.data, m.fsdp, m.tensor)
+    devices = jax.devices()
+    if -1 not in sizes and 0 < (wanted := m.data * m.fsdp * m.tensor) < len(devices):
+        log.info("mesh %s uses %d of the %d devices", dict(data=m.data, fsdp=m.fsdp, tensor=m.tensor), wanted,
+                 len(devices))
+        devices = devices[:wanted]
+    mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
     return None if mesh.size == 1 else mesh
 
 
@@ -54,4 +68,141 @@ def convert(config: ConfigDict, workdir: str) -> str:
     return out
 
 
-STAGES = {"convert": convert}
+
+
+# ------------------------------------------------------------------------------------------ System 2 stages
+
+FILTERS = ("majority",)
+
+
+def load_inputs(config: ConfigDict):
+    """The task and its unlabelled input pool (labels are kept on the examples but never used to distil)."""
+    task = get_task(config.task.name)
+    t = config.task
+    if t.path:
+        examples = task.load(t.path)
+    elif hasattr(task, "generate") and t.n > 0:
+        examples = task.generate(t.n, seed=t.seed, **{task.size_arg: t.size})
+    else:
+        raise S2DError(f"config key 'task.path': empty, and task {task.name!r} cannot be generated without "
+                       f"'task.n' > 0")
+    examples = examples[:t.n] if t.n else examples
+    if not examples:
+        raise S2DError(f"task {task.name!r}: the input set is empty")
+    return task, examples
+
+
+def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[dict]:
+    """Records of a JSONL file; a malformed line or a missing field is one error naming the file and line."""
+    if not os.path.exists(path):
+        raise S2DError(f"{path}: no such file")
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise S2DError(f"{path}: line {number}: not valid JSON ({e.msg})") from None
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise S2DError(f"{path}: line {number}: missing field {missing[0]!r}")
+            rows.append(row)
+    return rows
+
+
+def _complete_lines(path: str) -> list[dict]:
+    """The complete records of a rollout file being written; a torn last line (a kill mid-write) is cut off."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    keep = data[:data.rfind(b"\n") + 1]
+    if len(keep) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(keep))
+    return [json.loads(line) for line in keep.decode().splitlines() if line.strip()]
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def generate(config: ConfigDict, workdir: str) -> str:
+    """Stage `generate`: System 2 rollouts of every input, streamed to `rollouts.jsonl.partial` chunk by chunk and
+    renamed to `rollouts.jsonl` when complete. A rerun skips the (input, sample) pairs already written."""
+    out = os.path.join(workdir, "rollouts.jsonl")
+    if os.path.exists(out):
+        log.info("%s is complete; skipping generate", out)
+        return out
+    task, examples = load_inputs(config)
+    program = get_program(config.program.name)
+    program.check(sorted({k for e in examples for k in e.meta}))
+    g = config.generate
+    n = g.samples
+    partial = out + ".partial"
+    done = {(r["id"], r["sample"]) for r in _complete_lines(partial)}
+    todo = [e for e in examples if any((e.id, j) not in done for j in range(n))]
+    if done:
+        log.info("resuming: %d of %d rollouts already written", len(done), len(examples) * n)
+    if todo:
+        mesh = build_mesh(config)
+        sampler = Sampler(build_model(config, mesh), build_tokenizer(config), mesh=mesh, max_batch=g.max_batch)
+        sampling = dict(temperature=g.temperature, top_k=g.top_k or None, top_p=g.top_p if g.top_p < 1 else None)
+        for start in range(0, len(todo), g.chunk):
+            chunk = todo[start:start + g.chunk]
+            records = run_program(program, chunk, sampler, n, parse=task.parse, seed=config.seed,
+                                  chat=config.program.chat, max_new_tokens=config.program.max_new_tokens or None,
+                                  progress=False, **sampling)
+            with open(partial, "a") as f:
+                for rec in records:
+                    if (rec["id"], rec["sample"]) not in done:
+                        f.write(json.dumps(rec) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            log.info("rollouts: %d / %d inputs", len(examples) - len(todo) + start + len(chunk), len(examples))
+    os.replace(partial, out)
+    log.info("wrote %s", out)
+    return out
+
+
+def filter(config: ConfigDict, workdir: str) -> str:  # noqa: A001 (the stage's name)
+    """Stage `filter`: self-consistency over each input's samples; the kept inputs become `distill.jsonl`
+    (System 1 prompt -> majority answer) and the decisions are summed in `filter_report.json`."""
+    if config.filter.name not in FILTERS:
+        raise S2DError(f"config key 'filter.name': unknown filter {config.filter.name!r} (filters: {', '.join(FILTERS)})")
+    out = os.path.join(workdir, "distill.jsonl")
+    if os.path.exists(out):
+        log.info("%s is complete; skipping filter", out)
+        return out
+    source = os.path.join(workdir, "rollouts.jsonl")
+    if not os.path.exists(source):
+        raise S2DError(f"{source}: no such file (run `s2d generate` first)")
+    task = get_task(config.task.name)
+    grouped: dict[str, list[dict]] = collections.OrderedDict()
+    for row in read_jsonl(source, ("id", "sample", "input", "answer")):
+        grouped.setdefault(row["id"], []).append(row)
+    report, lines = FilterReport(), []
+    for key, rows in grouped.items():
+        answers = [r["answer"] for r in sorted(rows, key=lambda r: r["sample"])]
+        decision = vote(answers, config.filter.min_share)
+        report.add(decision)
+        if decision.reason is None:
+            prompt = task.system1_prompt(Example(key, rows[0]["input"]))
+            votes = dict(collections.Counter(a for a in answers if a is not None).most_common())
+            lines.append(json.dumps({"id": key, "prompt": prompt, "target": task.target(decision.answer),
+                                     "votes": votes, "agreement": decision.share}))
+    write_atomic(os.path.join(workdir, "filter_report.json"), json.dumps(report.to_dict(), indent=2) + "\n")
+    write_atomic(out, "".join(line + "\n" for line in lines))
+    log.info("kept %d of %d inputs (%.0f%%); drops: %s", report.kept, report.total, 100 * report.kept_fraction,
+             dict(report.drops) or "none")
+    return out
+
+
+STAGES = {"convert": convert, "generate": generate, "filter": filter}

@@ -125,9 +125,10 @@ class Sampler:
 
     def generate(self, prompts: Sequence[str], n: int = 1, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, max_new_tokens: int = 64, stop: Sequence[str] | None = None,
-                 seed: int = 0, chat: bool = False, logprobs: bool = False, progress: bool = True
-                 ) -> list[list[Sample]]:
-        """`out[i][j]` is sample j of prompt i."""
+                 seed: int = 0, chat: bool = False, logprobs: bool = False, progress: bool = True,
+                 prompt_keys: Sequence[int] | None = None) -> list[list[Sample]]:
+        """`out[i][j]` is sample j of prompt i. Sample j of prompt i draws from a key made of (seed, prompt_keys[i]
+        (default: i), j): give stable `prompt_keys` to get the same samples for a prompt in any call."""
         if isinstance(prompts, str):
             raise S2DError("prompts: expected a list of strings, got one string")
         if n < 1 or max_new_tokens < 1:
@@ -144,6 +145,9 @@ class Sampler:
             if len(row) + max_new_tokens > limit:
                 raise S2DError(f"prompt {i}: {len(row)} tokens + max_new_tokens={max_new_tokens} = "
                                f"{len(row) + max_new_tokens} exceeds the model's context of {limit} positions")
+        key_ids = list(range(len(ids))) if prompt_keys is None else [int(k) % (1 << 31) for k in prompt_keys]
+        if len(key_ids) != len(ids):
+            raise S2DError(f"prompt_keys: {len(key_ids)} keys for {len(ids)} prompts")
         per_batch = max(1, self.max_batch // n)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths share a bucket
         out: list[list[Sample] | None] = [None] * len(ids)
@@ -151,8 +155,8 @@ class Sampler:
         generated, start = 0, time.perf_counter()
         for b in range(0, len(order), per_batch):
             batch = order[b:b + per_batch]
-            samples = self._generate_batch([ids[i] for i in batch], batch, n, method, max_new_tokens, stop, seed,
-                                           logprobs)
+            samples = self._generate_batch([ids[i] for i in batch], [key_ids[i] for i in batch], n, method,
+                                           max_new_tokens, stop, seed, logprobs)
             for i, s in zip(batch, samples):
                 out[i] = s
                 generated += sum(x.num_tokens for x in s)
@@ -163,7 +167,7 @@ class Sampler:
 
     # ------------------------------------------------------------------------------------------ batches
 
-    def _generate_batch(self, rows, indices, n, method, max_new, stop, seed, want_logprobs):
+    def _generate_batch(self, rows, key_ids, n, method, max_new, stop, seed, want_logprobs):
         cfg = self.model.cfg
         prompt_len = min(_bucket(max(map(len, rows)), self.min_prompt_bucket), cfg.max_position_embeddings)
         prompt_len = max(prompt_len, max(map(len, rows)))
@@ -182,7 +186,7 @@ class Sampler:
         segments[len(rows):, -1] = 1  # filler rows: one dummy token, so no row is empty
         batch = num * n
         base = jax.random.key(seed)
-        prompt_ids = np.repeat(np.asarray(list(indices) + [-1] * (num - len(rows))), n)
+        prompt_ids = np.repeat(np.asarray(list(key_ids) + [-1] * (num - len(rows))), n)
         sample_ids = np.tile(np.arange(n), num)
         keys = jax.vmap(lambda p, s: jax.random.fold_in(jax.random.fold_in(base, p), s))(prompt_ids, sample_ids)
         self.prefill_rows += len(rows)

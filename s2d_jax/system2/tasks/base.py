@@ -23,6 +23,7 @@ class Example:
 
 class Task:
     name: str = ""
+    size_arg: str = "size"  # the generator's keyword for input size (synthetic tasks)
 
     def load(self, path: str) -> list[Example]:
         raise NotImplementedError
@@ -32,6 +33,10 @@ class Task:
 
     def parse(self, text: str):
         raise NotImplementedError
+
+    def target(self, answer) -> str:
+        """The distillation target: the final answer alone, as System 1 should say it."""
+        return str(answer)
 
     def score(self, answer, example: Example) -> bool:
         return answer is not None and answer == example.label

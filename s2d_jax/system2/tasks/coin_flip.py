@@ -14,6 +14,7 @@ NOTE = 'Note that "flip" here means "reverse".'
 
 class CoinFlip(Task):
     name = "coin_flip"
+    size_arg = "num_people"
 
     def load(self, path: str) -> list[Example]:
         base = os.path.basename(path)

@@ -22,6 +22,7 @@ def normalise(text: str | None) -> str | None:
 
 class LastLetters(Task):
     name = "last_letters"
+    size_arg = "num_words"
 
     def load(self, path: str) -> list[Example]:
         base = os.path.basename(path)

@@ -1,0 +1,136 @@
+"""`s2d generate` and `s2d filter` on configs/tiny.py: artifact schemas, resume after a kill, determinism."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from s2d_jax.cli import main
+from s2d_jax.config import load_config
+from s2d_jax.errors import S2DError
+from s2d_jax.pipeline import filter as filter_stage
+from s2d_jax.system2.programs import PROGRAMS, Program, Stage, get_program
+from s2d_jax.system2.tasks import get_task
+
+TINY = ["--config", "configs/tiny.py"]
+
+
+def _generate(workdir, *overrides):
+    return main(["generate", *TINY, "--workdir", str(workdir), *overrides])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ref")
+    assert _generate(workdir) == 0
+    return (workdir / "rollouts.jsonl").read_text()
+
+
+def test_rollouts_schema_and_determinism(reference, tmp_path):
+    rows = [json.loads(line) for line in reference.splitlines()]
+    assert len(rows) == 6 * 4 and len({(r["id"], r["sample"]) for r in rows}) == 24
+    for r in rows:
+        assert set(r) == {"id", "sample", "input", "stages", "answer", "num_tokens"}
+        assert [s["name"] for s in r["stages"]] == ["rephrase", "answer"]
+        assert all(set(s) >= {"name", "prompt", "output", "num_tokens"} for s in r["stages"])
+        assert r["num_tokens"] == sum(s["num_tokens"] for s in r["stages"])
+        assert r["input"] in r["stages"][0]["prompt"] and r["stages"][0]["output"] in r["stages"][1]["prompt"]
+    assert len({r["stages"][0]["output"] for r in rows if r["id"] == rows[0]["id"]}) > 1  # samples differ
+    assert _generate(tmp_path) == 0
+    assert (tmp_path / "rollouts.jsonl").read_text() == reference  # same config and seed, same file
+
+
+def test_rerun_skips_a_complete_artifact(reference, tmp_path):
+    (tmp_path / "rollouts.jsonl").write_text(reference)
+    before = os.stat(tmp_path / "rollouts.jsonl").st_mtime_ns
+    assert _generate(tmp_path) == 0
+    assert os.stat(tmp_path / "rollouts.jsonl").st_mtime_ns == before
+
+
+def test_resume_after_a_kill_and_a_torn_line(reference, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "s2d_jax.cli", "generate", *TINY, "--workdir", str(tmp_path)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / "rollouts.jsonl.partial"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if partial.exists() and partial.read_text().count("\n") >= 4:
+            proc.send_signal(signal.SIGKILL)  # after the first chunk, before the last
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    if (tmp_path / "rollouts.jsonl").exists():
+        pytest.skip("the run finished before it could be killed")
+    written = partial.read_text()
+    assert 0 < written.count("\n") < 24
+    with open(partial, "a") as f:
+        f.write('{"id": "torn')  # a kill in the middle of a line
+    assert _generate(tmp_path) == 0
+    assert (tmp_path / "rollouts.jsonl").read_text() == reference  # no duplicate, no loss, no torn line
+    assert not partial.exists()
+
+
+def _rollouts(path, answers_by_id):
+    with open(path, "w") as f:
+        for key, answers in answers_by_id.items():
+            for j, a in enumerate(answers):
+                f.write(json.dumps({"id": key, "sample": j, "input": f"Take the last letters of \"{key}\".",
+                                    "stages": [], "answer": a, "num_tokens": 5}) + "\n")
+
+
+def test_filter_writes_distill_set_and_report(tmp_path):
+    _rollouts(tmp_path / "rollouts.jsonl", {"x": ["ab", "ab", "cd", None], "y": ["ab", "cd"], "z": [None, None]})
+    config = load_config("configs/tiny.py", ["filter.min_share=0.5"])
+    filter_stage(config, str(tmp_path))
+    rows = [json.loads(line) for line in open(tmp_path / "distill.jsonl")]
+    assert rows == [{"id": "x", "prompt": "Take the last letters of \"x\".", "target": "ab",
+                     "votes": {"ab": 2, "cd": 1}, "agreement": 0.5}]
+    report = json.load(open(tmp_path / "filter_report.json"))
+    assert report["kept"] == 1 and report["drops"] == {"all_invalid": 1, "tie": 1}
+
+
+def test_bad_rollout_line_names_file_and_line(tmp_path):
+    (tmp_path / "rollouts.jsonl").write_text('{"id": "a", "sample": 0, "input": "q", "answer": "x"}\n{oops\n')
+    with pytest.raises(S2DError, match=r"rollouts.jsonl: line 2: not valid JSON"):
+        filter_stage(load_config("configs/tiny.py"), str(tmp_path))
+    (tmp_path / "rollouts.jsonl").write_text('{"id": "a", "sample": 0, "input": "q"}\n')
+    with pytest.raises(S2DError, match=r"rollouts.jsonl: line 1: missing field 'answer'"):
+        filter_stage(load_config("configs/tiny.py"), str(tmp_path))
+    assert not (tmp_path / "distill.jsonl").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("task.name=letters", "unknown task 'letters' (tasks: coin_flip, last_letters)"),
+    ("program.name=tot", "unknown program 'tot' (programs: bsm, cot, rar1, rar2, s2a)"),
+    ("task.path=/no/such.json", "/no/such.json: no such file"),
+])
+def test_bad_config_values_are_one_line_errors(tmp_path, override, message, capsys):
+    assert _generate(tmp_path, f"--config.{override}") == 2
+    assert capsys.readouterr().err.strip().endswith(message)
+
+
+def test_unknown_filter(tmp_path, capsys):
+    assert main(["filter", *TINY, "--workdir", str(tmp_path), "--config.filter.name=usc2"]) == 2
+    assert "unknown filter 'usc2' (filters: majority)" in capsys.readouterr().err
+
+
+def test_template_fields_are_checked():
+    bad = Program("bad", (Stage("one", "{input} {two}"), Stage("two", "{one}")))
+    with pytest.raises(S2DError, match=r"stage 'one': template field \{two\} is not defined"):
+        bad.check()
+    for program in PROGRAMS.values():  # every shipped program is well formed for its task's fields
+        program.check(["question", "response_a", "response_b"] if program.name == "bsm" else [])
+
+
+def test_every_program_formats_real_rows():
+    example = get_task("coin_flip").generate(1, seed=0)[0]
+    for name in ("cot", "rar1", "rar2", "s2a"):
+        stage = get_program(name).stages[0]
+        prompt = stage.template.format(input=example.input)
+        assert example.input in prompt and "{" not in prompt
+    rar2 = get_program("rar2").stages[1].template.format(input="Q?", rephrase="Q, expanded?")
+    assert rar2.startswith("(original) Q?\n(rephrased) Q, expanded?")
