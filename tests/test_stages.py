@@ -104,7 +104,7 @@ def test_bad_rollout_line_names_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("task.name=letters", "unknown task 'letters' (tasks: coin_flip, last_letters)"),
+    ("task.name=letters", "unknown task 'letters' (tasks: coin_flip, gsm8k, last_letters)"),
     ("program.name=tot", "unknown program 'tot' (programs: bsm, cot, rar1, rar2, s2a)"),
     ("task.path=/no/such.json", "/no/such.json: no such file"),
 ])

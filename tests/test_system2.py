@@ -49,7 +49,7 @@ def test_filter_report():
 # ------------------------------------------------------------------------------------------ tasks
 
 def test_unknown_task_lists_the_valid_ones():
-    with pytest.raises(S2DError, match=r"unknown task 'letters' \(tasks: coin_flip, last_letters\)"):
+    with pytest.raises(S2DError, match=r"unknown task 'letters' \(tasks: coin_flip, gsm8k, last_letters\)"):
         get_task("letters")
 
 
@@ -57,6 +57,8 @@ def test_unknown_task_lists_the_valid_ones():
     ("last_letters", "last_letters/last_letters.json", 500),
     ("last_letters", "last_letters/last_letter_concatenation_gpt-4.json", 219),
     ("coin_flip", "coin_flip/coin_flip.json", 500),
+    ("gsm8k", "gsm8k/test.jsonl", 1319),
+    ("gsm8k", "gsm8k/train.jsonl", 7473),
 ])
 def test_loads_every_public_format(task, path, count):
     if not (SHARED_DATA / path).exists():
@@ -68,8 +70,11 @@ def test_loads_every_public_format(task, path, count):
         simple = [e for e in examples if len(e.meta["words"]) == len(e.label)]
         assert len(simple) >= 0.95 * count
         assert all(e.label == "".join(w[-1] for w in e.meta["words"]).lower() for e in simple)
-    else:
+    elif task == "coin_flip":
         assert {e.label for e in examples} == {"yes", "no"}
+    else:  # every gold answer is a plain number, commas removed
+        assert all(e.label is not None and e.label.lstrip("-").replace(".", "").isdigit() for e in examples)
+        assert examples[0].label == ("18" if "test" in path else "72")
 
 
 def test_generators_are_seeded_and_correct():
@@ -90,6 +95,9 @@ def test_bad_task_files(tmp_path):
     (tmp_path / "missing.json").write_text('[{"question": "q"}]')
     with pytest.raises(S2DError, match=r"missing.json: example 0: missing string field 'answer'"):
         task.load(str(tmp_path / "missing.json"))
+    (tmp_path / "g.jsonl").write_text('{"question": "q", "answer": "no number"}\n')
+    with pytest.raises(S2DError, match=r"g.jsonl: line 1: the answer has no '#### <number>' line"):
+        get_task("gsm8k").load(str(tmp_path / "g.jsonl"))
     (tmp_path / "empty.json").write_text('{"examples": []}')
     with pytest.raises(S2DError, match="empty.json: no examples"):
         task.load(str(tmp_path / "empty.json"))
@@ -103,6 +111,11 @@ def test_bad_task_files(tmp_path):
     ("last_letters", "The answer is yajo. This is because y, a, j, o are the last letters.", "yajo"),
     ("last_letters", "The answer is: **yajo**", "yajo"),
     ("last_letters", "yajo", "yajo"),
+    ("gsm8k", "She sells 9 eggs at $2 each.\n#### 1,234", "1234"),
+    ("gsm8k", "9 * 2 = 18 dollars. The answer is: $18.00. Hope that helps, 3 times!", "18"),
+    ("gsm8k", "So she makes **18 dollars** a day.", "18"),
+    ("gsm8k", "16 - 3 - 4 = 9, and 9 * 2 = 18", "18"),
+    ("gsm8k", "I cannot tell.", None),
 ])
 def test_parsers_on_the_forms_models_write(task, text, expected):
     assert get_task(task).parse(text) == expected

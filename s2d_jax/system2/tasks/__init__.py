@@ -3,9 +3,10 @@
 from s2d_jax.errors import S2DError
 from s2d_jax.system2.tasks.base import Example, Task
 from s2d_jax.system2.tasks.coin_flip import CoinFlip
+from s2d_jax.system2.tasks.gsm8k import GSM8K
 from s2d_jax.system2.tasks.last_letters import LastLetters
 
-TASKS = {t.name: t for t in (CoinFlip, LastLetters)}
+TASKS = {t.name: t for t in (CoinFlip, GSM8K, LastLetters)}
 
 
 def get_task(name: str) -> Task:
