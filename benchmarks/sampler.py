@@ -16,6 +16,7 @@ import numpy as np
 
 import s2d_jax
 from s2d_jax.assets import fetch_smollm2
+from s2d_jax.flops import flops_per_token, matmul_peak
 from s2d_jax.sampling.sampler import _prefill
 from s2d_jax.tokenizer import chat_prompt
 
@@ -23,27 +24,6 @@ QUESTIONS = [f"Q{i}: " + q for i, q in enumerate([
     "What is the capital of France?", "Explain photosynthesis briefly.", "Write a haiku about the sea.",
     "List three prime numbers.", "What does a CPU do?", "Give me a tip for learning to cook.",
     "Why is the sky blue?", "Translate 'good morning' into Spanish."] * 4)]
-
-
-def matmul_peak(reps=5) -> float:
-    """The best float32 matmul rate over a few large shapes, measured now (the roofline for MFU)."""
-    best = 0.0
-    for m, k, n in ((2048, 2048, 2048), (4096, 576, 1536), (8192, 576, 3072)):
-        a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
-        f = jax.jit(lambda a, b: a @ b)
-        f(a, b).block_until_ready()
-        t = time.perf_counter()
-        for _ in range(reps):
-            f(a, b).block_until_ready()
-        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t))
-    return best
-
-
-def flops_per_token(cfg, context: float, head: bool = True) -> float:
-    """Matmul FLOPs of one token: 2 x layer parameters, + attention over `context`, + the LM head if computed."""
-    embed = cfg.vocab_size * cfg.hidden_size
-    layers = cfg.num_params - embed * (1 if cfg.tie_embeddings else 2)
-    return 2 * layers + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context + (2 * embed if head else 0)
 
 
 def main():

@@ -14,4 +14,7 @@ def get_config():
         "program": {"name": "rar2", "max_new_tokens": 24},
         "generate": {"samples": 4, "temperature": 1.0, "chunk": 4},
         "filter": {"min_share": 0.25},
+        "train": {"steps": 12, "batch_size": 4, "max_len": 160, "learning_rate": 3e-3, "warmup_steps": 2,
+                  "checkpoint_every": 4, "log_every": 2},
+        "eval": {"n": 8, "max_new_tokens": 8},
     })

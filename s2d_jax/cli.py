@@ -42,7 +42,8 @@ def _split_overrides(rest: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("jax").setLevel(logging.WARNING)  # not the TPU-probe chatter on CPU machines
+    for chatty in ("jax", "absl"):  # not the TPU-probe and per-file checkpoint chatter
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     from s2d_jax.pipeline import STAGES  # after argument checks would be nicer, but --help must list stages
 
     parser = _parser(STAGES)

@@ -49,6 +49,36 @@ def defaults() -> ConfigDict:
             "chunk": 64,  # inputs per rollout chunk written to disk (the resume granularity)
         },
         "filter": {"name": "majority", "min_share": 0.5},  # majority (vote over answers)
+        "train": {
+            "data": "",  # prompt/target JSONL; "" = WORKDIR/distill.jsonl
+            "steps": 100,  # optimizer steps
+            "batch_size": 8,  # rows per optimizer step, over all hosts and accumulation micro-steps
+            "grad_accum": 1,  # micro-steps per optimizer step (batch_size must be a multiple)
+            "max_len": 256,  # tokens per row; longer pairs are dropped and counted (or an error: too_long)
+            "too_long": "drop",  # drop | error
+            "pack": False,  # pack several pairs per row (segment ids keep attention inside each pair)
+            "learning_rate": 1e-5,  # peak, after warmup
+            "schedule": "cosine",  # cosine | linear | constant (after warmup)
+            "warmup_steps": 0,
+            "end_lr_ratio": 0.1,  # final learning rate / peak (cosine, linear)
+            "weight_decay": 0.0,  # AdamW; never applied to norms and biases
+            "b1": 0.9,
+            "b2": 0.999,
+            "clip_norm": 1.0,  # global gradient norm clip; 0 = off
+            "remat": "none",  # none | full | dots (rematerialise each layer in the backward pass)
+            "seed": 0,  # data order
+            "checkpoint_every": 50,  # steps between Orbax saves (and one at the end, and on SIGTERM)
+            "keep_checkpoints": 3,
+            "log_every": 10,  # steps between metrics rows
+            "eval_every": 0,  # steps between System 1 accuracy checks on the eval split; 0 = off
+            "peak_flops": 0.0,  # per-device FLOP/s for MFU; 0 = measure a matmul peak at start
+        },
+        "eval": {
+            "path": "",  # held-out labelled inputs; "" = generate `n` with `seed` (synthetic tasks)
+            "n": 0,
+            "seed": 1,  # a generator seed apart from task.seed, so the eval inputs are unseen
+            "max_new_tokens": 32,  # System 1 answer budget
+        },
     })
 
 

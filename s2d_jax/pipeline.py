@@ -10,6 +10,7 @@ import os
 from ml_collections import ConfigDict
 
 from s2d_jax import mesh as mesh_lib
+from s2d_jax.artifacts import complete_lines, read_jsonl, write_atomic
 from s2d_jax.errors import S2DError
 from s2d_jax.model import PRESETS, init_model, load_model, save_hf
 from s2d_jax.sampling import Sampler
@@ -75,63 +76,32 @@ def convert(config: ConfigDict, workdir: str) -> str:
 FILTERS = ("majority",)
 
 
+def _examples(task, path: str, n: int, seed: int, size: int, group: str):
+    if path:
+        examples = task.load(path)
+    elif hasattr(task, "generate") and n > 0:
+        examples = task.generate(n, seed=seed, **{task.size_arg: size})
+    else:
+        raise S2DError(f"config key '{group}.path': empty, and task {task.name!r} cannot be generated without "
+                       f"'{group}.n' > 0")
+    examples = examples[:n] if n else examples
+    if not examples:
+        raise S2DError(f"task {task.name!r}: the {group} input set is empty")
+    return examples
+
+
 def load_inputs(config: ConfigDict):
     """The task and its unlabelled input pool (labels are kept on the examples but never used to distil)."""
     task = get_task(config.task.name)
     t = config.task
-    if t.path:
-        examples = task.load(t.path)
-    elif hasattr(task, "generate") and t.n > 0:
-        examples = task.generate(t.n, seed=t.seed, **{task.size_arg: t.size})
-    else:
-        raise S2DError(f"config key 'task.path': empty, and task {task.name!r} cannot be generated without "
-                       f"'task.n' > 0")
-    examples = examples[:t.n] if t.n else examples
-    if not examples:
-        raise S2DError(f"task {task.name!r}: the input set is empty")
-    return task, examples
+    return task, _examples(task, t.path, t.n, t.seed, t.size, "task")
 
 
-def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[dict]:
-    """Records of a JSONL file; a malformed line or a missing field is one error naming the file and line."""
-    if not os.path.exists(path):
-        raise S2DError(f"{path}: no such file")
-    rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise S2DError(f"{path}: line {number}: not valid JSON ({e.msg})") from None
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise S2DError(f"{path}: line {number}: missing field {missing[0]!r}")
-            rows.append(row)
-    return rows
-
-
-def _complete_lines(path: str) -> list[dict]:
-    """The complete records of a rollout file being written; a torn last line (a kill mid-write) is cut off."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        data = f.read()
-    keep = data[:data.rfind(b"\n") + 1]
-    if len(keep) != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(keep))
-    return [json.loads(line) for line in keep.decode().splitlines() if line.strip()]
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def load_eval_inputs(config: ConfigDict):
+    """The task and its held-out labelled split (`eval.*`; generated with `eval.seed` for synthetic tasks)."""
+    task = get_task(config.task.name)
+    e = config.eval
+    return task, _examples(task, e.path, e.n, e.seed, config.task.size, "eval")
 
 
 def generate(config: ConfigDict, workdir: str) -> str:
@@ -147,7 +117,7 @@ def generate(config: ConfigDict, workdir: str) -> str:
     g = config.generate
     n = g.samples
     partial = out + ".partial"
-    done = {(r["id"], r["sample"]) for r in _complete_lines(partial)}
+    done = {(r["id"], r["sample"]) for r in complete_lines(partial)}
     todo = [e for e in examples if any((e.id, j) not in done for j in range(n))]
     if done:
         log.info("resuming: %d of %d rollouts already written", len(done), len(examples) * n)
@@ -205,4 +175,32 @@ def filter(config: ConfigDict, workdir: str) -> str:  # noqa: A001 (the stage's 
     return out
 
 
-STAGES = {"convert": convert, "generate": generate, "filter": filter}
+def train(config: ConfigDict, workdir: str) -> str:
+    """Stage `train`: fine-tune the model on `train.data` (default `distill.jsonl`), checkpointing to
+    `checkpoints/` and resuming from it; the final parameters are exported to `model/` (HF format)."""
+    from s2d_jax import evaluate
+    from s2d_jax.train import Trainer
+
+    out = os.path.join(workdir, "model")
+    if os.path.exists(out):
+        log.info("%s is complete; skipping train", out)
+        return out
+    data = config.train.data or os.path.join(workdir, "distill.jsonl")
+    if not os.path.exists(data):
+        raise S2DError(f"{data}: no such file (run `s2d filter` first, or set 'train.data')")
+    mesh = build_mesh(config)
+    model, tok = build_model(config, mesh), build_tokenizer(config)
+    eval_fn = None
+    if config.train.eval_every:
+        task, examples = load_eval_inputs(config)
+        eval_fn = lambda m: evaluate.system1(m, tok, task, examples, chat=config.program.chat,
+                                             max_new_tokens=config.eval.max_new_tokens, mesh=mesh,
+                                             max_batch=config.generate.max_batch)
+    result = Trainer(model, tok, config, workdir, mesh=mesh, chat=config.program.chat, eval_fn=eval_fn).fit()
+    log.info("trained %d steps: %s", result.step, {k: round(v, 4) for k, v in result.metrics.items()})
+    save_hf(model, out, tokenizer=tok)
+    log.info("wrote %s", out)
+    return out
+
+
+STAGES = {"convert": convert, "generate": generate, "filter": filter, "train": train}

@@ -17,6 +17,7 @@ from s2d_jax.errors import S2DError
 SUPPORTED_MODEL_TYPES = ("gemma", "llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +46,13 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
+    remat: str = "none"  # training only: none | full | dots (rematerialise each layer in the backward pass)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise S2DError(f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
+        if self.remat not in REMAT:
+            raise S2DError(f"remat={self.remat!r}: expected one of {', '.join(REMAT)}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise S2DError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(DTYPES)}")

@@ -201,7 +201,10 @@ class Transformer(nnx.Module):
         allowed = allowed & causal[None]
         kvs = []
         for i, layer in enumerate(self.layers):
-            if cache is None:
+            if cache is None and cfg.remat != "none":  # training: keep only what the policy saves
+                policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
+                x, kv = nnx.remat(lambda block, h: block(h, rope, allowed), policy=policy)(layer, x)
+            elif cache is None:
                 x, kv = layer(x, rope, allowed)
             else:
                 x, kv = layer(x, rope, allowed, cache_kv=(cache.k[i], cache.v[i]), index=cache.index)

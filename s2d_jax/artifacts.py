@@ -1,0 +1,51 @@
+"""Artifacts on disk: JSONL records read with one clear error per bad line, files written atomically (a temporary
+name renamed when complete), and append-only files whose torn last line a rerun cuts off."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from s2d_jax.errors import S2DError
+
+
+def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[dict]:
+    """Records of a JSONL file; a malformed line or a missing field is one error naming the file and line."""
+    if not os.path.exists(path):
+        raise S2DError(f"{path}: no such file")
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise S2DError(f"{path}: line {number}: not valid JSON ({e.msg})") from None
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise S2DError(f"{path}: line {number}: missing field {missing[0]!r}")
+            rows.append(row)
+    return rows
+
+
+def complete_lines(path: str) -> list[dict]:
+    """The complete records of a rollout file being written; a torn last line (a kill mid-write) is cut off."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    keep = data[:data.rfind(b"\n") + 1]
+    if len(keep) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(keep))
+    return [json.loads(line) for line in keep.decode().splitlines() if line.strip()]
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,30 @@
+"""FLOP counts and a measured matmul peak: the yardsticks for MFU in the trainer's metrics and the benchmarks."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def matmul_peak(dtype="float32", reps: int = 5) -> float:
+    """The best matmul rate (FLOP/s) over a few large shapes on the default device, measured now."""
+    best = 0.0
+    f = jax.jit(lambda a, b: a @ b)
+    for m, k, n in ((2048, 2048, 2048), (4096, 576, 1536), (8192, 576, 3072)):
+        a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
+        f(a, b).block_until_ready()
+        t = time.perf_counter()
+        for _ in range(reps):
+            f(a, b).block_until_ready()
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t))
+    return best
+
+
+def flops_per_token(cfg, context: float, head: bool = True) -> float:
+    """Forward matmul FLOPs of one token: 2 x layer parameters, + attention over `context`, + the LM head if
+    computed. A training step costs about 3x this (forward + backward)."""
+    embed = cfg.vocab_size * cfg.hidden_size
+    layers = cfg.num_params - embed * (1 if cfg.tie_embeddings else 2)
+    return 2 * layers + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context + (2 * embed if head else 0)

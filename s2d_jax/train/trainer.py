@@ -1,0 +1,298 @@
+"""Supervised distillation: fine-tune the model on prompt -> target pairs, loss on target tokens only.
+
+The step is one pure function under `jax.jit`: parameters and optimizer state in, parameters and optimizer state
+out (donated), sharded by the logical-axis rules (FSDP over `fsdp`, tensor parallel over `tensor`, batch rows over
+`data` x `fsdp`). Gradient accumulation is a `lax.scan` over micro-batches inside the step, and the loss is the
+sum over target tokens divided by the count over the whole step, so accumulating or packing does not change it.
+Mixed precision is the model config's: parameters (and so AdamW's moments) in `param_dtype`, compute in `dtype`.
+
+Host side: a grain iterator feeds global batches (`jax.make_array_from_process_local_data`), metrics go to
+`metrics.jsonl`, TensorBoard and a tqdm bar, and Orbax checkpoints hold everything needed to resume exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+from tqdm.auto import tqdm
+
+from s2d_jax import mesh as mesh_lib
+from s2d_jax.errors import S2DError
+from s2d_jax.flops import flops_per_token, matmul_peak
+from s2d_jax.model.transformer import Transformer
+from s2d_jax.train import data as data_lib
+from s2d_jax.train.checkpoint import Checkpoints
+
+log = logging.getLogger("s2d.train")
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+class Preempted(S2DError):
+    """SIGTERM arrived; a checkpoint of the last finished step was saved."""
+
+
+def learning_rate_schedule(t: ConfigDict) -> optax.Schedule:
+    """Linear warmup from 0 to `learning_rate`, then cosine / linear decay to `end_lr_ratio` of it, or constant."""
+    if t.schedule not in SCHEDULES:
+        raise S2DError(f"config key 'train.schedule': {t.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    peak, warmup = t.learning_rate, t.warmup_steps
+    decay_steps = max(t.steps - warmup, 1)
+    after = {"cosine": optax.cosine_decay_schedule(peak, decay_steps, alpha=t.end_lr_ratio),
+             "linear": optax.linear_schedule(peak, peak * t.end_lr_ratio, decay_steps),
+             "constant": optax.constant_schedule(peak)}[t.schedule]
+    if warmup <= 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def make_optimizer(t: ConfigDict) -> optax.GradientTransformation:
+    """AdamW (no decay on vectors: norms and biases) after global-norm clipping."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    adamw = optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(t.clip_norm), adamw) if t.clip_norm > 0 else adamw
+
+
+def loss_sums(model: Transformer, batch: dict) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Summed cross-entropy over target tokens, and (correct predictions, target-token count)."""
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    w = batch["weights"]
+    correct = (jnp.argmax(logits, -1) == batch["targets"]) * w
+    return jnp.sum(nll * w), (jnp.sum(correct), jnp.sum(w))
+
+
+def train_step(graphdef, tx: optax.GradientTransformation, params, opt_state, batch):
+    """One optimizer step over `batch` (every leaf `[micro_steps, rows, len]`); returns new params, optimizer
+    state and metrics. Pure: jit it with donated params and optimizer state."""
+    def micro(carry, mb):
+        grads, loss, correct, count = carry
+        grad_fn = jax.value_and_grad(lambda p: loss_sums(nnx.merge(graphdef, p), mb), has_aux=True)
+        (l, (c, n)), g = grad_fn(params)
+        return (jax.tree.map(jnp.add, grads, g), loss + l, correct + c, count + n), None
+
+    zero = jnp.zeros((), jnp.float32)
+    init = (jax.tree.map(jnp.zeros_like, params), zero, zero, zero)
+    (grads, loss, correct, count), _ = jax.lax.scan(micro, init, batch)
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count.astype(g.dtype), grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss / count, "accuracy": correct / count, "grad_norm": optax.global_norm(grads),
+               "target_tokens": count}
+    return params, opt_state, metrics
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    metrics: dict  # the last logged row
+    resumed_from: int | None
+
+
+class Trainer:
+    """Fine-tune `model` (in place) on the pairs of `config.train.data`, writing to `workdir`:
+    `checkpoints/`, `metrics.jsonl` and `tensorboard/`. `fit()` resumes from the latest checkpoint there."""
+
+    def __init__(self, model: Transformer, tokenizer, config: ConfigDict, workdir: str, mesh=None,
+                 chat: bool = True, eval_fn: Callable[[Transformer], dict] | None = None):
+        t = config.train
+        self.t, self.workdir, self.mesh, self.eval_fn = t, workdir, mesh, eval_fn
+        if t.steps < 1 or t.batch_size < 1 or t.grad_accum < 1 or t.max_len < 2:
+            raise S2DError("config keys 'train.steps', 'train.batch_size', 'train.grad_accum' must be >= 1 and "
+                           "'train.max_len' >= 2")
+        if t.batch_size % t.grad_accum:
+            raise S2DError(f"config key 'train.batch_size': {t.batch_size} is not a multiple of "
+                           f"train.grad_accum={t.grad_accum}")
+        if t.too_long not in ("drop", "error"):
+            raise S2DError(f"config key 'train.too_long': {t.too_long!r} is not one of drop, error")
+        self.micro_rows = t.batch_size // t.grad_accum
+        procs = jax.process_count()
+        rows_multiple = procs * (1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"])
+        if self.micro_rows % rows_multiple:
+            raise S2DError(f"config key 'train.batch_size': {t.batch_size} rows / grad_accum {t.grad_accum} = "
+                           f"{self.micro_rows} per micro-step, not a multiple of the {rows_multiple} data shards")
+        if model.cfg.remat != t.remat:  # only the top module's forward reads it; static, so set before splitting
+            model.cfg = model.cfg.replace(remat=t.remat)
+        self.model = model
+        path = t.data or os.path.join(workdir, "distill.jsonl")
+        self.encoded = data_lib.load_pairs(path, tokenizer, max_len=t.max_len, chat=chat, too_long=t.too_long)
+        self.data = data_lib.dataset(self.encoded.examples, rows=self.micro_rows * t.grad_accum // procs,
+                                     max_len=t.max_len, seed=t.seed, pack=t.pack,
+                                     shard_index=jax.process_index(), shard_count=procs)
+        self.tx = make_optimizer(t)
+        self.schedule = learning_rate_schedule(t)
+        self.graphdef, state = nnx.split(model, nnx.Param)
+        self.params = state.to_pure_dict()
+        if mesh is None:
+            self.param_shardings = jax.tree.map(lambda x: x.sharding, self.params)
+            self.batch_sharding = None
+        else:
+            self.param_shardings = mesh_lib.state_shardings(state, mesh).to_pure_dict()
+            self.batch_sharding = NamedSharding(mesh, P(None, mesh_lib.partition_spec(("batch",), (self.micro_rows,),
+                                                                                       mesh)[0], None))
+        with self._mesh():
+            self.opt_state = jax.jit(self.tx.init)(self.params)
+        self.opt_shardings = jax.tree.map(lambda x: x.sharding, self.opt_state)
+        self._step = jax.jit(functools.partial(train_step, self.graphdef, self.tx), donate_argnums=(0, 1),
+                             out_shardings=(self.param_shardings, self.opt_shardings, None))
+        self.checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def fit(self) -> TrainResult:
+        t = self.t
+        iterator = iter(self.data)
+        step, resumed = self._restore(iterator)
+        flops_token = 3 * flops_per_token(self.model.cfg, t.max_len / 2)  # forward + backward, mean context
+        peak = t.peak_flops or matmul_peak(self.model.cfg.dtype, reps=2)
+        metrics_path = os.path.join(self.workdir, "metrics.jsonl")
+        _truncate_metrics(metrics_path, step)
+        writer = _tensorboard(os.path.join(self.workdir, "tensorboard"))
+        last: dict = {}
+        tokens = 0
+        window_start = time.perf_counter()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", disable=jax.process_index() != 0)
+        try:
+            with self._mesh():
+                while step < t.steps:
+                    if self._stop_requested:
+                        self._save(step, iterator, force=True)
+                        self.checkpoints.wait()
+                        raise Preempted(f"stopped by SIGTERM after step {step}; checkpoint saved to "
+                                        f"{self.checkpoints.directory} (rerun the same command to resume)")
+                    batch = next(iterator)
+                    tokens += int(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
+                    self.params, self.opt_state, m = self._step(self.params, self.opt_state, self._global(batch))
+                    step += 1
+                    bar.update(1)
+                    if step % t.log_every == 0 or step == t.steps:
+                        m = jax.device_get(m)
+                        seconds = time.perf_counter() - window_start
+                        last = {"step": step, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
+                                "learning_rate": float(self.schedule(step - 1)), "grad_norm": float(m["grad_norm"]),
+                                "tokens_per_s": tokens / seconds,
+                                "mfu": flops_token * tokens / seconds / (peak * jax.device_count())}
+                        tokens, window_start = 0, time.perf_counter()
+                        _write_metrics(metrics_path, writer, last)
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.3f}")
+                    if step % t.checkpoint_every == 0 or step == t.steps:
+                        self._save(step, iterator)
+                    if self.eval_fn and t.eval_every and step % t.eval_every == 0:
+                        row = {"step": step, **{f"eval/{k}": v for k, v in self.eval_fn(self.current_model()).items()}}
+                        _write_metrics(metrics_path, writer, row)
+        finally:
+            bar.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            self.checkpoints.wait()
+            if writer is not None:
+                writer.close()
+        nnx.update(self.model, nnx.State(self.params))
+        return TrainResult(step, last, resumed)
+
+    def current_model(self) -> Transformer:
+        return nnx.merge(self.graphdef, self.params)
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def _on_sigterm(self, signum, frame):
+        log.warning("SIGTERM: saving a checkpoint after the current step, then stopping")
+        self._stop_requested = True
+
+    def _mesh(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _global(self, batch: dict) -> dict:
+        """The host's rows as one global batch `[micro_steps, rows, len]` on the mesh."""
+        a = self.t.grad_accum
+        local = {k: v.reshape(a, v.shape[0] // a, *v.shape[1:]) for k, v in batch.items()}
+        if self.batch_sharding is None:
+            return {k: jnp.asarray(v) for k, v in local.items()}
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v,
+                                                          (a, self.micro_rows, *v.shape[2:]))
+                for k, v in local.items()}
+
+    def _state(self, step: int) -> dict:
+        return {"params": self.params, "opt_state": self.opt_state, "step": jnp.int32(step),
+                "rng": jax.random.key_data(jax.random.key(self.t.seed))}
+
+    def _save(self, step: int, iterator, force: bool = False) -> None:
+        meta = {"step": step, "config": self.t.to_dict(), "data_pairs": len(self.encoded.examples)}
+        self.checkpoints.save(step, self._state(step), iterator.get_state(), meta, force=force)
+
+    def _restore(self, iterator) -> tuple[int, int | None]:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                self._state(0))
+        found = self.checkpoints.restore_latest(abstract)
+        if found is None:
+            return 0, None
+        step, state, data_state, _ = found
+        self.params, self.opt_state = state["params"], state["opt_state"]
+        iterator.set_state(data_state)
+        log.info("resumed from %s/%d", self.checkpoints.directory, step)
+        return step, step
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _tensorboard(logdir: str):
+    if jax.process_index() != 0:
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(logdir)
+
+
+def _write_metrics(path: str, writer, row: dict) -> None:
+    if jax.process_index() != 0:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if writer is not None:
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                writer.add_scalar(key if "/" in key else f"train/{key}", value, row["step"])
+        writer.flush()
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop rows logged after the checkpoint a run resumes from: they are logged again, once."""
+    if not os.path.exists(path) or jax.process_index() != 0:
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip()]
+    kept = [line for line in rows if _row_step(line) <= step]
+    if len(kept) != len(rows):
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return 1 << 62  # a torn line: drop it
