@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     for chatty in ("jax", "absl"):  # not the TPU-probe and per-file checkpoint chatter
         logging.getLogger(chatty).setLevel(logging.WARNING)
     from s2d_jax.pipeline import STAGES  # after argument checks would be nicer, but --help must list stages
+    from s2d_jax.train import Preempted
 
     parser = _parser(STAGES)
     args, rest = parser.parse_known_args(argv)
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
         os.makedirs(workdir, exist_ok=True)
         STAGES[args.stage](config, workdir)
+    except Preempted as e:
+        print(f"s2d: {e}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a scheduler expects of a preempted job
     except S2DError as e:
         print(f"s2d: error: {e}", file=sys.stderr)
         return 2
