@@ -196,8 +196,19 @@ LONG = ["--config.train.steps=120", "--config.train.checkpoint_every=10", "--con
 def uninterrupted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("full")
     _pairs(workdir / "pairs.jsonl")
-    assert _train_cli(workdir, *LONG) == 0
+    assert _train_cli(workdir, *LONG, "--config.train.eval_every=60") == 0
     return workdir
+
+
+def test_export_and_eval_hook(uninterrupted):
+    from s2d_jax.model import load_model
+
+    rows = [json.loads(line) for line in open(uninterrupted / "metrics.jsonl")]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [60, 120] and all(r["eval/n"] == 8 for r in evals)
+    assert all(0 < r["eval/mean_tokens"] <= 8 for r in evals)
+    model = load_model(str(uninterrupted / "model"))  # the export is a loadable HF directory
+    assert model.cfg.num_layers == PRESETS["tiny"].num_layers
 
 
 def test_resume_after_sigkill_is_exact(uninterrupted, tmp_path):
