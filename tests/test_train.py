@@ -162,6 +162,17 @@ def test_eight_devices_match_one(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+def test_checkpoint_restores_onto_another_mesh(tmp_path):
+    mesh = build_mesh(load_config("configs/tiny.py", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]))
+    sharded = _trainer(tmp_path, "train.steps=4", "train.checkpoint_every=2", mesh=mesh)
+    sharded.fit()
+    single = _trainer(tmp_path, "train.steps=4")  # same workdir: finds step 4 and has nothing left to do
+    result = single.fit()
+    assert result.resumed_from == 4 and result.step == 4
+    for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params)):
+        assert len(b.sharding.device_set) == 1 and np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_bad_batch_configuration(tmp_path):
     with pytest.raises(S2DError, match=r"'train.batch_size': 6 is not a multiple of train.grad_accum=4"):
         _trainer(tmp_path, "train.batch_size=6", "train.grad_accum=4")
