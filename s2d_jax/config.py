@@ -38,6 +38,9 @@ def defaults() -> ConfigDict:
             "n": 0,  # how many inputs to use (0 = all in `path`)
             "size": 4,  # synthetic tasks: words (last letters) or people (coin flip) per input
             "seed": 0,  # synthetic tasks: generator seed
+            "tfds_data_dir": "",  # with path "tfds:NAME[/CONFIG][:SPLIT]": where the prepared dataset lives
+            "input_field": "question",  # TFDS records: the input field (dotted for nested)
+            "label_field": "",  # TFDS records: the label field ("" = the task's default)
         },
         "program": {"name": "", "chat": True, "max_new_tokens": 0},  # PROGRAMS; 0 = each stage's own budget
         "generate": {

@@ -14,9 +14,10 @@ from s2d_jax.artifacts import complete_lines, read_jsonl, write_atomic
 from s2d_jax.errors import S2DError
 from s2d_jax.model import PRESETS, init_model, load_model, save_hf
 from s2d_jax.sampling import Sampler
-from s2d_jax.system2.filters import FilterReport, vote
+from s2d_jax.system2.filters import FilterReport, order_swap, parse_usc, usc, usc_prompt, vote
 from s2d_jax.system2.programs import get_program, run_program
-from s2d_jax.system2.tasks import Example, get_task
+from s2d_jax.system2.tasks import Example, get_task, tfds_source
+from s2d_jax.system2.tasks.judge import SWAP_SUFFIX
 from s2d_jax.tokenizer import load_tokenizer
 
 log = logging.getLogger("s2d")
@@ -73,11 +74,14 @@ def convert(config: ConfigDict, workdir: str) -> str:
 
 # ------------------------------------------------------------------------------------------ System 2 stages
 
-FILTERS = ("majority",)
+FILTERS = ("majority", "order_swap", "usc")
 
 
-def _examples(task, path: str, n: int, seed: int, size: int, group: str):
-    if path:
+def _examples(task, path: str, n: int, seed: int, size: int, group: str, t: ConfigDict):
+    if path.startswith(tfds_source.PREFIX):
+        examples = tfds_source.load_tfds(task, path, data_dir=t.tfds_data_dir, input_field=t.input_field,
+                                         label_field=t.label_field, limit=n)
+    elif path:
         examples = task.load(path)
     elif hasattr(task, "generate") and n > 0:
         examples = task.generate(n, seed=seed, **{task.size_arg: size})
@@ -94,14 +98,22 @@ def load_inputs(config: ConfigDict):
     """The task and its unlabelled input pool (labels are kept on the examples but never used to distil)."""
     task = get_task(config.task.name)
     t = config.task
-    return task, _examples(task, t.path, t.n, t.seed, t.size, "task")
+    return task, _examples(task, t.path, t.n, t.seed, t.size, "task", t)
+
+
+def with_swapped(task, examples):
+    """Each example followed by its swapped twin (the responses exchanged)."""
+    if task.swap(examples[0]) is None:
+        raise S2DError(f"config key 'filter.name': order_swap needs a pairwise judging task; {task.name!r} has no "
+                       f"swapped form (use majority or usc)")
+    return [x for e in examples for x in (e, task.swap(e))]
 
 
 def load_eval_inputs(config: ConfigDict):
     """The task and its held-out labelled split (`eval.*`; generated with `eval.seed` for synthetic tasks)."""
     task = get_task(config.task.name)
     e = config.eval
-    return task, _examples(task, e.path, e.n, e.seed, config.task.size, "eval")
+    return task, _examples(task, e.path, e.n, e.seed, config.task.size, "eval", config.task)
 
 
 def generate(config: ConfigDict, workdir: str) -> str:
@@ -112,6 +124,8 @@ def generate(config: ConfigDict, workdir: str) -> str:
         log.info("%s is complete; skipping generate", out)
         return out
     task, examples = load_inputs(config)
+    if config.filter.name == "order_swap":  # the filter compares each input's verdicts in both orders
+        examples = with_swapped(task, examples)
     program = get_program(config.program.name)
     program.check(sorted({k for e in examples for k in e.meta}))
     g = config.generate
@@ -143,10 +157,12 @@ def generate(config: ConfigDict, workdir: str) -> str:
 
 
 def filter(config: ConfigDict, workdir: str) -> str:  # noqa: A001 (the stage's name)
-    """Stage `filter`: self-consistency over each input's samples; the kept inputs become `distill.jsonl`
-    (System 1 prompt -> majority answer) and the decisions are summed in `filter_report.json`."""
-    if config.filter.name not in FILTERS:
-        raise S2DError(f"config key 'filter.name': unknown filter {config.filter.name!r} (filters: {', '.join(FILTERS)})")
+    """Stage `filter`: self-consistency over each input's samples (`filter.name`: majority vote, order-swap
+    consistency for pairwise judging, or USC for free-form answers); the kept inputs become `distill.jsonl`
+    (System 1 prompt -> the consistent answer) and the decisions are summed in `filter_report.json`."""
+    name = config.filter.name
+    if name not in FILTERS:
+        raise S2DError(f"config key 'filter.name': unknown filter {name!r} (filters: {', '.join(FILTERS)})")
     out = os.path.join(workdir, "distill.jsonl")
     if os.path.exists(out):
         log.info("%s is complete; skipping filter", out)
@@ -158,21 +174,44 @@ def filter(config: ConfigDict, workdir: str) -> str:  # noqa: A001 (the stage's 
     grouped: dict[str, list[dict]] = collections.OrderedDict()
     for row in read_jsonl(source, ("id", "sample", "input", "answer")):
         grouped.setdefault(row["id"], []).append(row)
+    for rows in grouped.values():
+        rows.sort(key=lambda r: r["sample"])
+    answers = {key: [r["answer"] for r in rows] for key, rows in grouped.items()}
+    keys = [k for k in grouped if not k.endswith(SWAP_SUFFIX)]
+    if name == "order_swap":
+        unpaired = [k for k in keys if k + SWAP_SUFFIX not in grouped]
+        if unpaired:
+            raise S2DError(f"{source}: input {unpaired[0]!r} has no swapped twin {unpaired[0] + SWAP_SUFFIX!r} "
+                           f"(generate with filter.name=order_swap to judge both orders)")
+        decisions = [order_swap(answers[k], answers[k + SWAP_SUFFIX], config.filter.min_share) for k in keys]
+    elif name == "usc":
+        decisions = _usc_decisions(config, [grouped[k] for k in keys])
+    else:
+        decisions = [vote(answers[k], config.filter.min_share) for k in keys]
     report, lines = FilterReport(), []
-    for key, rows in grouped.items():
-        answers = [r["answer"] for r in sorted(rows, key=lambda r: r["sample"])]
-        decision = vote(answers, config.filter.min_share)
+    for key, decision in zip(keys, decisions):
         report.add(decision)
         if decision.reason is None:
-            prompt = task.system1_prompt(Example(key, rows[0]["input"]))
-            votes = dict(collections.Counter(a for a in answers if a is not None).most_common())
+            prompt = task.system1_prompt(Example(key, grouped[key][0]["input"]))
+            votes = dict(collections.Counter(a for a in answers[key] if a is not None).most_common())
             lines.append(json.dumps({"id": key, "prompt": prompt, "target": task.target(decision.answer),
                                      "votes": votes, "agreement": decision.share}))
-    write_atomic(os.path.join(workdir, "filter_report.json"), json.dumps(report.to_dict(), indent=2) + "\n")
+    write_atomic(os.path.join(workdir, "filter_report.json"),
+                 json.dumps({"filter": name, **report.to_dict()}, indent=2) + "\n")
     write_atomic(out, "".join(line + "\n" for line in lines))
     log.info("kept %d of %d inputs (%.0f%%); drops: %s", report.kept, report.total, 100 * report.kept_fraction,
              dict(report.drops) or "none")
     return out
+
+
+def _usc_decisions(config: ConfigDict, groups: list[list[dict]]):
+    """USC: one greedy sampler call per input asks the model for the most consistent of its N final outputs."""
+    mesh = build_mesh(config)
+    sampler = Sampler(build_model(config, mesh), build_tokenizer(config), mesh=mesh, max_batch=config.generate.max_batch)
+    prompts = [usc_prompt(rows[0]["input"], [r["stages"][-1]["output"] if r.get("stages") else str(r["answer"])
+                                             for r in rows]) for rows in groups]
+    outs = sampler.generate(prompts, max_new_tokens=32, chat=config.program.chat, progress=True)
+    return [usc(parse_usc(s.text, len(rows)), [r["answer"] for r in rows]) for (s,), rows in zip(outs, groups)]
 
 
 def train(config: ConfigDict, workdir: str) -> str:

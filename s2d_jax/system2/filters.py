@@ -17,7 +17,7 @@ MIRROR = {"A": "B", "B": "A", "tie": "tie"}
 class Decision:
     answer: Hashable | None  # the target when kept, else None
     share: float  # votes of the top answer / number of samples (unparseable samples count)
-    reason: str | None = None  # why it was dropped: all_invalid | tie | below_min_share | order_inconsistent
+    reason: str | None = None  # why dropped: all_invalid | tie | below_min_share | order_inconsistent | usc_*
 
 
 def vote(answers: Sequence[Hashable | None], min_share: float = 0.0) -> Decision:
@@ -56,6 +56,37 @@ def order_swap(verdicts_ab: Sequence[str | None], verdicts_ba: Sequence[str | No
     if ab.answer != ba.answer:
         return Decision(None, share, "order_inconsistent")
     return Decision(ab.answer, share)
+
+
+USC_TEMPLATE = ("I have generated the following responses to the question: {question}\n\n{responses}\n\n"
+                "Evaluate these responses. Select the most consistent response based on majority consensus. Start "
+                "your answer with \"The most consistent response is Response X\" (without quotes).")
+
+
+def usc_prompt(question: str, responses: Sequence[str]) -> str:
+    """Universal self-consistency (Chen et al. 2023): ask the model which of N free-form responses agrees most
+    with the others, where exact-match voting cannot."""
+    listed = "\n\n".join(f"Response {i}: {r.strip()}" for i, r in enumerate(responses))
+    return USC_TEMPLATE.format(question=question, responses=listed)
+
+
+def parse_usc(text: str, count: int) -> int | None:
+    """The response index the model chose ("The most consistent response is Response 2"), or None."""
+    import re
+
+    found = re.findall(r"response\s*#?\s*(\d+)", text, re.IGNORECASE)
+    index = int(found[0]) if found else None
+    return index if index is not None and 0 <= index < count else None
+
+
+def usc(choice: int | None, answers: Sequence[Hashable | None]) -> Decision:
+    """The chosen sample's answer; share = how many samples gave that same answer / N."""
+    if choice is None:
+        return Decision(None, 0.0, "usc_no_choice")
+    answer = answers[choice]
+    if answer is None:
+        return Decision(None, 0.0, "all_invalid" if all(a is None for a in answers) else "usc_chose_invalid")
+    return Decision(answer, sum(a == answer for a in answers) / len(answers))
 
 
 @dataclasses.dataclass

@@ -41,6 +41,36 @@ class Task:
     def score(self, answer, example: Example) -> bool:
         return answer is not None and answer == example.label
 
+    def metrics(self, examples: list[Example], answers: list) -> dict:
+        """What the task reports beyond accuracy (per-template accuracy, agreement without ties, ...)."""
+        return {}
+
+    def swap(self, example: Example) -> Example | None:
+        """The same input with a perturbation that must not change the answer (pairwise judging: the two
+        responses swapped), for the order-swap filter; None where the task has none."""
+        return None
+
+    def from_record(self, record: dict, id: str, input_field: str, label_field: str) -> Example:
+        """An example from a generic record (a TFDS dataset row): `input_field` is the input, `label_field`
+        (dotted for nested fields, "" for none) the label."""
+        return Example(id, str(field(record, input_field)), field(record, label_field) if label_field else None)
+
+
+def field(record, dotted: str):
+    """`record["a"]["b"]` for "a.b"; bytes decoded; numpy arrays of strings become lists."""
+    value = record
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise S2DError(f"record has no field {dotted!r} (fields here: {', '.join(sorted(value)) if isinstance(value, dict) else type(value).__name__})")
+        value = value[part]
+    if isinstance(value, bytes):
+        return value.decode()
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, list):
+        return [v.decode() if isinstance(v, bytes) else v for v in value]
+    return value
+
 
 def read_json(path: str):
     """A JSON file, with bad input as one clear error (file and line)."""
