@@ -134,3 +134,48 @@ def test_every_program_formats_real_rows():
         assert example.input in prompt and "{" not in prompt
     rar2 = get_program("rar2").stages[1].template.format(input="Q?", rephrase="Q, expanded?")
     assert rar2.startswith("(original) Q?\n(rephrased) Q, expanded?")
+
+
+def test_bsm_with_order_swap_end_to_end(tmp_path):
+    from test_system2 import _oasst2
+
+    data = _oasst2(tmp_path / "oasst2.jsonl.gz")
+    args = ["--config.task.name=oasst2_judge", f"--config.task.path={data}", "--config.program.name=bsm",
+            "--config.filter.name=order_swap", "--config.generate.samples=2", "--config.task.n=0"]
+    assert _generate(tmp_path, *args) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "rollouts.jsonl")]
+    ids = {r["id"] for r in rows}
+    assert len(ids) == 4 and {i for i in ids if i.endswith(":swap")} == {i + ":swap" for i in ids if ":swap" not in i}
+    for r in rows:  # branch, one solve call per criterion (fan-out), merge
+        names = [s["name"] for s in r["stages"]]
+        assert names[0] == "branch" and names[-1] == "merge" and 1 <= names.count("solve") <= 3
+        assert all(s["item"] in r["stages"][-1]["prompt"] for s in r["stages"] if s["name"] == "solve")
+    swapped = next(r for r in rows if r["id"].endswith(":swap"))
+    assert "[Response A]\n" in swapped["stages"][-1]["prompt"]
+    assert main(["filter", *TINY, "--workdir", str(tmp_path), *args]) == 0
+    report = json.load(open(tmp_path / "filter_report.json"))
+    assert report["filter"] == "order_swap" and report["total"] == 2  # one decision per input, both orders used
+    kept = [json.loads(line) for line in open(tmp_path / "distill.jsonl")]
+    assert all(k["target"] in ("[[A]]", "[[B]]", "[[C]]") and ":swap" not in k["id"] for k in kept)
+
+
+def test_order_swap_and_usc_filters_on_constructed_rollouts(tmp_path):
+    _rollouts(tmp_path / "rollouts.jsonl", {"x": ["A", "A"], "x:swap": ["B", "B"], "y": ["A", "A"],
+                                            "y:swap": ["A", "A"]})
+    config = load_config("configs/tiny.py", ["filter.name=order_swap", "task.name=mt_bench_judge"])
+    filter_stage(config, str(tmp_path))
+    assert [json.loads(line)["id"] for line in open(tmp_path / "distill.jsonl")] == ["x"]
+    assert json.load(open(tmp_path / "filter_report.json"))["drops"] == {"order_inconsistent": 1}
+    usc_dir = tmp_path / "usc"
+    usc_dir.mkdir()
+    _rollouts(usc_dir / "rollouts.jsonl", {"q1": ["milne", "dahl", "milne"], "q2": [None, None, None]})
+    config = load_config("configs/tiny.py", ["filter.name=usc", "task.name=sycophancy"])
+    filter_stage(config, str(usc_dir))  # the tiny random model rarely names a valid response: drops say why
+    report = json.load(open(usc_dir / "filter_report.json"))
+    assert report["total"] == 2 and report["kept"] + sum(report["drops"].values()) == 2
+    assert set(report["drops"]) <= {"usc_no_choice", "usc_chose_invalid", "all_invalid"}
+
+
+def test_order_swap_needs_a_judging_task(tmp_path, capsys):
+    assert _generate(tmp_path, "--config.filter.name=order_swap") == 2
+    assert "order_swap needs a pairwise judging task; 'last_letters' has no swapped form" in capsys.readouterr().err
