@@ -122,12 +122,25 @@ def test_parsers_on_the_forms_models_write(task, text, expected):
 
 
 def test_parsers_on_golden_real_outputs():
-    """31 real SmolLM2-135M-Instruct outputs (greedy, chat template) on questions from our own seeded
-    generators (seed 7), answered directly and step by step; `expected` was labelled by hand from the text:
-    what the text states as its answer, or None where it never concludes, restates the input, or is cut off."""
+    """Real SmolLM2-135M-Instruct outputs (greedy, chat template), labelled by hand from the text: `expected` is
+    what the text states as its answer, or None where it never concludes, restates the input, or is cut off.
+    31 last-letter and coin-flip answers to our seeded generators (seed 7), 10 SycophancyEval answers (plain and
+    biased templates; `expected_correct` is the alias-containment verdict) and 8 MT-bench judgments (the model
+    never writes a [[A]]/[[B]]/[[C]] verdict, and its '[A] ... [B] ... [C]' lists are not one)."""
+    from s2d_jax.system2.tasks import Example
+
     rows = [json.loads(line) for line in GOLDEN.open()]
-    assert len(rows) >= 30
-    wrong = [(r["text"][-80:], r["expected"]) for r in rows if get_task(r["task"]).parse(r["text"]) != r["expected"]]
+    assert len(rows) >= 49 and {r["task"] for r in rows} >= {"last_letters", "coin_flip", "sycophancy",
+                                                               "mt_bench_judge"}
+    wrong = []
+    for r in rows:
+        task = get_task(r["task"])
+        parsed = task.parse(r["text"])
+        if "expected" in r and parsed != r["expected"]:
+            wrong.append((r["text"][-80:], r["expected"], parsed))
+        if "expected_correct" in r and task.score(parsed, Example("g", r["question"], tuple(r["label"]))) != r[
+                "expected_correct"]:
+            wrong.append((r["text"][-80:], r["expected_correct"], parsed))
     assert not wrong
 
 

@@ -115,17 +115,18 @@ def made_up_names(rng: random.Random, count: int) -> list[str]:
 
 def stated_answer(text: str, marker: str = r"answer\s*(?:is|:)") -> str | None:
     """The span after the last `marker`: a quoted span up to its closing quote, else up to the end of the
-    sentence or line. None when the marker is absent or nothing follows it."""
+    sentence or line (an initial such as "J." does not end it). None when the marker is absent or nothing
+    follows it (a model stuck repeating 'The answer is: "The answer is: "' has stated nothing)."""
     parts = re.split(marker, text, flags=re.IGNORECASE)
     if len(parts) < 2:
         return None
     tail = parts[-1].lstrip(" \t:*`")
-    if tail[:1] in "\"'“":
+    if tail and tail[0] in "\"'“":
         close = {"\"": "\"", "'": "'", "“": "”"}[tail[0]]
         end = tail.find(close, 1)
         span = tail[1:end] if end > 0 else tail[1:].split("\n")[0]
     else:
-        span = re.split(r"(?<=[.!?])\s|\n", tail)[0].rstrip(".!?*` ")
+        span = re.split(r"(?<=[.!?])(?<!\b[A-Z]\.)\s|\n", tail)[0].rstrip(".!?*` ")
     return span.strip() or None
 
 
