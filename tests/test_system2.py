@@ -274,3 +274,13 @@ def test_tfds_dataset_as_input_pool(tmp_path):
                                           f"task.tfds_data_dir={tmp_path}"])
     with pytest.raises(S2DError, match=r"tfds:no_such_set:train: cannot open the prepared TFDS dataset"):
         load_inputs(bad)
+
+
+def test_maj_at_k_on_gsm8k_answers():
+    from s2d_jax.evaluate import maj_at_k
+    from s2d_jax.system2.tasks import Example
+
+    task = get_task("gsm8k")
+    examples = [Example("a", "q", "18"), Example("b", "q", "3")]
+    samples = [["18", "7", "7", "18", "18"], [None, "3", "4", "4", "3"]]
+    assert maj_at_k(task, examples, samples, ks=(1, 3, 5, 10)) == {"maj@1": 0.5, "maj@3": 0.5, "maj@5": 1.0}
