@@ -80,7 +80,8 @@ def defaults() -> ConfigDict:
             "path": "",  # held-out labelled inputs; "" = generate `n` with `seed` (synthetic tasks)
             "n": 0,
             "seed": 1,  # a generator seed apart from task.seed, so the eval inputs are unseen
-            "max_new_tokens": 32,  # System 1 answer budget
+            "max_new_tokens": 32,  # System 1 answer budget (base and distilled)
+            "samples": 1,  # System 2 samples per input: 1 = greedy; more = majority answer, and maj@k
         },
     })
 

@@ -242,4 +242,100 @@ def train(config: ConfigDict, workdir: str) -> str:
     return out
 
 
-STAGES = {"convert": convert, "generate": generate, "filter": filter, "train": train}
+def evaluate_stage(config: ConfigDict, workdir: str) -> str:
+    """Stage `eval`: System 1 (the base model, direct), System 2 (the program) and the distilled System 1 (`model/`)
+    on the held-out split; writes `eval.json`, then `report.md` and `report.png`."""
+    from s2d_jax import evaluate
+    from s2d_jax.report import write_report
+
+    out = os.path.join(workdir, "eval.json")
+    if os.path.exists(out):
+        log.info("%s is complete; skipping eval", out)
+        return out
+    distilled_dir = os.path.join(workdir, "model")
+    if not os.path.exists(distilled_dir):
+        raise S2DError(f"{distilled_dir}: no such directory (run `s2d train` first)")
+    task, examples = load_eval_inputs(config)
+    if task.swap(examples[0]) is not None:  # judging: both orders, for position inconsistency
+        examples = with_swapped(task, examples)
+    program = get_program(config.program.name)
+    mesh, tok = build_mesh(config), build_tokenizer(config)
+    e, g = config.eval, config.generate
+    common = dict(chat=config.program.chat, mesh=mesh, max_batch=g.max_batch)
+    base = build_model(config, mesh)
+    results = {"meta": {"task": task.name, "program": program.name, "model": config.model.path or config.model.preset,
+                        "eval_inputs": len(examples)}}
+    log.info("eval: System 1 (base) on %d inputs", len(examples))
+    results["system1"] = evaluate.system1(base, tok, task, examples, max_new_tokens=e.max_new_tokens, **common)
+    log.info("eval: System 2 (%s)", program.name)
+    results["system2"] = evaluate.system2(
+        program, base, tok, task, examples, samples=e.samples, seed=config.seed,
+        max_new_tokens=config.program.max_new_tokens or None, temperature=g.temperature, top_k=g.top_k or None,
+        top_p=g.top_p if g.top_p < 1 else None, **common)
+    del base
+    m = config.model
+    distilled = load_model(distilled_dir, dtype=m.dtype, compute_dtype=m.compute_dtype or m.dtype, mesh=mesh)
+    log.info("eval: distilled System 1")
+    results["distilled"] = evaluate.system1(distilled, tok, task, examples, max_new_tokens=e.max_new_tokens, **common)
+    report_path = os.path.join(workdir, "filter_report.json")
+    if os.path.exists(report_path):
+        with open(report_path) as f:
+            results["filter"] = json.load(f)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(metrics_path):
+        rows = [r for r in read_jsonl(metrics_path) if "loss" in r]
+        results["train"] = rows[-1] if rows else None
+    write_report(results, workdir)
+    write_atomic(out, json.dumps(results, indent=2) + "\n")
+    for name in ("system1", "system2", "distilled"):
+        r = results[name]
+        log.info("%-9s accuracy %5.1f%%  mean tokens %6.1f", name, 100 * r["accuracy"], r["mean_tokens"])
+    log.info("wrote %s, %s, %s", out, os.path.join(workdir, "report.md"), os.path.join(workdir, "report.png"))
+    return out
+
+
+def keep_config(config: ConfigDict, workdir: str) -> None:
+    """The workdir keeps the resolved config it was made with; a rerun with a different one is an error (its
+    artifacts would silently mix two experiments)."""
+    path = os.path.join(workdir, "config.json")
+    current = json.loads(json.dumps(config.to_dict()))
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = json.load(f)
+        if kept != current:
+            key = _first_difference(kept, current)
+            raise S2DError(f"{path}: this workdir was made with a different config (key {key!r}: "
+                           f"{_get(kept, key)!r} there, {_get(current, key)!r} now); use another --workdir")
+        return
+    write_atomic(path, json.dumps(current, indent=2) + "\n")
+
+
+def _first_difference(a, b, prefix=""):
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            found = _first_difference(x, y, prefix + key + ".")
+            if found:
+                return found
+        elif x != y:
+            return prefix + key
+    return None
+
+
+def _get(d, dotted):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def run(config: ConfigDict, workdir: str) -> str:
+    """Stage `run`: generate -> filter -> train -> eval, skipping each stage whose artifact is complete, so a
+    killed run reruns from where it stopped."""
+    keep_config(config, workdir)
+    for stage in (generate, filter, train, evaluate_stage):
+        stage(config, workdir)
+    return os.path.join(workdir, "report.md")
+
+
+STAGES = {"convert": convert, "generate": generate, "filter": filter, "train": train, "eval": evaluate_stage,
+          "run": run}
