@@ -52,6 +52,19 @@ def defaults() -> ConfigDict:
             "chunk": 64,  # inputs per rollout chunk written to disk (the resume granularity)
         },
         "filter": {"name": "majority", "min_share": 0.5},  # majority (vote over answers)
+        "pretrain": {  # toy base models only (the CPU demo): random `model.preset` -> WORKDIR/base
+            "steps": 0,  # 0 = no pretraining: the model is `model.path` (or a random preset)
+            "corpus_size": 4000,  # synthetic prompt/target pairs (the task's `corpus`)
+            "cot_max_words": 6,  # step-by-step answers for lists of 1..this many words
+            "direct_max_words": 2,  # direct answers only for lists of 1..this many words
+            "direct_share": 0.3,
+            "batch_size": 16,
+            "learning_rate": 1e-3,
+            "warmup_steps": 50,
+            "max_len": 384,
+            "pack": True,
+            "seed": 0,
+        },
         "train": {
             "data": "",  # prompt/target JSONL; "" = WORKDIR/distill.jsonl
             "steps": 100,  # optimizer steps

@@ -38,12 +38,20 @@ def build_mesh(config: ConfigDict):
     return None if mesh.size == 1 else mesh
 
 
-def build_model(config: ConfigDict, mesh=None):
-    """The model the config names: the checkpoint at `model.path`, or a random `model.preset` seeded by `seed`."""
+def build_model(config: ConfigDict, mesh=None, workdir: str | None = None, base: bool = True):
+    """The model the config names: the checkpoint at `model.path`; else, with `pretrain.steps`, the toy base model
+    `s2d pretrain` wrote to WORKDIR/base; else a random `model.preset` seeded by `seed` (also what pretraining
+    starts from: `base=False`)."""
     m = config.model
     compute = m.compute_dtype or m.dtype
-    if m.path:
-        return load_model(m.path, dtype=m.dtype, compute_dtype=compute, mesh=mesh)
+    path = m.path
+    if not path and base and config.pretrain.steps > 0:
+        path = os.path.join(workdir or ".", "base")
+        if not os.path.exists(path):
+            raise S2DError(f"{path}: no pretrained base model (config key 'pretrain.steps' > 0: run "
+                           f"`s2d pretrain` or `s2d run` first)")
+    if path:
+        return load_model(path, dtype=m.dtype, compute_dtype=compute, mesh=mesh)
     if m.preset not in PRESETS:
         raise S2DError(f"config key 'model.preset': {m.preset!r} is not a preset (presets: {', '.join(PRESETS)}); "
                        f"or set 'model.path' to a checkpoint")
@@ -63,7 +71,7 @@ def convert(config: ConfigDict, workdir: str) -> str:
     out = config.convert.output or os.path.join(workdir, "converted")
     if os.path.exists(out):
         raise S2DError(f"{out}: already exists; not overwriting it (remove it or set --config.convert.output)")
-    model = build_model(config)
+    model = build_model(config, workdir=workdir)
     tok = build_tokenizer(config)
     save_hf(model, out, tokenizer=tok)
     log.info("wrote %s (%s, %.1fM parameters)", out, model.cfg.model_type, model.cfg.num_params / 1e6)
@@ -137,7 +145,7 @@ def generate(config: ConfigDict, workdir: str) -> str:
         log.info("resuming: %d of %d rollouts already written", len(done), len(examples) * n)
     if todo:
         mesh = build_mesh(config)
-        sampler = Sampler(build_model(config, mesh), build_tokenizer(config), mesh=mesh, max_batch=g.max_batch)
+        sampler = Sampler(build_model(config, mesh, workdir), build_tokenizer(config), mesh=mesh, max_batch=g.max_batch)
         sampling = dict(temperature=g.temperature, top_k=g.top_k or None, top_p=g.top_p if g.top_p < 1 else None)
         for start in range(0, len(todo), g.chunk):
             chunk = todo[start:start + g.chunk]
@@ -185,7 +193,7 @@ def filter(config: ConfigDict, workdir: str) -> str:  # noqa: A001 (the stage's 
                            f"(generate with filter.name=order_swap to judge both orders)")
         decisions = [order_swap(answers[k], answers[k + SWAP_SUFFIX], config.filter.min_share) for k in keys]
     elif name == "usc":
-        decisions = _usc_decisions(config, [grouped[k] for k in keys])
+        decisions = _usc_decisions(config, [grouped[k] for k in keys], workdir)
     else:
         decisions = [vote(answers[k], config.filter.min_share) for k in keys]
     report, lines = FilterReport(), []
@@ -204,10 +212,11 @@ def filter(config: ConfigDict, workdir: str) -> str:  # noqa: A001 (the stage's 
     return out
 
 
-def _usc_decisions(config: ConfigDict, groups: list[list[dict]]):
+def _usc_decisions(config: ConfigDict, groups: list[list[dict]], workdir: str):
     """USC: one greedy sampler call per input asks the model for the most consistent of its N final outputs."""
     mesh = build_mesh(config)
-    sampler = Sampler(build_model(config, mesh), build_tokenizer(config), mesh=mesh, max_batch=config.generate.max_batch)
+    sampler = Sampler(build_model(config, mesh, workdir), build_tokenizer(config), mesh=mesh,
+                      max_batch=config.generate.max_batch)
     prompts = [usc_prompt(rows[0]["input"], [r["stages"][-1]["output"] if r.get("stages") else str(r["answer"])
                                              for r in rows]) for rows in groups]
     outs = sampler.generate(prompts, max_new_tokens=32, chat=config.program.chat, progress=True)
@@ -228,7 +237,7 @@ def train(config: ConfigDict, workdir: str) -> str:
     if not os.path.exists(data):
         raise S2DError(f"{data}: no such file (run `s2d filter` first, or set 'train.data')")
     mesh = build_mesh(config)
-    model, tok = build_model(config, mesh), build_tokenizer(config)
+    model, tok = build_model(config, mesh, workdir), build_tokenizer(config)
     eval_fn = None
     if config.train.eval_every:
         task, examples = load_eval_inputs(config)
@@ -262,7 +271,7 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
     mesh, tok = build_mesh(config), build_tokenizer(config)
     e, g = config.eval, config.generate
     common = dict(chat=config.program.chat, mesh=mesh, max_batch=g.max_batch)
-    base = build_model(config, mesh)
+    base = build_model(config, mesh, workdir)
     results = {"meta": {"task": task.name, "program": program.name, "model": config.model.path or config.model.preset,
                         "eval_inputs": len(examples)}}
     log.info("eval: System 1 (base) on %d inputs", len(examples))
@@ -328,14 +337,57 @@ def _get(d, dotted):
     return d
 
 
+def pretrain(config: ConfigDict, workdir: str) -> str:
+    """Stage `pretrain` (toy base models, the CPU demo): train `model.preset` from random init on the task's
+    synthetic corpus (step-by-step answers for every list length, direct answers only for short ones) with the
+    same trainer, and write the base model to WORKDIR/base."""
+    from s2d_jax.train import Trainer
+
+    p = config.pretrain
+    out = os.path.join(workdir, "base")
+    if p.steps <= 0:
+        raise S2DError("config key 'pretrain.steps': 0, so there is no toy base model to pretrain")
+    if config.model.path:
+        raise S2DError("config key 'pretrain.steps' > 0 with 'model.path' set: pretraining starts from a random "
+                       "'model.preset', not a checkpoint")
+    if os.path.exists(out):
+        log.info("%s is complete; skipping pretrain", out)
+        return out
+    task = get_task(config.task.name)
+    if not hasattr(task, "corpus"):
+        raise S2DError(f"config key 'pretrain.steps': task {task.name!r} has no synthetic corpus to pretrain on")
+    here = os.path.join(workdir, "pretrain")
+    os.makedirs(here, exist_ok=True)
+    corpus = os.path.join(here, "corpus.jsonl")
+    rows = task.corpus(p.corpus_size, p.seed, get_program(config.program.name).stages[0].template,
+                       cot_max_words=p.cot_max_words, direct_max_words=p.direct_max_words,
+                       direct_share=p.direct_share)
+    write_atomic(corpus, "".join(json.dumps(r) + "\n" for r in rows))
+    sub = ConfigDict(config.to_dict())
+    sub.train.update(data=corpus, steps=p.steps, batch_size=p.batch_size, learning_rate=p.learning_rate,
+                     max_len=p.max_len, warmup_steps=p.warmup_steps, seed=p.seed, pack=p.pack, eval_every=0,
+                     checkpoint_every=max(p.steps // 4, 1), log_every=max(min(p.steps // 20, 50), 1),
+                     schedule="cosine", end_lr_ratio=0.1)
+    mesh = build_mesh(config)
+    model, tok = build_model(config, mesh, base=False), build_tokenizer(config)
+    result = Trainer(model, tok, sub, here, mesh=mesh, chat=config.program.chat).fit()
+    log.info("pretrained %d steps: loss %.4f, token accuracy %.3f", result.step, result.metrics.get("loss", 0),
+             result.metrics.get("accuracy", 0))
+    save_hf(model, out, tokenizer=tok)
+    log.info("wrote %s", out)
+    return out
+
+
 def run(config: ConfigDict, workdir: str) -> str:
-    """Stage `run`: generate -> filter -> train -> eval, skipping each stage whose artifact is complete, so a
-    killed run reruns from where it stopped."""
+    """Stage `run`: [pretrain ->] generate -> filter -> train -> eval, skipping each stage whose artifact is
+    complete, so a killed run reruns from where it stopped."""
     keep_config(config, workdir)
-    for stage in (generate, filter, train, evaluate_stage):
+    stages = ((pretrain,) if config.pretrain.steps > 0 and not config.model.path else ()) + (
+        generate, filter, train, evaluate_stage)
+    for stage in stages:
         stage(config, workdir)
     return os.path.join(workdir, "report.md")
 
 
-STAGES = {"convert": convert, "generate": generate, "filter": filter, "train": train, "eval": evaluate_stage,
-          "run": run}
+STAGES = {"convert": convert, "pretrain": pretrain, "generate": generate, "filter": filter, "train": train,
+          "eval": evaluate_stage, "run": run}

@@ -54,3 +54,24 @@ class LastLetters(Task):
             words = re.findall(r"[A-Za-z]+", text)
             found = words[0] if len(words) == 1 else None
         return normalise(found)
+
+    def corpus(self, n: int, seed: int, step_prompt: str, cot_max_words: int = 6, direct_max_words: int = 2,
+               direct_share: float = 0.3) -> list[dict]:
+        """A synthetic instruction corpus for a toy base model (the CPU demo): step-by-step answers to
+        `step_prompt` (a System 2 template with `{input}`) for lists of 1..cot_max_words words, and direct answers
+        (System 1 prompt -> the letters) only for lists of 1..direct_max_words. Its System 2 then beats its System 1
+        on longer lists, which is what distillation can close."""
+        rng = random.Random(f"last_letters-corpus:{seed}")
+        rows = []
+        for _ in range(n):
+            direct = rng.random() < direct_share
+            words = made_up_names(rng, rng.randint(1, direct_max_words if direct else cot_max_words))
+            question = QUESTION.format(words=" ".join(words))
+            letters = "".join(w[-1] for w in words).lower()
+            if direct:
+                rows.append({"prompt": question, "target": letters})
+            else:
+                steps = "\n".join(f'"{w}" ends with "{w[-1].lower()}".' for w in words)
+                rows.append({"prompt": step_prompt.format(input=question),
+                             "target": f"{steps}\nTogether: {letters}. The answer is: {letters}."})
+        return rows
