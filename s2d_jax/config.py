@@ -36,6 +36,7 @@ def defaults() -> ConfigDict:
             "name": "",  # s2d_jax.system2.tasks.TASKS
             "path": "",  # the unlabelled input pool; "" = generate `n` examples (synthetic tasks)
             "n": 0,  # how many inputs to use (0 = all in `path`)
+            "offset": 0,  # skip this many inputs of `path` first (keep the eval split apart)
             "size": 4,  # synthetic tasks: words (last letters) or people (coin flip) per input
             "seed": 0,  # synthetic tasks: generator seed
             "tfds_data_dir": "",  # with path "tfds:NAME[/CONFIG][:SPLIT]": where the prepared dataset lives
@@ -90,8 +91,10 @@ def defaults() -> ConfigDict:
             "peak_flops": 0.0,  # per-device FLOP/s for MFU; 0 = measure a matmul peak at start
         },
         "eval": {
+            "task": "",  # "" = task.name (e.g. distil on oasst2_judge, evaluate on mt_bench_judge)
             "path": "",  # held-out labelled inputs; "" = generate `n` with `seed` (synthetic tasks)
             "n": 0,
+            "offset": 0,  # skip this many inputs of `path` first
             "seed": 1,  # a generator seed apart from task.seed, so the eval inputs are unseen
             "max_new_tokens": 32,  # System 1 answer budget (base and distilled)
             "samples": 1,  # System 2 samples per input: 1 = greedy; more = majority answer, and maj@k

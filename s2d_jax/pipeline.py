@@ -85,10 +85,10 @@ def convert(config: ConfigDict, workdir: str) -> str:
 FILTERS = ("majority", "order_swap", "usc")
 
 
-def _examples(task, path: str, n: int, seed: int, size: int, group: str, t: ConfigDict):
+def _examples(task, path: str, n: int, offset: int, seed: int, size: int, group: str, t: ConfigDict):
     if path.startswith(tfds_source.PREFIX):
         examples = tfds_source.load_tfds(task, path, data_dir=t.tfds_data_dir, input_field=t.input_field,
-                                         label_field=t.label_field, limit=n)
+                                         label_field=t.label_field, limit=n + offset if n else 0)
     elif path:
         examples = task.load(path)
     elif hasattr(task, "generate") and n > 0:
@@ -96,7 +96,7 @@ def _examples(task, path: str, n: int, seed: int, size: int, group: str, t: Conf
     else:
         raise S2DError(f"config key '{group}.path': empty, and task {task.name!r} cannot be generated without "
                        f"'{group}.n' > 0")
-    examples = examples[:n] if n else examples
+    examples = examples[offset:offset + n] if n else examples[offset:]
     if not examples:
         raise S2DError(f"task {task.name!r}: the {group} input set is empty")
     return examples
@@ -106,7 +106,7 @@ def load_inputs(config: ConfigDict):
     """The task and its unlabelled input pool (labels are kept on the examples but never used to distil)."""
     task = get_task(config.task.name)
     t = config.task
-    return task, _examples(task, t.path, t.n, t.seed, t.size, "task", t)
+    return task, _examples(task, t.path, t.n, t.offset, t.seed, t.size, "task", t)
 
 
 def with_swapped(task, examples):
@@ -119,9 +119,9 @@ def with_swapped(task, examples):
 
 def load_eval_inputs(config: ConfigDict):
     """The task and its held-out labelled split (`eval.*`; generated with `eval.seed` for synthetic tasks)."""
-    task = get_task(config.task.name)
     e = config.eval
-    return task, _examples(task, e.path, e.n, e.seed, config.task.size, "eval", config.task)
+    task = get_task(e.task or config.task.name)
+    return task, _examples(task, e.path, e.n, e.offset, e.seed, config.task.size, "eval", config.task)
 
 
 def generate(config: ConfigDict, workdir: str) -> str:

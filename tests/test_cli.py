@@ -73,7 +73,7 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path):
 def test_convert_preset_writes_a_loadable_dir_and_refuses_to_overwrite(tmp_path):
     import s2d_jax
 
-    assert main(["convert", "--config", "configs/tiny.py", "--workdir", str(tmp_path)]) == 0
+    assert main(["convert", "--config", "configs/tiny.py", "--workdir", str(tmp_path), "--config.pretrain.steps=0"]) == 0
     out = tmp_path / "converted"
     cfg = json.load(open(out / "config.json"))
     assert cfg["model_type"] == "llama" and cfg["hidden_size"] == 64
@@ -81,5 +81,5 @@ def test_convert_preset_writes_a_loadable_dir_and_refuses_to_overwrite(tmp_path)
     tok = s2d_jax.load_tokenizer(out)
     assert tok.chat_template and tok.eos_token == "<|im_end|>" and model.cfg.num_layers == 2
     mtime = (out / "model.safetensors").stat().st_mtime_ns
-    assert main(["convert", "--config", "configs/tiny.py", "--workdir", str(tmp_path)]) == 2
+    assert main(["convert", "--config", "configs/tiny.py", "--workdir", str(tmp_path), "--config.pretrain.steps=0"]) == 2
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime

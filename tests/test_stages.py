@@ -16,7 +16,9 @@ from s2d_jax.pipeline import filter as filter_stage
 from s2d_jax.system2.programs import PROGRAMS, Program, Stage, get_program
 from s2d_jax.system2.tasks import get_task
 
-TINY = ["--config", "configs/tiny.py"]
+# The random tiny model (no pretraining) with RaR 2-step and short stages: generate and filter in seconds.
+RANDOM = ["pretrain.steps=0", "program.name=rar2", "program.max_new_tokens=24", "task.size=3"]
+TINY = ["--config", "configs/tiny.py", *(f"--config.{o}" for o in RANDOM)]
 
 
 def _generate(workdir, *overrides):
@@ -84,7 +86,7 @@ def _rollouts(path, answers_by_id):
 
 def test_filter_writes_distill_set_and_report(tmp_path):
     _rollouts(tmp_path / "rollouts.jsonl", {"x": ["ab", "ab", "cd", None], "y": ["ab", "cd"], "z": [None, None]})
-    config = load_config("configs/tiny.py", ["filter.min_share=0.5"])
+    config = load_config("configs/tiny.py", [*RANDOM, "filter.min_share=0.5"])
     filter_stage(config, str(tmp_path))
     rows = [json.loads(line) for line in open(tmp_path / "distill.jsonl")]
     assert rows == [{"id": "x", "prompt": "Take the last letters of \"x\".", "target": "ab",
@@ -96,10 +98,10 @@ def test_filter_writes_distill_set_and_report(tmp_path):
 def test_bad_rollout_line_names_file_and_line(tmp_path):
     (tmp_path / "rollouts.jsonl").write_text('{"id": "a", "sample": 0, "input": "q", "answer": "x"}\n{oops\n')
     with pytest.raises(S2DError, match=r"rollouts.jsonl: line 2: not valid JSON"):
-        filter_stage(load_config("configs/tiny.py"), str(tmp_path))
+        filter_stage(load_config("configs/tiny.py", RANDOM), str(tmp_path))
     (tmp_path / "rollouts.jsonl").write_text('{"id": "a", "sample": 0, "input": "q"}\n')
     with pytest.raises(S2DError, match=r"rollouts.jsonl: line 1: missing field 'answer'"):
-        filter_stage(load_config("configs/tiny.py"), str(tmp_path))
+        filter_stage(load_config("configs/tiny.py", RANDOM), str(tmp_path))
     assert not (tmp_path / "distill.jsonl").exists()
 
 
@@ -162,14 +164,14 @@ def test_bsm_with_order_swap_end_to_end(tmp_path):
 def test_order_swap_and_usc_filters_on_constructed_rollouts(tmp_path):
     _rollouts(tmp_path / "rollouts.jsonl", {"x": ["A", "A"], "x:swap": ["B", "B"], "y": ["A", "A"],
                                             "y:swap": ["A", "A"]})
-    config = load_config("configs/tiny.py", ["filter.name=order_swap", "task.name=mt_bench_judge"])
+    config = load_config("configs/tiny.py", [*RANDOM, "filter.name=order_swap", "task.name=mt_bench_judge"])
     filter_stage(config, str(tmp_path))
     assert [json.loads(line)["id"] for line in open(tmp_path / "distill.jsonl")] == ["x"]
     assert json.load(open(tmp_path / "filter_report.json"))["drops"] == {"order_inconsistent": 1}
     usc_dir = tmp_path / "usc"
     usc_dir.mkdir()
     _rollouts(usc_dir / "rollouts.jsonl", {"q1": ["milne", "dahl", "milne"], "q2": [None, None, None]})
-    config = load_config("configs/tiny.py", ["filter.name=usc", "task.name=sycophancy"])
+    config = load_config("configs/tiny.py", [*RANDOM, "filter.name=usc", "task.name=sycophancy"])
     filter_stage(config, str(usc_dir))  # the tiny random model rarely names a valid response: drops say why
     report = json.load(open(usc_dir / "filter_report.json"))
     assert report["total"] == 2 and report["kept"] + sum(report["drops"].values()) == 2

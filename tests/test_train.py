@@ -28,7 +28,7 @@ from s2d_jax.train import Trainer
 from s2d_jax.train import data as data_lib
 from s2d_jax.train.trainer import loss_sums
 
-TINY = ["--config", "configs/tiny.py"]
+TINY = ["--config", "configs/tiny.py", "--config.pretrain.steps=0"]  # the random tiny model
 
 
 def _pairs(path, n=12, seed=5):

@@ -197,6 +197,10 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(model_type="llama", vocab_size=264, hidden_size=64, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=1024,
                         tie_embeddings=True, bos_token_id=None, eos_token_ids=(257,)),
+    # The CPU demo's toy base model (about 0.8M parameters), pretrained in the run on a synthetic corpus.
+    "toy": ModelConfig(model_type="llama", vocab_size=264, hidden_size=128, num_layers=2, num_heads=8,
+                       num_kv_heads=8, head_dim=16, intermediate_size=384, max_position_embeddings=512,
+                       tie_embeddings=True, bos_token_id=None, eos_token_ids=(257,)),
     # SmolLM2-135M-Instruct's shape (the real weights come from its GGUF or HF directory).
     "smollm2-135m": ModelConfig(model_type="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
                                 num_kv_heads=3, head_dim=64, intermediate_size=1536, rope_theta=100000.0,
