@@ -3,6 +3,7 @@ name renamed when complete), and append-only files whose torn last line a rerun 
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 
@@ -10,11 +11,12 @@ from s2d_jax.errors import S2DError
 
 
 def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[dict]:
-    """Records of a JSONL file; a malformed line or a missing field is one error naming the file and line."""
+    """Records of a JSONL file (gzipped if it ends in .gz); a malformed line or a missing field is one error naming
+    the file and line."""
     if not os.path.exists(path):
         raise S2DError(f"{path}: no such file")
     rows = []
-    with open(path) as f:
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

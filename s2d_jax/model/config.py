@@ -197,7 +197,7 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(model_type="llama", vocab_size=264, hidden_size=64, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=1024,
                         tie_embeddings=True, bos_token_id=None, eos_token_ids=(257,)),
-    # The CPU demo's toy base model (about 0.8M parameters), pretrained in the run on a synthetic corpus.
+    # The CPU demo's toy base model (about 0.46M parameters), pretrained in the run on a synthetic corpus.
     "toy": ModelConfig(model_type="llama", vocab_size=264, hidden_size=128, num_layers=2, num_heads=8,
                        num_kv_heads=8, head_dim=16, intermediate_size=384, max_position_embeddings=512,
                        tie_embeddings=True, bos_token_id=None, eos_token_ids=(257,)),

@@ -3,10 +3,10 @@ negative result: it helps System 2 but does not distil."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
+from s2d_jax.artifacts import read_jsonl
 from s2d_jax.errors import S2DError
 from s2d_jax.system2.tasks.base import Example, Task, stated_answer
 
@@ -30,24 +30,13 @@ class GSM8K(Task):
     name = "gsm8k"
 
     def load(self, path: str) -> list[Example]:
-        if not os.path.exists(path):
-            raise S2DError(f"{path}: no such file")
         base, out = os.path.basename(path), []
-        with open(path) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise S2DError(f"{path}: line {number}: not valid JSON ({e.msg})") from None
-                for key in ("question", "answer"):
-                    if not isinstance(row.get(key), str):
-                        raise S2DError(f"{path}: line {number}: missing string field {key!r}")
-                if "####" not in row["answer"]:
-                    raise S2DError(f"{path}: line {number}: the answer has no '#### <number>' line")
-                out.append(Example(f"{base}:{len(out)}", row["question"],
-                                   normalise_number(row["answer"].split("####")[-1])))
+        for number, row in enumerate(read_jsonl(path, ("question", "answer")), 1):
+            if not isinstance(row["question"], str) or not isinstance(row["answer"], str):
+                raise S2DError(f"{path}: record {number}: 'question' and 'answer' must be strings")
+            if "####" not in row["answer"]:
+                raise S2DError(f"{path}: line {number}: the answer has no '#### <number>' line")
+            out.append(Example(f"{base}:{len(out)}", row["question"], normalise_number(row["answer"].split("####")[-1])))
         if not out:
             raise S2DError(f"{path}: no examples")
         return out

@@ -4,42 +4,20 @@ one preferred. Reads the public flat message format (`2023-11-05_oasst2_ready.me
 
 from __future__ import annotations
 
-import gzip
-import json
-import os
 import zlib
 
+from s2d_jax.artifacts import read_jsonl
 from s2d_jax.errors import S2DError
 from s2d_jax.system2.tasks.judge import PairwiseJudge, pair_example
 
 FIELDS = ("message_id", "parent_id", "role", "text")
 
 
-def _messages(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        raise S2DError(f"{path}: no such file")
-    opener = gzip.open if path.endswith(".gz") else open
-    rows = []
-    with opener(path, "rt") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise S2DError(f"{path}: line {number}: not valid JSON ({e.msg})") from None
-            missing = [k for k in FIELDS if k not in row]
-            if missing:
-                raise S2DError(f"{path}: line {number}: missing field {missing[0]!r}")
-            rows.append(row)
-    return rows
-
-
 class OASST2Judge(PairwiseJudge):
     name = "oasst2_judge"
 
     def load(self, path: str) -> list:
-        rows = _messages(path)
+        rows = read_jsonl(path, FIELDS)
         by_id = {r["message_id"]: r for r in rows}
         replies: dict[str, list[dict]] = {}
         for r in rows:
