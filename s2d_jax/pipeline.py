@@ -262,7 +262,8 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
         log.info("%s is complete; skipping eval", out)
         return out
     distilled_dir = os.path.join(workdir, "model")
-    if not os.path.exists(distilled_dir):
+    nothing_kept = _nothing_kept(workdir)
+    if not os.path.exists(distilled_dir) and not nothing_kept:
         raise S2DError(f"{distilled_dir}: no such directory (run `s2d train` first)")
     task, examples = load_eval_inputs(config)
     if task.swap(examples[0]) is not None:  # judging: both orders, for position inconsistency
@@ -282,10 +283,16 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
         max_new_tokens=config.program.max_new_tokens or None, temperature=g.temperature, top_k=g.top_k or None,
         top_p=g.top_p if g.top_p < 1 else None, **common)
     del base
-    m = config.model
-    distilled = load_model(distilled_dir, dtype=m.dtype, compute_dtype=m.compute_dtype or m.dtype, mesh=mesh)
-    log.info("eval: distilled System 1")
-    results["distilled"] = evaluate.system1(distilled, tok, task, examples, max_new_tokens=e.max_new_tokens, **common)
+    if nothing_kept:  # an honest report of a run whose filter kept nothing: there is no distilled model
+        results["distilled"] = None
+        results["meta"]["note"] = ("No input passed the self-consistency filter, so nothing was distilled: the "
+                                   "base model's System 2 answers never agreed often enough (see the filter line).")
+    else:
+        m = config.model
+        distilled = load_model(distilled_dir, dtype=m.dtype, compute_dtype=m.compute_dtype or m.dtype, mesh=mesh)
+        log.info("eval: distilled System 1")
+        results["distilled"] = evaluate.system1(distilled, tok, task, examples, max_new_tokens=e.max_new_tokens,
+                                                **common)
     report_path = os.path.join(workdir, "filter_report.json")
     if os.path.exists(report_path):
         with open(report_path) as f:
@@ -298,6 +305,9 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
     write_atomic(out, json.dumps(results, indent=2) + "\n")
     for name in ("system1", "system2", "distilled"):
         r = results[name]
+        if r is None:
+            log.warning("%-9s none: the filter kept no input, nothing was distilled", name)
+            continue
         log.info("%-9s accuracy %5.1f%%  mean tokens %6.1f", name, 100 * r["accuracy"], r["mean_tokens"])
     log.info("wrote %s, %s, %s", out, os.path.join(workdir, "report.md"), os.path.join(workdir, "report.png"))
     return out
@@ -378,6 +388,12 @@ def pretrain(config: ConfigDict, workdir: str) -> str:
     return out
 
 
+def _nothing_kept(workdir: str) -> bool:
+    """True when `filter` ran and kept no input (an empty `distill.jsonl`)."""
+    path = os.path.join(workdir, "distill.jsonl")
+    return os.path.exists(path) and os.path.getsize(path) == 0
+
+
 def run(config: ConfigDict, workdir: str) -> str:
     """Stage `run`: [pretrain ->] generate -> filter -> train -> eval, skipping each stage whose artifact is
     complete, so a killed run reruns from where it stopped."""
@@ -385,6 +401,9 @@ def run(config: ConfigDict, workdir: str) -> str:
     stages = ((pretrain,) if config.pretrain.steps > 0 and not config.model.path else ()) + (
         generate, filter, train, evaluate_stage)
     for stage in stages:
+        if stage is train and _nothing_kept(workdir) and not config.train.data:
+            log.warning("the filter kept no input: skipping train; the report says so")
+            continue
         stage(config, workdir)
     return os.path.join(workdir, "report.md")
 

@@ -21,7 +21,7 @@ def _fmt(key: str, value) -> str:
 def markdown(results: dict) -> str:
     meta = results.get("meta", {})
     title = " / ".join(str(meta[k]) for k in ("program", "task", "model") if meta.get(k))
-    extras = sorted({k for name, _ in SYSTEMS for k in results.get(name, {}) if k not in CORE})
+    extras = sorted({k for name, _ in SYSTEMS for k in (results.get(name) or {}) if k not in CORE})
     header = ["system", "accuracy (%)", "mean tokens / input", "n", "seconds"] + [
         f"{k} (%)" if not k.startswith("maj@") else f"{k} (%)" for k in extras]
     lines = [f"# System 2 distillation: {title}" if title else "# System 2 distillation", "",
@@ -29,6 +29,8 @@ def markdown(results: dict) -> str:
     for name, label in SYSTEMS:
         row = results.get(name)
         if row is None:
+            if name in results:
+                lines.append(f"| {label} | (none: nothing was distilled) |" + " |" * (len(header) - 2))
             continue
         cells = [label] + [_fmt(k, row[k]) if k in row else "" for k in CORE] + [
             _fmt(k, row[k]) if k in row else "" for k in extras]

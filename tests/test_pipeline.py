@@ -120,3 +120,16 @@ def test_every_shipped_config_is_valid(name):
     if config.task.name:  # a model-only config (smollm2.py, for `convert`) names no task
         get_task(config.task.name), get_program(config.program.name), get_task(config.eval.task or config.task.name)
     assert config.train.batch_size % config.train.grad_accum == 0
+
+
+def test_a_run_whose_filter_keeps_nothing_still_reports(tmp_path):
+    # the random tiny model (no pretraining) never writes a parseable answer: nothing passes the filter
+    assert main(["run", *TINY, "--workdir", str(tmp_path), "--config.pretrain.steps=0",
+                 "--config.program.max_new_tokens=16", "--config.filter.min_share=0.75"]) == 0
+    assert (tmp_path / "distill.jsonl").read_text() == "" and not (tmp_path / "model").exists()
+    results = json.load(open(tmp_path / "eval.json"))
+    assert results["distilled"] is None and results["system1"]["n"] == 8
+    report = (tmp_path / "report.md").read_text()
+    assert "| Distilled System 1 | (none: nothing was distilled) |" in report and "kept 0 of 6" in report
+    assert (tmp_path / "report.png").exists()
+    assert main(["train", *TINY, "--workdir", str(tmp_path), "--config.pretrain.steps=0"]) == 2  # alone: an error

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import string
 
 from s2d_jax.system2.tasks.base import (Example, Task, last_match, made_up_names, question_answer_rows,
                                         stated_answer)
@@ -60,18 +61,33 @@ class LastLetters(Task):
         """A synthetic instruction corpus for a toy base model (the CPU demo): step-by-step answers to
         `step_prompt` (a System 2 template with `{input}`) for lists of 1..cot_max_words words, and direct answers
         (System 1 prompt -> the letters) only for lists of 1..direct_max_words. Its System 2 then beats its System 1
-        on longer lists, which is what distillation can close."""
+        on longer lists, which is what distillation can close. Half the words are random letter strings: they
+        cannot be guessed, only copied, which is the skill the step-by-step answers need."""
         rng = random.Random(f"last_letters-corpus:{seed}")
         rows = []
         for _ in range(n):
             direct = rng.random() < direct_share
-            words = made_up_names(rng, rng.randint(1, direct_max_words if direct else cot_max_words))
-            question = QUESTION.format(words=" ".join(words))
-            letters = "".join(w[-1] for w in words).lower()
-            if direct:
-                rows.append({"prompt": question, "target": letters})
+            count = rng.randint(1, direct_max_words if direct else cot_max_words)
+            if rng.random() < 0.5:
+                words = made_up_names(rng, count)
             else:
-                steps = "\n".join(f'"{w}" ends with "{w[-1].lower()}".' for w in words)
-                rows.append({"prompt": step_prompt.format(input=question),
-                             "target": f"{steps}\nTogether: {letters}. The answer is: {letters}."})
+                words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7))).capitalize()
+                         for _ in range(count)]
+            question = QUESTION.format(words=" ".join(words))
+            if direct:
+                rows.append({"prompt": question, "target": "".join(w[-1] for w in words).lower()})
+            else:
+                rows.append({"prompt": step_prompt.format(input=question), "target": self.trace(words)})
         return rows
+
+    @staticmethod
+    def trace(words: list[str]) -> str:
+        """The step-by-step answer, written so that each step is a copy a small transformer learns early: every
+        word copied from the question, then ':' and the letters so far, which end with that word's last letter
+        ("Kalo:o Mire:oe Tosu:oeu"). The letter before each space is the one before the next word in the question,
+        so the next word is found by matching it (an induction head)."""
+        parts, letters = [], ""
+        for w in words:
+            letters += w[-1].lower()
+            parts.append(f"{w}:{letters}")
+        return " ".join(parts) + f"\nThe answer is: {letters}."
