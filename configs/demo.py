@@ -16,7 +16,7 @@ def get_config():
         "tokenizer": "bytes",
         "mesh": {"data": 1},
         "pretrain": {"steps": 600, "corpus_size": 12000, "cot_max_words": 6, "direct_max_words": 2,
-                     "direct_share": 0.3, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 50,
+                     "direct_share": 0.3, "batch_size": 16, "learning_rate": 5e-3, "warmup_steps": 50,
                      "max_len": 384, "pack": True},
         "task": {"name": "last_letters", "n": 128, "size": 4, "seed": 0},
         "program": {"name": "cot", "max_new_tokens": 160},
