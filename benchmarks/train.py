@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from ml_collections import ConfigDict
 
 from s2d_jax.config import defaults
 from s2d_jax.flops import flops_per_token, matmul_peak

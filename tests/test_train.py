@@ -14,7 +14,6 @@ import grain.experimental
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from safetensors.numpy import load_file
 
 from s2d_jax.cli import main
