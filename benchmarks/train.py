@@ -59,7 +59,7 @@ def reference(cfg, batch, seq, steps, tokens):
         loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss  # shifts inside: same token count +-1
         loss.backward()
         opt.step()
-        return float(loss)
+        return loss.item()
 
     one()  # warm up
     start = time.perf_counter()
