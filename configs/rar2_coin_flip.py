@@ -16,6 +16,6 @@ def get_config():
         "generate": {"samples": 8, "temperature": 0.7, "max_batch": 64, "chunk": 128},
         "filter": {"name": "majority", "min_share": 0.5},
         "train": {"steps": 300, "batch_size": 32, "max_len": 256, "learning_rate": 1e-5, "warmup_steps": 20,
-                  "checkpoint_every": 100, "eval_every": 100},
+                  "checkpoint_every": 100, "eval_every": 100, "remat": "full"},
         "eval": {"path": "../shared/data/coin_flip/coin_flip.json", "n": 500, "max_new_tokens": 16},
     })

@@ -18,6 +18,6 @@ def get_config():
         "generate": {"samples": 20, "temperature": 0.7, "max_batch": 64, "chunk": 64},
         "filter": {"name": "usc"},
         "train": {"steps": 400, "batch_size": 32, "max_len": 256, "learning_rate": 1e-5, "warmup_steps": 20,
-                  "checkpoint_every": 100},
+                  "checkpoint_every": 100, "remat": "full"},
         "eval": {"path": DATA, "offset": 3000, "n": 1000, "max_new_tokens": 64},
     })

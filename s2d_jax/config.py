@@ -90,6 +90,10 @@ def defaults() -> ConfigDict:
             "eval_every": 0,  # steps between System 1 accuracy checks on the eval split; 0 = off
             "peak_flops": 0.0,  # per-device FLOP/s for MFU; 0 = measure a matmul peak at start
         },
+        "plan": {  # `s2d plan`
+            "device_gb": 16.0,  # memory per device to fit in (TPU v5e: 16, v5p: 95, H100: 80)
+            "devices": 0,  # plan for this many devices (e.g. 8 for a v5e-8 host, from a laptop); 0 = this machine's
+        },
         "eval": {
             "task": "",  # "" = task.name (e.g. distil on oasst2_judge, evaluate on mt_bench_judge)
             "path": "",  # held-out labelled inputs; "" = generate `n` with `seed` (synthetic tasks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import logging
 import os
 
@@ -408,5 +409,32 @@ def run(config: ConfigDict, workdir: str) -> str:
     return os.path.join(workdir, "report.md")
 
 
-STAGES = {"convert": convert, "pretrain": pretrain, "generate": generate, "filter": filter, "train": train,
+def plan_stage(config: ConfigDict, workdir: str) -> str:
+    """Stage `plan`: per-device bytes of parameters, optimizer state, activations (estimated) and KV cache for the
+    configured mesh, written to `plan.json`; an error with advice when they do not fit `plan.device_gb`."""
+    from s2d_jax import plan as plan_lib
+
+    p = plan_lib.plan(config, plan_lib.mesh_shape(config.mesh, config.plan.devices or len(_mesh_sizes(config)[3])))
+    out = os.path.join(workdir, "plan.json")
+    write_atomic(out, json.dumps(p, indent=2) + "\n")
+    print(plan_lib.report(p))
+    problems = plan_lib.advice(p, config)
+    if problems:
+        raise S2DError("; ".join(problems))
+    return out
+
+
+def _mesh_sizes(config: ConfigDict):
+    """The mesh `build_mesh` would make, as axis sizes over the devices it would use (host only)."""
+    import jax
+
+    m = config.mesh
+    sizes = (m.data, m.fsdp, m.tensor)
+    devices = jax.devices()
+    if -1 not in sizes and 0 < math.prod(sizes) < len(devices):
+        devices = devices[:math.prod(sizes)]
+    return (*sizes, devices)
+
+
+STAGES = {"plan": plan_stage, "convert": convert, "pretrain": pretrain, "generate": generate, "filter": filter, "train": train,
           "eval": evaluate_stage, "run": run}

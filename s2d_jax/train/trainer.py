@@ -148,8 +148,14 @@ class Trainer:
             self.param_shardings = mesh_lib.state_shardings(state, mesh).to_pure_dict()
             self.batch_sharding = NamedSharding(mesh, P(None, mesh_lib.partition_spec(("batch",), (self.micro_rows,),
                                                                                        mesh)[0], None))
+        init = jax.jit(self.tx.init)
+        if mesh is not None:  # AdamW's moments laid out like their parameters (propagation would replicate them)
+            opt_shardings = optax.tree_map_params(
+                self.tx, lambda _, sharding: sharding, jax.eval_shape(self.tx.init, self.params),
+                self.param_shardings, transform_non_params=lambda _: NamedSharding(mesh, P()))
+            init = jax.jit(self.tx.init, out_shardings=opt_shardings)
         with self._mesh():
-            self.opt_state = jax.jit(self.tx.init)(self.params)
+            self.opt_state = init(self.params)
         self.opt_shardings = jax.tree.map(lambda x: x.sharding, self.opt_state)
         self._step = jax.jit(functools.partial(train_step, self.graphdef, self.tx), donate_argnums=(0, 1),
                              out_shardings=(self.param_shardings, self.opt_shardings, None))
