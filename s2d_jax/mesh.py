@@ -32,18 +32,24 @@ RULES: dict[str, tuple[str, ...]] = {
 Axes = Sequence[str | None]
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all). -1 takes all remaining devices."""
-    devices = list(jax.devices() if devices is None else devices)
+def mesh_sizes(data: int, fsdp: int, tensor: int, count: int) -> dict[str, int]:
+    """The axis sizes of a (data, fsdp, tensor) mesh over `count` devices; -1 takes all remaining devices."""
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
-    known = math.prod(v for v in sizes.values() if v != -1)
     if list(sizes.values()).count(-1) > 1:
         raise S2DError(f"mesh {sizes}: at most one axis may be -1")
     if any(v == 0 or v < -1 for v in sizes.values()):
         raise S2DError(f"mesh {sizes}: axis sizes must be positive or -1")
-    sizes = {k: (len(devices) // known if v == -1 else v) for k, v in sizes.items()}
-    if math.prod(sizes.values()) != len(devices):
-        raise S2DError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, but {len(devices)} are available")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    sizes = {k: (count // known if v == -1 else v) for k, v in sizes.items()}
+    if math.prod(sizes.values()) != count:
+        raise S2DError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, but {count} are available")
+    return sizes
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all). -1 takes all remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_sizes(data, fsdp, tensor, len(devices))
     grid = np.asarray(devices).reshape(tuple(sizes.values()))
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import logging
 import os
 
@@ -24,18 +23,23 @@ from s2d_jax.tokenizer import load_tokenizer
 log = logging.getLogger("s2d")
 
 
-def build_mesh(config: ConfigDict):
-    """The configured mesh, or None for a single device (no sharding annotations at all)."""
+def mesh_devices(config: ConfigDict) -> list:
+    """The devices the configured mesh uses: all of them, or the first data x fsdp x tensor when that is fewer."""
     import jax
 
     m = config.mesh
-    sizes = (m.data, m.fsdp, m.tensor)
     devices = jax.devices()
-    if -1 not in sizes and 0 < (wanted := m.data * m.fsdp * m.tensor) < len(devices):
+    if -1 not in (m.data, m.fsdp, m.tensor) and 0 < (wanted := m.data * m.fsdp * m.tensor) < len(devices):
         log.info("mesh %s uses %d of the %d devices", dict(data=m.data, fsdp=m.fsdp, tensor=m.tensor), wanted,
                  len(devices))
         devices = devices[:wanted]
-    mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
+    return devices
+
+
+def build_mesh(config: ConfigDict):
+    """The configured mesh, or None for a single device (no sharding annotations at all)."""
+    m = config.mesh
+    mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=mesh_devices(config))
     return None if mesh.size == 1 else mesh
 
 
@@ -414,7 +418,7 @@ def plan_stage(config: ConfigDict, workdir: str) -> str:
     configured mesh, written to `plan.json`; an error with advice when they do not fit `plan.device_gb`."""
     from s2d_jax import plan as plan_lib
 
-    p = plan_lib.plan(config, plan_lib.mesh_shape(config.mesh, config.plan.devices or len(_mesh_sizes(config)[3])))
+    p = plan_lib.plan(config, plan_lib.mesh_shape(config.mesh, config.plan.devices or len(mesh_devices(config))))
     out = os.path.join(workdir, "plan.json")
     write_atomic(out, json.dumps(p, indent=2) + "\n")
     print(plan_lib.report(p))
@@ -424,17 +428,5 @@ def plan_stage(config: ConfigDict, workdir: str) -> str:
     return out
 
 
-def _mesh_sizes(config: ConfigDict):
-    """The mesh `build_mesh` would make, as axis sizes over the devices it would use (host only)."""
-    import jax
-
-    m = config.mesh
-    sizes = (m.data, m.fsdp, m.tensor)
-    devices = jax.devices()
-    if -1 not in sizes and 0 < math.prod(sizes) < len(devices):
-        devices = devices[:math.prod(sizes)]
-    return (*sizes, devices)
-
-
-STAGES = {"plan": plan_stage, "convert": convert, "pretrain": pretrain, "generate": generate, "filter": filter, "train": train,
-          "eval": evaluate_stage, "run": run}
+STAGES = {"plan": plan_stage, "convert": convert, "pretrain": pretrain, "generate": generate, "filter": filter,
+          "train": train, "eval": evaluate_stage, "run": run}

@@ -27,12 +27,7 @@ GB = 1 << 30
 def mesh_shape(m: ConfigDict, devices: int):
     """The (data, fsdp, tensor) mesh of `devices` devices as shapes only, as `make_mesh` would lay it out; the
     plan needs no real devices, so a laptop can plan a TPU pod."""
-    sizes = {"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}
-    known = math.prod(v for v in sizes.values() if v != -1)
-    sizes = {k: (devices // known if v == -1 else v) for k, v in sizes.items()}
-    if math.prod(sizes.values()) != devices:
-        raise S2DError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, planned for {devices}")
-    return types.SimpleNamespace(shape=sizes, size=devices)
+    return types.SimpleNamespace(shape=mesh_lib.mesh_sizes(m.data, m.fsdp, m.tensor, devices), size=devices)
 
 
 def model_config(config: ConfigDict):

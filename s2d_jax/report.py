@@ -22,8 +22,7 @@ def markdown(results: dict) -> str:
     meta = results.get("meta", {})
     title = " / ".join(str(meta[k]) for k in ("program", "task", "model") if meta.get(k))
     extras = sorted({k for name, _ in SYSTEMS for k in (results.get(name) or {}) if k not in CORE})
-    header = ["system", "accuracy (%)", "mean tokens / input", "n", "seconds"] + [
-        f"{k} (%)" if not k.startswith("maj@") else f"{k} (%)" for k in extras]
+    header = ["system", "accuracy (%)", "mean tokens / input", "n", "seconds"] + [f"{k} (%)" for k in extras]
     lines = [f"# System 2 distillation: {title}" if title else "# System 2 distillation", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, label in SYSTEMS:
