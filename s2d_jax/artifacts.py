@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import socket
 
 from s2d_jax.errors import S2DError
 
@@ -45,7 +46,9 @@ def complete_lines(path: str) -> list[dict]:
 
 
 def write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
+    """Write `path` whole or not at all. The temporary name is per host and process, so hosts that write the same
+    artifact to a shared directory never interleave."""
+    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()

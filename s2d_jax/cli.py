@@ -9,7 +9,8 @@ import sys
 
 from s2d_jax.errors import S2DError
 
-USAGE = "s2d STAGE --config configs/NAME.py [--config.KEY=VALUE ...] [--workdir DIR]"
+USAGE = ("s2d STAGE --config configs/NAME.py [--config.KEY=VALUE ...] [--workdir DIR] "
+         "[--coordinator_address HOST:PORT --num_processes N --process_id I | --distributed]")
 
 
 def _parser(stages) -> argparse.ArgumentParser:
@@ -21,6 +22,13 @@ def _parser(stages) -> argparse.ArgumentParser:
     p.add_argument("stage", choices=list(stages), help="what to run")
     p.add_argument("--config", required=True, help="experiment config file (a .py with get_config())")
     p.add_argument("--workdir", default=None, help="where artifacts go (default: runs/<config name>)")
+    hosts = p.add_argument_group("multi-host (run the same command on every host)")
+    hosts.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0's coordinator")
+    hosts.add_argument("--num_processes", type=int, default=None, help="how many processes form the cluster")
+    hosts.add_argument("--process_id", type=int, default=None, help="this process's index, 0..num_processes-1")
+    hosts.add_argument("--distributed", action="store_true",
+                       help="let JAX detect the cluster (Cloud TPU pod slice, Slurm, Open MPI); automatic in a "
+                            "multi-task srun step")
     return p
 
 
@@ -53,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
+        from s2d_jax import distributed
         from s2d_jax.config import load_config
+
+        if distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                                  auto=args.distributed) and not distributed.primary():
+            logging.getLogger("s2d").setLevel(logging.WARNING)  # one host narrates
 
         config = load_config(args.config, overrides)
         workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])

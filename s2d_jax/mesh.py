@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from s2d_jax import distributed
 from s2d_jax.errors import S2DError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -100,6 +101,6 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     """Place every parameter of `model` (in place) on `mesh` by the rules."""
     graphdef, state = nnx.split(model)
     shardings = state_shardings(state, mesh)
-    state = jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings)
+    state = jax.tree.map(lambda x, s: distributed.put(np.asarray(x), s), state, shardings)  # multi-host safe
     nnx.update(model, state)
     return model

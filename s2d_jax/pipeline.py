@@ -6,6 +6,7 @@ import collections
 import json
 import logging
 import os
+import re
 
 from ml_collections import ConfigDict
 
@@ -129,44 +130,103 @@ def load_eval_inputs(config: ConfigDict):
     return task, _examples(task, e.path, e.n, e.offset, e.seed, config.task.size, "eval", config.task)
 
 
+def rollout_path(workdir: str, process: int = 0, count: int = 1) -> str:
+    """`rollouts.jsonl` on one host; host `process` of `count` writes `rollouts-PROCESS-of-COUNT.jsonl`."""
+    name = "rollouts.jsonl" if count == 1 else f"rollouts-{process:05d}-of-{count:05d}.jsonl"
+    return os.path.join(workdir, name)
+
+
 def generate(config: ConfigDict, workdir: str) -> str:
-    """Stage `generate`: System 2 rollouts of every input, streamed to `rollouts.jsonl.partial` chunk by chunk and
-    renamed to `rollouts.jsonl` when complete. A rerun skips the (input, sample) pairs already written."""
-    out = os.path.join(workdir, "rollouts.jsonl")
-    if os.path.exists(out):
-        log.info("%s is complete; skipping generate", out)
-        return out
+    """Stage `generate`: System 2 rollouts of every input, streamed to `<rollouts>.partial` chunk by chunk and
+    renamed when complete. A rerun skips the (input, sample) pairs already written.
+
+    On several hosts the sampler runs on the global mesh (every host computes every batch together) and host `p`
+    of `P` writes the inputs `p, p + P, ...` to its own shard; `filter` merges the shards. Which inputs are still
+    missing is agreed over all hosts, so a rerun after a kill resumes on every host alike."""
+    import jax
+
+    from s2d_jax import distributed
+
+    count, me = jax.process_count(), jax.process_index()
+    out = rollout_path(workdir, me, count)
     task, examples = load_inputs(config)
     if config.filter.name == "order_swap":  # the filter compares each input's verdicts in both orders
         examples = with_swapped(task, examples)
-    program = get_program(config.program.name)
-    program.check(sorted({k for e in examples for k in e.meta}))
+    mine = [i % count == me for i in range(len(examples))]
     g = config.generate
     n = g.samples
     partial = out + ".partial"
-    done = {(r["id"], r["sample"]) for r in complete_lines(partial)}
-    todo = [e for e in examples if any((e.id, j) not in done for j in range(n))]
-    if done:
-        log.info("resuming: %d of %d rollouts already written", len(done), len(examples) * n)
-    if todo:
-        mesh = build_mesh(config)
-        sampler = Sampler(build_model(config, mesh, workdir), build_tokenizer(config), mesh=mesh, max_batch=g.max_batch)
-        sampling = dict(temperature=g.temperature, top_k=g.top_k or None, top_p=g.top_p if g.top_p < 1 else None)
-        for start in range(0, len(todo), g.chunk):
-            chunk = todo[start:start + g.chunk]
-            records = run_program(program, chunk, sampler, n, parse=task.parse, seed=config.seed,
-                                  chat=config.program.chat, max_new_tokens=config.program.max_new_tokens or None,
-                                  progress=False, **sampling)
-            with open(partial, "a") as f:
-                for rec in records:
-                    if (rec["id"], rec["sample"]) not in done:
-                        f.write(json.dumps(rec) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            log.info("rollouts: %d / %d inputs", len(examples) - len(todo) + start + len(chunk), len(examples))
+    done = {(r["id"], r["sample"]) for r in (complete_lines(out) if os.path.exists(out) else complete_lines(partial))}
+    missing = distributed.agree([m and any((e.id, j) not in done for j in range(n)) for e, m in zip(examples, mine)])
+    if not missing.any():
+        log.info("%s is complete; skipping generate", out)
+        return out
+    program = get_program(config.program.name)
+    program.check(sorted({k for e in examples for k in e.meta}))
+    if os.path.exists(out):  # complete here, but another host lost its shard: redo that part only
+        os.replace(out, partial)
+    todo = [e for e, m in zip(examples, missing) if m]
+    if len(todo) < len(examples):
+        log.info("resuming: %d of %d inputs already have their rollouts", len(examples) - len(todo), len(examples))
+    mesh = build_mesh(config)
+    sampler = Sampler(build_model(config, mesh, workdir), build_tokenizer(config), mesh=mesh, max_batch=g.max_batch)
+    sampling = dict(temperature=g.temperature, top_k=g.top_k or None, top_p=g.top_p if g.top_p < 1 else None)
+    owned = {e.id for e, m in zip(examples, mine) if m}
+    for start in range(0, len(todo), g.chunk):
+        chunk = todo[start:start + g.chunk]
+        records = run_program(program, chunk, sampler, n, parse=task.parse, seed=config.seed,
+                              chat=config.program.chat, max_new_tokens=config.program.max_new_tokens or None,
+                              progress=False, **sampling)
+        with open(partial, "a") as f:
+            for rec in records:
+                if rec["id"] in owned and (rec["id"], rec["sample"]) not in done:
+                    f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        log.info("rollouts: %d / %d inputs", len(examples) - len(todo) + start + len(chunk), len(examples))
     os.replace(partial, out)
     log.info("wrote %s", out)
     return out
+
+
+def read_rollouts(config: ConfigDict, workdir: str) -> list[dict]:
+    """The rollouts of `generate`: `rollouts.jsonl`, or the host shards `rollouts-*-of-COUNT.jsonl` merged in input
+    order (then sample) after checking that every shard is there and complete, no record is repeated and every
+    input has all its samples, so the merge does not depend on how many hosts wrote it."""
+    fields = ("id", "sample", "input", "answer")
+    single = rollout_path(workdir)
+    if os.path.exists(single):
+        return read_jsonl(single, fields)
+    shards = sorted(f for f in os.listdir(workdir) if re.fullmatch(r"rollouts-\d{5}-of-\d{5}\.jsonl", f))
+    if not shards:
+        raise S2DError(f"{single}: no such file, and no host shards rollouts-*-of-*.jsonl (run `s2d generate` first)")
+    count = int(shards[0][-10:-6])
+    expected = [os.path.basename(rollout_path(workdir, p, count)) for p in range(count)]
+    absent = [f for f in expected if f not in shards]
+    if absent or len(shards) != count:
+        raise S2DError(f"{os.path.join(workdir, (absent or shards)[0])}: the shards of {count} hosts are not all "
+                       f"complete (expected {', '.join(expected)}; rerun `s2d generate` on {count} hosts)")
+    task, examples = load_inputs(config)
+    if config.filter.name == "order_swap":
+        examples = with_swapped(task, examples)
+    order = {e.id: k for k, e in enumerate(examples)}
+    rows, seen = [], set()
+    for name in expected:
+        path = os.path.join(workdir, name)
+        for number, row in enumerate(read_jsonl(path, fields), 1):
+            key = (row["id"], row["sample"])
+            if row["id"] not in order:
+                raise S2DError(f"{path}: record {number}: input {row['id']!r} is not in the configured inputs")
+            if key in seen:
+                raise S2DError(f"{path}: record {number}: input {row['id']!r} sample {row['sample']} is repeated")
+            seen.add(key)
+            rows.append(row)
+    want = config.generate.samples
+    for e in examples:
+        have = sum((e.id, j) in seen for j in range(want))
+        if have != want:
+            raise S2DError(f"{workdir}: input {e.id!r} has {have} of its {want} samples in the shards")
+    return sorted(rows, key=lambda r: (order[r["id"]], r["sample"]))
 
 
 def filter(config: ConfigDict, workdir: str) -> str:  # noqa: A001 (the stage's name)
@@ -180,12 +240,10 @@ def filter(config: ConfigDict, workdir: str) -> str:  # noqa: A001 (the stage's 
     if os.path.exists(out):
         log.info("%s is complete; skipping filter", out)
         return out
-    source = os.path.join(workdir, "rollouts.jsonl")
-    if not os.path.exists(source):
-        raise S2DError(f"{source}: no such file (run `s2d generate` first)")
+    source = rollout_path(workdir)
     task = get_task(config.task.name)
     grouped: dict[str, list[dict]] = collections.OrderedDict()
-    for row in read_jsonl(source, ("id", "sample", "input", "answer")):
+    for row in read_rollouts(config, workdir):
         grouped.setdefault(row["id"], []).append(row)
     for rows in grouped.values():
         rows.sort(key=lambda r: r["sample"])

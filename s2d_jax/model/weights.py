@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from s2d_jax import mesh as mesh_lib
+from s2d_jax import distributed, mesh as mesh_lib
 from s2d_jax.errors import S2DError
 from s2d_jax.model.config import ModelConfig
 from s2d_jax.model.transformer import Transformer
@@ -282,6 +282,11 @@ def save_hf(model: Transformer, out_dir: str, tokenizer=None, max_shard_bytes: i
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not overwrite:
         raise S2DError(f"{out_dir}: already exists; not overwriting it (pass overwrite=True, or choose another path)")
+    if not distributed.primary():  # every host joins the gathers of `fetch`; the first host writes
+        for _, var in nnx.to_flat_state(nnx.state(model)):
+            distributed.fetch(var[...])
+        distributed.barrier(f"save_hf {out_dir}")
+        return out_dir
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
@@ -307,7 +312,7 @@ def save_hf(model: Transformer, out_dir: str, tokenizer=None, max_shard_bytes: i
         for fname, keys in zip(files, shards):
             tensors = {}
             for key in keys:
-                value = np.asarray(jax.device_get(flat[key][...]))
+                value = distributed.fetch(flat[key][...])  # on every host: a collective when multi-host
                 for name, tensor in zip(layout[key].names, layout[key].to_hf(value)):
                     tensors[name] = np.ascontiguousarray(tensor)
                     weight_map[name] = fname
@@ -333,6 +338,7 @@ def save_hf(model: Transformer, out_dir: str, tokenizer=None, max_shard_bytes: i
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    distributed.barrier(f"save_hf {out_dir}")
     return out_dir
 
 

@@ -25,7 +25,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from s2d_jax import mesh as mesh_lib
+from s2d_jax import distributed, mesh as mesh_lib
+from s2d_jax.distributed import fetch
 from s2d_jax.errors import S2DError
 from s2d_jax.model.transformer import KVCache, Transformer
 from s2d_jax.sampling.select import make_method
@@ -151,7 +152,7 @@ class Sampler:
         per_batch = max(1, self.max_batch // n)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths share a bucket
         out: list[list[Sample] | None] = [None] * len(ids)
-        bar = tqdm(total=len(ids), desc="sampling", unit="prompt", disable=not progress)
+        bar = tqdm(total=len(ids), desc="sampling", unit="prompt", disable=not progress or jax.process_index() != 0)
         generated, start = 0, time.perf_counter()
         for b in range(0, len(order), per_batch):
             batch = order[b:b + per_batch]
@@ -203,16 +204,16 @@ class Sampler:
                 upto = min(int(loop.step) + chunk, max_new)
                 loop = _decode(self.graphdef, self.state, loop, jnp.int32(upto), method=method,
                                eos_ids=self.eos_ids, pad_id=self.pad_id)
-                step, done = int(loop.step), np.asarray(loop.done)
+                step, done = int(fetch(loop.step)), fetch(loop.done)
                 if stop and step < max_new and not done.all():
-                    toks = np.asarray(loop.tokens[:, :step])
+                    toks = fetch(loop.tokens)[:, :step]
                     hits = [r for r in range(batch) if not done[r] and self._find_stop(toks[r], stop) is not None]
                     if hits:
                         stopped[hits] = True
                         loop = loop._replace(done=put(done | stopped))
-                if step >= max_new or np.asarray(loop.done).all():
+                if step >= max_new or fetch(loop.done).all():
                     break
-            toks, lps, done = np.asarray(loop.tokens), np.asarray(loop.logprobs), np.asarray(loop.done)
+            toks, lps = fetch(loop.tokens), fetch(loop.logprobs)
         out = []
         for p in range(len(rows)):
             out.append([self._finish(toks[p * n + j, :max_new], lps[p * n + j, :max_new], stop, want_logprobs)
@@ -260,9 +261,10 @@ class Sampler:
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def _put(self, x):
+        """Rows over the mesh's data axes; every host passes the same whole value (multi-host safe)."""
         if self.mesh is None:
             return jnp.asarray(x)
-        axes = ("batch",) + (None,) * (np.ndim(x) - 1)
-        if isinstance(x, jax.Array) and not isinstance(x, np.ndarray):
-            return jax.device_put(x, mesh_lib.named_sharding(axes, x.shape, self.mesh))
-        return jax.device_put(np.asarray(x), mesh_lib.named_sharding(axes, np.shape(x), self.mesh))
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(self._put(np.asarray(jax.random.key_data(x))))
+        return distributed.put(x, mesh_lib.named_sharding(("batch",) + (None,) * (np.ndim(x) - 1), np.shape(x),
+                                                          self.mesh))

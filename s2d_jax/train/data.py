@@ -93,14 +93,13 @@ def _from_packed(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             "positions": row["inputs_positions"].astype(np.int32)}
 
 
-def dataset(examples: list[dict[str, np.ndarray]], *, rows: int, max_len: int, seed: int, pack: bool = False,
-            shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
-    """An endless, deterministically shuffled stream of batches of `rows` rows `[rows, max_len]` (keys: inputs,
-    targets, weights, segment_ids, positions). Host `shard_index` of `shard_count` reads its own slice."""
-    ds = grain.MapDataset.source(examples)[shard_index::shard_count]
-    if len(ds) == 0:
-        raise S2DError(f"data shard {shard_index} of {shard_count} is empty: fewer pairs than hosts")
-    ds = ds.shuffle(seed=seed).repeat(None)  # grain draws a new permutation every epoch
+def dataset(examples: list[dict[str, np.ndarray]], *, rows: int, max_len: int, seed: int,
+            pack: bool = False) -> grain.IterDataset:
+    """An endless, deterministically shuffled stream of global batches `[rows, max_len]` (keys: inputs, targets,
+    weights, segment_ids, positions). Every host iterates the same stream and keeps the rows of its own devices
+    (the trainer slices them), so batches, and the iterator state a checkpoint holds, do not depend on the
+    number of hosts: a run resumes exactly on another host count."""
+    ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat(None)  # grain draws a new permutation every epoch
     if pack:
         packed = grain.experimental.FirstFitPackIterDataset(
             ds.to_iter_dataset(), length_struct={k: max_len for k in FIELDS}, num_packing_bins=rows, seed=seed,

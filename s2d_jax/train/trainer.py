@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from s2d_jax import mesh as mesh_lib
+from s2d_jax import distributed, mesh as mesh_lib
 from s2d_jax.errors import S2DError
 from s2d_jax.flops import flops_per_token, matmul_peak
 from s2d_jax.model.transformer import Transformer
@@ -124,8 +124,7 @@ class Trainer:
         if t.too_long not in ("drop", "error"):
             raise S2DError(f"config key 'train.too_long': {t.too_long!r} is not one of drop, error")
         self.micro_rows = t.batch_size // t.grad_accum
-        procs = jax.process_count()
-        rows_multiple = procs * (1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"])
+        rows_multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         if self.micro_rows % rows_multiple:
             raise S2DError(f"config key 'train.batch_size': {t.batch_size} rows / grad_accum {t.grad_accum} = "
                            f"{self.micro_rows} per micro-step, not a multiple of the {rows_multiple} data shards")
@@ -134,9 +133,8 @@ class Trainer:
         self.model = model
         path = t.data or os.path.join(workdir, "distill.jsonl")
         self.encoded = data_lib.load_pairs(path, tokenizer, max_len=t.max_len, chat=chat, too_long=t.too_long)
-        self.data = data_lib.dataset(self.encoded.examples, rows=self.micro_rows * t.grad_accum // procs,
-                                     max_len=t.max_len, seed=t.seed, pack=t.pack,
-                                     shard_index=jax.process_index(), shard_count=procs)
+        self.data = data_lib.dataset(self.encoded.examples, rows=self.micro_rows * t.grad_accum,
+                                     max_len=t.max_len, seed=t.seed, pack=t.pack)
         self.tx = make_optimizer(t)
         self.schedule = learning_rate_schedule(t)
         self.graphdef, state = nnx.split(model, nnx.Param)
@@ -187,7 +185,7 @@ class Trainer:
                         raise Preempted(f"stopped by SIGTERM after step {step}; checkpoint saved to "
                                         f"{self.checkpoints.directory} (rerun the same command to resume)")
                     batch = next(iterator)
-                    tokens += int(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
+                    tokens += int(np.count_nonzero(batch["segment_ids"]))
                     self.params, self.opt_state, m = self._step(self.params, self.opt_state, self._global(batch))
                     step += 1
                     bar.update(1)
@@ -229,18 +227,26 @@ class Trainer:
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def _global(self, batch: dict) -> dict:
-        """The host's rows as one global batch `[micro_steps, rows, len]` on the mesh."""
+        """The global batch `[micro_steps, rows, len]` on the mesh, from this host's rows of it."""
         a = self.t.grad_accum
-        local = {k: v.reshape(a, v.shape[0] // a, *v.shape[1:]) for k, v in batch.items()}
+        steps = {k: v.reshape(a, self.micro_rows, *v.shape[1:]) for k, v in batch.items()}
         if self.batch_sharding is None:
-            return {k: jnp.asarray(v) for k, v in local.items()}
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v,
-                                                          (a, self.micro_rows, *v.shape[2:]))
-                for k, v in local.items()}
+            return {k: jnp.asarray(v) for k, v in steps.items()}
+        lo, hi = self._host_rows
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v[:, lo:hi], v.shape)
+                for k, v in steps.items()}
+
+    @functools.cached_property
+    def _host_rows(self) -> tuple[int, int]:
+        """The rows `[lo, hi)` of each micro-batch that this host's devices hold (all of them on one host)."""
+        index = self.batch_sharding.addressable_devices_indices_map((self.t.grad_accum, self.micro_rows, 1))
+        rows = [idx[1].indices(self.micro_rows)[:2] for idx in index.values()]
+        return min(r[0] for r in rows), max(r[1] for r in rows)
 
     def _state(self, step: int) -> dict:
-        return {"params": self.params, "opt_state": self.opt_state, "step": jnp.int32(step),
-                "rng": jax.random.key_data(jax.random.key(self.t.seed))}
+        scalars = {"step": np.int32(step), "rng": np.asarray(jax.random.key_data(jax.random.key(self.t.seed)))}
+        put = functools.partial(distributed.put, sharding=self.mesh and NamedSharding(self.mesh, P()))
+        return {"params": self.params, "opt_state": self.opt_state, **{k: put(v) for k, v in scalars.items()}}
 
     def _save(self, step: int, iterator, force: bool = False) -> None:
         meta = {"step": step, "config": self.t.to_dict(), "data_pairs": len(self.encoded.examples)}

@@ -1,0 +1,139 @@
+"""Multi-host on localhost: two `s2d` processes with 4 fake CPU devices each form one 8-device cluster through
+`jax.distributed` (gloo collectives), and must give what one process with 8 devices gives."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from s2d_jax.cli import main
+from s2d_jax.config import load_config
+from s2d_jax.pipeline import read_rollouts
+
+from conftest import REPO
+
+TIMEOUT = 300  # seconds for one multi-process stage; a hung cluster fails the test instead of the suite
+MESH = ["mesh.data=4", "mesh.tensor=2"]
+GENERATE = ["pretrain.steps=0", "program.name=rar2", "program.max_new_tokens=16", "task.size=3", "task.n=6",
+            "generate.samples=3", "generate.chunk=4", *MESH]
+TRAIN = ["pretrain.steps=0", "train.batch_size=8", "train.max_len=96", "train.checkpoint_every=3",
+         "train.log_every=1", *MESH]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cluster(stage: str, workdir, overrides: list[str], processes: int = 2, devices: int = 4) -> None:
+    """Run `s2d STAGE` as `processes` local processes of one cluster and wait for all of them."""
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_PLATFORMS": "cpu"}
+    args = [sys.executable, "-m", "s2d_jax.cli", stage, "--config", "configs/tiny.py", "--workdir", str(workdir),
+            *(f"--config.{o}" for o in overrides), "--coordinator_address", f"127.0.0.1:{port}",
+            "--num_processes", str(processes)]
+    procs = [subprocess.Popen([*args, "--process_id", str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=TIMEOUT)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    for i, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"process {i} of `s2d {stage}` exited {p.returncode}:\n{out[-3000:]}"
+
+
+def _pairs(path) -> str:
+    rows = [{"prompt": f"Say {w} twice.", "target": f"{w} {w}"} for w in
+            ("kalo", "mire", "tosu", "pumi", "dena", "rovi", "sabe", "lumo", "teka", "nibu", "fola", "gisu")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _params(workdir) -> dict[str, np.ndarray]:
+    return load_file(os.path.join(workdir, "model", "model.safetensors"))
+
+
+def test_two_hosts_generate_exactly_the_rollouts_of_one(tmp_path):
+    _cluster("generate", tmp_path / "two", GENERATE)
+    shards = sorted(f.name for f in (tmp_path / "two").iterdir() if f.name.startswith("rollouts"))
+    assert shards == ["rollouts-00000-of-00002.jsonl", "rollouts-00001-of-00002.jsonl"]
+    assert main(["generate", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "one"),
+                 *(f"--config.{o}" for o in GENERATE)]) == 0
+    config = load_config("configs/tiny.py", GENERATE)
+    merged, single = read_rollouts(config, str(tmp_path / "two")), read_rollouts(config, str(tmp_path / "one"))
+    assert len(single) == 6 * 3
+    assert merged == single  # same ids, samples, texts, answers and order
+    # each host wrote its own inputs: no record in both shards, none missing
+    ids = [{json.loads(line)["id"] for line in (tmp_path / "two" / s).read_text().splitlines()} for s in shards]
+    assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == 6
+    # the filter merges the shards into the same distillation set as the single-host file gives
+    for workdir in ("two", "one"):
+        assert main(["filter", "--config", "configs/tiny.py", "--workdir", str(tmp_path / workdir),
+                     *(f"--config.{o}" for o in GENERATE)]) == 0
+    assert (tmp_path / "two" / "distill.jsonl").read_text() == (tmp_path / "one" / "distill.jsonl").read_text()
+
+
+def test_shard_merge_refuses_missing_and_repeated_records(tmp_path):
+    config = load_config("configs/tiny.py", GENERATE)
+    rows = [{"id": f"last_letters-s0-w3:{i}", "sample": j, "input": "q", "answer": "ab"} for i in range(6)
+            for j in range(3)]
+    for p in range(2):
+        (tmp_path / f"rollouts-{p:05d}-of-00002.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows if int(r["id"].split(":")[1]) % 2 == p))
+    merged = read_rollouts(config, str(tmp_path))
+    assert [(r["id"], r["sample"]) for r in merged] == [(r["id"], r["sample"]) for r in rows]
+    shard = tmp_path / "rollouts-00001-of-00002.jsonl"
+    lines = shard.read_text().splitlines(keepends=True)
+    shard.write_text("".join(lines[:-1]))
+    with pytest.raises(Exception, match="has 2 of its 3 samples"):
+        read_rollouts(config, str(tmp_path))
+    shard.write_text("".join(lines + lines[:1]))
+    with pytest.raises(Exception, match="is repeated"):
+        read_rollouts(config, str(tmp_path))
+    shard.unlink()
+    with pytest.raises(Exception, match="rollouts-00001-of-00002.jsonl"):
+        read_rollouts(config, str(tmp_path))
+
+
+def test_two_hosts_train_like_one_and_resume_on_one(tmp_path):
+    data = _pairs(tmp_path / "pairs.jsonl")
+    three = [*TRAIN, f"train.data={data}", "train.steps=3"]
+    _cluster("train", tmp_path / "two", three)
+    assert main(["train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "one"),
+                 *(f"--config.{o}" for o in three)]) == 0
+    two, one = _params(tmp_path / "two"), _params(tmp_path / "one")
+    assert two.keys() == one.keys()
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], rtol=0, atol=1e-6, err_msg=k)
+    assert not np.allclose(one["model.embed_tokens.weight"], _params_initial(tmp_path, data))
+    # the 2-host checkpoint of step 3 resumes in one process and ends where 5 uninterrupted steps end
+    five = [*TRAIN, f"train.data={data}", "train.steps=5"]
+    os.rename(tmp_path / "two" / "model", tmp_path / "two" / "model-3")
+    assert main(["train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "two"),
+                 *(f"--config.{o}" for o in five)]) == 0
+    assert main(["train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "straight"),
+                 *(f"--config.{o}" for o in five)]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]  # steps 4-5 appended to the 2-host run's 1-3
+    resumed, straight = _params(tmp_path / "two"), _params(tmp_path / "straight")
+    for k in straight:
+        np.testing.assert_allclose(resumed[k], straight[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+def _params_initial(tmp_path, data) -> np.ndarray:
+    """The untrained embedding (the random preset the runs start from), to show training moved it."""
+    from s2d_jax.model import PRESETS, init_model
+
+    config = load_config("configs/tiny.py", [*TRAIN, f"train.data={data}"])
+    model = init_model(PRESETS[config.model.preset], seed=config.seed)
+    return np.asarray(model.embed[...])
