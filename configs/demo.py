@@ -1,8 +1,9 @@
 """The CPU demo (`make demo`): System 2 distillation shown working end to end in minutes on 2 cores.
 
-A toy base model (preset `toy`, ~0.46M parameters, byte tokenizer) is first pretrained on a synthetic corpus in
-which step-by-step answers to last-letter concatenation are common for lists of 1-6 words but direct answers
-exist only for 1-2 words. So its System 2 (chain of thought) handles 4-word lists and its System 1 does not.
+A toy base model (preset `toy`, ~0.5M parameters, a syllable tokenizer built from the corpus) is first pretrained
+on a synthetic corpus in which step-by-step answers to last-letter concatenation are common for lists of 1-6
+made-up words but direct answers exist only for 1-2 words. So its System 2 (chain of thought) handles 4-word lists
+and its System 1 does not.
 The unchanged pipeline then distils it from unlabelled 4-word inputs: CoT rollouts, majority vote, fine-tuning
 on System 1 prompt -> voted answer, and evaluation of the three systems on held-out 4-word lists."""
 
@@ -13,13 +14,13 @@ def get_config():
     return ConfigDict({
         "seed": 0,
         "model": {"preset": "toy"},
-        "tokenizer": "bytes",
+        "tokenizer": "syllables",
         "mesh": {"data": 1},
-        "pretrain": {"steps": 600, "corpus_size": 12000, "cot_max_words": 6, "direct_max_words": 2,
-                     "direct_share": 0.3, "batch_size": 16, "learning_rate": 5e-3, "warmup_steps": 50,
-                     "max_len": 384, "pack": True},
+        "pretrain": {"steps": 600, "corpus_size": 20000, "cot_max_words": 6, "direct_max_words": 2,
+                     "direct_share": 0.3, "batch_size": 16, "learning_rate": 5e-3, "warmup_steps": 30,
+                     "max_len": 256, "pack": True},
         "task": {"name": "last_letters", "n": 128, "size": 4, "seed": 0},
-        "program": {"name": "cot", "max_new_tokens": 160},
+        "program": {"name": "cot", "max_new_tokens": 64},
         "generate": {"samples": 4, "temperature": 0.7, "max_batch": 64, "chunk": 64},
         "filter": {"name": "majority", "min_share": 0.5},
         "train": {"steps": 150, "batch_size": 16, "max_len": 128, "learning_rate": 1e-3, "warmup_steps": 10,

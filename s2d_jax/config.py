@@ -86,6 +86,7 @@ def defaults() -> ConfigDict:
             "seed": 0,  # data order
             "checkpoint_every": 50,  # steps between Orbax saves (and one at the end, and on SIGTERM)
             "keep_checkpoints": 3,
+            "checkpoint_dir": "",  # "" = WORKDIR/checkpoints; or a gs:// path (Orbax writes it directly)
             "log_every": 10,  # steps between metrics rows
             "eval_every": 0,  # steps between System 1 accuracy checks on the eval split; 0 = off
             "peak_flops": 0.0,  # per-device FLOP/s for MFU; 0 = measure a matmul peak at start

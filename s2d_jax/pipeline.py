@@ -19,7 +19,7 @@ from s2d_jax.system2.filters import FilterReport, order_swap, parse_usc, usc, us
 from s2d_jax.system2.programs import get_program, run_program
 from s2d_jax.system2.tasks import Example, get_task, tfds_source
 from s2d_jax.system2.tasks.judge import SWAP_SUFFIX
-from s2d_jax.tokenizer import load_tokenizer
+from s2d_jax.tokenizer import SYLLABLES, load_tokenizer, syllable_tokenizer
 
 log = logging.getLogger("s2d")
 
@@ -44,10 +44,10 @@ def build_mesh(config: ConfigDict):
     return None if mesh.size == 1 else mesh
 
 
-def build_model(config: ConfigDict, mesh=None, workdir: str | None = None, base: bool = True):
+def build_model(config: ConfigDict, mesh=None, workdir: str | None = None, base: bool = True, tokenizer=None):
     """The model the config names: the checkpoint at `model.path`; else, with `pretrain.steps`, the toy base model
     `s2d pretrain` wrote to WORKDIR/base; else a random `model.preset` seeded by `seed` (also what pretraining
-    starts from: `base=False`)."""
+    starts from: `base=False`, sized to `tokenizer`'s vocabulary and end-of-turn token when given)."""
     m = config.model
     compute = m.compute_dtype or m.dtype
     path = m.path
@@ -61,10 +61,22 @@ def build_model(config: ConfigDict, mesh=None, workdir: str | None = None, base:
     if m.preset not in PRESETS:
         raise S2DError(f"config key 'model.preset': {m.preset!r} is not a preset (presets: {', '.join(PRESETS)}); "
                        f"or set 'model.path' to a checkpoint")
-    return init_model(PRESETS[m.preset].replace(param_dtype=m.dtype, dtype=compute), seed=config.seed, mesh=mesh)
+    cfg = PRESETS[m.preset].replace(param_dtype=m.dtype, dtype=compute)
+    if tokenizer is not None:
+        cfg = cfg.replace(vocab_size=max(cfg.vocab_size, -(-len(tokenizer) // 64) * 64),
+                          eos_token_ids=(tokenizer.eos_token_id,))
+    return init_model(cfg, seed=config.seed, mesh=mesh)
 
 
-def build_tokenizer(config: ConfigDict):
+def build_tokenizer(config: ConfigDict, workdir: str | None = None):
+    """The tokenizer of `model.path`, or `tokenizer` (a path or `bytes`); in a run that pretrains a toy base
+    model, the one pretraining used, saved with it in WORKDIR/base."""
+    base = os.path.join(workdir or ".", "base")
+    if config.pretrain.steps > 0 and not config.model.path and workdir and os.path.exists(base):
+        return load_tokenizer(base)
+    if config.tokenizer == SYLLABLES:
+        raise S2DError(f"config key 'tokenizer': {SYLLABLES!r} is built by `s2d pretrain` and saved in {base}; "
+                       f"run `s2d pretrain` or `s2d run` first")
     path = config.tokenizer or config.model.path
     if not path:
         raise S2DError("config key 'tokenizer': empty, and 'model.path' is empty too (set one, or 'bytes')")
@@ -78,7 +90,7 @@ def convert(config: ConfigDict, workdir: str) -> str:
     if os.path.exists(out):
         raise S2DError(f"{out}: already exists; not overwriting it (remove it or set --config.convert.output)")
     model = build_model(config, workdir=workdir)
-    tok = build_tokenizer(config)
+    tok = build_tokenizer(config, workdir)
     save_hf(model, out, tokenizer=tok)
     log.info("wrote %s (%s, %.1fM parameters)", out, model.cfg.model_type, model.cfg.num_params / 1e6)
     return out
@@ -169,7 +181,8 @@ def generate(config: ConfigDict, workdir: str) -> str:
     if len(todo) < len(examples):
         log.info("resuming: %d of %d inputs already have their rollouts", len(examples) - len(todo), len(examples))
     mesh = build_mesh(config)
-    sampler = Sampler(build_model(config, mesh, workdir), build_tokenizer(config), mesh=mesh, max_batch=g.max_batch)
+    sampler = Sampler(build_model(config, mesh, workdir), build_tokenizer(config, workdir), mesh=mesh,
+                      max_batch=g.max_batch)
     sampling = dict(temperature=g.temperature, top_k=g.top_k or None, top_p=g.top_p if g.top_p < 1 else None)
     owned = {e.id for e, m in zip(examples, mine) if m}
     for start in range(0, len(todo), g.chunk):
@@ -278,7 +291,7 @@ def filter(config: ConfigDict, workdir: str) -> str:  # noqa: A001 (the stage's 
 def _usc_decisions(config: ConfigDict, groups: list[list[dict]], workdir: str):
     """USC: one greedy sampler call per input asks the model for the most consistent of its N final outputs."""
     mesh = build_mesh(config)
-    sampler = Sampler(build_model(config, mesh, workdir), build_tokenizer(config), mesh=mesh,
+    sampler = Sampler(build_model(config, mesh, workdir), build_tokenizer(config, workdir), mesh=mesh,
                       max_batch=config.generate.max_batch)
     prompts = [usc_prompt(rows[0]["input"], [r["stages"][-1]["output"] if r.get("stages") else str(r["answer"])
                                              for r in rows]) for rows in groups]
@@ -300,7 +313,7 @@ def train(config: ConfigDict, workdir: str) -> str:
     if not os.path.exists(data):
         raise S2DError(f"{data}: no such file (run `s2d filter` first, or set 'train.data')")
     mesh = build_mesh(config)
-    model, tok = build_model(config, mesh, workdir), build_tokenizer(config)
+    model, tok = build_model(config, mesh, workdir), build_tokenizer(config, workdir)
     eval_fn = None
     if config.train.eval_every:
         task, examples = load_eval_inputs(config)
@@ -332,7 +345,7 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
     if task.swap(examples[0]) is not None:  # judging: both orders, for position inconsistency
         examples = with_swapped(task, examples)
     program = get_program(config.program.name)
-    mesh, tok = build_mesh(config), build_tokenizer(config)
+    mesh, tok = build_mesh(config), build_tokenizer(config, workdir)
     e, g = config.eval, config.generate
     common = dict(chat=config.program.chat, mesh=mesh, max_batch=g.max_batch)
     base = build_model(config, mesh, workdir)
@@ -376,14 +389,19 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
     return out
 
 
+# How a run is laid out on devices, not what it computes: a run may resume on another mesh or host count.
+LAYOUT = ("mesh", "plan")
+
+
 def keep_config(config: ConfigDict, workdir: str) -> None:
     """The workdir keeps the resolved config it was made with; a rerun with a different one is an error (its
-    artifacts would silently mix two experiments)."""
+    artifacts would silently mix two experiments). The device layout (`mesh`, `plan`) may change."""
     path = os.path.join(workdir, "config.json")
     current = json.loads(json.dumps(config.to_dict()))
     if os.path.exists(path):
         with open(path) as f:
             kept = json.load(f)
+        kept.update({k: current[k] for k in LAYOUT if k in current})
         if kept != current:
             key = _first_difference(kept, current)
             raise S2DError(f"{path}: this workdir was made with a different config (key {key!r}: "
@@ -436,13 +454,21 @@ def pretrain(config: ConfigDict, workdir: str) -> str:
                        cot_max_words=p.cot_max_words, direct_max_words=p.direct_max_words,
                        direct_share=p.direct_share)
     write_atomic(corpus, "".join(json.dumps(r) + "\n" for r in rows))
+    if config.tokenizer == SYLLABLES:
+        if not hasattr(task, "syllables"):
+            raise S2DError(f"config key 'tokenizer': {SYLLABLES!r} needs a task of made-up words; {task.name!r} "
+                           f"has no syllables")
+        tok = syllable_tokenizer(task.syllables, [r["prompt"] for r in rows])
+    else:
+        tok = build_tokenizer(config)
     sub = ConfigDict(config.to_dict())
-    sub.train.update(data=corpus, steps=p.steps, batch_size=p.batch_size, learning_rate=p.learning_rate,
-                     max_len=p.max_len, warmup_steps=p.warmup_steps, seed=p.seed, pack=p.pack, eval_every=0,
+    sub.train.update(data=corpus, checkpoint_dir="", steps=p.steps, batch_size=p.batch_size,
+                     learning_rate=p.learning_rate, max_len=p.max_len, warmup_steps=p.warmup_steps, seed=p.seed,
+                     pack=p.pack, eval_every=0,
                      checkpoint_every=max(p.steps // 4, 1), log_every=max(min(p.steps // 20, 50), 1),
                      schedule="cosine", end_lr_ratio=0.1)
     mesh = build_mesh(config)
-    model, tok = build_model(config, mesh, base=False), build_tokenizer(config)
+    model = build_model(config, mesh, base=False, tokenizer=tok)
     result = Trainer(model, tok, sub, here, mesh=mesh, chat=config.program.chat).fit()
     log.info("pretrained %d steps: loss %.4f, token accuracy %.3f", result.step, result.metrics.get("loss", 0),
              result.metrics.get("accuracy", 0))

@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from s2d_jax.errors import S2DError
 
 BYTES = "bytes"  # the name of the built-in byte tokenizer in configs
+SYLLABLES = "syllables"  # a toy tokenizer built by `s2d pretrain` from the task's syllables and corpus
 
 # ChatML, as SmolLM2 and Qwen2 use it; the byte tokenizer's chat template.
 CHATML_TEMPLATE = (
@@ -74,6 +75,34 @@ def byte_tokenizer() -> PreTrainedTokenizerBase:
     vocab = {byte_chars[b]: b for b in range(256)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=CHATML_TEMPLATE)
+    tok.add_special_tokens({"pad_token": "<|endoftext|>", "eos_token": "<|im_end|>",
+                            "additional_special_tokens": ["<|im_start|>"]})
+    return tok
+
+
+def syllable_tokenizer(syllables, texts, min_share: float = 0.01) -> PreTrainedTokenizerFast:
+    """A tokenizer for toy models of made-up words (the CPU demo): a Unigram model over the bytes, every syllable
+    (lower case, capitalised, with and without a leading space) and the words found in at least `min_share` of
+    `texts` (the template words of the corpus's prompts). Words then take a token per syllable and anything else, such as the
+    letters of an answer, a token per letter, so a small model copies a word in two steps instead of five."""
+    import collections
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    pieces = dict.fromkeys(pre_tokenizers.ByteLevel.alphabet(), -10.0)  # any text stays encodable
+    for syllable in syllables:
+        for form in (syllable.lower(), syllable.capitalize()):
+            pieces[form] = pieces["\u0120" + form] = -1.0  # \u0120 is the byte-level space
+    counts = collections.Counter(w for t in texts for w in {w for w, _ in pre.pre_tokenize_str(t)})
+    for word, count in counts.items():
+        if count >= min_share * len(texts) and len(word) > 1:
+            pieces.setdefault(word, -1.0)
+    specials = ["<|endoftext|>", "<|im_end|>", "<|im_start|>"]
+    backend = Tokenizer(models.Unigram([(s, 0.0) for s in specials] + sorted(pieces.items()), unk_id=0))
+    backend.pre_tokenizer = pre
     backend.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=CHATML_TEMPLATE)
     tok.add_special_tokens({"pad_token": "<|endoftext|>", "eos_token": "<|im_end|>",

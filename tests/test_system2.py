@@ -87,6 +87,41 @@ def test_generators_are_seeded_and_correct():
     assert 60 < sum(e.label == "yes" for e in flips) < 140
 
 
+def test_toy_corpus_has_direct_answers_only_for_short_lists():
+    from s2d_jax.system2.programs import get_program
+
+    ll, template = get_task("last_letters"), get_program("cot").stages[0].template
+    rows = ll.corpus(400, seed=0, step_prompt=template, cot_max_words=5, direct_max_words=2, direct_share=0.3)
+    assert rows == ll.corpus(400, seed=0, step_prompt=template, cot_max_words=5, direct_max_words=2, direct_share=0.3)
+    direct = [r for r in rows if not r["prompt"].endswith(template.format(input="")[1:])]
+    steps = [r for r in rows if r not in direct]
+    assert 80 < len(direct) < 160 and len(steps) == 400 - len(direct)
+    for r in rows:
+        words = r["prompt"].split('"')[1].split()
+        answer = "".join(w[-1] for w in words).lower()
+        assert ll.parse(r["target"]) == answer  # every target, direct or step by step, states the right letters
+        assert (len(words) <= 2) if r in direct else (1 <= len(words) <= 5)
+    assert {len(r["prompt"].split('"')[1].split()) for r in steps} == {1, 2, 3, 4, 5}
+
+
+def test_syllable_tokenizer_cuts_words_into_syllables_and_answers_into_letters():
+    from s2d_jax.system2.programs import get_program
+    from s2d_jax.tokenizer import syllable_tokenizer
+
+    ll, template = get_task("last_letters"), get_program("cot").stages[0].template
+    rows = ll.corpus(300, seed=0, step_prompt=template)
+    tok = syllable_tokenizer(ll.syllables, [r["prompt"] for r in rows])
+    pieces = lambda text: [tok.decode([i]) for i in tok(text, add_special_tokens=False).input_ids]
+    assert pieces("Kalo:o Mire:oe") == ["Ka", "lo", ":", "o", " Mi", "re", ":", "o", "e"]
+    assert pieces("The answer is: oeia.")[-5:] == ["o", "e", "i", "a", "."]
+    assert pieces(" concatenate") == [" concatenate"]  # a template word is one token
+    text = template.format(input=ll.generate(1, seed=0, num_words=4)[0].input) + " Zürich ☃"
+    assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text  # anything stays encodable
+    assert tok.eos_token == "<|im_end|>" and tok.chat_template
+    again = syllable_tokenizer(ll.syllables, [r["prompt"] for r in rows])
+    assert again.get_vocab() == tok.get_vocab()  # deterministic: the same corpus gives the same ids
+
+
 def test_bad_task_files(tmp_path):
     task = get_task("coin_flip")
     (tmp_path / "bad.json").write_text('{"examples": [\n{"question": "q"\n')

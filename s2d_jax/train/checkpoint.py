@@ -4,24 +4,28 @@ Saves are asynchronous (the device-to-host copy blocks, the write does not) and 
 an interrupted save never looks complete. Restoring walks back from the latest step: a checkpoint that cannot be
 read is reported, moved aside to `<dir>.corrupt/` (so a later save of the same step does not collide with it) and
 the previous one is used. Arrays are restored onto whatever shardings the caller asks for, so a run may resume on
-another mesh.
+another mesh or host count. The directory may be local or a `gs://` path (Orbax and etils.epath write it); on
+several hosts every host saves its own shards into the same directory.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from s2d_jax import distributed
 
 log = logging.getLogger("s2d.checkpoint")
 
 
 class Checkpoints:
     def __init__(self, directory: str, keep: int = 3, use_async: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async,
                                                      create=True)
         self.manager = self._open()
@@ -56,9 +60,11 @@ class Checkpoints:
         return None
 
     def _set_aside(self, step: int) -> None:
-        aside = os.path.join(self.directory + ".corrupt", f"{step}-{int(time.time())}")
-        os.makedirs(os.path.dirname(aside), exist_ok=True)
-        shutil.move(os.path.join(self.directory, str(step)), aside)
+        if jax.process_index() == 0:
+            aside = epath.Path(self.directory + ".corrupt") / f"{step}-{int(time.time())}"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            (epath.Path(self.directory) / str(step)).rename(aside)
+        distributed.barrier(f"set aside {self.directory}/{step}")
         self.manager.close()
         self.manager = self._open()
 

@@ -157,7 +157,8 @@ class Trainer:
         self.opt_shardings = jax.tree.map(lambda x: x.sharding, self.opt_state)
         self._step = jax.jit(functools.partial(train_step, self.graphdef, self.tx), donate_argnums=(0, 1),
                              out_shardings=(self.param_shardings, self.opt_shardings, None))
-        self.checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+        self.checkpoints = Checkpoints(t.checkpoint_dir or os.path.join(workdir, "checkpoints"),
+                                       keep=t.keep_checkpoints)
         self._stop_requested = False
 
     # ------------------------------------------------------------------------------------------ the loop

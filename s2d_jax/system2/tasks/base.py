@@ -103,11 +103,12 @@ _SYLLABLES = ["ka", "lo", "mi", "re", "to", "na", "su", "vi", "de", "ba", "ri", 
               "ty", "ch", "sh", "ex", "ol", "ur", "ig", "am", "wen", "dar", "lin", "mar", "kel", "son"]
 
 
-def made_up_names(rng: random.Random, count: int) -> list[str]:
-    """`count` distinct capitalised made-up names from a seeded generator (any number, no name list needed)."""
+def made_up_names(rng: random.Random, count: int, syllables=_SYLLABLES, lengths=(2, 3)) -> list[str]:
+    """`count` distinct capitalised made-up names of `lengths` syllables from a seeded generator (any number, no
+    name list needed)."""
     names: list[str] = []
     while len(names) < count:
-        name = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+        name = "".join(rng.choice(syllables) for _ in range(rng.randint(min(lengths), max(lengths)))).capitalize()
         if name not in names:
             names.append(name)
     return names

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import random
 import re
-import string
 
 from s2d_jax.system2.tasks.base import (Example, Task, last_match, made_up_names, question_answer_rows,
                                         stated_answer)
 
 QUESTION = 'Take the last letters of each words in "{words}" and concatenate them.'
+# Words are made-up two-syllable names of consonant-vowel syllables ("Kalo Mire Tosu"): every word ends in a vowel,
+# so no answer (a run of vowels) contains a syllable, and a syllable tokenizer (the toy's) cuts words into
+# syllables and answers into letters.
+SYLLABLES = tuple(c + v for c in "bdfgklmnprstvz" for v in "aeiou")
 _WORD = r"([A-Za-z]+)"
 
 
@@ -24,6 +27,7 @@ def normalise(text: str | None) -> str | None:
 class LastLetters(Task):
     name = "last_letters"
     size_arg = "num_words"
+    syllables = SYLLABLES
 
     def load(self, path: str) -> list[Example]:
         base = os.path.basename(path)
@@ -38,7 +42,7 @@ class LastLetters(Task):
         rng = random.Random(f"last_letters:{seed}:{num_words}")
         out = []
         for i in range(n):
-            words = made_up_names(rng, num_words)
+            words = made_up_names(rng, num_words, SYLLABLES, (2,))
             out.append(Example(f"last_letters-s{seed}-w{num_words}:{i}", QUESTION.format(words=" ".join(words)),
                                "".join(w[-1] for w in words).lower(), {"words": words}))
         return out
@@ -61,18 +65,13 @@ class LastLetters(Task):
         """A synthetic instruction corpus for a toy base model (the CPU demo): step-by-step answers to
         `step_prompt` (a System 2 template with `{input}`) for lists of 1..cot_max_words words, and direct answers
         (System 1 prompt -> the letters) only for lists of 1..direct_max_words. Its System 2 then beats its System 1
-        on longer lists, which is what distillation can close. Half the words are random letter strings: they
-        cannot be guessed, only copied, which is the skill the step-by-step answers need."""
+        on longer lists, which is what distillation can close."""
         rng = random.Random(f"last_letters-corpus:{seed}")
         rows = []
         for _ in range(n):
             direct = rng.random() < direct_share
             count = rng.randint(1, direct_max_words if direct else cot_max_words)
-            if rng.random() < 0.5:
-                words = made_up_names(rng, count)
-            else:
-                words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7))).capitalize()
-                         for _ in range(count)]
+            words = made_up_names(rng, count, SYLLABLES, (2,))
             question = QUESTION.format(words=" ".join(words))
             if direct:
                 rows.append({"prompt": question, "target": "".join(w[-1] for w in words).lower()})
