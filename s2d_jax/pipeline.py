@@ -10,7 +10,7 @@ import re
 
 from ml_collections import ConfigDict
 
-from s2d_jax import mesh as mesh_lib
+from s2d_jax import distributed, mesh as mesh_lib
 from s2d_jax.artifacts import complete_lines, read_jsonl, write_atomic
 from s2d_jax.errors import S2DError
 from s2d_jax.model import PRESETS, init_model, load_model, save_hf
@@ -157,9 +157,10 @@ def generate(config: ConfigDict, workdir: str) -> str:
     missing is agreed over all hosts, so a rerun after a kill resumes on every host alike."""
     import jax
 
-    from s2d_jax import distributed
-
     count, me = jax.process_count(), jax.process_index()
+    if count > 1 and os.path.exists(rollout_path(workdir)):
+        log.info("%s is complete (written by one host); skipping generate", rollout_path(workdir))
+        return rollout_path(workdir)
     out = rollout_path(workdir, me, count)
     task, examples = load_inputs(config)
     if config.filter.name == "order_swap":  # the filter compares each input's verdicts in both orders
@@ -377,8 +378,10 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
     if os.path.exists(metrics_path):
         rows = [r for r in read_jsonl(metrics_path) if "loss" in r]
         results["train"] = rows[-1] if rows else None
-    write_report(results, workdir)
-    write_atomic(out, json.dumps(results, indent=2) + "\n")
+    if distributed.primary():  # on several hosts, one writes (each host timed its own share of the work)
+        write_report(results, workdir)
+        write_atomic(out, json.dumps(results, indent=2) + "\n")
+    distributed.barrier(f"eval {workdir}")
     for name in ("system1", "system2", "distilled"):
         r = results[name]
         if r is None:

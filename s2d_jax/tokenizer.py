@@ -85,8 +85,8 @@ def byte_tokenizer() -> PreTrainedTokenizerBase:
 def syllable_tokenizer(syllables, texts, min_share: float = 0.01) -> PreTrainedTokenizerFast:
     """A tokenizer for toy models of made-up words (the CPU demo): a Unigram model over the bytes, every syllable
     (lower case, capitalised, with and without a leading space) and the words found in at least `min_share` of
-    `texts` (the template words of the corpus's prompts). Words then take a token per syllable and anything else, such as the
-    letters of an answer, a token per letter, so a small model copies a word in two steps instead of five."""
+    `texts` (the template words of the corpus's prompts). Words then take a token per syllable and anything else,
+    such as the letters of an answer, a token per letter, so a small model copies a word in two steps, not five."""
     import collections
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -180,7 +180,7 @@ class Trainer:
         try:
             with self._mesh():
                 while step < t.steps:
-                    if self._stop_requested:
+                    if self._stopping():
                         self._save(step, iterator, force=True)
                         self.checkpoints.wait()
                         raise Preempted(f"stopped by SIGTERM after step {step}; checkpoint saved to "
@@ -219,6 +219,10 @@ class Trainer:
         return nnx.merge(self.graphdef, self.params)
 
     # ------------------------------------------------------------------------------------------ helpers
+
+    def _stopping(self) -> bool:
+        """Whether SIGTERM reached any host: all hosts stop after the same step, or their collectives would hang."""
+        return bool(distributed.agree([self._stop_requested])[0])
 
     def _on_sigterm(self, signum, frame):
         log.warning("SIGTERM: saving a checkpoint after the current step, then stopping")

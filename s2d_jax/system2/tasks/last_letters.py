@@ -13,7 +13,7 @@ QUESTION = 'Take the last letters of each words in "{words}" and concatenate the
 # Words are made-up two-syllable names of consonant-vowel syllables ("Kalo Mire Tosu"): every word ends in a vowel,
 # so no answer (a run of vowels) contains a syllable, and a syllable tokenizer (the toy's) cuts words into
 # syllables and answers into letters.
-SYLLABLES = tuple(c + v for c in "bdfgklmnprstvz" for v in "aeiou")
+SYLLABLES = tuple(c + v for c in "klmnrstv" for v in "aeiou")
 _WORD = r"([A-Za-z]+)"
 
 
