@@ -133,3 +133,22 @@ def test_a_run_whose_filter_keeps_nothing_still_reports(tmp_path):
     assert "| Distilled System 1 | (none: nothing was distilled) |" in report and "kept 0 of 6" in report
     assert (tmp_path / "report.png").exists()
     assert main(["train", *TINY, "--workdir", str(tmp_path), "--config.pretrain.steps=0"]) == 2  # alone: an error
+
+
+def test_pretrain_builds_and_keeps_the_syllable_tokenizer(tmp_path, capsys):
+    from s2d_jax.model import load_model
+    from s2d_jax.tokenizer import load_tokenizer
+
+    toy = [*TINY, "--workdir", str(tmp_path), "--config.tokenizer=syllables", "--config.pretrain.steps=4",
+           "--config.pretrain.corpus_size=200", "--config.program.max_new_tokens=8", "--config.task.n=2"]
+    assert main(["generate", *toy]) == 2  # no base model yet, so no tokenizer either
+    assert "no pretrained base model" in capsys.readouterr().err
+    assert main(["pretrain", *toy]) == 0
+    tok, model = load_tokenizer(str(tmp_path / "base")), load_model(str(tmp_path / "base"))
+    pieces = [tok.decode([i]) for i in tok("Kalo:o Mire:oe", add_special_tokens=False).input_ids]
+    assert pieces == ["Ka", "lo", ":", "o", " Mi", "re", ":", "o", "e"]
+    assert model.cfg.vocab_size >= len(tok) and model.cfg.vocab_size % 64 == 0
+    assert model.cfg.eos_token_ids == (tok.eos_token_id,)
+    assert main(["generate", *toy]) == 0  # later stages read the tokenizer saved with the base model
+    rows = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 4 and all(r["stages"][0]["num_tokens"] <= 8 for r in rows)
