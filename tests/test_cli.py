@@ -70,6 +70,17 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path):
     assert _run(["nostage", "--config", "configs/tiny.py"]).returncode == 2
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--num_processes", "2"], "--coordinator_address, --num_processes and --process_id go together"),
+    (["--coordinator_address", "127.0.0.1:1", "--num_processes", "2", "--process_id", "2"],
+     "--process_id 2: expected 0 <= process_id < --num_processes 2"),
+])
+def test_bad_multihost_flags_are_one_clear_line(tmp_path, flags, message):
+    out = _run(["plan", "--config", "configs/tiny.py", "--workdir", str(tmp_path), *flags])
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(f"s2d: error: {message}")
+    assert "Traceback" not in out.stderr
+
+
 def test_convert_preset_writes_a_loadable_dir_and_refuses_to_overwrite(tmp_path):
     import s2d_jax
 

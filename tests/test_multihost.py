@@ -81,6 +81,16 @@ def test_two_hosts_generate_exactly_the_rollouts_of_one(tmp_path):
         assert main(["filter", "--config", "configs/tiny.py", "--workdir", str(tmp_path / workdir),
                      *(f"--config.{o}" for o in GENERATE)]) == 0
     assert (tmp_path / "two" / "distill.jsonl").read_text() == (tmp_path / "one" / "distill.jsonl").read_text()
+    # a kill that left host 1's shard unfinished: the rerun agrees over both hosts on what is missing, and host 0,
+    # complete, still joins the sampler's collectives; the merge is again the one-host file
+    shard = tmp_path / "two" / shards[1]
+    lines = shard.read_text().splitlines(keepends=True)
+    (tmp_path / "two" / (shards[1] + ".partial")).write_text("".join(lines[:-4]) + lines[-4][:20])  # torn line
+    shard.unlink()
+    (tmp_path / "two" / "distill.jsonl").unlink()
+    _cluster("generate", tmp_path / "two", GENERATE)
+    assert shard.read_text() == "".join(lines)
+    assert read_rollouts(config, str(tmp_path / "two")) == single
 
 
 def test_shard_merge_refuses_missing_and_repeated_records(tmp_path):
