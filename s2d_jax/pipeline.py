@@ -172,7 +172,10 @@ def generate(config: ConfigDict, workdir: str) -> str:
     done = {(r["id"], r["sample"]) for r in (complete_lines(out) if os.path.exists(out) else complete_lines(partial))}
     missing = distributed.agree([m and any((e.id, j) not in done for j in range(n)) for e, m in zip(examples, mine)])
     if not missing.any():
+        if not os.path.exists(out):  # everything was written, but a kill came before the rename
+            os.replace(partial, out)
         log.info("%s is complete; skipping generate", out)
+        distributed.barrier(f"generate {workdir}")
         return out
     program = get_program(config.program.name)
     program.check(sorted({k for e in examples for k in e.meta}))
@@ -200,6 +203,7 @@ def generate(config: ConfigDict, workdir: str) -> str:
         log.info("rollouts: %d / %d inputs", len(examples) - len(todo) + start + len(chunk), len(examples))
     os.replace(partial, out)
     log.info("wrote %s", out)
+    distributed.barrier(f"generate {workdir}")  # `filter` may run next, on any host, and reads every shard
     return out
 
 
