@@ -71,7 +71,6 @@ def test_packed_segments_do_not_attend_to_each_other():
 @pytest.mark.parametrize("window", [None, 3])
 def test_cached_decode_matches_full_forward(window):
     model = _tiny(sliding_window=window)
-    cfg = model.cfg
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, 10)), jnp.int32)
     full = model(ids)
     prefix = 6

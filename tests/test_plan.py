@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from s2d_jax import mesh as mesh_lib
 from s2d_jax.cli import main

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import s2d_jax
-from s2d_jax import mesh as mesh_lib
 from s2d_jax.errors import S2DError
 from s2d_jax.model import PRESETS, init_model
 from s2d_jax.sampling import Sampler, Sampling

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from flax import nnx
 
 import s2d_jax
 from s2d_jax.errors import S2DError
-from conftest import make_hf_model, torch_logits
+from conftest import torch_logits
 
 
 def _params(model):

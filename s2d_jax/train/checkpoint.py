@@ -14,7 +14,6 @@ import logging
 import os
 import time
 
-import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -60,7 +59,7 @@ class Checkpoints:
         return None
 
     def _set_aside(self, step: int) -> None:
-        if jax.process_index() == 0:
+        if distributed.primary():
             aside = epath.Path(self.directory + ".corrupt") / f"{step}-{int(time.time())}"
             aside.parent.mkdir(parents=True, exist_ok=True)
             (epath.Path(self.directory) / str(step)).rename(aside)

@@ -99,7 +99,7 @@ def dataset(examples: list[dict[str, np.ndarray]], *, rows: int, max_len: int, s
     weights, segment_ids, positions). Every host iterates the same stream and keeps the rows of its own devices
     (the trainer slices them), so batches, and the iterator state a checkpoint holds, do not depend on the
     number of hosts: a run resumes exactly on another host count."""
-    ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat(None)  # grain draws a new permutation every epoch
+    ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat(None)  # a new permutation every epoch
     if pack:
         packed = grain.experimental.FirstFitPackIterDataset(
             ds.to_iter_dataset(), length_struct={k: max_len for k in FIELDS}, num_packing_bins=rows, seed=seed,
