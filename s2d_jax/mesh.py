@@ -101,6 +101,6 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     """Place every parameter of `model` (in place) on `mesh` by the rules."""
     graphdef, state = nnx.split(model)
     shardings = state_shardings(state, mesh)
-    state = jax.tree.map(lambda x, s: distributed.put(np.asarray(x), s), state, shardings)  # multi-host safe
+    state = jax.tree.map(lambda x, s: distributed.put(x, s), state, shardings)  # multi-host safe
     nnx.update(model, state)
     return model

@@ -44,18 +44,21 @@ def build_mesh(config: ConfigDict):
     return None if mesh.size == 1 else mesh
 
 
+def toy_base(config: ConfigDict, workdir: str | None) -> str | None:
+    """WORKDIR/base when the run pretrains its own toy base model (`pretrain.steps` > 0 and no `model.path`)."""
+    return os.path.join(workdir or ".", "base") if config.pretrain.steps > 0 and not config.model.path else None
+
+
 def build_model(config: ConfigDict, mesh=None, workdir: str | None = None, base: bool = True, tokenizer=None):
     """The model the config names: the checkpoint at `model.path`; else, with `pretrain.steps`, the toy base model
     `s2d pretrain` wrote to WORKDIR/base; else a random `model.preset` seeded by `seed` (also what pretraining
     starts from: `base=False`, sized to `tokenizer`'s vocabulary and end-of-turn token when given)."""
     m = config.model
     compute = m.compute_dtype or m.dtype
-    path = m.path
-    if not path and base and config.pretrain.steps > 0:
-        path = os.path.join(workdir or ".", "base")
-        if not os.path.exists(path):
-            raise S2DError(f"{path}: no pretrained base model (config key 'pretrain.steps' > 0: run "
-                           f"`s2d pretrain` or `s2d run` first)")
+    path = m.path or (toy_base(config, workdir) if base else None)
+    if path and not m.path and not os.path.exists(path):
+        raise S2DError(f"{path}: no pretrained base model (config key 'pretrain.steps' > 0: run "
+                       f"`s2d pretrain` or `s2d run` first)")
     if path:
         return load_model(path, dtype=m.dtype, compute_dtype=compute, mesh=mesh)
     if m.preset not in PRESETS:
@@ -71,8 +74,8 @@ def build_model(config: ConfigDict, mesh=None, workdir: str | None = None, base:
 def build_tokenizer(config: ConfigDict, workdir: str | None = None):
     """The tokenizer of `model.path`, or `tokenizer` (a path or `bytes`); in a run that pretrains a toy base
     model, the one pretraining used, saved with it in WORKDIR/base."""
-    base = os.path.join(workdir or ".", "base")
-    if config.pretrain.steps > 0 and not config.model.path and workdir and os.path.exists(base):
+    base = toy_base(config, workdir)
+    if base and workdir and os.path.exists(base):
         return load_tokenizer(base)
     if config.tokenizer == SYLLABLES:
         raise S2DError(f"config key 'tokenizer': {SYLLABLES!r} is built by `s2d pretrain` and saved in {base}; "
@@ -121,10 +124,12 @@ def _examples(task, path: str, n: int, offset: int, seed: int, size: int, group:
 
 
 def load_inputs(config: ConfigDict):
-    """The task and its unlabelled input pool (labels are kept on the examples but never used to distil)."""
+    """The task and its unlabelled input pool (labels are kept on the examples but never used to distil), each
+    input followed by its swapped twin when the filter compares verdicts in both orders (`order_swap`)."""
     task = get_task(config.task.name)
     t = config.task
-    return task, _examples(task, t.path, t.n, t.offset, t.seed, t.size, "task", t)
+    examples = _examples(task, t.path, t.n, t.offset, t.seed, t.size, "task", t)
+    return task, with_swapped(task, examples) if config.filter.name == "order_swap" else examples
 
 
 def with_swapped(task, examples):
@@ -163,8 +168,6 @@ def generate(config: ConfigDict, workdir: str) -> str:
         return rollout_path(workdir)
     out = rollout_path(workdir, me, count)
     task, examples = load_inputs(config)
-    if config.filter.name == "order_swap":  # the filter compares each input's verdicts in both orders
-        examples = with_swapped(task, examples)
     mine = [i % count == me for i in range(len(examples))]
     g = config.generate
     n = g.samples
@@ -215,18 +218,16 @@ def read_rollouts(config: ConfigDict, workdir: str) -> list[dict]:
     single = rollout_path(workdir)
     if os.path.exists(single):
         return read_jsonl(single, fields)
-    shards = sorted(f for f in os.listdir(workdir) if re.fullmatch(r"rollouts-\d{5}-of-\d{5}\.jsonl", f))
-    if not shards:
+    found = [m for f in sorted(os.listdir(workdir)) if (m := re.fullmatch(r"rollouts-\d{5}-of-(\d{5})\.jsonl", f))]
+    if not found:
         raise S2DError(f"{single}: no such file, and no host shards rollouts-*-of-*.jsonl (run `s2d generate` first)")
-    count = int(shards[0][-10:-6])
+    shards, count = [m.group(0) for m in found], int(found[0].group(1))
     expected = [os.path.basename(rollout_path(workdir, p, count)) for p in range(count)]
     absent = [f for f in expected if f not in shards]
     if absent or len(shards) != count:
         raise S2DError(f"{os.path.join(workdir, (absent or shards)[0])}: the shards of {count} hosts are not all "
                        f"complete (expected {', '.join(expected)}; rerun `s2d generate` on {count} hosts)")
     task, examples = load_inputs(config)
-    if config.filter.name == "order_swap":
-        examples = with_swapped(task, examples)
     order = {e.id: k for k, e in enumerate(examples)}
     rows, seen = [], set()
     for name in expected:
@@ -494,7 +495,7 @@ def run(config: ConfigDict, workdir: str) -> str:
     """Stage `run`: [pretrain ->] generate -> filter -> train -> eval, skipping each stage whose artifact is
     complete, so a killed run reruns from where it stopped."""
     keep_config(config, workdir)
-    stages = ((pretrain,) if config.pretrain.steps > 0 and not config.model.path else ()) + (
+    stages = ((pretrain,) if toy_base(config, workdir) else ()) + (
         generate, filter, train, evaluate_stage)
     for stage in stages:
         if stage is train and _nothing_kept(workdir) and not config.train.data:
