@@ -1,6 +1,9 @@
 # Two commands for a fresh machine: `make demo` and `make test`. Both create .venv if absent, install once
 # (re-install only when pyproject.toml changes), fetch the SmolLM2 GGUF into $(S2D_CACHE), then run.
-PYTHON ?= python3
+# jax >= 0.11 needs Python >= 3.12: the first python3.12 (then 3.13) on PATH or in pyenv, else python3.
+PYTHON ?= $(shell for v in 3.12 3.13; do for p in $$(command -v python$$v 2>/dev/null) \
+	$${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v.*/bin/python$$v; do $$p -c '' 2>/dev/null && echo $$p && exit; done; \
+	done; echo python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export S2D_CACHE ?= $(HOME)/.cache/s2d_jax
@@ -13,6 +16,7 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else "s2d_jax needs Python >= 3.12 (jax >= 0.11); set PYTHON=/path/to/python3.12")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	@touch $(STAMP)
