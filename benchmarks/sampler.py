@@ -1,9 +1,14 @@
-"""Sampler throughput: ours vs transformers' `generate` (torch, KV cache) on SmolLM2-135M-Instruct, fp32, CPU.
+"""Sampler throughput: ours vs transformers' `generate` (torch, KV cache), same device, same prompts.
 
-Same 32 chat prompts, 128 new greedy tokens, batch 8 / 32 / 64, same thread count. Prints tokens/s, the ratio,
-and MFU (achieved FLOP/s over a float32 matmul peak measured in this run) for prefill and decode.
+Default: SmolLM2-135M-Instruct (its GGUF), fp32, 32 chat prompts, 128 new greedy tokens, batch 8 / 32 / 64. With
+`--preset NAME` (e.g. smollm2-135m, llama3.2-1b): random weights at that shape and a word-level tokenizer over
+its vocabulary (every word one token), so any accelerator can run it offline; `--dtype bfloat16` on both sides.
+Prints tokens/s, the ratio, MFU (achieved FLOP/s over a matmul peak measured in this run) for prefill and decode,
+and on an accelerator the decode roofline: batch x memory bandwidth (a device copy measured now) / (weight bytes +
+KV bytes read per step).
 
     .venv/bin/python benchmarks/sampler.py [--batches 8,32,64] [--new 128] [--skip-torch]
+    .venv/bin/python benchmarks/sampler.py --preset llama3.2-1b --dtype bfloat16 --batches 32,64
 """
 
 import argparse
@@ -11,6 +16,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import s2d_jax
@@ -25,28 +31,86 @@ QUESTIONS = [f"Q{i}: " + q for i, q in enumerate([
     "Why is the sky blue?", "Translate 'good morning' into Spanish."] * 4)]
 
 
+def word_tokenizer(vocab: int):
+    """A real fast tokenizer whose every word `w<id>` is one token: random-weight models of any vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"w{vocab - 1}", pad_token="w0",
+                                   chat_template=chat_template())
+
+
+def chat_template():
+    from s2d_jax.tokenizer import CHATML_TEMPLATE
+
+    return CHATML_TEMPLATE.replace("<|im_start|>", "").replace("<|im_end|>", "").replace("\n", " ")
+
+
+def bandwidth() -> float:
+    """Device memory bandwidth (bytes read + written per second) of a large copy, measured now."""
+    x = jnp.ones((1 << 28,), jnp.float32)  # 1 GiB
+    f = jax.jit(lambda x: x * 1.0001)
+    f(x).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(10):
+        y = f(x)
+    y.block_until_ready()
+    return 2 * x.nbytes * 10 / (time.perf_counter() - t)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="8,32,64")
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--preset", default="", help="random weights at this preset's shape (default: the SmolLM2 GGUF)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--skip-torch", action="store_true")
     args = ap.parse_args()
-    path = fetch_smollm2()
-    model, tok = s2d_jax.load_model(path), s2d_jax.load_tokenizer(path)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.preset:
+        from s2d_jax.model import PRESETS
+
+        cfg = PRESETS[args.preset]
+        cfg = cfg.replace(param_dtype=args.dtype, dtype=args.dtype, eos_token_ids=(cfg.vocab_size - 1,))
+        model, tok = s2d_jax.init_model(cfg, seed=0), word_tokenizer(cfg.vocab_size)
+    else:
+        path = fetch_smollm2()
+        model, tok = s2d_jax.load_model(path, dtype=args.dtype), s2d_jax.load_tokenizer(path)
     cfg = model.cfg
-    peak = matmul_peak()
-    print(f"float32 matmul peak (best of 3 shapes, this run): {peak / 1e9:.0f} GFLOP/s; threads: {os.cpu_count()}")
+    peak = matmul_peak(args.dtype)
+    print(f"{args.preset or 'SmolLM2-135M-Instruct'} {args.dtype} on {jax.devices()[0].device_kind}: matmul peak "
+          f"{peak / 1e12:.2f} TFLOP/s (this run); threads: {os.cpu_count()}")
+    roof = None
+    if jax.default_backend() != "cpu":
+        roof = bandwidth()
+        print(f"memory bandwidth (copy, this run): {roof / 1e12:.2f} TB/s")
     torch_model = None
     if not args.skip_torch:
-        import torch
         import transformers
 
         torch.set_num_threads(os.cpu_count())
-        d, f = os.path.split(path)
-        torch_model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-    print(f"{'batch':>5} {'ours tok/s':>10} {'hf tok/s':>9} {'ratio':>6} {'decode MFU':>10} {'prefill MFU':>11}")
+        dtype = getattr(torch, args.dtype)
+        if args.preset:
+            s2d_jax.save_hf(model, "/tmp/s2d_bench_weights", overwrite=True)  # the same weights on both sides
+            torch_model = transformers.AutoModelForCausalLM.from_pretrained("/tmp/s2d_bench_weights", dtype=dtype)
+        else:
+            d, f = os.path.split(path)
+            torch_model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype)
+        torch_model = torch_model.to(device).eval()
+    if args.preset:
+        rng = np.random.default_rng(0)
+        questions = [" ".join(f"w{i}" for i in rng.integers(1, cfg.vocab_size - 1, rng.integers(20, 60)))
+                     for _ in range(64)]
+    else:
+        questions = QUESTIONS
+    print(f"{'batch':>5} {'ours tok/s':>10} {'hf tok/s':>9} {'ratio':>6} {'decode MFU':>10} {'prefill MFU':>11}"
+          + (f" {'roofline tok/s':>14} {'of roofline':>11}" if roof else ""))
     for batch in map(int, args.batches.split(",")):
-        prompts = (QUESTIONS * 4)[:max(batch, 32)]
+        prompts = (questions * 4)[:max(batch, 32)]
         sampler = s2d_jax.Sampler(model, tok, max_batch=batch)
         sampler.generate(prompts[:batch], max_new_tokens=args.new, progress=False)  # compile
         t = time.perf_counter()
@@ -74,18 +138,31 @@ def main():
             import torch
 
             tok.padding_side = "left"
+            warm = tok([chat_prompt(tok, p) for p in prompts[:batch]], return_tensors="pt", padding=True,
+                       add_special_tokens=False).to(device)
+            with torch.no_grad():  # warm up (CUDA context, kernels), as ours was compiled first
+                torch_model.generate(**warm, max_new_tokens=args.new, do_sample=False, pad_token_id=tok.pad_token_id)
             hf_tokens, t = 0, time.perf_counter()
             for b in range(0, len(prompts), batch):
                 enc = tok([chat_prompt(tok, p) for p in prompts[b:b + batch]], return_tensors="pt", padding=True,
-                          add_special_tokens=False)
+                          add_special_tokens=False).to(device)
                 with torch.no_grad():
                     gen = torch_model.generate(**enc, max_new_tokens=args.new, do_sample=False,
                                                pad_token_id=tok.pad_token_id)[:, enc.input_ids.shape[1]:]
                 for row in gen.tolist():
                     hf_tokens += next((k + 1 for k, x in enumerate(row) if x in sampler.eos_ids), len(row))
+            if device == "cuda":
+                torch.cuda.synchronize()
             hf_rate = hf_tokens / (time.perf_counter() - t)
         rate = ours_tokens / ours_s
-        print(f"{batch:>5} {rate:>10.0f} {hf_rate:>9.0f} {rate / hf_rate:>6.2f} {decode_mfu:>10.1%} {prefill_mfu:>11.1%}")
+        line = f"{batch:>5} {rate:>10.0f} {hf_rate:>9.0f} {rate / hf_rate:>6.2f} {decode_mfu:>10.1%} {prefill_mfu:>11.1%}"
+        if roof:  # a decode step reads every weight and the live KV cache once
+            itemsize = np.dtype(cfg.dtype).itemsize
+            weights = cfg.num_params * itemsize
+            kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize * batch * mean_ctx
+            ceiling = batch * roof / 2 / (weights + kv)  # the copy counted bytes read + written
+            line += f" {ceiling:>14.0f} {rate / ceiling:>11.1%}"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,18 @@
-"""Train-step throughput: our jitted AdamW step vs a transformers/PyTorch step on the same model config, CPU.
+"""Train-step throughput: our jitted step vs a transformers/PyTorch step of the same shape, same device.
 
-Same decoder shape (default: SmolLM2-135M's, random weights), same batch and sequence length, fp32, AdamW, loss
-on every token, same thread count. Prints tokens/s of both, the ratio, and MFU against a float32 matmul peak
-measured in this run (a train step counts 3x the forward FLOPs).
+Same decoder shape (random weights), batch and sequence length, AdamW, loss on every token. `--dtype bfloat16`
+computes in bf16 on both sides with float32 master weights (ours: `model.compute_dtype`; torch: autocast), with
+PyTorch's SDPA attention. `--lora R` trains rank-R adapters on every projection of a frozen base held in the
+compute dtype (ours: `s2d_jax.model.lora`; torch: peft). Prints tokens/s of both, the ratio, MFU against a matmul
+peak measured in this run (a full step counts 3x the forward FLOPs, a LoRA step 2x: no weight gradients) and, on
+an accelerator, peak device memory.
 
     .venv/bin/python benchmarks/train.py [--preset smollm2-135m] [--batch 4] [--seq 256] [--steps 3]
+                                         [--dtype float32|bfloat16] [--lora 0] [--skip-torch]
 """
 
 import argparse
+import functools
 import os
 import time
 
@@ -18,54 +23,79 @@ from flax import nnx
 
 from s2d_jax.config import defaults
 from s2d_jax.flops import flops_per_token, matmul_peak
-from s2d_jax.model import PRESETS, init_model
+from s2d_jax.model import PRESETS, init_model, lora
 from s2d_jax.train.trainer import make_optimizer, train_step
 
 
-def ours(cfg, batch, seq, steps, tokens):
+def _peak_memory_gb(stats):
+    return (stats or {}).get("peak_bytes_in_use", float("nan")) / 2**30
+
+
+def ours(cfg, args, tokens):
     t = defaults().train
     t.learning_rate, t.clip_norm = 1e-4, 0.0
-    model = init_model(cfg, seed=0)
-    graphdef, state = nnx.split(model, nnx.Param)
-    params = state.to_pure_dict()
+    param_dtype = args.dtype if args.lora else "float32"  # LoRA: frozen base in the compute dtype
+    model = init_model(cfg.replace(param_dtype=param_dtype, dtype=args.dtype), seed=0)
+    if args.lora:
+        lora.add(model, args.lora, 2.0 * args.lora)
+    graphdef, params, frozen = nnx.split(model, lora.LoRAParam if args.lora else nnx.Param, ...)
+    params, frozen = params.to_pure_dict(), frozen.to_pure_dict() if args.lora else None
     tx = make_optimizer(t)
     opt_state = tx.init(params)
-    step = jax.jit(lambda p, o, b: train_step(graphdef, tx, p, o, b), donate_argnums=(0, 1))
-    data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((batch, seq), np.float32),
-            "segment_ids": np.ones((batch, seq), np.int32),
-            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))}
+    step = jax.jit(functools.partial(train_step, graphdef, tx, chunk=args.loss_chunk, right_padded=True),
+                   donate_argnums=(0, 1))
+    b, s = args.batch, args.seq
+    data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((b, s), np.float32),
+            "segment_ids": np.ones((b, s), np.int32), "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))}
     data = {k: jnp.asarray(v)[None] for k, v in data.items()}
-    params, opt_state, m = step(params, opt_state, data)  # compile
+    params, opt_state, m = step(params, opt_state, data, frozen)  # compile
     jax.block_until_ready(m)
     start = time.perf_counter()
-    for _ in range(steps):
-        params, opt_state, m = step(params, opt_state, data)
+    for _ in range(args.steps):
+        params, opt_state, m = step(params, opt_state, data, frozen)
     jax.block_until_ready(m)
-    return batch * seq * steps / (time.perf_counter() - start), float(m["loss"])
+    rate = b * s * args.steps / (time.perf_counter() - start)
+    return rate, float(m["loss"]), _peak_memory_gb(jax.devices()[0].memory_stats())
 
 
-def reference(cfg, batch, seq, steps, tokens):
+def reference(cfg, args, tokens):
     import torch
     import transformers
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(os.cpu_count())
     hf = transformers.AutoConfig.for_model(**cfg.to_hf())
-    model = transformers.AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa").float().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-    ids = torch.tensor(np.asarray(tokens), dtype=torch.long)
+    model = transformers.AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa").float().to(device).train()
+    if args.lora:
+        import peft
+
+        model = model.to(getattr(torch, args.dtype))
+        model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora, lora_alpha=2 * args.lora,
+                                                           target_modules=list(lora.TARGETS)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0, fused=device == "cuda")
+    ids = torch.tensor(np.asarray(tokens), dtype=torch.long, device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
     def one():
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss  # shifts inside: same token count +-1
+        with autocast:
+            loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss  # shifts inside: same token count +-1
         loss.backward()
         opt.step()
-        return loss.item()
+        return loss
 
     one()  # warm up
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(args.steps):
         loss = one()
-    return batch * seq * steps / (time.perf_counter() - start), loss
+    loss = loss.item()
+    rate = args.batch * args.seq * args.steps / (time.perf_counter() - start)
+    memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return rate, loss, memory
 
 
 def main():
@@ -74,20 +104,27 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
+    ap.add_argument("--loss-chunk", type=int, default=128)
     ap.add_argument("--skip-torch", action="store_true")
     args = ap.parse_args()
     cfg = PRESETS[args.preset].replace(max_position_embeddings=max(args.seq + 1, 2048))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
-    peak = matmul_peak()
-    train_flops = 3 * flops_per_token(cfg, args.seq / 2)
-    print(f"{args.preset}: {cfg.num_params / 1e6:.1f}M params, batch {args.batch} x {args.seq} tokens, fp32, "
-          f"{os.cpu_count()} threads; float32 matmul peak {peak / 1e9:.0f} GFLOP/s")
-    ours_tps, ours_loss = ours(cfg, args.batch, args.seq, args.steps, tokens)
-    print(f"ours:         {ours_tps:8.0f} tokens/s  MFU {train_flops * ours_tps / peak:6.1%}  (loss {ours_loss:.3f})")
+    peak = matmul_peak(args.dtype, reps=3)
+    train_flops = (2 if args.lora else 3) * flops_per_token(cfg, args.seq / 2)
+    kind = f"LoRA r={args.lora}" if args.lora else "full"
+    print(f"{args.preset} ({kind}): {cfg.num_params / 1e6:.1f}M params, batch {args.batch} x {args.seq} tokens, "
+          f"{args.dtype} compute on {jax.devices()[0].device_kind}; {args.dtype} matmul peak "
+          f"{peak / 1e12:.2f} TFLOP/s (measured now)")
+    rate, loss, memory = ours(cfg, args, tokens)
+    print(f"ours:         {rate:9.0f} tokens/s  MFU {train_flops * rate / peak:6.1%}  peak {memory:6.2f} GiB  "
+          f"(loss {loss:.3f})")
     if not args.skip_torch:
-        ref_tps, ref_loss = reference(cfg, args.batch, args.seq, args.steps, tokens)
-        print(f"transformers: {ref_tps:8.0f} tokens/s  MFU {train_flops * ref_tps / peak:6.1%}  (loss {ref_loss:.3f})")
-        print(f"ratio ours / transformers: {ours_tps / ref_tps:.2f}x")
+        ref_rate, ref_loss, ref_memory = reference(cfg, args, tokens)
+        print(f"transformers: {ref_rate:9.0f} tokens/s  MFU {train_flops * ref_rate / peak:6.1%}  peak "
+              f"{ref_memory:6.2f} GiB  (loss {ref_loss:.3f})")
+        print(f"ratio ours / transformers: {rate / ref_rate:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Paper experiment: Branch-Solve-Merge as an LLM judge, distilled on OASST2 pairs with order-swap consistency,
 evaluated on MT-bench human judgments (agreement with and without ties, position inconsistency).
-8B instruct model, bfloat16, FSDP over a v5e-8 host or one 80 GB GPU. Set MODEL and OASST2 (the public
-`2023-11-05_oasst2_ready.messages.jsonl.gz`), or pass --config.model.path=... --config.task.path=..."""
+8B instruct model, bfloat16 compute, LoRA rank 16, FSDP over a v5e-8 host or one 80 GB GPU. Set MODEL and OASST2
+(the public `2023-11-05_oasst2_ready.messages.jsonl.gz`), or pass --config.model.path=... --config.task.path=..."""
 
 from ml_collections import ConfigDict
 
@@ -11,13 +11,14 @@ OASST2 = "/data/oasst2/2023-11-05_oasst2_ready.messages.jsonl.gz"
 
 def get_config():
     return ConfigDict({
-        "model": {"path": MODEL, "dtype": "bfloat16"},
+        "model": {"path": MODEL, "dtype": "float32", "compute_dtype": "bfloat16", "scan_layers": True},
         "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
         "task": {"name": "oasst2_judge", "path": OASST2, "n": 2000},
         "program": {"name": "bsm"},
         "generate": {"samples": 4, "temperature": 0.7, "max_batch": 32, "chunk": 64},
         "filter": {"name": "order_swap", "min_share": 0.5},
-        "train": {"steps": 300, "batch_size": 16, "max_len": 2048, "learning_rate": 1e-5, "warmup_steps": 20,
+        "train": {"steps": 300, "batch_size": 16, "max_len": 2048, "learning_rate": 1e-4, "warmup_steps": 20,
+                  "lora_rank": 16, "lora_alpha": 32.0,
                   "checkpoint_every": 100, "remat": "full"},
         "eval": {"task": "mt_bench_judge", "path": "../shared/data/mt_bench", "max_new_tokens": 16},
     })

@@ -1,5 +1,5 @@
 """Paper experiment: RaR 2-step on coin flip, majority vote over 8 samples. Sized for a TPU v5e-8 host or one
-80 GB GPU (8B instruct model, bfloat16, FSDP). Set MODEL or pass --config.model.path=...
+80 GB GPU (8B instruct model, bfloat16 compute, LoRA rank 16, FSDP). Set MODEL or pass --config.model.path=...
 Unlabelled pool: 1,000 generated 4-person flips; held-out: Kojima et al.'s 500 in ../shared/data."""
 
 from ml_collections import ConfigDict
@@ -9,13 +9,14 @@ MODEL = "/models/Llama-3.1-8B-Instruct"
 
 def get_config():
     return ConfigDict({
-        "model": {"path": MODEL, "dtype": "bfloat16"},
+        "model": {"path": MODEL, "dtype": "float32", "compute_dtype": "bfloat16", "scan_layers": True},
         "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
         "task": {"name": "coin_flip", "n": 1000, "size": 4, "seed": 0},
         "program": {"name": "rar2"},
         "generate": {"samples": 8, "temperature": 0.7, "max_batch": 64, "chunk": 128},
         "filter": {"name": "majority", "min_share": 0.5},
-        "train": {"steps": 300, "batch_size": 32, "max_len": 256, "learning_rate": 1e-5, "warmup_steps": 20,
+        "train": {"steps": 300, "batch_size": 32, "max_len": 256, "learning_rate": 1e-4, "warmup_steps": 20,
+                  "lora_rank": 16, "lora_alpha": 32.0,
                   "checkpoint_every": 100, "eval_every": 100, "remat": "full"},
         "eval": {"path": "../shared/data/coin_flip/coin_flip.json", "n": 500, "max_new_tokens": 16},
     })

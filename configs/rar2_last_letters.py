@@ -1,6 +1,7 @@
 """Paper experiment: RaR 2-step on last-letter concatenation, majority vote over 8 samples (Yu et al. 2024, sec. 4).
 
-Sized for one TPU v5e-8 host or one 80 GB GPU with an 8B instruct model in bfloat16 (FSDP over every chip).
+Sized for one TPU v5e-8 host or one 80 GB GPU with an 8B instruct model: LoRA rank 16 on a frozen bfloat16 base,
+FSDP over every chip (`s2d plan` checks it; configs/rar2_last_letters_full.py is the full fine-tune for a v5p-64).
 Set MODEL (an HF directory with safetensors, or a .gguf) or pass --config.model.path=...; nothing else is needed.
 Unlabelled pool: 1,000 generated 4-word lists; held-out: Kojima et al.'s 500 lists in ../shared/data.
 """
@@ -12,13 +13,14 @@ MODEL = "/models/Llama-3.1-8B-Instruct"
 
 def get_config():
     return ConfigDict({
-        "model": {"path": MODEL, "dtype": "bfloat16"},
+        "model": {"path": MODEL, "dtype": "float32", "compute_dtype": "bfloat16", "scan_layers": True},
         "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
         "task": {"name": "last_letters", "n": 1000, "size": 4, "seed": 0},
         "program": {"name": "rar2"},
         "generate": {"samples": 8, "temperature": 0.7, "max_batch": 64, "chunk": 128},
         "filter": {"name": "majority", "min_share": 0.5},
-        "train": {"steps": 300, "batch_size": 32, "max_len": 256, "learning_rate": 1e-5, "warmup_steps": 20,
+        "train": {"steps": 300, "batch_size": 32, "max_len": 256, "learning_rate": 1e-4, "warmup_steps": 20,
+                  "lora_rank": 16, "lora_alpha": 32.0,
                   "checkpoint_every": 100, "eval_every": 100, "remat": "full"},
         "eval": {"path": "../shared/data/last_letters/last_letters.json", "n": 500, "max_new_tokens": 32},
     })

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for chatty in ("jax", "absl"):  # not the TPU-probe and per-file checkpoint chatter
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    from s2d_jax.pipeline import STAGES  # after argument checks would be nicer, but --help must list stages
+    from s2d_jax.stages import STAGES  # --help must list the stages
     from s2d_jax.train import Preempted
 
     parser = _parser(STAGES)

@@ -26,8 +26,10 @@ def defaults() -> ConfigDict:
         "model": {
             "path": "",  # HF directory or .gguf file; "" = random init of `preset`
             "preset": "",  # a name in s2d_jax.model.PRESETS, used when `path` is ""
-            "dtype": "float32",  # parameter dtype
-            "compute_dtype": "",  # "" = same as dtype
+            "dtype": "float32",  # master parameter dtype of full fine-tuning (float32: bf16 rounds updates away)
+            "compute_dtype": "",  # "" = same as dtype; sampling, eval and LoRA's frozen base hold weights in it
+            "scan_layers": False,  # stack the layers and run them under lax.scan (compile time flat in depth)
+            "attention": "auto",  # auto | reference | blockwise | cudnn | splash (s2d_jax/model/attention.py)
         },
         "tokenizer": "",  # "" = model.path; "bytes" = the built-in byte tokenizer
         "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
@@ -83,7 +85,11 @@ def defaults() -> ConfigDict:
             "b2": 0.999,
             "clip_norm": 1.0,  # global gradient norm clip; 0 = off
             "remat": "none",  # none | full | dots (rematerialise each layer in the backward pass)
-            "seed": 0,  # data order
+            "lora_rank": 0,  # 0 = full fine-tuning; > 0 = LoRA adapters of this rank, base weights frozen
+            "lora_alpha": 16.0,  # LoRA scale = lora_alpha / lora_rank (PEFT's convention)
+            "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+            "loss_chunk": 128,  # positions per chunk of the cross-entropy (never [B, T, vocab] logits); 0 = off
+            "seed": 0,  # data order and LoRA init
             "checkpoint_every": 50,  # steps between Orbax saves (and one at the end, and on SIGTERM)
             "keep_checkpoints": 3,
             "checkpoint_dir": "",  # "" = WORKDIR/checkpoints; or a gs:// path (Orbax writes it directly)

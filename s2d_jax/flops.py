@@ -12,8 +12,12 @@ def matmul_peak(dtype="float32", reps: int = 5) -> float:
     """The best matmul rate (FLOP/s) over a few large shapes on the default device, measured now."""
     best = 0.0
     f = jax.jit(lambda a, b: a @ b)
-    for m, k, n in ((2048, 2048, 2048), (4096, 576, 1536), (8192, 576, 3072)):
-        a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
+    shapes = [(2048, 2048, 2048), (4096, 576, 1536), (8192, 576, 3072)]
+    if jax.default_backend() != "cpu":  # an accelerator needs a large product to reach its peak
+        shapes.append((8192, 8192, 8192))
+    for m, k, n in shapes:
+        keys = jax.random.split(jax.random.key(0))  # random, not constant: some chips run faster on zeros
+        a, b = (jax.random.normal(key, shape, jnp.float32).astype(dtype) for key, shape in zip(keys, ((m, k), (k, n))))
         f(a, b).block_until_ready()
         t = time.perf_counter()
         for _ in range(reps):

@@ -1,9 +1,13 @@
 """`s2d plan`: per-device memory of a configured run, from shapes alone (no weights read, nothing allocated).
 
 Parameters and AdamW moments are exact: every parameter's shard shape comes from the same logical-axis rules the
-run uses. Gradients match parameters. The KV cache is exact for the sampler's largest batch (`generate.max_batch`
-rows, the longest prompt bucket plus `program.max_new_tokens`). Training activations are an estimate (stated
-below). The plan fails early, with advice, when the total exceeds `plan.device_gb`.
+run uses. Full fine-tuning trains float32 masters (`model.dtype`); with LoRA the base weights are frozen in the
+compute dtype and only the float32 adapters have gradients and moments. The KV cache is exact for the sampler's
+largest batch (`generate.max_batch` rows, the longest prompt bucket plus `program.max_new_tokens`). Training
+activations are an estimate from what our step saves for the backward pass (below): attention is blockwise/flash
+(no `[T, T]` scores kept) and the loss is chunked (one chunk's logits at a time). Checked against XLA's memory
+analysis of the compiled step (`tests/test_plan.py`). The plan fails early, with advice, when a total exceeds
+`plan.device_gb`.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ def model_config(config: ConfigDict):
     base = read_config(m.path) if m.path else PRESETS.get(m.preset)
     if base is None:
         raise S2DError(f"config key 'model.preset': {m.preset!r} is not a preset and 'model.path' is empty")
-    return base.replace(param_dtype=m.dtype, dtype=m.compute_dtype or m.dtype, remat=config.train.remat)
+    compute = m.compute_dtype or m.dtype
+    return base.replace(param_dtype=m.dtype, dtype=compute, remat=config.train.remat, scan_layers=m.scan_layers)
 
 
 def shard_bytes(shape, dtype, axes, mesh) -> int:
@@ -48,35 +53,64 @@ def shard_bytes(shape, dtype, axes, mesh) -> int:
     return count * np.dtype(dtype).itemsize
 
 
+def _state_bytes(state, mesh, dtype=None) -> int:
+    return sum(shard_bytes(v.shape, dtype or v.dtype, mesh_lib.param_axes(v), mesh)
+               for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def activation_bytes(cfg, rows: int, length: int, chunk: int, tensor: int = 1) -> int:
+    """Estimated peak bytes of a train step's activations on one device for `rows` x `length` tokens: what the
+    backward pass keeps per layer, one layer's transient working set, one loss chunk's logits, and the
+    blockwise attention's score blocks. Per token and layer the step keeps, in the compute dtype, the layer input,
+    the two norm outputs, q/k/v (before and after RoPE), the attention output, the MLP's gate/up/product and the
+    residual sums (about 6d + 2(h + 2k)hd + 2h hd + 4i values) and a float32 log-sum-exp per head; `dots` remat
+    keeps only the matmul outputs, `full` only the layer input (and recomputes one layer at a time)."""
+    from s2d_jax.model.attention import BLOCK
+
+    d, h, k, hd, i = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    b = np.dtype(cfg.dtype).itemsize
+    tokens = rows * length
+    layer = (6 * d + 2 * (h + 2 * k) * hd + 2 * h * hd + 4 * i) * b // tensor + 4 * h
+    saved = {"none": layer, "dots": ((h + 2 * k) * hd + 2 * i + 2 * d) * b // tensor, "full": d * b}[cfg.remat]
+    scores = 3 * rows * h * length * min(BLOCK, length) * 4 // tensor  # s, p, ds of one key block, float32
+    logits = 4 * rows * (chunk or length) * cfg.vocab_size * 4 // tensor  # logits, probs, one-hot, dlogits
+    transient = max(tokens * layer + scores, logits + tokens * d * 4)
+    return tokens * cfg.num_layers * saved + tokens * d * (b + 4) + transient
+
+
 def plan(config: ConfigDict, mesh) -> dict:
+    from s2d_jax.model import lora
+
     cfg = model_config(config)
-    state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-    params = sum(shard_bytes(v.shape, v.dtype, mesh_lib.param_axes(v), mesh)
-                 for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
     t, g = config.train, config.generate
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    base_state = nnx.state(model, nnx.Param)
+    if t.lora_rank:  # base frozen in the compute dtype; float32 adapters are what trains
+        model = nnx.eval_shape(lambda: lora.add(Transformer(cfg, rngs=nnx.Rngs(0)), t.lora_rank, t.lora_alpha,
+                                                t.lora_targets))
+        adapters = _state_bytes(nnx.state(model, lora.LoRAParam), mesh)
+        params = _state_bytes(base_state, mesh, cfg.dtype) + adapters
+        trained = adapters
+    else:
+        params = trained = _state_bytes(base_state, mesh)
     rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
-    compute = np.dtype(cfg.dtype).itemsize
-    # sampler: the largest batch, the prompt bucket of the longest task input (assumed <= train.max_len) + budget
+    # sampler: weights in the compute dtype; the largest batch, the prompt bucket of the longest task input
+    # (assumed <= train.max_len) + the budget
+    sample_params = _state_bytes(base_state, mesh, cfg.dtype)
     new = config.program.max_new_tokens or 256
     new_bucket = max(16, 1 << math.ceil(math.log2(new)))
     length = min(max(32, 1 << math.ceil(math.log2(t.max_len))) + new_bucket, cfg.max_position_embeddings)
     rows = max(g.max_batch, rows_split)
     kv_shape = (rows, cfg.num_kv_heads, length, cfg.head_dim)
     kv = 2 * cfg.num_layers * shard_bytes(kv_shape, cfg.dtype, CACHE_AXES, mesh)
-    # training activations (estimate): per micro-batch row-token, each layer keeps ~ (34 d + 5 h T) * bytes
-    # without remat (Korthikanti et al. 2022), the layer input alone with full remat; plus float32 logits twice
-    tokens = t.batch_size // t.grad_accum // rows_split * t.max_len
-    per_layer = (34 * cfg.hidden_size + 5 * cfg.num_heads * t.max_len) * compute
-    if cfg.remat == "full":
-        per_layer = cfg.hidden_size * compute
-    elif cfg.remat == "dots":
-        per_layer = 8 * cfg.hidden_size * compute
-    activations = tokens * (cfg.num_layers * per_layer + 2 * 4 * cfg.vocab_size)
-    train_total = params * 4 + activations  # params, grads, two AdamW moments (in the parameter dtype)
+    micro_rows = max(t.batch_size // t.grad_accum // rows_split, 1)
+    activations = activation_bytes(cfg, micro_rows, t.max_len, t.loss_chunk, mesh.shape["tensor"])
+    train_total = params + trained * 3 + activations  # weights, gradients, two AdamW moments (float32 masters)
     return {"mesh": dict(mesh.shape), "devices": mesh.size, "num_params": cfg.num_params,
-            "params": params, "grads": params, "optimizer": 2 * params, "activations_estimate": activations,
-            "train_total": train_total, "kv_cache": kv, "kv_cache_shape": list(kv_shape),
-            "generate_total": params + kv, "device_gb": config.plan.device_gb}
+            "lora_rank": t.lora_rank, "params": params, "grads": trained, "optimizer": 2 * trained,
+            "activations_estimate": activations, "train_total": train_total, "kv_cache": kv,
+            "kv_cache_shape": list(kv_shape), "generate_params": sample_params,
+            "generate_total": sample_params + kv, "device_gb": config.plan.device_gb}
 
 
 def advice(p: dict, config: ConfigDict) -> list[str]:
@@ -85,7 +119,7 @@ def advice(p: dict, config: ConfigDict) -> list[str]:
     if p["train_total"] > limit:
         out.append(f"train needs {p['train_total'] / GB:.2f} GB per device, over {p['device_gb']} GB: raise mesh.fsdp "
                    f"(shards parameters and optimizer state), set train.remat=full, lower train.batch_size or raise "
-                   f"train.grad_accum, or train in bfloat16 (model.dtype)")
+                   f"train.grad_accum, or train LoRA adapters (train.lora_rank > 0) on a frozen base")
     if p["generate_total"] > limit:
         out.append(f"generate needs {p['generate_total'] / GB:.2f} GB per device, over {p['device_gb']} GB: lower "
                    f"generate.max_batch, use a bfloat16 cache (model.compute_dtype=bfloat16), or raise mesh.tensor")
@@ -94,6 +128,9 @@ def advice(p: dict, config: ConfigDict) -> list[str]:
 
 def report(p: dict) -> str:
     lines = [f"mesh {p['mesh']} ({p['devices']} devices), {p['num_params'] / 1e6:.1f}M parameters; per device:"]
-    for key in ("params", "grads", "optimizer", "activations_estimate", "train_total", "kv_cache", "generate_total"):
+    if p["lora_rank"]:
+        lines[0] += f" (LoRA rank {p['lora_rank']}: frozen base + float32 adapters)"
+    for key in ("params", "grads", "optimizer", "activations_estimate", "train_total", "generate_params", "kv_cache",
+                "generate_total"):
         lines.append(f"  {key:<21} {p[key] / GB:10.4f} GB")
     return "\n".join(lines)

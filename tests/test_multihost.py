@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 from s2d_jax.cli import main
 from s2d_jax.config import load_config
-from s2d_jax.pipeline import read_rollouts
+from s2d_jax.stages.generate import read_rollouts
 
 from conftest import REPO
 

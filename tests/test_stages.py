@@ -12,7 +12,7 @@ import pytest
 from s2d_jax.cli import main
 from s2d_jax.config import load_config
 from s2d_jax.errors import S2DError
-from s2d_jax.pipeline import filter as filter_stage
+from s2d_jax.stages import filter as filter_stage
 from s2d_jax.system2.programs import PROGRAMS, Program, Stage, get_program
 from s2d_jax.system2.tasks import get_task
 

@@ -299,7 +299,7 @@ def test_tfds_dataset_as_input_pool(tmp_path):
 
     TinyTriviaQa(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
     from s2d_jax.config import load_config
-    from s2d_jax.pipeline import load_inputs
+    from s2d_jax.stages.inputs import load_inputs
     config = load_config("configs/tiny.py", ["task.name=sycophancy", "task.path=tfds:tiny_trivia_qa:train",
                                               f"task.tfds_data_dir={tmp_path}", "task.n=4"])
     task, examples = load_inputs(config)

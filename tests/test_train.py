@@ -20,7 +20,7 @@ from s2d_jax.cli import main
 from s2d_jax.config import load_config
 from s2d_jax.errors import S2DError
 from s2d_jax.model import PRESETS, init_model
-from s2d_jax.pipeline import build_mesh
+from s2d_jax.build import build_mesh
 from s2d_jax.system2.tasks import get_task
 from s2d_jax.tokenizer import byte_tokenizer
 from s2d_jax.train import Trainer
@@ -38,9 +38,9 @@ def _pairs(path, n=12, seed=5):
     return str(path)
 
 
-def _trainer(workdir, *overrides, mesh=None):
+def _trainer(workdir, *overrides, mesh=None, model=None):
     config = load_config("configs/tiny.py", [f"train.data={_pairs(workdir / 'pairs.jsonl')}", *overrides])
-    model = init_model(PRESETS["tiny"], seed=0, mesh=mesh)
+    model = model or init_model(PRESETS["tiny"], seed=0, mesh=mesh)
     return Trainer(model, byte_tokenizer(), config, str(workdir), mesh=mesh)
 
 
@@ -82,6 +82,25 @@ def test_loss_sees_target_tokens_only():
     changed_target["targets"][0, target_pos] = (changed_target["targets"][0, target_pos] + 1) % 256
     assert float(loss_sums(model, changed_prompt)[0]) == float(base)
     assert float(loss_sums(model, changed_target)[0]) != float(base)
+
+
+def test_chunked_cross_entropy_equals_the_whole(tmp_path):
+    """The loss in chunks of positions (never [B, T, vocab] logits) gives the same loss and gradients."""
+    from s2d_jax.train.loss import cross_entropy
+
+    rng = np.random.default_rng(0)
+    hidden = jax.numpy.asarray(rng.normal(size=(3, 37, 16)), "float32")
+    head = jax.numpy.asarray(rng.normal(size=(50, 16)), "float32")
+    targets = rng.integers(0, 50, (3, 37))
+    weights = (rng.random((3, 37)) > 0.3).astype(np.float32)
+    whole = lambda h, w: cross_entropy(h, w, targets, weights, 0)
+    for chunk in (8, 16, 37):
+        chunked = lambda h, w: cross_entropy(h, w, targets, weights, chunk)
+        np.testing.assert_allclose(chunked(hidden, head), whole(hidden, head), rtol=1e-6)
+        grads = [jax.grad(lambda h, w, f=f: f(h, w)[0], (0, 1))(hidden, head) for f in (chunked, whole)]
+        for a, b in zip(*grads):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    assert 0 < float(whole(hidden, head)[1]) <= weights.sum()
 
 
 def test_packed_and_unpacked_rows_give_the_same_loss():

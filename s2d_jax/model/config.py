@@ -47,12 +47,21 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
     remat: str = "none"  # training only: none | full | dots (rematerialise each layer in the backward pass)
+    scan_layers: bool = False  # parameters stacked [layers, ...] and run under lax.scan (flat compile time)
+    attention: str = "auto"  # auto (by backend) | reference | blockwise | cudnn | splash: see attention.py
+    lora_rank: int = 0  # > 0: LoRA adapters on lora_targets (added by lora.add, which sets these three)
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise S2DError(f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
         if self.remat not in REMAT:
             raise S2DError(f"remat={self.remat!r}: expected one of {', '.join(REMAT)}")
+        from s2d_jax.model.attention import IMPLEMENTATIONS
+
+        if self.attention not in IMPLEMENTATIONS:
+            raise S2DError(f"attention={self.attention!r}: expected one of {', '.join(IMPLEMENTATIONS)}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise S2DError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(DTYPES)}")
@@ -205,6 +214,10 @@ PRESETS: dict[str, ModelConfig] = {
     "smollm2-135m": ModelConfig(model_type="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
                                 num_kv_heads=3, head_dim=64, intermediate_size=1536, rope_theta=100000.0,
                                 max_position_embeddings=8192, tie_embeddings=True, bos_token_id=1, eos_token_ids=(2,)),
+    "llama3.2-1b": ModelConfig(model_type="llama", vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32,
+                               num_kv_heads=8, head_dim=64, intermediate_size=8192, rope_theta=500000.0,
+                               rope_scaling=("llama3", 32.0, 1.0, 4.0, 8192), max_position_embeddings=131072,
+                               tie_embeddings=True, bos_token_id=128000, eos_token_ids=(128001, 128008, 128009)),
     "llama3-8b": ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32,
                              num_kv_heads=8, head_dim=128, intermediate_size=14336, rope_theta=500000.0,
                              rope_scaling=("llama3", 8.0, 1.0, 4.0, 8192), max_position_embeddings=131072,

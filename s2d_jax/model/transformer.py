@@ -10,7 +10,10 @@ Layouts are chosen for decode speed and for tensor parallelism at once:
 Two ways to call it. Without a cache, tokens attend causally within their segment (`segment_ids`, 0 = padding):
 the plain forward, training (packed rows) and the sampler's prefill, which also takes back every layer's k/v.
 With a cache, new tokens are written at slot `cache.index` and attend to every valid slot before them: decoding.
-Positions are explicit, so a left-padded prompt sees positions 0..n-1 whatever its padding.
+Positions are explicit, so a left-padded prompt sees positions 0..n-1 whatever its padding. Which keys a query
+sees is an `attention.Mask` (segments, slots, window), never a `[T, S]` matrix; the attention kernel is chosen by
+backend (`attention.py`). With `cfg.scan_layers` the layers' parameters are stacked `[layers, ...]` and run under
+`lax.scan` (compile time flat in depth); LoRA adapters (`lora.py`) add to the projections they target.
 """
 
 from __future__ import annotations
@@ -24,9 +27,8 @@ import numpy as np
 from flax import nnx
 
 from s2d_jax.mesh import constrain
+from s2d_jax.model import attention as attention_lib
 from s2d_jax.model.config import ModelConfig
-
-_MASKED = -0.7 * float(np.finfo(np.float32).max)
 
 
 class KVCache(NamedTuple):
@@ -104,31 +106,37 @@ class Attention(nnx.Module):
         self.qkv_bias = _param(rngs, (k, g + 2, hd), ("kv_heads", None, None), cfg.param_dtype, "zeros") if cfg.qkv_bias else None
         self.o = _param(rngs, (k, g, hd, d), ("kv_heads", None, None, "embed"), cfg.param_dtype)
         self.o_bias = _param(rngs, (d,), (None,), cfg.param_dtype, "zeros") if cfg.o_bias else None
+        self.lora_q = self.lora_k = self.lora_v = self.lora_o = nnx.data(None)  # LoRA adapters (lora.add)
 
-    def __call__(self, x, rope, allowed, cache_kv=None, index=None):
-        """`allowed: [batch, new, keys]` says which keys each new token sees (see `Transformer.forward`)."""
+    def __call__(self, x, rope, mask: attention_lib.Mask, cache_kv=None, index=None, impl="auto",
+                 right_padded=False):
         cfg, dt = self.cfg, x.dtype
         g = cfg.group_size
         qkv = jnp.einsum("btd,dkch->bkcth", x, self.qkv[...].astype(dt))
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...].astype(dt)[None, :, :, None, :]
-        q = apply_rope(qkv[:, :, :g], rope)  # [B, K, G, T, hd]
-        k = apply_rope(qkv[:, :, g], rope)  # [B, K, T, hd]
-        v = qkv[:, :, g + 1]
+        q, k, v = qkv[:, :, :g], qkv[:, :, g], qkv[:, :, g + 1]
+        if self.lora_q is not None:  # [B, T, K, G, hd] -> [B, K, G, T, hd]
+            q = q + jnp.moveaxis(self.lora_q(x), 1, 3)
+        if self.lora_k is not None:
+            k = k + jnp.moveaxis(self.lora_k(x), 1, 2)
+        if self.lora_v is not None:
+            v = v + jnp.moveaxis(self.lora_v(x), 1, 2)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)  # q [B, K, G, T, hd], k/v [B, K, T, hd]
         if cache_kv is None:
             keys, values = k, v
         else:  # write at slot `index`, then attend over the whole cache
             ck, cv = cache_kv
             keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0))
             values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
-        scores = jnp.einsum("bkgth,bksh->bkgts", q, keys.astype(dt)).astype(jnp.float32) * cfg.head_dim**-0.5
-        scores = jnp.where(allowed[:, None, None], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bksh->bkgth", probs, values.astype(dt))
-        out = jnp.einsum("bkgth,kghd->btd", out, self.o[...].astype(dt))
+        out = attention_lib.attention(q, keys.astype(dt), values.astype(dt), mask, window=cfg.sliding_window,
+                                      impl=impl, right_padded=right_padded)
+        proj = jnp.einsum("bkgth,kghd->btd", out, self.o[...].astype(dt))
+        if self.lora_o is not None:
+            proj = proj + self.lora_o(jnp.moveaxis(out, 3, 1))
         if self.o_bias is not None:
-            out = out + self.o_bias[...].astype(dt)
-        return out, (keys, values) if cache_kv is not None else (k, v)
+            proj = proj + self.o_bias[...].astype(dt)
+        return proj, (keys, values) if cache_kv is not None else (k, v)
 
 
 class MLP(nnx.Module):
@@ -137,12 +145,20 @@ class MLP(nnx.Module):
         self.activation = cfg.activation
         self.gate_up = _param(rngs, (d, 2, i), ("embed", None, "mlp"), cfg.param_dtype)
         self.down = _param(rngs, (i, d), ("mlp", "embed"), cfg.param_dtype)
+        self.lora_gate = self.lora_up = self.lora_down = nnx.data(None)  # LoRA adapters (lora.add)
 
     def __call__(self, x):
         h = jnp.einsum("btd,dci->btci", x, self.gate_up[...].astype(x.dtype))
         gate, up = h[:, :, 0], h[:, :, 1]
+        if self.lora_gate is not None:
+            gate = gate + self.lora_gate(x)
+        if self.lora_up is not None:
+            up = up + self.lora_up(x)
         act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        return jnp.einsum("bti,id->btd", act * up, self.down[...].astype(x.dtype))
+        out = jnp.einsum("bti,id->btd", act * up, self.down[...].astype(x.dtype))
+        if self.lora_down is not None:
+            out = out + self.lora_down(act * up)
+        return out
 
 
 class Block(nnx.Module):
@@ -152,11 +168,23 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, rope, allowed, **cache_kwargs):
-        h, kv = self.attn(self.attn_norm(x), rope, allowed, **cache_kwargs)
+    def __call__(self, x, rope, mask, **kwargs):
+        h, kv = self.attn(self.attn_norm(x), rope, mask, **kwargs)
         x = constrain(x + h, ("batch", None, None))
         x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", None, None))
         return x, kv
+
+
+def stack_layers(blocks: list[Block]) -> Block:
+    """One Block whose parameters are `blocks`' stacked on a leading `layers` axis (replicated on the mesh)."""
+    graphdef, _ = nnx.split(blocks[0])
+    states = [nnx.state(b) for b in blocks]
+
+    def stack(*vs):
+        axes = vs[0].get_metadata().get("axes") or (None,) * vs[0][...].ndim
+        return vs[0].replace(jnp.stack([v[...] for v in vs]), axes=("layers",) + tuple(axes))
+
+    return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 class Transformer(nnx.Module):
@@ -165,7 +193,8 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+        self.layers = stack_layers(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.final_norm = RMSNorm(cfg, rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else _param(
             rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
@@ -175,47 +204,69 @@ class Transformer(nnx.Module):
         hidden, _ = self.forward(tokens, positions, segment_ids=segment_ids)
         return self.logits(hidden)
 
-    def forward(self, tokens, positions=None, *, segment_ids=None, cache: KVCache | None = None):
-        """Final hidden states `[B, T, embed]` and either every layer's new (k, v) (no cache) or the updated cache."""
+    def forward(self, tokens, positions=None, *, segment_ids=None, cache: KVCache | None = None,
+                right_padded: bool = False):
+        """Final hidden states `[B, T, embed]` and either every layer's new (k, v) (no cache) or the updated cache.
+        `right_padded`: the caller promises one segment per row, padding only at its end (lets cuDNN run it)."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
+        b, t = tokens.shape
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
         rope = rope_tables(positions, rope_frequencies(cfg), dt)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
         if cfg.embed_scale:
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
         x = constrain(x, ("batch", None, None))
-        t = tokens.shape[1]
         if cache is None:  # causal, within the same segment, never onto padding (segment 0)
-            seg = jnp.ones(tokens.shape, jnp.int32) if segment_ids is None else segment_ids
-            q_slot = k_slot = jnp.arange(t)
-            allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+            seg = jnp.ones(tokens.shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+            slots = jnp.arange(t, dtype=jnp.int32)
+            mask = attention_lib.Mask(seg, seg, jnp.broadcast_to(slots, (b, t)), slots)
+            kw = dict(impl=cfg.attention, right_padded=right_padded or segment_ids is None)
         else:  # the new tokens' slots become valid first: each token sees itself and every valid slot before it
             valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones(tokens.shape, bool), (0, cache.index))
-            q_slot, k_slot = cache.index + jnp.arange(t), jnp.arange(cache.valid.shape[1])
-            allowed = valid[:, None, :]
-        causal = q_slot[:, None] >= k_slot[None, :]
-        if cfg.sliding_window:
-            causal &= q_slot[:, None] - k_slot[None, :] < cfg.sliding_window
-        allowed = allowed & causal[None]
-        kvs = []
-        for i, layer in enumerate(self.layers):
-            if cache is None and cfg.remat != "none":  # training: keep only what the policy saves
-                policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
-                x, kv = nnx.remat(lambda block, h: block(h, rope, allowed), policy=policy)(layer, x)
-            elif cache is None:
-                x, kv = layer(x, rope, allowed)
-            else:
-                x, kv = layer(x, rope, allowed, cache_kv=(cache.k[i], cache.v[i]), index=cache.index)
-            kvs.append(kv)
+            slots = cache.index + jnp.arange(t, dtype=jnp.int32)
+            mask = attention_lib.Mask(jnp.ones(tokens.shape, jnp.int32), valid.astype(jnp.int32),
+                                      jnp.broadcast_to(slots, (b, t)), jnp.arange(valid.shape[1], dtype=jnp.int32))
+            kw = dict(impl="reference" if cfg.attention == "auto" else cfg.attention)
+        policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
+        if cfg.scan_layers and cache is None:
+            graphdef, state = nnx.split(self.layers)
+
+            def body(h, layer_state):
+                return nnx.merge(graphdef, layer_state)(h, rope, mask, **kw)
+
+            if cfg.remat != "none":
+                body = jax.checkpoint(body, policy=policy)
+            x, (ks, vs) = jax.lax.scan(body, x, state)
+            kvs = [(ks[i], vs[i]) for i in range(cfg.num_layers)]
+        else:
+            kvs = []
+            for i, layer in enumerate(self._layer_list()):
+                if cache is None and cfg.remat != "none":  # training: keep only what the policy saves
+                    x, kv = nnx.remat(lambda block, h: block(h, rope, mask, **kw), policy=policy)(layer, x)
+                elif cache is None:
+                    x, kv = layer(x, rope, mask, **kw)
+                else:
+                    x, kv = layer(x, rope, mask, cache_kv=(cache.k[i], cache.v[i]), index=cache.index, **kw)
+                kvs.append(kv)
         hidden = self.final_norm(x)
         if cache is None:
             return hidden, kvs
         return hidden, KVCache(tuple(kv[0].astype(cache.k[0].dtype) for kv in kvs),
-                               tuple(kv[1].astype(cache.v[0].dtype) for kv in kvs), valid, cache.index + tokens.shape[1])
+                               tuple(kv[1].astype(cache.v[0].dtype) for kv in kvs), valid, cache.index + t)
+
+    def _layer_list(self) -> list[Block]:
+        """The blocks one by one (for scanned layers: each a static slice of the stack, for decoding)."""
+        if not self.cfg.scan_layers:
+            return list(self.layers)
+        graphdef, state = nnx.split(self.layers)
+        return [nnx.merge(graphdef, jax.tree.map(lambda p, n=n: p[n], state)) for n in range(self.cfg.num_layers)]
+
+    def head(self) -> jax.Array:
+        """The output projection `[vocab, embed]` (the embedding when tied)."""
+        return (self.embed if self.lm_head is None else self.lm_head)[...]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        head = self.embed if self.lm_head is None else self.lm_head
-        out = jnp.einsum("...d,vd->...v", hidden, head[...].astype(hidden.dtype))
+        out = jnp.einsum("...d,vd->...v", hidden, self.head().astype(hidden.dtype))
         return out.astype(jnp.float32)

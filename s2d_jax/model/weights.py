@@ -228,11 +228,24 @@ def read_config(path: str) -> ModelConfig:
 # ------------------------------------------------------------------------------------------ load / save
 
 
-def load_model(path: str, dtype: str = "float32", mesh=None, compute_dtype: str | None = None) -> Transformer:
-    """The model at `path` with parameters in `dtype`, placed on `mesh` by the logical-axis rules if given."""
+def _stacked(cfg: ModelConfig, key: tuple) -> bool:
+    return cfg.scan_layers and key[0] == "layers"
+
+
+def _per_layer(cfg: ModelConfig, key: tuple) -> list[tuple]:
+    """The `hf_layout` keys that our parameter `key` holds: itself, or with scanned layers one per layer."""
+    if _stacked(cfg, key):
+        return [("layers", n) + key[1:] for n in range(cfg.num_layers)]
+    return [key]
+
+
+def load_model(path: str, dtype: str = "float32", mesh=None, compute_dtype: str | None = None,
+               scan_layers: bool = False) -> Transformer:
+    """The model at `path` with parameters in `dtype`, placed on `mesh` by the logical-axis rules if given;
+    `scan_layers` stacks the layers' parameters for `lax.scan`."""
     path = os.fspath(path)
     source = open_checkpoint(path)
-    cfg = source.config.replace(param_dtype=dtype, dtype=compute_dtype or dtype)
+    cfg = source.config.replace(param_dtype=dtype, dtype=compute_dtype or dtype, scan_layers=scan_layers)
     layout = hf_layout(cfg)
     expected = {n for e in layout.values() for n in e.names}
     available = source.names()
@@ -258,8 +271,9 @@ def load_model(path: str, dtype: str = "float32", mesh=None, compute_dtype: str 
     np_dtype = jnp.dtype(dtype)
     for key, var in tqdm(flat.items(), desc=f"loading {os.path.basename(path.rstrip('/'))}", unit="tensor",
                          leave=False, disable=len(flat) < 50):
-        value = layout[key].to_ours(*(source.get(n) for n in layout[key].names))
-        value = np.ascontiguousarray(value.astype(np_dtype))
+        parts = [layout[k].to_ours(*(source.get(n) for n in layout[k].names)).astype(np_dtype)
+                 for k in _per_layer(cfg, key)]
+        value = np.ascontiguousarray(np.stack(parts) if _stacked(cfg, key) else parts[0])
         if mesh is None:
             array = jnp.asarray(value)
         else:
@@ -279,6 +293,9 @@ def save_hf(model: Transformer, out_dir: str, tokenizer=None, max_shard_bytes: i
     from safetensors.numpy import save_file
     from transformers import AutoConfig
 
+    from s2d_jax.model import lora
+
+    model = lora.merged(model)  # with LoRA adapters: their updates added to the base weights
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not overwrite:
         raise S2DError(f"{out_dir}: already exists; not overwriting it (pass overwrite=True, or choose another path)")
@@ -299,7 +316,7 @@ def save_hf(model: Transformer, out_dir: str, tokenizer=None, max_shard_bytes: i
         # plan shards from shapes alone, then write one shard at a time
         shards, size = [[]], 0
         for key in (k for k, _ in nnx.to_flat_state(nnx.state(model))):
-            nbytes = sum(int(np.prod(s)) for s in layout[key].hf_shapes) * itemsize
+            nbytes = sum(int(np.prod(s)) for k in _per_layer(cfg, key) for s in layout[k].hf_shapes) * itemsize
             if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append([])
                 size = 0
@@ -313,10 +330,13 @@ def save_hf(model: Transformer, out_dir: str, tokenizer=None, max_shard_bytes: i
             tensors = {}
             for key in keys:
                 value = distributed.fetch(flat[key][...])  # on every host: a collective when multi-host
-                for name, tensor in zip(layout[key].names, layout[key].to_hf(value)):
-                    tensors[name] = np.ascontiguousarray(tensor)
-                    weight_map[name] = fname
-                    total += tensor.nbytes
+                keys = _per_layer(cfg, key)
+                for n, k in enumerate(keys):
+                    part = value[n] if _stacked(cfg, key) else value
+                    for name, tensor in zip(layout[k].names, layout[k].to_hf(part)):
+                        tensors[name] = np.ascontiguousarray(tensor)
+                        weight_map[name] = fname
+                        total += tensor.nbytes
             save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
         if len(files) > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:

@@ -4,7 +4,10 @@ The step is one pure function under `jax.jit`: parameters and optimizer state in
 out (donated), sharded by the logical-axis rules (FSDP over `fsdp`, tensor parallel over `tensor`, batch rows over
 `data` x `fsdp`). Gradient accumulation is a `lax.scan` over micro-batches inside the step, and the loss is the
 sum over target tokens divided by the count over the whole step, so accumulating or packing does not change it.
-Mixed precision is the model config's: parameters (and so AdamW's moments) in `param_dtype`, compute in `dtype`.
+Mixed precision is the model config's: parameters (and so AdamW's moments) in `param_dtype`, compute in `dtype`;
+full fine-tuning needs float32 parameters (bf16 ones would round most updates away). With LoRA only the adapters
+(float32) are trained, held in the optimizer state and checkpointed; the base weights stay frozen in the compute
+dtype. The loss never materialises `[B, T, vocab]` logits (`loss.py`).
 
 Host side: a grain iterator feeds global batches (`jax.make_array_from_process_local_data`), metrics go to
 `metrics.jsonl`, TensorBoard and a tqdm bar, and Orbax checkpoints hold everything needed to resume exactly.
@@ -35,8 +38,10 @@ from tqdm.auto import tqdm
 from s2d_jax import distributed, mesh as mesh_lib
 from s2d_jax.errors import S2DError
 from s2d_jax.flops import flops_per_token, matmul_peak
+from s2d_jax.model import lora as lora_lib
 from s2d_jax.model.transformer import Transformer
 from s2d_jax.train import data as data_lib
+from s2d_jax.train.loss import cross_entropy
 from s2d_jax.train.checkpoint import Checkpoints
 
 log = logging.getLogger("s2d.train")
@@ -69,22 +74,25 @@ def make_optimizer(t: ConfigDict) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(t.clip_norm), adamw) if t.clip_norm > 0 else adamw
 
 
-def loss_sums(model: Transformer, batch: dict) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def loss_sums(model: Transformer, batch: dict, chunk: int = 0, right_padded: bool = False):
     """Summed cross-entropy over target tokens, and (correct predictions, target-token count)."""
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-    w = batch["weights"]
-    correct = (jnp.argmax(logits, -1) == batch["targets"]) * w
-    return jnp.sum(nll * w), (jnp.sum(correct), jnp.sum(w))
+    hidden, _ = model.forward(batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"],
+                              right_padded=right_padded)
+    loss, correct = cross_entropy(hidden, model.head(), batch["targets"], batch["weights"], chunk)
+    return loss, (correct, jnp.sum(batch["weights"]))
 
 
-def train_step(graphdef, tx: optax.GradientTransformation, params, opt_state, batch):
-    """One optimizer step over `batch` (every leaf `[micro_steps, rows, len]`); returns new params, optimizer
+def train_step(graphdef, tx: optax.GradientTransformation, params, opt_state, batch, frozen=None, chunk: int = 0,
+               right_padded: bool = False):
+    """One optimizer step over `batch` (every leaf `[micro_steps, rows, len]`) on the trainable `params` (the
+    `frozen` rest of the model, e.g. LoRA's base weights, is not differentiated); returns new params, optimizer
     state and metrics. Pure: jit it with donated params and optimizer state."""
+    states = () if frozen is None else (frozen,)
+
     def micro(carry, mb):
         grads, loss, correct, count = carry
-        grad_fn = jax.value_and_grad(lambda p: loss_sums(nnx.merge(graphdef, p), mb), has_aux=True)
+        grad_fn = jax.value_and_grad(
+            lambda p: loss_sums(nnx.merge(graphdef, p, *states), mb, chunk, right_padded), has_aux=True)
         (l, (c, n)), g = grad_fn(params)
         return (jax.tree.map(jnp.add, grads, g), loss + l, correct + c, count + n), None
 
@@ -130,6 +138,14 @@ class Trainer:
                            f"{self.micro_rows} per micro-step, not a multiple of the {rows_multiple} data shards")
         if model.cfg.remat != t.remat:  # only the top module's forward reads it; static, so set before splitting
             model.cfg = model.cfg.replace(remat=t.remat)
+        if t.lora_rank:
+            if not model.cfg.lora_rank:
+                lora_lib.add(model, t.lora_rank, t.lora_alpha, t.lora_targets, seed=t.seed, mesh=mesh)
+        elif model.cfg.param_dtype != "float32":
+            raise S2DError(f"config key 'model.dtype': {model.cfg.param_dtype} parameters with full fine-tuning "
+                           f"(AdamW updates at lr {t.learning_rate:g} round away in {model.cfg.param_dtype}); use "
+                           f"model.dtype=float32 with model.compute_dtype={model.cfg.param_dtype}, or LoRA "
+                           f"(train.lora_rank > 0)")
         self.model = model
         path = t.data or os.path.join(workdir, "distill.jsonl")
         self.encoded = data_lib.load_pairs(path, tokenizer, max_len=t.max_len, chat=chat, too_long=t.too_long)
@@ -137,8 +153,10 @@ class Trainer:
                                      max_len=t.max_len, seed=t.seed, pack=t.pack)
         self.tx = make_optimizer(t)
         self.schedule = learning_rate_schedule(t)
-        self.graphdef, state = nnx.split(model, nnx.Param)
+        trainable = lora_lib.LoRAParam if model.cfg.lora_rank else nnx.Param
+        self.graphdef, state, frozen = nnx.split(model, trainable, ...)
         self.params = state.to_pure_dict()
+        self.frozen = frozen.to_pure_dict() if model.cfg.lora_rank else None
         if mesh is None:
             self.param_shardings = jax.tree.map(lambda x: x.sharding, self.params)
             self.batch_sharding = None
@@ -155,8 +173,9 @@ class Trainer:
         with self._mesh():
             self.opt_state = init(self.params)
         self.opt_shardings = jax.tree.map(lambda x: x.sharding, self.opt_state)
-        self._step = jax.jit(functools.partial(train_step, self.graphdef, self.tx), donate_argnums=(0, 1),
-                             out_shardings=(self.param_shardings, self.opt_shardings, None))
+        self._step = jax.jit(functools.partial(train_step, self.graphdef, self.tx, chunk=t.loss_chunk,
+                                               right_padded=not t.pack),
+                             donate_argnums=(0, 1), out_shardings=(self.param_shardings, self.opt_shardings, None))
         self.checkpoints = Checkpoints(t.checkpoint_dir or os.path.join(workdir, "checkpoints"),
                                        keep=t.keep_checkpoints)
         self._stop_requested = False
@@ -187,7 +206,8 @@ class Trainer:
                                         f"{self.checkpoints.directory} (rerun the same command to resume)")
                     batch = next(iterator)
                     tokens += int(np.count_nonzero(batch["segment_ids"]))
-                    self.params, self.opt_state, m = self._step(self.params, self.opt_state, self._global(batch))
+                    self.params, self.opt_state, m = self._step(self.params, self.opt_state, self._global(batch),
+                                                                self.frozen)
                     step += 1
                     bar.update(1)
                     if step % t.log_every == 0 or step == t.steps:
@@ -216,7 +236,7 @@ class Trainer:
         return TrainResult(step, last, resumed)
 
     def current_model(self) -> Transformer:
-        return nnx.merge(self.graphdef, self.params)
+        return nnx.merge(self.graphdef, self.params, *(() if self.frozen is None else (self.frozen,)))
 
     # ------------------------------------------------------------------------------------------ helpers
 

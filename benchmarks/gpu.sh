@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One prepared run on a lent GPU (H100/H200, jax 0.11.2 + CUDA 13, no network): the parity and kernel tests on
+# the GPU, then the train-step and sampler benchmarks at SmolLM2-135M's and Llama-3.2-1B's shapes, bf16 compute,
+# each against transformers/PyTorch on the same card. Output goes to $OUT/log.txt (and the terminal).
+#   device run: bash benchmarks/gpu.sh      (carry .whl: grain, array_record, portpicker, ml_collections, ...)
+set -u
+OUT=${OUT:-/tmp/s2d_gpu}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+python3 -c "import jax, flax, optax, orbax.checkpoint as o, transformers, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__, jax.devices())"
+step() { echo; echo "=== $*"; local start=$SECONDS; timeout "${LIMIT:-150}" "$@"; echo "=== rc $? in $((SECONDS - start)) s"; }
+LIMIT=200 step env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -q -p no:cacheprovider tests/test_attention.py \
+  tests/test_model.py tests/test_lora.py -k "not splash and not end_to_end and not bad_lora and not resume and not only_adapters"
+LIMIT=50 step python3 benchmarks/train.py --preset smollm2-135m --dtype bfloat16 --batch 16 --seq 1024 --steps 5
+LIMIT=50 step python3 benchmarks/train.py --preset smollm2-135m --dtype bfloat16 --batch 16 --seq 1024 --steps 5 --lora 16
+LIMIT=75 step python3 benchmarks/train.py --preset llama3.2-1b --dtype bfloat16 --batch 8 --seq 1024 --steps 5
+LIMIT=75 step python3 benchmarks/train.py --preset llama3.2-1b --dtype bfloat16 --batch 8 --seq 1024 --steps 5 --lora 16
+LIMIT=90 step python3 benchmarks/sampler.py --preset smollm2-135m --dtype bfloat16 --batches 32,64 --new 128
+LIMIT=90 step python3 benchmarks/sampler.py --preset llama3.2-1b --dtype bfloat16 --batches 64 --new 128

@@ -1,0 +1,84 @@
+"""What every stage starts with: the mesh, the model and the tokenizer a config names."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ml_collections import ConfigDict
+
+from s2d_jax import mesh as mesh_lib
+from s2d_jax.errors import S2DError
+from s2d_jax.model import PRESETS, init_model, load_model
+from s2d_jax.tokenizer import SYLLABLES, load_tokenizer
+
+log = logging.getLogger("s2d")
+
+
+def mesh_devices(config: ConfigDict) -> list:
+    """The devices the configured mesh uses: all of them, or the first data x fsdp x tensor when that is fewer."""
+    import jax
+
+    m = config.mesh
+    devices = jax.devices()
+    if -1 not in (m.data, m.fsdp, m.tensor) and 0 < (wanted := m.data * m.fsdp * m.tensor) < len(devices):
+        log.info("mesh %s uses %d of the %d devices", dict(data=m.data, fsdp=m.fsdp, tensor=m.tensor), wanted,
+                 len(devices))
+        devices = devices[:wanted]
+    return devices
+
+
+def build_mesh(config: ConfigDict):
+    """The configured mesh, or None for a single device (no sharding annotations at all)."""
+    m = config.mesh
+    mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=mesh_devices(config))
+    return None if mesh.size == 1 else mesh
+
+
+def toy_base(config: ConfigDict, workdir: str | None) -> str | None:
+    """WORKDIR/base when the run pretrains its own toy base model (`pretrain.steps` > 0 and no `model.path`)."""
+    return os.path.join(workdir or ".", "base") if config.pretrain.steps > 0 and not config.model.path else None
+
+
+def build_model(config: ConfigDict, mesh=None, workdir: str | None = None, base: bool = True, tokenizer=None,
+                trainable: bool = False, path: str | None = None):
+    """The model the config names (or at `path`): the checkpoint at `model.path`; else, with `pretrain.steps`,
+    the toy base model `s2d pretrain` wrote to WORKDIR/base; else a random `model.preset` seeded by `seed` (also
+    what pretraining starts from: `base=False`, sized to `tokenizer`'s vocabulary and end-of-turn token when
+    given). Its weights are in `model.dtype` only when they are trained in full (`trainable` without LoRA);
+    sampling, eval and LoRA's frozen base hold them in the compute dtype."""
+    m = config.model
+    compute = m.compute_dtype or m.dtype
+    dtype = m.dtype if trainable and not config.train.lora_rank else compute
+    path = path or m.path or (toy_base(config, workdir) if base else None)
+    if path and not m.path and not os.path.exists(path):
+        raise S2DError(f"{path}: no pretrained base model (config key 'pretrain.steps' > 0: run "
+                       f"`s2d pretrain` or `s2d run` first)")
+    if path:
+        model = load_model(path, dtype=dtype, compute_dtype=compute, mesh=mesh, scan_layers=m.scan_layers)
+        model.cfg = model.cfg.replace(attention=m.attention)
+        return model
+    if m.preset not in PRESETS:
+        raise S2DError(f"config key 'model.preset': {m.preset!r} is not a preset (presets: {', '.join(PRESETS)}); "
+                       f"or set 'model.path' to a checkpoint")
+    cfg = PRESETS[m.preset].replace(param_dtype=dtype, dtype=compute, scan_layers=m.scan_layers,
+                                    attention=m.attention)
+    if tokenizer is not None:
+        cfg = cfg.replace(vocab_size=max(cfg.vocab_size, -(-len(tokenizer) // 64) * 64),
+                          eos_token_ids=(tokenizer.eos_token_id,))
+    return init_model(cfg, seed=config.seed, mesh=mesh)
+
+
+def build_tokenizer(config: ConfigDict, workdir: str | None = None):
+    """The tokenizer of `model.path`, or `tokenizer` (a path or `bytes`); in a run that pretrains a toy base
+    model, the one pretraining used, saved with it in WORKDIR/base."""
+    base = toy_base(config, workdir)
+    if base and workdir and os.path.exists(base):
+        return load_tokenizer(base)
+    if config.tokenizer == SYLLABLES:
+        raise S2DError(f"config key 'tokenizer': {SYLLABLES!r} is built by `s2d pretrain` and saved in {base}; "
+                       f"run `s2d pretrain` or `s2d run` first")
+    path = config.tokenizer or config.model.path
+    if not path:
+        raise S2DError("config key 'tokenizer': empty, and 'model.path' is empty too (set one, or 'bytes')")
+    return load_tokenizer(path)

@@ -1,0 +1,215 @@
+"""One attention function for every caller (training, the plain forward, prefill, decode), kernel by backend.
+
+Which keys a query sees is described by `Mask`, never by a materialised `[T, S]` matrix: segment ids (0 =
+padding; a key is seen only inside the query's segment), slots (causality: a query at slot t sees slots <= t) and
+an optional sliding window (t - s < window). Implementations:
+
+- `reference`: scores materialised, `[B, heads, T, S]`. Used for decoding (T is a few tokens) and as the oracle.
+- `blockwise`: keys in blocks with an online softmax (flash attention in pure JAX) and a custom VJP that saves only
+  the output and the log-sum-exp, so neither the forward nor the backward pass holds more than `[T, block]` scores
+  per head: memory is linear in T. The portable path (CPU, and GPU wherever cuDNN cannot express the mask).
+- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` (the cuDNN flash kernel) on GPU in bf16/fp16,
+  for masks it can express: causal rows that are right-padded (`right_padded=True`: one segment per row).
+- `splash`: the Pallas splash-attention kernel on TPU (segment ids, causal or local masks).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MASKED = -0.7 * float(np.finfo(np.float32).max)
+IMPLEMENTATIONS = ("auto", "reference", "blockwise", "cudnn", "splash")
+BLOCK = 512  # keys per block of the blockwise path
+
+
+class Mask(NamedTuple):
+    """Which keys each query sees: same nonzero segment, slot not after the query's, within the window."""
+
+    q_segments: jax.Array  # [B, T] int32
+    kv_segments: jax.Array  # [B, S] int32, 0 = padding / empty cache slot
+    q_slots: jax.Array  # [B, T] int32
+    kv_slots: jax.Array  # [S] int32
+
+
+def allowed(mask: Mask, window: int | None, kv_segments=None, kv_slots=None) -> jax.Array:
+    """`[B, T, S]` booleans (for the keys given, default all of them)."""
+    kv_segments = mask.kv_segments if kv_segments is None else kv_segments
+    kv_slots = mask.kv_slots if kv_slots is None else kv_slots
+    seen = (mask.q_segments[:, :, None] == kv_segments[:, None, :]) & (kv_segments[:, None, :] != 0)
+    delta = mask.q_slots[:, :, None] - kv_slots[None, None, :]
+    seen &= delta >= 0
+    if window:
+        seen &= delta < window
+    return seen
+
+
+def choose(q_len: int, dtype, right_padded: bool, backend: str | None = None) -> str:
+    """The implementation `auto` picks for `q_len` queries in `dtype` on `backend` (default: JAX's)."""
+    backend = backend or jax.default_backend()
+    if q_len <= 16:
+        return "reference"  # decoding: a few queries, scores are [T, S] with T tiny
+    if backend == "gpu" and right_padded and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    if backend == "tpu":
+        return "splash"
+    return "blockwise"
+
+
+def attention(q, k, v, mask: Mask, *, window: int | None = None, impl: str = "auto", right_padded: bool = False,
+              block: int = BLOCK) -> jax.Array:
+    """`q: [B, K, G, T, hd]` (G query heads per kv head), `k, v: [B, K, S, hd]` -> `[B, K, G, T, hd]` in q's
+    dtype. Scores and the softmax are float32."""
+    if impl == "auto":
+        impl = choose(q.shape[3], q.dtype, right_padded)
+    if impl == "reference":
+        return reference(q, k, v, mask, window)
+    if impl == "blockwise":
+        return blockwise(q, k, v, mask, window, block)
+    if impl == "cudnn":
+        return _cudnn(q, k, v, mask, window)
+    if impl == "splash":
+        return _splash(q, k, v, mask, window)
+    raise ValueError(f"attention implementation {impl!r}: expected one of {', '.join(IMPLEMENTATIONS)}")
+
+
+def reference(q, k, v, mask: Mask, window=None):
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("bkgth,bksh->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(allowed(mask, window)[:, None, None], scores, MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bksh->bkgth", probs, v.astype(q.dtype))
+
+
+# ------------------------------------------------------------------------------------------ blockwise (flash)
+
+
+def _blocks(k, v, mask: Mask, block: int):
+    """Keys, values, their segments and slots as `[num_blocks, ...]` stacks (padding keys are segment 0)."""
+    s = k.shape[2]
+    nb = -(-s // block)
+    pad = nb * block - s
+    if pad:
+        k = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    seg = jnp.pad(mask.kv_segments, ((0, 0), (0, pad)))
+    slots = jnp.pad(mask.kv_slots, (0, pad), constant_values=np.iinfo(np.int32).max)
+    split = lambda x, axis: jnp.moveaxis(x.reshape(x.shape[:axis] + (nb, block) + x.shape[axis + 1:]), axis, 0)
+    return split(k, 2), split(v, 2), split(seg, 1), split(slots, 0)
+
+
+def _scores(q, kj, mask, segj, slotj, window, scale):
+    s = jnp.einsum("bkgth,bksh->bkgts", q, kj.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    return jnp.where(allowed(mask, window, segj, slotj)[:, None, None], s, MASKED)
+
+
+def _flash_forward(q, k, v, mask, window, block):
+    b, kh, g, t, hd = q.shape
+    scale = hd ** -0.5
+
+    def body(carry, xs):
+        m, l, acc = carry
+        kj, vj, segj, slotj = xs
+        s = _scores(q, kj, mask, segj, slotj, window, scale)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        l = l * corr + p.sum(-1)
+        pv = jnp.einsum("bkgts,bksh->bkgth", p.astype(q.dtype), vj.astype(q.dtype), preferred_element_type=jnp.float32)
+        return (m_new, l, acc * corr[..., None] + pv), None
+
+    init = (jnp.full((b, kh, g, t), MASKED, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
+            jnp.zeros((b, kh, g, t, hd), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(body, init, _blocks(k, v, mask, block))
+    return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q, k, v, mask, window, block):
+    return _flash_forward(q, k, v, mask, window, block)[0]
+
+
+def _flash_fwd(q, k, v, mask, window, block):
+    out, lse = _flash_forward(q, k, v, mask, window, block)
+    return out, (q, k, v, mask, out, lse)
+
+
+def _flash_bwd(window, block, res, dout):
+    q, k, v, mask, out, lse = res
+    scale = q.shape[-1] ** -0.5
+    do = dout.astype(jnp.float32)
+    delta = jnp.sum(do * out.astype(jnp.float32), axis=-1)  # [B, K, G, T]
+    s_len = k.shape[2]
+
+    def body(dq, xs):
+        kj, vj, segj, slotj = xs
+        p = jnp.exp(_scores(q, kj, mask, segj, slotj, window, scale) - lse[..., None])
+        dv = jnp.einsum("bkgts,bkgth->bksh", p, do)
+        dp = jnp.einsum("bkgth,bksh->bkgts", do, vj.astype(jnp.float32))
+        ds = p * (dp - delta[..., None]) * scale
+        dq = dq + jnp.einsum("bkgts,bksh->bkgth", ds, kj.astype(jnp.float32))
+        dk = jnp.einsum("bkgts,bkgth->bksh", ds, q.astype(jnp.float32))
+        return dq, (dk, dv)
+
+    dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), _blocks(k, v, mask, block))
+    unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(x.shape[1:3] + (-1, x.shape[-1]))[:, :, :s_len]
+    zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), mask)
+    return dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), zeros
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def blockwise(q, k, v, mask: Mask, window=None, block: int = BLOCK):
+    return _flash(q, k, v, mask, window, min(block, max(k.shape[2], 1)))
+
+
+# ------------------------------------------------------------------------------------------ accelerator kernels
+
+
+def _cudnn(q, k, v, mask: Mask, window):
+    """cuDNN flash attention: causal, right-padded rows (lengths from the segment ids), optional left window."""
+    b, kh, g, t, hd = q.shape
+    lengths = jnp.sum(mask.q_segments != 0, axis=1).astype(jnp.int32)
+    qt = q.reshape(b, kh * g, t, hd).transpose(0, 2, 1, 3)  # [B, T, N, hd], head n = kv head n // G
+    kt, vt = (x.astype(q.dtype).transpose(0, 2, 1, 3) for x in (k, v))
+    out = jax.nn.dot_product_attention(qt, kt, vt, is_causal=True, query_seq_lengths=lengths,
+                                       key_value_seq_lengths=lengths, scale=hd ** -0.5,
+                                       local_window_size=(window - 1, 0) if window else None, implementation="cudnn")
+    return out.transpose(0, 2, 1, 3).reshape(b, kh, g, t, hd)
+
+
+def _splash(q, k, v, mask: Mask, window):
+    """Pallas splash attention (TPU): one MQA kernel per (row, kv head) over its G query heads; segment ids carry
+    padding and packing, the static mask causality and the window. Without a cache only (query i at key slot i);
+    lengths are padded to a multiple of 128. Off TPU the same kernel runs in Pallas' interpreter (tests)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, kh, g, t, hd = q.shape
+    s = k.shape[2]
+    tp, sp = -(-t // 128) * 128, -(-s // 128) * 128
+    if (tp, sp) != (t, s):
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, tp - t), (0, 0)))
+        k = jnp.pad(k, ((0, 0), (0, 0), (0, sp - s), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, sp - s), (0, 0)))
+    # padding queries (segment 0) see padding keys, at least themselves: no row is empty, so no NaN reaches a
+    # padding position's keys and values; real tokens never see segment 0
+    qseg = jnp.pad(mask.q_segments, ((0, 0), (0, tp - t)))
+    kseg = jnp.pad(mask.kv_segments, ((0, 0), (0, sp - s)))
+    shape = (tp, sp)
+    one = sm.LocalMask(shape, (window - 1, 0), 0) if window else sm.CausalMask(shape)
+    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([one] * g), interpret=jax.default_backend() != "tpu")
+    scaled = (q * jnp.asarray(hd ** -0.5, q.dtype))
+
+    def one_row(qb, kb, vb, qs, ks):  # qb [K, G, T, hd], kb [K, S, hd]
+        ids = sk.SegmentIds(q=qs, kv=ks)
+        return jax.vmap(lambda qh, kk, vv: kernel(qh, kk, vv, segment_ids=ids))(qb, kb.astype(q.dtype), vb.astype(q.dtype))
+
+    out = jax.vmap(one_row)(scaled, k, v, qseg, kseg)
+    return out[:, :, :, :t]
+

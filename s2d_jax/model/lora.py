@@ -1,0 +1,189 @@
+"""LoRA (Hu et al. 2021) on the decoder's projections, written on NNX, in PEFT's terms.
+
+Why our own rather than qwix: our projections are fused (`qkv`, `gate_up`) while PEFT adapts each HF module
+(`q_proj`, `k_proj`, ...) separately; the adapters must be PEFT's, one per HF module, to export an adapter that
+`peft` loads over the base model. So each target holds `a: [in..., r]` and `b: [r, out...]` in our layouts, the
+forward adds `alpha / r * (x a) b` to that module's output, and the export reshapes them to PEFT's `lora_A`
+`[r, in]` and `lora_B` `[out, r]`. Adapters are `LoRAParam`s (a kind of `nnx.Param`), so the trainer can split
+them from the frozen base weights, and they are kept in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from s2d_jax.errors import S2DError
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRAParam(nnx.Param):
+    """A LoRA adapter weight: trainable while the base `nnx.Param`s stay frozen."""
+
+
+class LoRA(nnx.Module):
+    """`x -> scale * (x . a) . b`; `layers` > 0 stacks one adapter per layer (for scanned layers)."""
+
+    def __init__(self, in_shape, out_shape, in_axes, out_axes, rank: int, alpha: float, key, layers: int = 0):
+        lead, lead_axes = ((layers,), ("layers",)) if layers else ((), ())
+        fan_in = math.prod(in_shape)
+        a = jax.random.uniform(key, lead + tuple(in_shape) + (rank,), jnp.float32, -1.0, 1.0) / math.sqrt(fan_in)
+        self.a = LoRAParam(a, axes=lead_axes + tuple(in_axes) + (None,))
+        self.b = LoRAParam(jnp.zeros(lead + (rank,) + tuple(out_shape), jnp.float32), axes=lead_axes + (None,) + tuple(out_axes))
+        self.scale = alpha / rank
+        self.in_ndim = len(in_shape)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        h = jnp.tensordot(x, self.a[...].astype(dt), axes=self.in_ndim)
+        return jnp.tensordot(h, self.b[...].astype(dt), axes=1) * jnp.asarray(self.scale, dt)
+
+    def delta(self) -> jax.Array:
+        """The dense update `scale * a b` `[(layers,) in..., out...]` (float32)."""
+        a, b = self.a[...], self.b[...]
+        if a.ndim > self.in_ndim + 1:  # stacked
+            return jax.vmap(lambda x, y: jnp.tensordot(x, y, axes=1))(a, b) * self.scale
+        return jnp.tensordot(a, b, axes=1) * self.scale
+
+
+def shapes(cfg) -> dict[str, tuple]:
+    """target -> (in shape, out shape, in axes, out axes) in our layouts."""
+    d, k, g, hd, i = cfg.hidden_size, cfg.num_kv_heads, cfg.group_size, cfg.head_dim, cfg.intermediate_size
+    return {
+        "q_proj": ((d,), (k, g, hd), ("embed",), ("kv_heads", None, None)),
+        "k_proj": ((d,), (k, hd), ("embed",), ("kv_heads", None)),
+        "v_proj": ((d,), (k, hd), ("embed",), ("kv_heads", None)),
+        "o_proj": ((k, g, hd), (d,), ("kv_heads", None, None), ("embed",)),
+        "gate_proj": ((d,), (i,), ("embed",), ("mlp",)),
+        "up_proj": ((d,), (i,), ("embed",), ("mlp",)),
+        "down_proj": ((i,), (d,), ("mlp",), ("embed",)),
+    }
+
+
+def _owner(target: str) -> str:
+    return "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "attn"
+
+
+def check_targets(targets) -> tuple[str, ...]:
+    targets = tuple(targets)
+    bad = [t for t in targets if t not in TARGETS]
+    if bad or not targets:
+        raise S2DError(f"config key 'train.lora_targets': {bad[0] if bad else '()'!r} is not a LoRA target "
+                       f"(targets: {', '.join(TARGETS)})")
+    return targets
+
+
+def add(model, rank: int, alpha: float, targets=TARGETS, seed: int = 0, mesh=None):
+    """Give `model` (in place) zero-initialised adapters on `targets` (B = 0, so it computes what it did)."""
+    from s2d_jax import distributed, mesh as mesh_lib
+
+    cfg = model.cfg
+    targets = check_targets(targets)
+    if rank < 1:
+        raise S2DError(f"config key 'train.lora_rank': {rank}; LoRA needs a rank >= 1")
+    table = shapes(cfg)
+    key = jax.random.key(seed)
+    blocks = [model.layers] if cfg.scan_layers else list(model.layers)
+    for n, block in enumerate(blocks):
+        for target in targets:
+            key, sub = jax.random.split(key)
+            adapter = LoRA(*table[target], rank=rank, alpha=alpha, key=sub,
+                           layers=cfg.num_layers if cfg.scan_layers else 0)
+            setattr(getattr(block, _owner(target)), "lora_" + target.split("_")[0], adapter)
+    model.cfg = cfg.replace(lora_rank=rank, lora_alpha=float(alpha), lora_targets=targets)
+    if mesh is not None:  # adapters laid out by the same logical rules as the base weights
+        state = nnx.state(model, LoRAParam)
+        nnx.update(model, jax.tree.map(distributed.put, state, mesh_lib.state_shardings(state, mesh)))
+    return model
+
+
+def adapters(model) -> dict[tuple, LoRA]:
+    """(layer index or None when stacked, target) -> adapter."""
+    out = {}
+    blocks = [(None, model.layers)] if model.cfg.scan_layers else list(enumerate(model.layers))
+    for n, block in blocks:
+        for target in model.cfg.lora_targets:
+            out[(n, target)] = getattr(getattr(block, _owner(target)), "lora_" + target.split("_")[0])
+    return out
+
+
+def merged(model):
+    """A copy of `model` with every adapter's update added to its base weight and no adapters (what eval and
+    transformers load). Updates are added in float32, then cast to the base dtype."""
+    cfg = model.cfg
+    if not cfg.lora_rank:
+        return model
+    g = cfg.group_size
+    graphdef, state = nnx.split(model)
+    out = nnx.merge(graphdef, state)  # a fresh copy of the same arrays
+    for (n, target), adapter in adapters(out).items():
+        block = out.layers if n is None else out.layers[n]
+        delta = adapter.delta()
+        owner = getattr(block, _owner(target))
+        lead = (slice(None),) if n is None else ()
+        if target in ("q_proj", "k_proj", "v_proj"):
+            w = owner.qkv
+            where = {"q_proj": slice(0, g), "k_proj": g, "v_proj": g + 1}[target]
+            index = lead + (slice(None), slice(None), where)
+            w[...] = w[...].at[index].add(delta.astype(w[...].dtype))
+        elif target in ("gate_proj", "up_proj"):
+            w = owner.gate_up
+            index = lead + (slice(None), 0 if target == "gate_proj" else 1)
+            w[...] = w[...].at[index].add(delta.astype(w[...].dtype))
+        else:
+            w = owner.o if target == "o_proj" else owner.down
+            w[...] = (w[...].astype(jnp.float32) + delta).astype(w[...].dtype)
+        setattr(owner, "lora_" + target.split("_")[0], None)
+    out.cfg = cfg.replace(lora_rank=0, lora_targets=())
+    return out
+
+
+def save_peft(model, out_dir: str, base_model: str = "") -> str:
+    """Write the adapters as a PEFT LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`) that
+    `peft.PeftModel.from_pretrained(base, out_dir)` loads over the base model in transformers. Atomic."""
+    from safetensors.numpy import save_file
+
+    from s2d_jax import distributed
+
+    cfg = model.cfg
+    tensors = {}
+    for (n, target), adapter in adapters(model).items():
+        a, b = distributed.fetch(adapter.a[...]), distributed.fetch(adapter.b[...])
+        layers = range(cfg.num_layers) if n is None else [n]
+        for j, layer in enumerate(layers):
+            aj, bj = (a[j], b[j]) if n is None else (a, b)
+            module = f"base_model.model.model.layers.{layer}.{'mlp' if _owner(target) == 'mlp' else 'self_attn'}.{target}"
+            tensors[module + ".lora_A.weight"] = np.ascontiguousarray(aj.reshape(-1, cfg.lora_rank).T)
+            tensors[module + ".lora_B.weight"] = np.ascontiguousarray(bj.reshape(cfg.lora_rank, -1).T)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
+              "target_modules": sorted(cfg.lora_targets), "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
+              "use_dora": False, "base_model_name_or_path": base_model or None}
+    if not distributed.primary():
+        distributed.barrier(f"save_peft {out_dir}")
+        return out_dir
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir):
+        raise S2DError(f"{out_dir}: already exists; not overwriting it")
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=os.path.dirname(out_dir))
+    try:
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    distributed.barrier(f"save_peft {out_dir}")
+    return out_dir

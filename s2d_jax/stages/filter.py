@@ -1,0 +1,80 @@
+"""Stage `filter`: self-consistency over each input's samples; the kept inputs become `distill.jsonl`."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+
+from ml_collections import ConfigDict
+
+from s2d_jax.artifacts import write_atomic
+from s2d_jax.build import build_mesh, build_model, build_tokenizer
+from s2d_jax.errors import S2DError
+from s2d_jax.sampling import Sampler
+from s2d_jax.stages.generate import read_rollouts, rollout_path
+from s2d_jax.system2.filters import FilterReport, order_swap, parse_usc, usc, usc_prompt, vote
+from s2d_jax.system2.tasks import Example, get_task
+from s2d_jax.system2.tasks.judge import SWAP_SUFFIX
+
+log = logging.getLogger("s2d")
+
+FILTERS = ("majority", "order_swap", "usc")
+
+
+def filter(config: ConfigDict, workdir: str) -> str:  # noqa: A001 (the stage's name)
+    """Stage `filter`: self-consistency over each input's samples (`filter.name`: majority vote, order-swap
+    consistency for pairwise judging, or USC for free-form answers); the kept inputs become `distill.jsonl`
+    (System 1 prompt -> the consistent answer) and the decisions are summed in `filter_report.json`."""
+    name = config.filter.name
+    if name not in FILTERS:
+        raise S2DError(f"config key 'filter.name': unknown filter {name!r} (filters: {', '.join(FILTERS)})")
+    out = os.path.join(workdir, "distill.jsonl")
+    if os.path.exists(out):
+        log.info("%s is complete; skipping filter", out)
+        return out
+    source = rollout_path(workdir)
+    task = get_task(config.task.name)
+    grouped: dict[str, list[dict]] = collections.OrderedDict()
+    for row in read_rollouts(config, workdir):
+        grouped.setdefault(row["id"], []).append(row)
+    for rows in grouped.values():
+        rows.sort(key=lambda r: r["sample"])
+    answers = {key: [r["answer"] for r in rows] for key, rows in grouped.items()}
+    keys = [k for k in grouped if not k.endswith(SWAP_SUFFIX)]
+    if name == "order_swap":
+        unpaired = [k for k in keys if k + SWAP_SUFFIX not in grouped]
+        if unpaired:
+            raise S2DError(f"{source}: input {unpaired[0]!r} has no swapped twin {unpaired[0] + SWAP_SUFFIX!r} "
+                           f"(generate with filter.name=order_swap to judge both orders)")
+        decisions = [order_swap(answers[k], answers[k + SWAP_SUFFIX], config.filter.min_share) for k in keys]
+    elif name == "usc":
+        decisions = _usc_decisions(config, [grouped[k] for k in keys], workdir)
+    else:
+        decisions = [vote(answers[k], config.filter.min_share) for k in keys]
+    report, lines = FilterReport(), []
+    for key, decision in zip(keys, decisions):
+        report.add(decision)
+        if decision.reason is None:
+            prompt = task.system1_prompt(Example(key, grouped[key][0]["input"]))
+            votes = dict(collections.Counter(a for a in answers[key] if a is not None).most_common())
+            lines.append(json.dumps({"id": key, "prompt": prompt, "target": task.target(decision.answer),
+                                     "votes": votes, "agreement": decision.share}))
+    write_atomic(os.path.join(workdir, "filter_report.json"),
+                 json.dumps({"filter": name, **report.to_dict()}, indent=2) + "\n")
+    write_atomic(out, "".join(line + "\n" for line in lines))
+    log.info("kept %d of %d inputs (%.0f%%); drops: %s", report.kept, report.total, 100 * report.kept_fraction,
+             dict(report.drops) or "none")
+    return out
+
+
+def _usc_decisions(config: ConfigDict, groups: list[list[dict]], workdir: str):
+    """USC: one greedy sampler call per input asks the model for the most consistent of its N final outputs."""
+    mesh = build_mesh(config)
+    sampler = Sampler(build_model(config, mesh, workdir), build_tokenizer(config, workdir), mesh=mesh,
+                      max_batch=config.generate.max_batch)
+    prompts = [usc_prompt(rows[0]["input"], [r["stages"][-1]["output"] if r.get("stages") else str(r["answer"])
+                                             for r in rows]) for rows in groups]
+    outs = sampler.generate(prompts, max_new_tokens=32, chat=config.program.chat, progress=True)
+    return [usc(parse_usc(s.text, len(rows)), [r["answer"] for r in rows]) for (s,), rows in zip(outs, groups)]

@@ -1,0 +1,122 @@
+"""Stage `generate`: System 2 rollouts of every unlabelled input, streamed to disk and resumable; on several
+hosts one shard per host, merged by `read_rollouts`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+
+from ml_collections import ConfigDict
+
+from s2d_jax import distributed
+from s2d_jax.artifacts import complete_lines, read_jsonl
+from s2d_jax.build import build_mesh, build_model, build_tokenizer
+from s2d_jax.errors import S2DError
+from s2d_jax.sampling import Sampler
+from s2d_jax.stages.inputs import load_inputs
+from s2d_jax.system2.programs import get_program, run_program
+
+log = logging.getLogger("s2d")
+
+
+def rollout_path(workdir: str, process: int = 0, count: int = 1) -> str:
+    """`rollouts.jsonl` on one host; host `process` of `count` writes `rollouts-PROCESS-of-COUNT.jsonl`."""
+    name = "rollouts.jsonl" if count == 1 else f"rollouts-{process:05d}-of-{count:05d}.jsonl"
+    return os.path.join(workdir, name)
+
+
+def generate(config: ConfigDict, workdir: str) -> str:
+    """Stage `generate`: System 2 rollouts of every input, streamed to `<rollouts>.partial` chunk by chunk and
+    renamed when complete. A rerun skips the (input, sample) pairs already written.
+
+    On several hosts the sampler runs on the global mesh (every host computes every batch together) and host `p`
+    of `P` writes the inputs `p, p + P, ...` to its own shard; `filter` merges the shards. Which inputs are still
+    missing is agreed over all hosts, so a rerun after a kill resumes on every host alike."""
+    import jax
+
+    count, me = jax.process_count(), jax.process_index()
+    if count > 1 and os.path.exists(rollout_path(workdir)):
+        log.info("%s is complete (written by one host); skipping generate", rollout_path(workdir))
+        return rollout_path(workdir)
+    out = rollout_path(workdir, me, count)
+    task, examples = load_inputs(config)
+    mine = [i % count == me for i in range(len(examples))]
+    g = config.generate
+    n = g.samples
+    partial = out + ".partial"
+    done = {(r["id"], r["sample"]) for r in (complete_lines(out) if os.path.exists(out) else complete_lines(partial))}
+    missing = distributed.agree([m and any((e.id, j) not in done for j in range(n)) for e, m in zip(examples, mine)])
+    if not missing.any():
+        if not os.path.exists(out):  # everything was written, but a kill came before the rename
+            os.replace(partial, out)
+        log.info("%s is complete; skipping generate", out)
+        distributed.barrier(f"generate {workdir}")
+        return out
+    program = get_program(config.program.name)
+    program.check(sorted({k for e in examples for k in e.meta}))
+    if os.path.exists(out):  # complete here, but another host lost its shard: redo that part only
+        os.replace(out, partial)
+    todo = [e for e, m in zip(examples, missing) if m]
+    if len(todo) < len(examples):
+        log.info("resuming: %d of %d inputs already have their rollouts", len(examples) - len(todo), len(examples))
+    mesh = build_mesh(config)
+    sampler = Sampler(build_model(config, mesh, workdir), build_tokenizer(config, workdir), mesh=mesh,
+                      max_batch=g.max_batch)
+    sampling = dict(temperature=g.temperature, top_k=g.top_k or None, top_p=g.top_p if g.top_p < 1 else None)
+    owned = {e.id for e, m in zip(examples, mine) if m}
+    for start in range(0, len(todo), g.chunk):
+        chunk = todo[start:start + g.chunk]
+        records = run_program(program, chunk, sampler, n, parse=task.parse, seed=config.seed,
+                              chat=config.program.chat, max_new_tokens=config.program.max_new_tokens or None,
+                              progress=False, **sampling)
+        with open(partial, "a") as f:
+            for rec in records:
+                if rec["id"] in owned and (rec["id"], rec["sample"]) not in done:
+                    f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        log.info("rollouts: %d / %d inputs", len(examples) - len(todo) + start + len(chunk), len(examples))
+    os.replace(partial, out)
+    log.info("wrote %s", out)
+    distributed.barrier(f"generate {workdir}")  # `filter` may run next, on any host, and reads every shard
+    return out
+
+
+def read_rollouts(config: ConfigDict, workdir: str) -> list[dict]:
+    """The rollouts of `generate`: `rollouts.jsonl`, or the host shards `rollouts-*-of-COUNT.jsonl` merged in input
+    order (then sample) after checking that every shard is there and complete, no record is repeated and every
+    input has all its samples, so the merge does not depend on how many hosts wrote it."""
+    fields = ("id", "sample", "input", "answer")
+    single = rollout_path(workdir)
+    if os.path.exists(single):
+        return read_jsonl(single, fields)
+    found = [m for f in sorted(os.listdir(workdir)) if (m := re.fullmatch(r"rollouts-\d{5}-of-(\d{5})\.jsonl", f))]
+    if not found:
+        raise S2DError(f"{single}: no such file, and no host shards rollouts-*-of-*.jsonl (run `s2d generate` first)")
+    shards, count = [m.group(0) for m in found], int(found[0].group(1))
+    expected = [os.path.basename(rollout_path(workdir, p, count)) for p in range(count)]
+    absent = [f for f in expected if f not in shards]
+    if absent or len(shards) != count:
+        raise S2DError(f"{os.path.join(workdir, (absent or shards)[0])}: the shards of {count} hosts are not all "
+                       f"complete (expected {', '.join(expected)}; rerun `s2d generate` on {count} hosts)")
+    task, examples = load_inputs(config)
+    order = {e.id: k for k, e in enumerate(examples)}
+    rows, seen = [], set()
+    for name in expected:
+        path = os.path.join(workdir, name)
+        for number, row in enumerate(read_jsonl(path, fields), 1):
+            key = (row["id"], row["sample"])
+            if row["id"] not in order:
+                raise S2DError(f"{path}: record {number}: input {row['id']!r} is not in the configured inputs")
+            if key in seen:
+                raise S2DError(f"{path}: record {number}: input {row['id']!r} sample {row['sample']} is repeated")
+            seen.add(key)
+            rows.append(row)
+    want = config.generate.samples
+    for e in examples:
+        have = sum((e.id, j) in seen for j in range(want))
+        if have != want:
+            raise S2DError(f"{workdir}: input {e.id!r} has {have} of its {want} samples in the shards")
+    return sorted(rows, key=lambda r: (order[r["id"]], r["sample"]))

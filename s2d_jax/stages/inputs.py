@@ -1,0 +1,49 @@
+"""The task's inputs a stage works on: the unlabelled pool (generate, filter) and the held-out split (eval)."""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+from s2d_jax.errors import S2DError
+from s2d_jax.system2.tasks import get_task, tfds_source
+
+
+def _examples(task, path: str, n: int, offset: int, seed: int, size: int, group: str, t: ConfigDict):
+    if path.startswith(tfds_source.PREFIX):
+        examples = tfds_source.load_tfds(task, path, data_dir=t.tfds_data_dir, input_field=t.input_field,
+                                         label_field=t.label_field, limit=n + offset if n else 0)
+    elif path:
+        examples = task.load(path)
+    elif hasattr(task, "generate") and n > 0:
+        examples = task.generate(n, seed=seed, **{task.size_arg: size})
+    else:
+        raise S2DError(f"config key '{group}.path': empty, and task {task.name!r} cannot be generated without "
+                       f"'{group}.n' > 0")
+    examples = examples[offset:offset + n] if n else examples[offset:]
+    if not examples:
+        raise S2DError(f"task {task.name!r}: the {group} input set is empty")
+    return examples
+
+
+def load_inputs(config: ConfigDict):
+    """The task and its unlabelled input pool (labels are kept on the examples but never used to distil), each
+    input followed by its swapped twin when the filter compares verdicts in both orders (`order_swap`)."""
+    task = get_task(config.task.name)
+    t = config.task
+    examples = _examples(task, t.path, t.n, t.offset, t.seed, t.size, "task", t)
+    return task, with_swapped(task, examples) if config.filter.name == "order_swap" else examples
+
+
+def with_swapped(task, examples):
+    """Each example followed by its swapped twin (the responses exchanged)."""
+    if task.swap(examples[0]) is None:
+        raise S2DError(f"config key 'filter.name': order_swap needs a pairwise judging task; {task.name!r} has no "
+                       f"swapped form (use majority or usc)")
+    return [x for e in examples for x in (e, task.swap(e))]
+
+
+def load_eval_inputs(config: ConfigDict):
+    """The task and its held-out labelled split (`eval.*`; generated with `eval.seed` for synthetic tasks)."""
+    e = config.eval
+    task = get_task(e.task or config.task.name)
+    return task, _examples(task, e.path, e.n, e.offset, e.seed, config.task.size, "eval", config.task)

@@ -1,0 +1,53 @@
+"""Stage `train`: distil `distill.jsonl` into the model and export it to `model/`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+from ml_collections import ConfigDict
+
+from s2d_jax import distributed
+from s2d_jax.build import build_mesh, build_model, build_tokenizer
+from s2d_jax.errors import S2DError
+from s2d_jax.model import lora, save_hf
+from s2d_jax.stages.inputs import load_eval_inputs
+
+log = logging.getLogger("s2d")
+
+
+def train(config: ConfigDict, workdir: str) -> str:
+    """Stage `train`: fine-tune the model on `train.data` (default `distill.jsonl`), checkpointing to
+    `checkpoints/` and resuming from it; the final parameters are exported to `model/` (HF format; with LoRA the
+    merged model, and the adapter alone to `adapter/` in PEFT's format). `model/` is written last: it marks the
+    stage complete."""
+    from s2d_jax import evaluate
+    from s2d_jax.train import Trainer
+
+    out = os.path.join(workdir, "model")
+    if os.path.exists(out):
+        log.info("%s is complete; skipping train", out)
+        return out
+    data = config.train.data or os.path.join(workdir, "distill.jsonl")
+    if not os.path.exists(data):
+        raise S2DError(f"{data}: no such file (run `s2d filter` first, or set 'train.data')")
+    mesh = build_mesh(config)
+    model, tok = build_model(config, mesh, workdir, trainable=True), build_tokenizer(config, workdir)
+    eval_fn = None
+    if config.train.eval_every:
+        task, examples = load_eval_inputs(config)
+        eval_fn = lambda m: evaluate.system1(m, tok, task, examples, chat=config.program.chat,
+                                             max_new_tokens=config.eval.max_new_tokens, mesh=mesh,
+                                             max_batch=config.generate.max_batch)
+    result = Trainer(model, tok, config, workdir, mesh=mesh, chat=config.program.chat, eval_fn=eval_fn).fit()
+    log.info("trained %d steps: %s", result.step, {k: round(v, 4) for k, v in result.metrics.items()})
+    if config.train.lora_rank:
+        adapter = os.path.join(workdir, "adapter")
+        if distributed.primary():
+            shutil.rmtree(adapter, ignore_errors=True)  # left by a run killed before model/ was written
+        lora.save_peft(model, adapter, base_model=config.model.path)
+        log.info("wrote %s (LoRA rank %d on %s)", adapter, config.train.lora_rank, ", ".join(config.train.lora_targets))
+    save_hf(model, out, tokenizer=tok)
+    log.info("wrote %s", out)
+    return out
