@@ -129,7 +129,8 @@ def main():
         t = time.perf_counter()
         run()
         prefill_s = time.perf_counter() - t
-        prefill_flops = flops_per_token(cfg, plen / 2, head=False) * batch * plen + 2 * cfg.vocab_size * cfg.hidden_size * batch
+        prefill_flops = (flops_per_token(cfg, plen / 2, head=False) * batch * plen
+                         + 2 * cfg.vocab_size * cfg.hidden_size * batch)
         prefill_mfu = prefill_flops / prefill_s / peak  # logits only at each prompt's last position
         mean_ctx = np.mean([len(i) for i in ids]) + args.new / 2
         decode_mfu = flops_per_token(cfg, mean_ctx) * ours_tokens / ours_s / peak
@@ -155,7 +156,8 @@ def main():
                 torch.cuda.synchronize()
             hf_rate = hf_tokens / (time.perf_counter() - t)
         rate = ours_tokens / ours_s
-        line = f"{batch:>5} {rate:>10.0f} {hf_rate:>9.0f} {rate / hf_rate:>6.2f} {decode_mfu:>10.1%} {prefill_mfu:>11.1%}"
+        line = (f"{batch:>5} {rate:>10.0f} {hf_rate:>9.0f} {rate / hf_rate:>6.2f} {decode_mfu:>10.1%} "
+                f"{prefill_mfu:>11.1%}")
         if roof:  # a decode step reads every weight and the live KV cache once
             itemsize = np.dtype(cfg.dtype).itemsize
             weights = cfg.num_params * itemsize

@@ -46,7 +46,8 @@ def ours(cfg, args, tokens):
                    donate_argnums=(0, 1))
     b, s = args.batch, args.seq
     data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((b, s), np.float32),
-            "segment_ids": np.ones((b, s), np.int32), "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))}
+            "segment_ids": np.ones((b, s), np.int32),
+            "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))}
     data = {k: jnp.asarray(v)[None] for k, v in data.items()}
     params, opt_state, m = step(params, opt_state, data, frozen)  # compile
     jax.block_until_ready(m)

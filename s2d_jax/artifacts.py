@@ -3,10 +3,13 @@ name renamed when complete), and append-only files whose torn last line a rerun 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
+import shutil
 import socket
+import tempfile
 
 from s2d_jax.errors import S2DError
 
@@ -54,3 +57,33 @@ def write_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str, overwrite: bool = False):
+    """Yield a temporary directory beside `out_dir` to fill; when the block ends without error it becomes
+    `out_dir` (replacing an existing one only with `overwrite`), with the user's umask; on error it is removed. So
+    a killed writer never leaves a directory that looks complete."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise S2DError(f"{out_dir}: already exists; not overwriting it (pass overwrite=True, or choose another path)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        yield tmp
+        for name in os.listdir(tmp):  # mkdtemp and safetensors create private files; use the user's umask
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old.", dir=parent)
+            os.replace(out_dir, os.path.join(old, "x"))
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

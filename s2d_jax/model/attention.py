@@ -208,7 +208,8 @@ def _splash(q, k, v, mask: Mask, window):
 
     def one_row(qb, kb, vb, qs, ks):  # qb [K, G, T, hd], kb [K, S, hd]
         ids = sk.SegmentIds(q=qs, kv=ks)
-        return jax.vmap(lambda qh, kk, vv: kernel(qh, kk, vv, segment_ids=ids))(qb, kb.astype(q.dtype), vb.astype(q.dtype))
+        heads = jax.vmap(lambda qh, kk, vv: kernel(qh, kk, vv, segment_ids=ids))
+        return heads(qb, kb.astype(q.dtype), vb.astype(q.dtype))
 
     out = jax.vmap(one_row)(scaled, k, v, qseg, kseg)
     return out[:, :, :, :t]

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +36,8 @@ class LoRA(nnx.Module):
         fan_in = math.prod(in_shape)
         a = jax.random.uniform(key, lead + tuple(in_shape) + (rank,), jnp.float32, -1.0, 1.0) / math.sqrt(fan_in)
         self.a = LoRAParam(a, axes=lead_axes + tuple(in_axes) + (None,))
-        self.b = LoRAParam(jnp.zeros(lead + (rank,) + tuple(out_shape), jnp.float32), axes=lead_axes + (None,) + tuple(out_axes))
+        self.b = LoRAParam(jnp.zeros(lead + (rank,) + tuple(out_shape), jnp.float32),
+                           axes=lead_axes + (None,) + tuple(out_axes))
         self.scale = alpha / rank
         self.in_ndim = len(in_shape)
 
@@ -153,6 +152,7 @@ def save_peft(model, out_dir: str, base_model: str = "") -> str:
     from safetensors.numpy import save_file
 
     from s2d_jax import distributed
+    from s2d_jax.artifacts import atomic_dir
 
     cfg = model.cfg
     tensors = {}
@@ -161,7 +161,8 @@ def save_peft(model, out_dir: str, base_model: str = "") -> str:
         layers = range(cfg.num_layers) if n is None else [n]
         for j, layer in enumerate(layers):
             aj, bj = (a[j], b[j]) if n is None else (a, b)
-            module = f"base_model.model.model.layers.{layer}.{'mlp' if _owner(target) == 'mlp' else 'self_attn'}.{target}"
+            owner = "mlp" if _owner(target) == "mlp" else "self_attn"
+            module = f"base_model.model.model.layers.{layer}.{owner}.{target}"
             tensors[module + ".lora_A.weight"] = np.ascontiguousarray(aj.reshape(-1, cfg.lora_rank).T)
             tensors[module + ".lora_B.weight"] = np.ascontiguousarray(bj.reshape(cfg.lora_rank, -1).T)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
@@ -171,19 +172,9 @@ def save_peft(model, out_dir: str, base_model: str = "") -> str:
     if not distributed.primary():
         distributed.barrier(f"save_peft {out_dir}")
         return out_dir
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
-        raise S2DError(f"{out_dir}: already exists; not overwriting it")
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=os.path.dirname(out_dir))
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     distributed.barrier(f"save_peft {out_dir}")
     return out_dir

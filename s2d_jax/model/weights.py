@@ -11,8 +11,6 @@ import dataclasses
 import glob
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 
 import jax
@@ -22,6 +20,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from s2d_jax import distributed, mesh as mesh_lib
+from s2d_jax.artifacts import atomic_dir
 from s2d_jax.errors import S2DError
 from s2d_jax.model.config import ModelConfig
 from s2d_jax.model.transformer import Transformer
@@ -304,12 +303,7 @@ def save_hf(model: Transformer, out_dir: str, tokenizer=None, max_shard_bytes: i
             distributed.fetch(var[...])
         distributed.barrier(f"save_hf {out_dir}")
         return out_dir
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         cfg = model.cfg
         layout = hf_layout(cfg)
         itemsize = jnp.dtype(cfg.param_dtype).itemsize
@@ -330,8 +324,7 @@ def save_hf(model: Transformer, out_dir: str, tokenizer=None, max_shard_bytes: i
             tensors = {}
             for key in keys:
                 value = distributed.fetch(flat[key][...])  # on every host: a collective when multi-host
-                keys = _per_layer(cfg, key)
-                for n, k in enumerate(keys):
+                for n, k in enumerate(_per_layer(cfg, key)):
                     part = value[n] if _stacked(cfg, key) else value
                     for name, tensor in zip(layout[k].names, layout[k].to_hf(part)):
                         tensors[name] = np.ascontiguousarray(tensor)
@@ -345,19 +338,6 @@ def save_hf(model: Transformer, out_dir: str, tokenizer=None, max_shard_bytes: i
         AutoConfig.for_model(hf.pop("model_type"), **hf).save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name in os.listdir(tmp):  # mkdtemp and safetensors create private files; use the user's umask
-            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old.", dir=parent)
-            os.replace(out_dir, os.path.join(old, "x"))
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     distributed.barrier(f"save_hf {out_dir}")
     return out_dir
 

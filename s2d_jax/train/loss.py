@@ -42,10 +42,11 @@ def _forward(hidden, head, targets, weights, chunk):
         loss, correct, dhead = carry
         h, y, w = xs
         logits = jnp.einsum("bcd,vd->bcv", h, w_head, preferred_element_type=jnp.float32)
-        lse = jax.nn.logsumexp(logits, -1)
-        nll = lse - jnp.take_along_axis(logits, y[..., None], -1)[..., 0]
-        probs = jnp.exp(logits - lse[..., None])
-        dlogits = (probs - jax.nn.one_hot(y, logits.shape[-1], dtype=jnp.float32)) * w[..., None]
+        top = jnp.max(logits, -1, keepdims=True)
+        e = jnp.exp(logits - top)  # one pass of exponentials serves the loss and its gradient
+        total = jnp.sum(e, -1, keepdims=True)
+        nll = (jnp.log(total) + top - jnp.take_along_axis(logits, y[..., None], -1))[..., 0]
+        dlogits = (e / total - jax.nn.one_hot(y, logits.shape[-1], dtype=jnp.float32)) * w[..., None]
         dh = jnp.einsum("bcv,vd->bcd", dlogits.astype(dt), w_head, preferred_element_type=jnp.float32)
         dhead = dhead + jnp.einsum("bcv,bcd->vd", dlogits.astype(dt), h, preferred_element_type=jnp.float32)
         correct = correct + jnp.sum((jnp.argmax(logits, -1) == y) * w)

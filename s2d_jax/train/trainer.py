@@ -89,16 +89,21 @@ def train_step(graphdef, tx: optax.GradientTransformation, params, opt_state, ba
     state and metrics. Pure: jit it with donated params and optimizer state."""
     states = () if frozen is None else (frozen,)
 
-    def micro(carry, mb):
-        grads, loss, correct, count = carry
+    def grads_of(mb):
         grad_fn = jax.value_and_grad(
             lambda p: loss_sums(nnx.merge(graphdef, p, *states), mb, chunk, right_padded), has_aux=True)
-        (l, (c, n)), g = grad_fn(params)
-        return (jax.tree.map(jnp.add, grads, g), loss + l, correct + c, count + n), None
+        (loss, (correct, count)), grads = grad_fn(params)
+        return grads, loss, correct, count
 
-    zero = jnp.zeros((), jnp.float32)
-    init = (jax.tree.map(jnp.zeros_like, params), zero, zero, zero)
-    (grads, loss, correct, count), _ = jax.lax.scan(micro, init, batch)
+    def micro(carry, mb):
+        return jax.tree.map(jnp.add, carry, grads_of(mb)), None
+
+    if jax.tree.leaves(batch)[0].shape[0] == 1:  # no accumulation: no zero-filled carry, no loop
+        grads, loss, correct, count = grads_of(jax.tree.map(lambda x: x[0], batch))
+    else:
+        zero = jnp.zeros((), jnp.float32)
+        init = (jax.tree.map(jnp.zeros_like, params), zero, zero, zero)
+        (grads, loss, correct, count), _ = jax.lax.scan(micro, init, batch)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, opt_state, params)
