@@ -17,7 +17,7 @@ def get_config():
         "tokenizer": "syllables",
         "mesh": {"data": 1},
         "pretrain": {"steps": 600, "corpus_size": 20000, "cot_max_words": 6, "direct_max_words": 2,
-                     "direct_share": 0.3, "batch_size": 16, "learning_rate": 5e-3, "warmup_steps": 30,
+                     "direct_share": 0.3, "batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 30,
                      "max_len": 256, "pack": True},
         "task": {"name": "last_letters", "n": 1000, "size": 4, "seed": 0},
         "program": {"name": "cot", "max_new_tokens": 64},
