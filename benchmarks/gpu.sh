@@ -2,7 +2,10 @@
 # One prepared run on a lent GPU (H100/H200, jax 0.11.2 + CUDA 13, no network): the parity and kernel tests on
 # the GPU, then the train-step and sampler benchmarks at SmolLM2-135M's and Llama-3.2-1B's shapes, bf16 compute,
 # each against transformers/PyTorch on the same card. Output goes to $OUT/log.txt (and the terminal).
-#   device run: bash benchmarks/gpu.sh      (carry .whl: grain, array_record, portpicker, ml_collections, ...)
+#   device run: bash benchmarks/gpu.sh      (carry .whl: the packages that image lacks, as cp312 wheels, made here by
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     grain==0.2.18 array_record==0.8.6 portpicker ml_collections==1.1.0 tensorboardX==2.6.5 gguf==0.19.0 flax==0.12.12)
 set -u
 OUT=${OUT:-/tmp/s2d_gpu}
 mkdir -p "$OUT"
