@@ -19,7 +19,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from s2d_jax.config import defaults
 from s2d_jax.flops import flops_per_token, matmul_peak
@@ -38,8 +37,8 @@ def ours(cfg, args, tokens):
     model = init_model(cfg.replace(param_dtype=param_dtype, dtype=args.dtype), seed=0)
     if args.lora:
         lora.add(model, args.lora, 2.0 * args.lora)
-    graphdef, params, frozen = nnx.split(model, lora.LoRAParam if args.lora else nnx.Param, ...)
-    params, frozen = params.to_pure_dict(), frozen.to_pure_dict() if args.lora else None
+    graphdef, params, frozen = lora.split_trainable(model)
+    params, frozen = params.to_pure_dict(), None if frozen is None else frozen.to_pure_dict()
     tx = make_optimizer(t)
     opt_state = tx.init(params)
     step = jax.jit(functools.partial(train_step, graphdef, tx, chunk=args.loss_chunk, right_padded=True),

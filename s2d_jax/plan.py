@@ -83,14 +83,14 @@ def plan(config: ConfigDict, mesh) -> dict:
 
     cfg = model_config(config)
     t, g = config.train, config.generate
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    base_state = nnx.state(model, nnx.Param)
+    def build():
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        return lora.add(model, t.lora_rank, t.lora_alpha, t.lora_targets) if t.lora_rank else model
+
+    _, adapter_state, base_state = nnx.split(nnx.eval_shape(build), lora.LoRAParam, nnx.Param)
     if t.lora_rank:  # base frozen in the compute dtype; float32 adapters are what trains
-        model = nnx.eval_shape(lambda: lora.add(Transformer(cfg, rngs=nnx.Rngs(0)), t.lora_rank, t.lora_alpha,
-                                                t.lora_targets))
-        adapters = _state_bytes(nnx.state(model, lora.LoRAParam), mesh)
-        params = _state_bytes(base_state, mesh, cfg.dtype) + adapters
-        trained = adapters
+        trained = _state_bytes(adapter_state, mesh)
+        params = _state_bytes(base_state, mesh, cfg.dtype) + trained
     else:
         params = trained = _state_bytes(base_state, mesh)
     rows_split = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -48,10 +48,11 @@ def allowed(mask: Mask, window: int | None, kv_segments=None, kv_slots=None) -> 
     return seen
 
 
-def choose(q_len: int, dtype, right_padded: bool, backend: str | None = None) -> str:
-    """The implementation `auto` picks for `q_len` queries in `dtype` on `backend` (default: JAX's)."""
+def choose(q_len: int, dtype, right_padded: bool, backend: str | None = None, cached: bool = False) -> str:
+    """The implementation `auto` picks for `q_len` queries in `dtype` on `backend` (default: JAX's); `cached`:
+    the keys are a KV cache (slots not aligned with the queries), which only the portable paths express."""
     backend = backend or jax.default_backend()
-    if q_len <= 16:
+    if q_len <= 16 or cached:
         return "reference"  # decoding: a few queries, scores are [T, S] with T tiny
     if backend == "gpu" and right_padded and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
@@ -61,11 +62,12 @@ def choose(q_len: int, dtype, right_padded: bool, backend: str | None = None) ->
 
 
 def attention(q, k, v, mask: Mask, *, window: int | None = None, impl: str = "auto", right_padded: bool = False,
-              block: int = BLOCK) -> jax.Array:
+              cached: bool = False, block: int = BLOCK) -> jax.Array:
     """`q: [B, K, G, T, hd]` (G query heads per kv head), `k, v: [B, K, S, hd]` -> `[B, K, G, T, hd]` in q's
-    dtype. Scores and the softmax are float32."""
-    if impl == "auto":
-        impl = choose(q.shape[3], q.dtype, right_padded)
+    dtype. Scores and the softmax are float32. With `cached` keys, a kernel that needs aligned slots (cuDNN,
+    splash) gives way to what `auto` picks."""
+    if impl == "auto" or cached and impl in ("cudnn", "splash"):
+        impl = choose(q.shape[3], q.dtype, right_padded, cached=cached)
     if impl == "reference":
         return reference(q, k, v, mask, window)
     if impl == "blockwise":

@@ -72,6 +72,11 @@ def _owner(target: str) -> str:
     return "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "attn"
 
 
+def _slot(block, target: str) -> tuple:
+    """(the module holding `target`'s adapter, its attribute name), e.g. (block.attn, "lora_q")."""
+    return getattr(block, _owner(target)), "lora_" + target.split("_")[0]
+
+
 def check_targets(targets) -> tuple[str, ...]:
     targets = tuple(targets)
     bad = [t for t in targets if t not in TARGETS]
@@ -97,12 +102,20 @@ def add(model, rank: int, alpha: float, targets=TARGETS, seed: int = 0, mesh=Non
             key, sub = jax.random.split(key)
             adapter = LoRA(*table[target], rank=rank, alpha=alpha, key=sub,
                            layers=cfg.num_layers if cfg.scan_layers else 0)
-            setattr(getattr(block, _owner(target)), "lora_" + target.split("_")[0], adapter)
+            setattr(*_slot(block, target), adapter)
     model.cfg = cfg.replace(lora_rank=rank, lora_alpha=float(alpha), lora_targets=targets)
     if mesh is not None:  # adapters laid out by the same logical rules as the base weights
         state = nnx.state(model, LoRAParam)
         nnx.update(model, jax.tree.map(distributed.put, state, mesh_lib.state_shardings(state, mesh)))
     return model
+
+
+def split_trainable(model):
+    """`(graphdef, trainable, frozen)` states: with adapters, they train and the base is frozen; without, every
+    parameter trains and `frozen` is None."""
+    lora = bool(model.cfg.lora_rank)
+    graphdef, trainable, frozen = nnx.split(model, LoRAParam if lora else nnx.Param, ...)
+    return graphdef, trainable, frozen if lora else None
 
 
 def adapters(model) -> dict[tuple, LoRA]:
@@ -111,7 +124,7 @@ def adapters(model) -> dict[tuple, LoRA]:
     blocks = [(None, model.layers)] if model.cfg.scan_layers else list(enumerate(model.layers))
     for n, block in blocks:
         for target in model.cfg.lora_targets:
-            out[(n, target)] = getattr(getattr(block, _owner(target)), "lora_" + target.split("_")[0])
+            out[(n, target)] = getattr(*_slot(block, target))
     return out
 
 
@@ -127,7 +140,7 @@ def merged(model):
     for (n, target), adapter in adapters(out).items():
         block = out.layers if n is None else out.layers[n]
         delta = adapter.delta()
-        owner = getattr(block, _owner(target))
+        owner, name = _slot(block, target)
         lead = (slice(None),) if n is None else ()
         if target in ("q_proj", "k_proj", "v_proj"):
             w = owner.qkv
@@ -141,12 +154,12 @@ def merged(model):
         else:
             w = owner.o if target == "o_proj" else owner.down
             w[...] = (w[...].astype(jnp.float32) + delta).astype(w[...].dtype)
-        setattr(owner, "lora_" + target.split("_")[0], None)
+        setattr(owner, name, None)
     out.cfg = cfg.replace(lora_rank=0, lora_targets=())
     return out
 
 
-def save_peft(model, out_dir: str, base_model: str = "") -> str:
+def save_peft(model, out_dir: str, base_model: str = "", overwrite: bool = False) -> str:
     """Write the adapters as a PEFT LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`) that
     `peft.PeftModel.from_pretrained(base, out_dir)` loads over the base model in transformers. Atomic."""
     from safetensors.numpy import save_file
@@ -172,7 +185,7 @@ def save_peft(model, out_dir: str, base_model: str = "") -> str:
     if not distributed.primary():
         distributed.barrier(f"save_peft {out_dir}")
         return out_dir
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump(config, f, indent=2)

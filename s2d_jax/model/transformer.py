@@ -130,7 +130,7 @@ class Attention(nnx.Module):
             keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0))
             values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
         out = attention_lib.attention(q, keys.astype(dt), values.astype(dt), mask, window=cfg.sliding_window,
-                                      impl=impl, right_padded=right_padded)
+                                      impl=impl, right_padded=right_padded, cached=cache_kv is not None)
         proj = jnp.einsum("bkgth,kghd->btd", out, self.o[...].astype(dt))
         if self.lora_o is not None:
             proj = proj + self.lora_o(jnp.moveaxis(out, 3, 1))
@@ -228,7 +228,7 @@ class Transformer(nnx.Module):
             slots = cache.index + jnp.arange(t, dtype=jnp.int32)
             mask = attention_lib.Mask(jnp.ones(tokens.shape, jnp.int32), valid.astype(jnp.int32),
                                       jnp.broadcast_to(slots, (b, t)), jnp.arange(valid.shape[1], dtype=jnp.int32))
-            kw = dict(impl="reference" if cfg.attention == "auto" else cfg.attention)
+            kw = dict(impl=cfg.attention)
         policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
         if cfg.scan_layers and cache is None:
             graphdef, state = nnx.split(self.layers)

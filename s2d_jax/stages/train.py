@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 
 from ml_collections import ConfigDict
 
-from s2d_jax import distributed
 from s2d_jax.build import build_mesh, build_model, build_tokenizer
 from s2d_jax.errors import S2DError
 from s2d_jax.model import lora, save_hf
@@ -43,10 +41,8 @@ def train(config: ConfigDict, workdir: str) -> str:
     result = Trainer(model, tok, config, workdir, mesh=mesh, chat=config.program.chat, eval_fn=eval_fn).fit()
     log.info("trained %d steps: %s", result.step, {k: round(v, 4) for k, v in result.metrics.items()})
     if config.train.lora_rank:
-        adapter = os.path.join(workdir, "adapter")
-        if distributed.primary():
-            shutil.rmtree(adapter, ignore_errors=True)  # left by a run killed before model/ was written
-        lora.save_peft(model, adapter, base_model=config.model.path)
+        adapter = os.path.join(workdir, "adapter")  # one left by a run killed before model/ is replaced
+        lora.save_peft(model, adapter, base_model=config.model.path, overwrite=True)
         log.info("wrote %s (LoRA rank %d on %s)", adapter, config.train.lora_rank, ", ".join(config.train.lora_targets))
     save_hf(model, out, tokenizer=tok)
     log.info("wrote %s", out)

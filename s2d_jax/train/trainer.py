@@ -158,10 +158,9 @@ class Trainer:
                                      max_len=t.max_len, seed=t.seed, pack=t.pack)
         self.tx = make_optimizer(t)
         self.schedule = learning_rate_schedule(t)
-        trainable = lora_lib.LoRAParam if model.cfg.lora_rank else nnx.Param
-        self.graphdef, state, frozen = nnx.split(model, trainable, ...)
+        self.graphdef, state, frozen = lora_lib.split_trainable(model)
         self.params = state.to_pure_dict()
-        self.frozen = frozen.to_pure_dict() if model.cfg.lora_rank else None
+        self.frozen = None if frozen is None else frozen.to_pure_dict()
         if mesh is None:
             self.param_shardings = jax.tree.map(lambda x: x.sharding, self.params)
             self.batch_sharding = None
