@@ -25,6 +25,22 @@ FAMILIES = {
     "mistral": ("MistralConfig", dict(num_key_value_heads=1, sliding_window=6)),
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
     "gemma": ("GemmaConfig", dict(num_key_value_heads=1, head_dim=32)),
+    # newer families: head_dim != hidden / heads, odd head counts, windows shorter than the test sequences
+    "qwen3": ("Qwen3Config", dict(num_attention_heads=3, num_key_value_heads=1, head_dim=20, num_hidden_layers=3,
+                                  use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=24, num_hidden_layers=3, sliding_window=5,
+                                    query_pre_attn_scalar=20, attn_logit_softcapping=4.0,
+                                    final_logit_softcapping=8.0)),
+    "gemma3": ("Gemma3TextConfig", dict(
+        num_key_value_heads=1, head_dim=32, num_hidden_layers=3, sliding_window=4, query_pre_attn_scalar=20,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}})),
+    "phi3": ("Phi3Config", dict(num_key_value_heads=2, sliding_window=7, pad_token_id=0, bos_token_id=1,
+                                eos_token_id=2, original_max_position_embeddings=64, rope_parameters=dict(
+                                    rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
+                                    short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                                    long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 9.0]))),
 }
 TINY = dict(vocab_size=264, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256)

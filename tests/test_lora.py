@@ -42,11 +42,14 @@ def test_merged_equals_unmerged_and_new_adapters_change_nothing(scan):
     np.testing.assert_allclose(merged(IDS), unmerged, atol=2e-5)
 
 
-def test_peft_loads_our_adapter_over_the_transformers_base(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "phi3"])
+def test_peft_loads_our_adapter_over_the_transformers_base(tmp_path, family):
     peft = pytest.importorskip("peft")
-    torch_model = make_hf_model("llama", tmp_path / "base", seed=4)
+    torch_model = make_hf_model(family, tmp_path / "base", seed=4)
     model = load_model(str(tmp_path / "base"))
     lora.add(model, rank=4, alpha=8.0, targets=lora.TARGETS)
+    expected = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"} if family == "phi3" else set(lora.TARGETS)
+    assert set(model.cfg.lora_targets) == expected  # Phi-3's fused modules get one adapter each, as in PEFT
     _randomise_b(model, seed=7)
     ours = np.asarray(model(IDS))
     lora.save_peft(model, str(tmp_path / "adapter"), base_model=str(tmp_path / "base"))
@@ -150,3 +153,12 @@ def test_bad_lora_targets_are_one_line(tmp_path, capsys):
                  f"--config.train.data={_pairs(tmp_path / 'p.jsonl')}", "--config.train.lora_rank=2",
                  "--config.train.lora_targets=('q_proj', 'wq')"]) == 2
     assert "'wq' is not a LoRA target" in capsys.readouterr().err
+
+
+def test_a_fused_checkpoint_refuses_part_of_a_fused_module(tmp_path):
+    make_hf_model("phi3", tmp_path / "base")
+    model = load_model(str(tmp_path / "base"))
+    with pytest.raises(S2DError, match="phi3 fuses q_proj, k_proj, v_proj into qkv_proj"):
+        lora.add(model, rank=2, alpha=4.0, targets=("q_proj", "o_proj"))
+    with pytest.raises(S2DError, match="'qkv_proj' is fused only in Phi-3 checkpoints"):
+        lora.add(init_model(PRESETS["tiny"]), rank=2, alpha=4.0, targets=("qkv_proj",))

@@ -11,14 +11,14 @@ from flax import nnx
 
 import s2d_jax
 from s2d_jax.errors import S2DError
-from conftest import torch_logits
+from conftest import FAMILIES, torch_logits
 
 
 def _params(model):
     return {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model))}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "llama3_rope", "mistral"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_save_hf_round_trips(hf_models, tmp_path, family):
     import transformers
 

@@ -2,7 +2,8 @@
 
 Which keys a query sees is described by `Mask`, never by a materialised `[T, S]` matrix: segment ids (0 =
 padding; a key is seen only inside the query's segment), slots (causality: a query at slot t sees slots <= t) and
-an optional sliding window (t - s < window). Implementations:
+an optional sliding window (t - s < window). Scores are scaled by `scale` (default head_dim ** -0.5) and, with
+`softcap`, squashed to `softcap * tanh(scores / softcap)` before the mask (Gemma 2). Implementations:
 
 - `reference`: scores materialised, `[B, heads, T, S]`. Used for decoding (T is a few tokens) and as the oracle.
 - `blockwise`: keys in blocks with an online softmax (flash attention in pure JAX) and a custom VJP that saves only
@@ -48,13 +49,15 @@ def allowed(mask: Mask, window: int | None, kv_segments=None, kv_slots=None) -> 
     return seen
 
 
-def choose(q_len: int, dtype, right_padded: bool, backend: str | None = None, cached: bool = False) -> str:
+def choose(q_len: int, dtype, right_padded: bool, backend: str | None = None, cached: bool = False,
+           softcap: float | None = None) -> str:
     """The implementation `auto` picks for `q_len` queries in `dtype` on `backend` (default: JAX's); `cached`:
-    the keys are a KV cache (slots not aligned with the queries), which only the portable paths express."""
+    the keys are a KV cache (slots not aligned with the queries), which only the portable paths express; cuDNN's
+    kernel has no soft-capping."""
     backend = backend or jax.default_backend()
     if q_len <= 16 or cached:
         return "reference"  # decoding: a few queries, scores are [T, S] with T tiny
-    if backend == "gpu" and right_padded and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    if backend == "gpu" and right_padded and not softcap and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     if backend == "tpu":
         return "splash"
@@ -62,27 +65,34 @@ def choose(q_len: int, dtype, right_padded: bool, backend: str | None = None, ca
 
 
 def attention(q, k, v, mask: Mask, *, window: int | None = None, impl: str = "auto", right_padded: bool = False,
-              cached: bool = False, block: int = BLOCK) -> jax.Array:
+              cached: bool = False, block: int = BLOCK, scale: float | None = None,
+              softcap: float | None = None) -> jax.Array:
     """`q: [B, K, G, T, hd]` (G query heads per kv head), `k, v: [B, K, S, hd]` -> `[B, K, G, T, hd]` in q's
     dtype. Scores and the softmax are float32. With `cached` keys, a kernel that needs aligned slots (cuDNN,
-    splash) gives way to what `auto` picks."""
-    if impl == "auto" or cached and impl in ("cudnn", "splash"):
-        impl = choose(q.shape[3], q.dtype, right_padded, cached=cached)
+    splash) gives way to what `auto` picks, as cuDNN does for soft-capping."""
+    if impl == "auto" or cached and impl in ("cudnn", "splash") or softcap and impl == "cudnn":
+        impl = choose(q.shape[3], q.dtype, right_padded, cached=cached, softcap=softcap)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    softcap = float(softcap) if softcap else None
     if impl == "reference":
-        return reference(q, k, v, mask, window)
+        return reference(q, k, v, mask, window, scale, softcap)
     if impl == "blockwise":
-        return blockwise(q, k, v, mask, window, block)
+        return blockwise(q, k, v, mask, window, block, scale, softcap)
     if impl == "cudnn":
-        return _cudnn(q, k, v, mask, window)
+        return _cudnn(q, k, v, mask, window, scale)
     if impl == "splash":
-        return _splash(q, k, v, mask, window)
+        return _splash(q, k, v, mask, window, scale, softcap)
     raise ValueError(f"attention implementation {impl!r}: expected one of {', '.join(IMPLEMENTATIONS)}")
 
 
-def reference(q, k, v, mask: Mask, window=None):
-    scale = q.shape[-1] ** -0.5
+def _capped(scores, softcap):
+    return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
+
+
+def reference(q, k, v, mask: Mask, window=None, scale=None, softcap=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = jnp.einsum("bkgth,bksh->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(allowed(mask, window)[:, None, None], scores, MASKED)
+    scores = jnp.where(allowed(mask, window)[:, None, None], _capped(scores, softcap), MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     return jnp.einsum("bkgts,bksh->bkgth", probs, v.astype(q.dtype))
 
@@ -104,19 +114,20 @@ def _blocks(k, v, mask: Mask, block: int):
     return split(k, 2), split(v, 2), split(seg, 1), split(slots, 0)
 
 
-def _scores(q, kj, mask, segj, slotj, window, scale):
-    s = jnp.einsum("bkgth,bksh->bkgts", q, kj.astype(q.dtype), preferred_element_type=jnp.float32) * scale
-    return jnp.where(allowed(mask, window, segj, slotj)[:, None, None], s, MASKED)
+def _scores(q, kj, mask, segj, slotj, window, scale, softcap):
+    """Masked scores of a key block, and the soft-capped ones before the mask (for the backward pass)."""
+    s = _capped(jnp.einsum("bkgth,bksh->bkgts", q, kj.astype(q.dtype), preferred_element_type=jnp.float32) * scale,
+                softcap)
+    return jnp.where(allowed(mask, window, segj, slotj)[:, None, None], s, MASKED), s
 
 
-def _flash_forward(q, k, v, mask, window, block):
+def _flash_forward(q, k, v, mask, window, block, scale, softcap):
     b, kh, g, t, hd = q.shape
-    scale = hd ** -0.5
 
     def body(carry, xs):
         m, l, acc = carry
         kj, vj, segj, slotj = xs
-        s = _scores(q, kj, mask, segj, slotj, window, scale)
+        s, _ = _scores(q, kj, mask, segj, slotj, window, scale, softcap)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m - m_new)
@@ -130,29 +141,31 @@ def _flash_forward(q, k, v, mask, window, block):
     return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _flash(q, k, v, mask, window, block):
-    return _flash_forward(q, k, v, mask, window, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _flash(q, k, v, mask, window, block, scale, softcap):
+    return _flash_forward(q, k, v, mask, window, block, scale, softcap)[0]
 
 
-def _flash_fwd(q, k, v, mask, window, block):
-    out, lse = _flash_forward(q, k, v, mask, window, block)
+def _flash_fwd(q, k, v, mask, window, block, scale, softcap):
+    out, lse = _flash_forward(q, k, v, mask, window, block, scale, softcap)
     return out, (q, k, v, mask, out, lse)
 
 
-def _flash_bwd(window, block, res, dout):
+def _flash_bwd(window, block, scale, softcap, res, dout):
     q, k, v, mask, out, lse = res
-    scale = q.shape[-1] ** -0.5
     do = dout.astype(jnp.float32)
     delta = jnp.sum(do * out.astype(jnp.float32), axis=-1)  # [B, K, G, T]
     s_len = k.shape[2]
 
     def body(dq, xs):
         kj, vj, segj, slotj = xs
-        p = jnp.exp(_scores(q, kj, mask, segj, slotj, window, scale) - lse[..., None])
+        s, capped = _scores(q, kj, mask, segj, slotj, window, scale, softcap)
+        p = jnp.exp(s - lse[..., None])
         dv = jnp.einsum("bkgts,bkgth->bksh", p, do)
         dp = jnp.einsum("bkgth,bksh->bkgts", do, vj.astype(jnp.float32))
         ds = p * (dp - delta[..., None]) * scale
+        if softcap is not None:  # d/dx cap * tanh(x / cap) = 1 - tanh^2
+            ds = ds * (1.0 - jnp.square(capped / softcap))
         dq = dq + jnp.einsum("bkgts,bksh->bkgth", ds, kj.astype(jnp.float32))
         dk = jnp.einsum("bkgts,bkgth->bksh", ds, q.astype(jnp.float32))
         return dq, (dk, dv)
@@ -166,26 +179,27 @@ def _flash_bwd(window, block, res, dout):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def blockwise(q, k, v, mask: Mask, window=None, block: int = BLOCK):
-    return _flash(q, k, v, mask, window, min(block, max(k.shape[2], 1)))
+def blockwise(q, k, v, mask: Mask, window=None, block: int = BLOCK, scale=None, softcap=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _flash(q, k, v, mask, window, min(block, max(k.shape[2], 1)), scale, softcap)
 
 
 # ------------------------------------------------------------------------------------------ accelerator kernels
 
 
-def _cudnn(q, k, v, mask: Mask, window):
+def _cudnn(q, k, v, mask: Mask, window, scale):
     """cuDNN flash attention: causal, right-padded rows (lengths from the segment ids), optional left window."""
     b, kh, g, t, hd = q.shape
     lengths = jnp.sum(mask.q_segments != 0, axis=1).astype(jnp.int32)
     qt = q.reshape(b, kh * g, t, hd).transpose(0, 2, 1, 3)  # [B, T, N, hd], head n = kv head n // G
     kt, vt = (x.astype(q.dtype).transpose(0, 2, 1, 3) for x in (k, v))
     out = jax.nn.dot_product_attention(qt, kt, vt, is_causal=True, query_seq_lengths=lengths,
-                                       key_value_seq_lengths=lengths, scale=hd ** -0.5,
+                                       key_value_seq_lengths=lengths, scale=scale,
                                        local_window_size=(window - 1, 0) if window else None, implementation="cudnn")
     return out.transpose(0, 2, 1, 3).reshape(b, kh, g, t, hd)
 
 
-def _splash(q, k, v, mask: Mask, window):
+def _splash(q, k, v, mask: Mask, window, scale, softcap):
     """Pallas splash attention (TPU): one MQA kernel per (row, kv head) over its G query heads; segment ids carry
     padding and packing, the static mask causality and the window. Without a cache only (query i at key slot i);
     lengths are padded to a multiple of 128. Off TPU the same kernel runs in Pallas' interpreter (tests)."""
@@ -205,8 +219,9 @@ def _splash(q, k, v, mask: Mask, window):
     kseg = jnp.pad(mask.kv_segments, ((0, 0), (0, sp - s)))
     shape = (tp, sp)
     one = sm.LocalMask(shape, (window - 1, 0), 0) if window else sm.CausalMask(shape)
-    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([one] * g), interpret=jax.default_backend() != "tpu")
-    scaled = (q * jnp.asarray(hd ** -0.5, q.dtype))
+    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([one] * g), attn_logits_soft_cap=softcap,
+                                              interpret=jax.default_backend() != "tpu")
+    scaled = (q * jnp.asarray(scale, q.dtype))
 
     def one_row(qb, kb, vb, qs, ks):  # qb [K, G, T, hd], kb [K, S, hd]
         ids = sk.SegmentIds(q=qs, kv=ks)

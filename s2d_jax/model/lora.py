@@ -22,6 +22,8 @@ from flax import nnx
 from s2d_jax.errors import S2DError
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Checkpoints that fuse projections (Phi-3) have PEFT modules of the fused names: one adapter per fused module.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 class LoRAParam(nnx.Param):
@@ -65,25 +67,44 @@ def shapes(cfg) -> dict[str, tuple]:
         "gate_proj": ((d,), (i,), ("embed",), ("mlp",)),
         "up_proj": ((d,), (i,), ("embed",), ("mlp",)),
         "down_proj": ((i,), (d,), ("mlp",), ("embed",)),
+        "qkv_proj": ((d,), (k, g + 2, hd), ("embed",), ("kv_heads", None, None)),
+        "gate_up_proj": ((d,), (2, i), ("embed",), (None, "mlp")),
     }
 
 
 def _owner(target: str) -> str:
-    return "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "attn"
+    return "mlp" if target in ("gate_proj", "up_proj", "down_proj", "gate_up_proj") else "attn"
 
 
 def _slot(block, target: str) -> tuple:
     """(the module holding `target`'s adapter, its attribute name), e.g. (block.attn, "lora_q")."""
-    return getattr(block, _owner(target)), "lora_" + target.split("_")[0]
+    return getattr(block, _owner(target)), "lora_" + target.removesuffix("_proj")
 
 
-def check_targets(targets) -> tuple[str, ...]:
+def check_targets(targets, cfg=None) -> tuple[str, ...]:
+    """The PEFT module names to adapt in a model of `cfg`: a fused checkpoint's q/k/v (gate/up) are one module,
+    adapted when all its parts are asked for."""
     targets = tuple(targets)
-    bad = [t for t in targets if t not in TARGETS]
+    known = TARGETS + tuple(FUSED)
+    bad = [t for t in targets if t not in known]
     if bad or not targets:
         raise S2DError(f"config key 'train.lora_targets': {bad[0] if bad else '()'!r} is not a LoRA target "
-                       f"(targets: {', '.join(TARGETS)})")
-    return targets
+                       f"(targets: {', '.join(known)})")
+    fused = bool(cfg and cfg.fused_checkpoint)
+    out = []
+    for t in targets:
+        whole = next((f for f, parts in FUSED.items() if t in parts), None) if fused else None
+        if fused and whole:
+            if not set(FUSED[whole]) <= set(targets):
+                raise S2DError(f"config key 'train.lora_targets': {cfg.model_type} fuses {', '.join(FUSED[whole])} "
+                               f"into {whole}; target {whole} (or all of its parts)")
+            t = whole
+        elif not fused and t in FUSED:
+            raise S2DError(f"config key 'train.lora_targets': {t!r} is fused only in Phi-3 checkpoints; "
+                           f"a {cfg.model_type if cfg else 'model'} has {', '.join(FUSED[t])}")
+        if t not in out:
+            out.append(t)
+    return tuple(out)
 
 
 def add(model, rank: int, alpha: float, targets=TARGETS, seed: int = 0, mesh=None):
@@ -91,7 +112,7 @@ def add(model, rank: int, alpha: float, targets=TARGETS, seed: int = 0, mesh=Non
     from s2d_jax import distributed, mesh as mesh_lib
 
     cfg = model.cfg
-    targets = check_targets(targets)
+    targets = check_targets(targets, cfg)
     if rank < 1:
         raise S2DError(f"config key 'train.lora_rank': {rank}; LoRA needs a rank >= 1")
     table = shapes(cfg)
@@ -142,7 +163,10 @@ def merged(model):
         delta = adapter.delta()
         owner, name = _slot(block, target)
         lead = (slice(None),) if n is None else ()
-        if target in ("q_proj", "k_proj", "v_proj"):
+        if target in FUSED:
+            w = owner.qkv if target == "qkv_proj" else owner.gate_up
+            w[...] = (w[...].astype(jnp.float32) + delta).astype(w[...].dtype)
+        elif target in ("q_proj", "k_proj", "v_proj"):
             w = owner.qkv
             where = {"q_proj": slice(0, g), "k_proj": g, "v_proj": g + 1}[target]
             index = lead + (slice(None), slice(None), where)
@@ -177,6 +201,10 @@ def save_peft(model, out_dir: str, base_model: str = "", overwrite: bool = False
             owner = "mlp" if _owner(target) == "mlp" else "self_attn"
             module = f"base_model.model.model.layers.{layer}.{owner}.{target}"
             tensors[module + ".lora_A.weight"] = np.ascontiguousarray(aj.reshape(-1, cfg.lora_rank).T)
+            if target == "qkv_proj":  # our [r, kv_heads, group + 2, hd] -> PEFT's rows [q; k; v]
+                g = cfg.group_size
+                bj = np.concatenate([bj[:, :, :g].reshape(cfg.lora_rank, -1), bj[:, :, g].reshape(cfg.lora_rank, -1),
+                                     bj[:, :, g + 1].reshape(cfg.lora_rank, -1)], 1)
             tensors[module + ".lora_B.weight"] = np.ascontiguousarray(bj.reshape(cfg.lora_rank, -1).T)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
               "target_modules": sorted(cfg.lora_targets), "lora_dropout": 0.0, "bias": "none",

@@ -1,4 +1,4 @@
-"""One config-driven decoder (Llama 2/3, Mistral, Qwen2, SmolLM2, Gemma 1) in Flax NNX.
+"""One config-driven decoder (Llama 2/3, Mistral, Qwen2/3, SmolLM2, Gemma 1/2/3, Phi-3) in Flax NNX.
 
 Layouts are chosen for decode speed and for tensor parallelism at once:
   - q, k and v are one fused projection `qkv: [embed, kv_heads, group + 2, head_dim]`: per kv head, its `group`
@@ -10,6 +10,8 @@ Layouts are chosen for decode speed and for tensor parallelism at once:
 Two ways to call it. Without a cache, tokens attend causally within their segment (`segment_ids`, 0 = padding):
 the plain forward, training (packed rows) and the sampler's prefill, which also takes back every layer's k/v.
 With a cache, new tokens are written at slot `cache.index` and attend to every valid slot before them: decoding.
+A sliding-window layer's cache can be a ring of `window` slots (slot s holds position-slot s mod window), so
+Gemma's local layers hold no more than their window.
 Positions are explicit, so a left-padded prompt sees positions 0..n-1 whatever its padding. Which keys a query
 sees is an `attention.Mask` (segments, slots, window), never a `[T, S]` matrix; the attention kernel is chosen by
 backend (`attention.py`). With `cfg.scan_layers` the layers' parameters are stacked `[layers, ...]` and run under
@@ -28,24 +30,51 @@ from flax import nnx
 
 from s2d_jax.mesh import constrain
 from s2d_jax.model import attention as attention_lib
-from s2d_jax.model.config import ModelConfig
+from s2d_jax.model.config import FULL, SLIDING, ModelConfig
 
 
 class KVCache(NamedTuple):
-    """Preallocated keys/values per layer `[batch, kv_heads, max_len, head_dim]`, which slots hold a token, and
-    the next slot to write (one index for the whole batch: prompts are left-padded to a common length)."""
+    """Preallocated keys/values per layer `[batch, kv_heads, slots, head_dim]` (slots = max_len, or the window
+    for a ring layer), which slots hold a token `[batch, max_len]`, and the next slot to write (one index for the
+    whole batch: prompts are left-padded to a common length)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     valid: jax.Array  # [batch, max_len] bool
     index: jax.Array  # [] int32
 
+    @classmethod
+    def from_prefill(cls, cfg: ModelConfig, kvs, valid, max_len: int, dtype, constrain=lambda x: x) -> "KVCache":
+        """The cache after a prefill of `P` tokens whose per-layer `(k, v)` are `[B, K, P, hd]` and `valid`
+        `[B, P]`: `max_len` slots, or a ring of the window's for a sliding layer whose window is shorter."""
+        p = valid.shape[1]
+        ks, vs = [], []
+        for n, (k, v) in enumerate(kvs):
+            size = cache_slots(cfg, n, max_len)
+            if size < max_len:  # a ring: the last `size` positions, each at its slot mod size
+                take = jnp.clip(ring_slots(p, size), 0, p - 1)
+                k, v = jnp.take(k, take, axis=2), jnp.take(v, take, axis=2)
+            else:
+                k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, max_len - p), (0, 0))) for x in (k, v))
+            ks.append(constrain(k.astype(dtype)))
+            vs.append(constrain(v.astype(dtype)))
+        return cls(tuple(ks), tuple(vs), jnp.pad(valid, ((0, 0), (0, max_len - p))), jnp.int32(p))
 
-def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies `[head_dim // 2]`, with Llama 3 / linear scaling as transformers computes them."""
-    dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    scaling = cfg.rope_scaling
+
+def cache_slots(cfg: ModelConfig, layer: int, max_len: int) -> int:
+    window = cfg.window(layer)
+    return min(window, max_len) if window else max_len
+
+
+def ring_slots(end, size: int) -> jax.Array:
+    """`[size]`: the position-slot that ring slot r holds once slots `< end` are written (negative: none yet)."""
+    r = jnp.arange(size, dtype=jnp.int32)
+    return r + size * ((end - 1 - r) // size)
+
+
+def inverse_frequencies(dim: int, theta: float, scaling: tuple | None = None) -> np.ndarray:
+    """Inverse frequencies `[dim // 2]`, with Llama 3 / linear scaling as transformers computes them."""
+    inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     if scaling and scaling[0] == "linear":
         inv = inv / scaling[1]
     elif scaling and scaling[0] == "llama3":
@@ -57,19 +86,47 @@ def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv = np.where(medium, smoothed, scaled)
+    return inv
+
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """The global layers' inverse frequencies `[rotary_dim // 2]` (LongRoPE: its short factors)."""
+    inv = inverse_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
+    if cfg.rope_scaling and cfg.rope_scaling[0] == "longrope":
+        inv = inv / np.asarray(cfg.rope_scaling[1])
     return inv.astype(np.float32)
 
 
-def rope_tables(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos and sin `[batch, len, head_dim]` for `positions: [batch, len]`: computed once per forward, not per layer."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq
+def rope_tables(positions: jax.Array, cfg: ModelConfig, dtype, local: bool = False) -> tuple[jax.Array, jax.Array]:
+    """cos and sin `[batch, len, rotary_dim]` for `positions: [batch, len]`: once per forward and layer kind.
+    `local`: Gemma 3's sliding layers (plain RoPE at `local_rope_theta`). LongRoPE takes the long factors for a
+    row whose furthest position is past the original context, as transformers does per forward (per row here,
+    so that a row's result never depends on its neighbours), and scales cos and sin by its attention factor.
+    Decoding past that point keeps the keys already cached, as transformers' forward with a cache does (its
+    `generate` instead re-prefills a Phi-3 row once, when the row first crosses the original context)."""
+    pos = positions[..., None].astype(jnp.float32)
+    scaling, factor = cfg.rope_scaling, 1.0
+    if local and cfg.local_rope_theta is not None:
+        angles = pos * inverse_frequencies(cfg.rotary_dim, cfg.local_rope_theta).astype(np.float32)
+    elif scaling and scaling[0] == "longrope":
+        _, short, long, original, factor = scaling
+        base = inverse_frequencies(cfg.rotary_dim, cfg.rope_theta)
+        use_long = (jnp.max(positions, axis=-1) + 1 > original)[:, None, None]
+        angles = pos * jnp.where(use_long, (base / np.asarray(long)).astype(np.float32),
+                                 (base / np.asarray(short)).astype(np.float32))
+    else:
+        angles = pos * rope_frequencies(cfg)
     angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+    return (jnp.cos(angles) * factor).astype(dtype), (jnp.sin(angles) * factor).astype(dtype)
 
 
 def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """Rotate `x: [batch, heads..., len, head_dim]` (rotate-half convention, as transformers)."""
+    """Rotate `x: [batch, heads..., len, head_dim]` (rotate-half convention, as transformers); with partial
+    rotary, only the first `rotary_dim` dimensions turn."""
     cos, sin = rope
+    dim = cos.shape[-1]
+    if dim < x.shape[-1]:
+        return jnp.concatenate([apply_rope(x[..., :dim], rope), x[..., dim:]], axis=-1)
     shape = cos.shape[:1] + (1,) * (x.ndim - cos.ndim) + cos.shape[1:]
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -85,9 +142,10 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal"):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dim: int | None = None):
         self.eps, self.plus_one = cfg.rms_norm_eps, cfg.norm_plus_one
-        self.weight = _param(rngs, (cfg.hidden_size,), (None,), cfg.param_dtype, "zeros" if self.plus_one else "ones")
+        self.weight = _param(rngs, (dim or cfg.hidden_size,), (None,), cfg.param_dtype,
+                             "zeros" if self.plus_one else "ones")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -106,15 +164,20 @@ class Attention(nnx.Module):
         self.qkv_bias = _param(rngs, (k, g + 2, hd), ("kv_heads", None, None), cfg.param_dtype, "zeros") if cfg.qkv_bias else None
         self.o = _param(rngs, (k, g, hd, d), ("kv_heads", None, None, "embed"), cfg.param_dtype)
         self.o_bias = _param(rngs, (d,), (None,), cfg.param_dtype, "zeros") if cfg.o_bias else None
-        self.lora_q = self.lora_k = self.lora_v = self.lora_o = nnx.data(None)  # LoRA adapters (lora.add)
+        self.q_norm = RMSNorm(cfg, rngs=rngs, dim=hd) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg, rngs=rngs, dim=hd) if cfg.qk_norm else None
+        # LoRA adapters (lora.add): per HF module, or fused where the checkpoint fuses (Phi-3's qkv_proj)
+        self.lora_q = self.lora_k = self.lora_v = self.lora_o = self.lora_qkv = nnx.data(None)
 
-    def __call__(self, x, rope, mask: attention_lib.Mask, cache_kv=None, index=None, impl="auto",
+    def __call__(self, x, rope, mask: attention_lib.Mask, window=None, cache_kv=None, index=None, impl="auto",
                  right_padded=False):
         cfg, dt = self.cfg, x.dtype
         g = cfg.group_size
         qkv = jnp.einsum("btd,dkch->bkcth", x, self.qkv[...].astype(dt))
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...].astype(dt)[None, :, :, None, :]
+        if self.lora_qkv is not None:  # [B, T, K, G + 2, hd] -> [B, K, G + 2, T, hd]
+            qkv = qkv + jnp.moveaxis(self.lora_qkv(x), 1, 3)
         q, k, v = qkv[:, :, :g], qkv[:, :, g], qkv[:, :, g + 1]
         if self.lora_q is not None:  # [B, T, K, G, hd] -> [B, K, G, T, hd]
             q = q + jnp.moveaxis(self.lora_q(x), 1, 3)
@@ -122,15 +185,20 @@ class Attention(nnx.Module):
             k = k + jnp.moveaxis(self.lora_k(x), 1, 2)
         if self.lora_v is not None:
             v = v + jnp.moveaxis(self.lora_v(x), 1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)  # q [B, K, G, T, hd], k/v [B, K, T, hd]
         if cache_kv is None:
             keys, values = k, v
-        else:  # write at slot `index`, then attend over the whole cache
+        else:  # write at slot `index` (mod the ring's size), then attend over the whole cache
             ck, cv = cache_kv
-            keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0))
-            values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
-        out = attention_lib.attention(q, keys.astype(dt), values.astype(dt), mask, window=cfg.sliding_window,
-                                      impl=impl, right_padded=right_padded, cached=cache_kv is not None)
+            at = (0, 0, index % ck.shape[2], 0)
+            keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), at)
+            values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), at)
+        out = attention_lib.attention(q, keys.astype(dt), values.astype(dt), mask, window=window, impl=impl,
+                                      right_padded=right_padded, cached=cache_kv is not None,
+                                      scale=cfg.query_scale ** -0.5 if cfg.query_scale else None,
+                                      softcap=cfg.attn_softcap)
         proj = jnp.einsum("bkgth,kghd->btd", out, self.o[...].astype(dt))
         if self.lora_o is not None:
             proj = proj + self.lora_o(jnp.moveaxis(out, 3, 1))
@@ -145,10 +213,12 @@ class MLP(nnx.Module):
         self.activation = cfg.activation
         self.gate_up = _param(rngs, (d, 2, i), ("embed", None, "mlp"), cfg.param_dtype)
         self.down = _param(rngs, (i, d), ("mlp", "embed"), cfg.param_dtype)
-        self.lora_gate = self.lora_up = self.lora_down = nnx.data(None)  # LoRA adapters (lora.add)
+        self.lora_gate = self.lora_up = self.lora_down = self.lora_gate_up = nnx.data(None)  # LoRA (lora.add)
 
     def __call__(self, x):
         h = jnp.einsum("btd,dci->btci", x, self.gate_up[...].astype(x.dtype))
+        if self.lora_gate_up is not None:
+            h = h + self.lora_gate_up(x)
         gate, up = h[:, :, 0], h[:, :, 1]
         if self.lora_gate is not None:
             gate = gate + self.lora_gate(x)
@@ -167,12 +237,18 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg, rngs=rngs) if cfg.post_norms else None
+        self.post_mlp_norm = RMSNorm(cfg, rngs=rngs) if cfg.post_norms else None
 
     def __call__(self, x, rope, mask, **kwargs):
         h, kv = self.attn(self.attn_norm(x), rope, mask, **kwargs)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
         x = constrain(x + h, ("batch", None, None))
-        x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", None, None))
-        return x, kv
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return constrain(x + h, ("batch", None, None)), kv
 
 
 def stack_layers(blocks: list[Block]) -> Block:
@@ -213,7 +289,8 @@ class Transformer(nnx.Module):
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
-        rope = rope_tables(positions, rope_frequencies(cfg), dt)
+        ropes = {FULL: rope_tables(positions, cfg, dt)}
+        ropes[SLIDING] = rope_tables(positions, cfg, dt, local=True) if cfg.local_rope_theta else ropes[FULL]
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
         if cfg.embed_scale:
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
@@ -225,30 +302,40 @@ class Transformer(nnx.Module):
             kw = dict(impl=cfg.attention, right_padded=right_padded or segment_ids is None)
         else:  # the new tokens' slots become valid first: each token sees itself and every valid slot before it
             valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones(tokens.shape, bool), (0, cache.index))
-            slots = cache.index + jnp.arange(t, dtype=jnp.int32)
-            mask = attention_lib.Mask(jnp.ones(tokens.shape, jnp.int32), valid.astype(jnp.int32),
-                                      jnp.broadcast_to(slots, (b, t)), jnp.arange(valid.shape[1], dtype=jnp.int32))
+            mask, masks = None, _cache_masks(cache, valid, t)  # one per cache length (full, or a ring)
             kw = dict(impl=cfg.attention)
+
+        def call(layer, h, kind, **extra):
+            window = cfg.sliding_window if kind == SLIDING else None
+            return layer(h, ropes[kind], extra.pop("mask", mask), window=window, **kw, **extra)
+
         policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
         if cfg.scan_layers and cache is None:
             graphdef, state = nnx.split(self.layers)
+            run = {kind: (lambda st, h, kind=kind: call(nnx.merge(graphdef, st), h, kind)) for kind in (FULL, SLIDING)}
 
-            def body(h, layer_state):
-                return nnx.merge(graphdef, layer_state)(h, rope, mask, **kw)
+            def body(h, xs):
+                layer_state, sliding = xs
+                if cfg.mixed_layers:  # local and global layers alternate: branch on the layer's kind
+                    return jax.lax.cond(sliding, run[SLIDING], run[FULL], layer_state, h)
+                return run[cfg.layer_type(0)](layer_state, h)
 
             if cfg.remat != "none":
                 body = jax.checkpoint(body, policy=policy)
-            x, (ks, vs) = jax.lax.scan(body, x, state)
+            sliding = jnp.asarray([cfg.layer_type(n) == SLIDING for n in range(cfg.num_layers)])
+            x, (ks, vs) = jax.lax.scan(body, x, (state, sliding))
             kvs = [(ks[i], vs[i]) for i in range(cfg.num_layers)]
         else:
             kvs = []
             for i, layer in enumerate(self._layer_list()):
+                kind = cfg.layer_type(i)
                 if cache is None and cfg.remat != "none":  # training: keep only what the policy saves
-                    x, kv = nnx.remat(lambda block, h: block(h, rope, mask, **kw), policy=policy)(layer, x)
+                    x, kv = nnx.remat(lambda block, h: call(block, h, kind), policy=policy)(layer, x)
                 elif cache is None:
-                    x, kv = layer(x, rope, mask, **kw)
+                    x, kv = call(layer, x, kind)
                 else:
-                    x, kv = layer(x, rope, mask, cache_kv=(cache.k[i], cache.v[i]), index=cache.index, **kw)
+                    x, kv = call(layer, x, kind, mask=masks[cache.k[i].shape[2]], cache_kv=(cache.k[i], cache.v[i]),
+                                 index=cache.index)
                 kvs.append(kv)
         hidden = self.final_norm(x)
         if cache is None:
@@ -268,5 +355,26 @@ class Transformer(nnx.Module):
         return (self.embed if self.lm_head is None else self.lm_head)[...]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        out = jnp.einsum("...d,vd->...v", hidden, self.head().astype(hidden.dtype))
-        return out.astype(jnp.float32)
+        out = jnp.einsum("...d,vd->...v", hidden, self.head().astype(hidden.dtype)).astype(jnp.float32)
+        if self.cfg.final_softcap:
+            out = self.cfg.final_softcap * jnp.tanh(out / self.cfg.final_softcap)
+        return out
+
+
+def _cache_masks(cache: KVCache, valid: jax.Array, t: int) -> dict[int, attention_lib.Mask]:
+    """Cache length -> the mask of `t` new tokens over a cache of that many slots (a ring when shorter)."""
+    b, max_len = valid.shape
+    q_seg = jnp.ones((b, t), jnp.int32)
+    q_slots = jnp.broadcast_to(cache.index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    masks = {}
+    for size in {k.shape[2] for k in cache.k}:
+        if size == max_len:
+            masks[size] = attention_lib.Mask(q_seg, valid.astype(jnp.int32), q_slots, jnp.arange(size, dtype=jnp.int32))
+            continue
+        if t > 1:
+            raise ValueError(f"a ring cache of {size} slots takes one token per step, got {t}")
+        held = ring_slots(cache.index + t, size)
+        seg = jnp.where(held >= 0, jnp.take(valid, jnp.clip(held, 0), axis=1), False)
+        masks[size] = attention_lib.Mask(q_seg, seg.astype(jnp.int32), q_slots, held)
+    return masks
+

@@ -5,8 +5,9 @@
 - `n` samples per prompt share one prefill: the prompt's cache rows are repeated n times afterwards.
 - Each (prompt, sample) gets its key from (seed, prompt index, sample index), and each step folds in the step:
   results do not depend on batch composition or device count.
-- The KV cache is preallocated in the compute dtype, donated between calls, and laid out by the logical rules
-  (batch rows over the data axes, kv heads over `tensor`).
+- The KV cache is preallocated per batch in the compute dtype (a sliding layer's as a ring of its window's
+  slots), donated between decode chunks, and laid out by the logical rules (batch rows over the data axes, kv
+  heads over `tensor`).
 - Stop strings are checked on host between chunks of decode steps, never per token.
 """
 
@@ -69,13 +70,9 @@ def _prefill(graphdef, state, tokens, positions, segments, n: int, max_len: int)
     model = nnx.merge(graphdef, state)
     hidden, kvs = model.forward(tokens, positions, segment_ids=segments)
     logits = model.logits(hidden[:, -1])  # left padding: every prompt ends at the last column
-    dtype = jnp.dtype(model.cfg.dtype)
-    pad = lambda x: jnp.pad(jnp.repeat(x.astype(dtype), n, axis=0),
-                            ((0, 0), (0, 0), (0, max_len - x.shape[2]), (0, 0)))
-    valid = jnp.pad(jnp.repeat(segments != 0, n, axis=0), ((0, 0), (0, max_len - tokens.shape[1])))
-    cache = KVCache(tuple(mesh_lib.constrain(pad(k), CACHE_AXES) for k, _ in kvs),
-                    tuple(mesh_lib.constrain(pad(v), CACHE_AXES) for _, v in kvs),
-                    valid, jnp.int32(tokens.shape[1]))
+    repeat = lambda x: jnp.repeat(x, n, axis=0)
+    cache = KVCache.from_prefill(model.cfg, [(repeat(k), repeat(v)) for k, v in kvs], repeat(segments != 0), max_len,
+                                 jnp.dtype(model.cfg.dtype), lambda x: mesh_lib.constrain(x, CACHE_AXES))
     return jnp.repeat(logits, n, axis=0), cache
 
 

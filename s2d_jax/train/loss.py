@@ -15,16 +15,19 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def cross_entropy(hidden, head, targets, weights, chunk: int = 0):
+def cross_entropy(hidden, head, targets, weights, chunk: int = 0, softcap: float | None = None):
     """`(sum of weighted -log p(target), sum of weighted correct argmax)` for `hidden: [B, T, D]`,
-    `head: [V, D]`, `targets: [B, T]` int, `weights: [B, T]`. `chunk` positions at a time (0 = all at once)."""
+    `head: [V, D]`, `targets: [B, T]` int, `weights: [B, T]`. `chunk` positions at a time (0 = all at once);
+    `softcap`: logits are `softcap * tanh(logits / softcap)` (Gemma 2's final soft-capping)."""
     t = hidden.shape[1]
     if not chunk or chunk >= t:
         logits = jnp.einsum("btd,vd->btv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        if softcap:
+            logits = softcap * jnp.tanh(logits / softcap)
         nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
         correct = (jnp.argmax(logits, -1) == targets) * weights
         return jnp.sum(nll * weights), jax.lax.stop_gradient(jnp.sum(correct))
-    return _chunked(hidden, head, targets, weights, chunk)
+    return _chunked(hidden, head, targets, weights, chunk, float(softcap) if softcap else None)
 
 
 def _split(x, chunk):
@@ -34,7 +37,7 @@ def _split(x, chunk):
     return jnp.moveaxis(x.reshape(x.shape[0], -1, chunk, *x.shape[2:]), 1, 0)
 
 
-def _forward(hidden, head, targets, weights, chunk):
+def _forward(hidden, head, targets, weights, chunk, softcap):
     dt = hidden.dtype
     w_head = head.astype(dt)
 
@@ -42,11 +45,16 @@ def _forward(hidden, head, targets, weights, chunk):
         loss, correct, dhead = carry
         h, y, w = xs
         logits = jnp.einsum("bcd,vd->bcv", h, w_head, preferred_element_type=jnp.float32)
+        if softcap:
+            squashed = jnp.tanh(logits / softcap)
+            logits = softcap * squashed
         top = jnp.max(logits, -1, keepdims=True)
         e = jnp.exp(logits - top)  # one pass of exponentials serves the loss and its gradient
         total = jnp.sum(e, -1, keepdims=True)
         nll = (jnp.log(total) + top - jnp.take_along_axis(logits, y[..., None], -1))[..., 0]
         dlogits = (e / total - jax.nn.one_hot(y, logits.shape[-1], dtype=jnp.float32)) * w[..., None]
+        if softcap:
+            dlogits = dlogits * (1.0 - jnp.square(squashed))
         dh = jnp.einsum("bcv,vd->bcd", dlogits.astype(dt), w_head, preferred_element_type=jnp.float32)
         dhead = dhead + jnp.einsum("bcv,bcd->vd", dlogits.astype(dt), h, preferred_element_type=jnp.float32)
         correct = correct + jnp.sum((jnp.argmax(logits, -1) == y) * w)
@@ -60,18 +68,18 @@ def _forward(hidden, head, targets, weights, chunk):
     return loss, correct, unsplit(dh), dhead, unsplit(nll)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked(hidden, head, targets, weights, chunk):
-    loss, correct, *_ = _forward(hidden, head, targets, weights, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked(hidden, head, targets, weights, chunk, softcap):
+    loss, correct, *_ = _forward(hidden, head, targets, weights, chunk, softcap)
     return loss, correct
 
 
-def _chunked_fwd(hidden, head, targets, weights, chunk):
-    loss, correct, dh, dhead, nll = _forward(hidden, head, targets, weights, chunk)
+def _chunked_fwd(hidden, head, targets, weights, chunk, softcap):
+    loss, correct, dh, dhead, nll = _forward(hidden, head, targets, weights, chunk, softcap)
     return (loss, correct), (dh, dhead.astype(head.dtype), nll.astype(weights.dtype), targets)
 
 
-def _chunked_bwd(chunk, res, cotangents):
+def _chunked_bwd(chunk, softcap, res, cotangents):
     dh, dhead, nll, targets = res
     g = cotangents[0]  # the correct-count output has no gradient
     return ((g * dh).astype(dh.dtype), (g * dhead).astype(dhead.dtype), np.zeros(targets.shape, jax.dtypes.float0),

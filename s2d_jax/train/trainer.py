@@ -78,7 +78,8 @@ def loss_sums(model: Transformer, batch: dict, chunk: int = 0, right_padded: boo
     """Summed cross-entropy over target tokens, and (correct predictions, target-token count)."""
     hidden, _ = model.forward(batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"],
                               right_padded=right_padded)
-    loss, correct = cross_entropy(hidden, model.head(), batch["targets"], batch["weights"], chunk)
+    loss, correct = cross_entropy(hidden, model.head(), batch["targets"], batch["weights"], chunk,
+                                  model.cfg.final_softcap)
     return loss, (correct, jnp.sum(batch["weights"]))
 
 
