@@ -88,7 +88,7 @@ def test_cached_decode_matches_full_forward(window):
 
 
 def test_config_from_hf_errors():
-    with pytest.raises(s2d_jax.S2DError, match=r"model_type 'gpt2' is not supported \(supported: gemma, llama"):
+    with pytest.raises(s2d_jax.S2DError, match=r"model_type 'gpt2' is not supported \(supported: gemma, gemma2, gemma3_text, llama"):
         ModelConfig.from_hf({"model_type": "gpt2"})
     with pytest.raises(s2d_jax.S2DError, match="missing key 'intermediate_size'"):
         ModelConfig.from_hf({"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "num_attention_heads": 2,
