@@ -190,3 +190,25 @@ def test_gguf_files_as_llama_cpp_writes_them(tmp_path, family, arch, overrides):
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids, jnp.int32))), torch_logits(ref, ids), atol=1e-4)
     if family == "llama3_rope":  # the scaling rope_freqs encodes, recovered as transformers' parameters
         assert model.cfg.rope_scaling == ("llama3", 8.0, 1.0, 4.0, 16)
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_parameter_count_is_transformers(hf_models, family):
+    path, ref = hf_models[family]
+    model = load_model(path)
+    ours = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+    assert ours == model.cfg.num_params == sum(p.numel() for p in ref.parameters())
+
+
+@pytest.mark.parametrize("model_type,says", [
+    ("qwen3_moe", "model_type 'qwen3_moe' is not supported (supported: gemma, gemma2, gemma3_text, llama, mistral, "
+                  "phi3, qwen2, qwen3)"),
+    ("gemma3", "a vision-language checkpoint; only text decoders are supported"),
+    ("mamba", "model_type 'mamba' is not supported"),
+])
+def test_unsupported_families_are_one_line(tmp_path, model_type, says):
+    (tmp_path / "config.json").write_text(f'{{"model_type": "{model_type}"}}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(s2d_jax.S2DError) as e:
+        load_model(str(tmp_path))
+    assert says in str(e.value) and "\n" not in str(e.value)

@@ -77,7 +77,7 @@ def test_unsupported_model_type_lists_supported(hf_models, tmp_path):
     cfg = json.load(open(d / "config.json"))
     cfg["model_type"] = "gpt_neox"
     json.dump(cfg, open(d / "config.json", "w"))
-    with pytest.raises(S2DError, match=r"config.json: model_type 'gpt_neox' is not supported \(supported: gemma, llama, mistral, qwen2\)"):
+    with pytest.raises(S2DError, match=r"config.json: model_type 'gpt_neox' is not supported \(supported: gemma, gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3\)"):
         s2d_jax.load_model(d)
 
 
