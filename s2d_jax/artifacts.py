@@ -7,31 +7,61 @@ import contextlib
 import gzip
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
+import zlib
 
 from s2d_jax.errors import S2DError
 
 
-def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[dict]:
-    """Records of a JSONL file (gzipped if it ends in .gz); a malformed line or a missing field is one error naming
-    the file and line."""
+def readable_file(path: str, what: str) -> str:
+    """`path` if it is a readable, non-empty regular file; else one clear error naming it."""
     if not os.path.exists(path):
         raise S2DError(f"{path}: no such file")
-    rows = []
-    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise S2DError(f"{path}: line {number}: not valid JSON ({e.msg})") from None
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise S2DError(f"{path}: line {number}: missing field {missing[0]!r}")
-            rows.append(row)
+    if os.path.isdir(path):
+        raise S2DError(f"{path}: is a directory, expected {what}")
+    if not os.access(path, os.R_OK):
+        raise S2DError(f"{path}: not readable (permission denied)")
+    if os.path.getsize(path) == 0:
+        raise S2DError(f"{path}: empty, expected {what}")
+    return path
+
+
+def read_jsonl(path: str, required: tuple[str, ...] = (), strings: tuple[str, ...] = (),
+               empty_ok: bool = False) -> list[dict]:
+    """Records of a JSONL file (gzipped if it ends in .gz); a malformed line, a record that is not an object, a
+    missing field or a field of `strings` that is not a string is one error naming the file and line; so is a file
+    without records, unless `empty_ok`."""
+    if not (empty_ok and os.path.isfile(path) and os.path.getsize(path) == 0):
+        readable_file(path, "a JSONL file")
+    rows, number = [], 0
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise S2DError(f"{path}: line {number}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise S2DError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+                missing = [k for k in required if k not in row]
+                if missing:
+                    raise S2DError(f"{path}: line {number}: missing field {missing[0]!r}")
+                wrong = [k for k in strings if not isinstance(row.get(k), str)]
+                if wrong:
+                    raise S2DError(f"{path}: line {number}: field {wrong[0]!r} must be a string, got "
+                                   f"{type(row.get(wrong[0])).__name__}")
+                rows.append(row)
+    except UnicodeDecodeError:
+        raise S2DError(f"{path}: line {number + 1}: not UTF-8 text (a binary file?)") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise S2DError(f"{path}: truncated or not gzip ({e})") from None
+    if not rows and not empty_ok:
+        raise S2DError(f"{path}: no records")
     return rows
 
 
@@ -48,14 +78,33 @@ def complete_lines(path: str) -> list[dict]:
     return [json.loads(line) for line in keep.decode().splitlines() if line.strip()]
 
 
+@contextlib.contextmanager
+def writing(path: str):
+    """A failed write (disk full, file too large, no permission) as one error naming `path`."""
+    try:
+        yield
+    except Exception as e:  # OSError, or a writer's own error type around one (safetensors: "I/O error")
+        if not isinstance(e, OSError) and not re.search(r"I/O error|os error \d+", str(e)):
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        match = re.search(r"I/O error: (.*?) \(os error \d+\)", reason)
+        raise S2DError(f"{path}: write failed ({match.group(1) if match else reason}); complete artifacts are kept, "
+                       f"and a rerun resumes once the cause is fixed") from None
+
+
 def write_atomic(path: str, text: str) -> None:
     """Write `path` whole or not at all. The temporary name is per host and process, so hosts that write the same
     artifact to a shared directory never interleave."""
     tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with writing(path), open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
@@ -73,7 +122,8 @@ def atomic_dir(out_dir: str, overwrite: bool = False):
     umask = os.umask(0)
     os.umask(umask)
     try:
-        yield tmp
+        with writing(out_dir):
+            yield tmp
         for name in os.listdir(tmp):  # mkdtemp and safetensors create private files; use the user's umask
             os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         os.chmod(tmp, 0o777 & ~umask)

@@ -6,15 +6,28 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
+import threading
+import traceback
 
 from s2d_jax.errors import S2DError
 
-USAGE = ("s2d STAGE --config configs/NAME.py [--config.KEY=VALUE ...] [--workdir DIR] "
+USAGE = ("s2d STAGE --config configs/NAME.py [--config.KEY=VALUE ...] [--workdir DIR] [--debug] "
          "[--coordinator_address HOST:PORT --num_processes N --process_id I | --distributed]")
+ERROR_LOG = "s2d-error.log"
+
+
+class _BadArguments(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block and a line
+        raise _BadArguments(message)
 
 
 def _parser(stages) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="s2d", usage=USAGE,
         description="System 2 distillation in JAX. Stages: " + ", ".join(stages) + ".",
         epilog="Any config key can be overridden: --config.model.path=/models/llama --config.seed=1. "
@@ -22,6 +35,7 @@ def _parser(stages) -> argparse.ArgumentParser:
     p.add_argument("stage", choices=list(stages), help="what to run")
     p.add_argument("--config", required=True, help="experiment config file (a .py with get_config())")
     p.add_argument("--workdir", default=None, help="where artifacts go (default: runs/<config name>)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     hosts = p.add_argument_group("multi-host (run the same command on every host)")
     hosts.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0's coordinator")
     hosts.add_argument("--num_processes", type=int, default=None, help="how many processes form the cluster")
@@ -52,16 +66,55 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for chatty in ("jax", "absl"):  # not the TPU-probe and per-file checkpoint chatter
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # a failed async save is reported once, by us
     from s2d_jax.stages import STAGES  # --help must list the stages
-    from s2d_jax.train import Preempted
 
     parser = _parser(STAGES)
-    args, rest = parser.parse_known_args(argv)
-    overrides, unknown = _split_overrides(rest)
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        from s2d_jax import distributed
+        args, rest = parser.parse_known_args(argv)
+        overrides, unknown = _split_overrides(rest)
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    except _BadArguments as e:
+        print(f"s2d: error: {e} (usage: {USAGE})", file=sys.stderr)
+        return 2
+    workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    hooks = (threading.excepthook, sys.unraisablehook)
+    quiet = _TracebacksToLog(workdir)
+    if not args.debug:  # tracebacks of background threads and libraries' logs go to the error log, not the screen
+        threading.excepthook = lambda a: _log_error(workdir, (a.exc_type, a.exc_value, a.exc_traceback))
+        sys.unraisablehook = lambda u: _log_error(workdir, (u.exc_type, u.exc_value, u.exc_traceback))
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(quiet)
+    try:
+        return _run(args, overrides, workdir)
+    finally:
+        threading.excepthook, sys.unraisablehook = hooks
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(quiet)
+
+
+class _TracebacksToLog(logging.Filter):
+    """A log record's traceback (Orbax logs its failed background writes with one) goes to the error log; the
+    record's own line still shows."""
+
+    def __init__(self, workdir: str):
+        super().__init__()
+        self.workdir = workdir
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is not None:
+            _log_error(self.workdir, record.exc_info)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _run(args, overrides: list[str], workdir: str) -> int:
+    from s2d_jax.stages import STAGES
+    from s2d_jax.train import Preempted
+
+    try:
+        from s2d_jax import distributed, workdir as workdir_lib
         from s2d_jax.config import load_config
 
         if distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
@@ -69,9 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("s2d").setLevel(logging.WARNING)  # one host narrates
 
         config = load_config(args.config, overrides)
-        workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
-        os.makedirs(workdir, exist_ok=True)
-        STAGES[args.stage](config, workdir)
+        with workdir_lib.claim(config, workdir, keep=args.stage != "plan"):
+            STAGES[args.stage](config, workdir)
     except Preempted as e:
         print(f"s2d: {e}", file=sys.stderr)
         return 143  # 128 + SIGTERM, as a scheduler expects of a preempted job
@@ -81,7 +133,34 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("s2d: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a write that failed (disk full, file too large, permissions): nothing complete is lost
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"s2d: error: {where}{e.strerror or e}; complete artifacts are kept, and a rerun resumes",
+              file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: one line here, the traceback in the workdir (or on screen with --debug)
+        if args.debug:
+            raise
+        print(f"s2d: internal error: {type(e).__name__}: {e}; details in {_log_error(workdir)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _log_error(workdir: str, exc_info=None) -> str:
+    """Append a traceback (default: the current exception's) to WORKDIR/s2d-error.log (a temporary file if that
+    fails); return where it went."""
+    text = "".join(traceback.format_exception(*exc_info)) if exc_info else traceback.format_exc()
+    path = os.path.join(workdir, ERROR_LOG)
+    try:
+        with open(path, "a") as f:
+            f.write(text)
+    except OSError:  # no workdir (yet), or it cannot be written
+        fd, path = tempfile.mkstemp(prefix="s2d-error-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    return path
 
 
 if __name__ == "__main__":

@@ -13,104 +13,235 @@ import importlib.util
 import os
 import traceback
 
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 import ml_collections
 from ml_collections import ConfigDict
 
 from s2d_jax.errors import S2DError
+from s2d_jax.model.attention import IMPLEMENTATIONS
+from s2d_jax.model.config import DTYPES, REMAT
 
 
 def defaults() -> ConfigDict:
-    """The schema: every key an experiment may set, with its default and so its type."""
-    return ConfigDict({
-        "seed": 0,
+    """Every key an experiment may set, with its default and so its type."""
+    return ConfigDict(_strip(schema()))
+
+
+def schema() -> dict:
+    """The schema: every key, its default (and so its type) and, where a value can be wrong, the rule it obeys."""
+    return ({
+        "seed": _(0, at_least(0)),
         "model": {
             "path": "",  # HF directory or .gguf file; "" = random init of `preset`
             "preset": "",  # a name in s2d_jax.model.PRESETS, used when `path` is ""
-            "dtype": "float32",  # master parameter dtype of full fine-tuning (float32: bf16 rounds updates away)
-            "compute_dtype": "",  # "" = same as dtype; sampling, eval and LoRA's frozen base hold weights in it
+            # master parameter dtype of full fine-tuning (float32: bf16 rounds updates away)
+            "dtype": _("float32", one_of(*DTYPES)),
+            # "" = same as dtype; sampling, eval and LoRA's frozen base hold weights in it
+            "compute_dtype": _("", one_of("", *DTYPES)),
             "scan_layers": False,  # stack the layers and run them under lax.scan (compile time flat in depth)
-            "attention": "auto",  # auto | reference | blockwise | cudnn | splash (s2d_jax/model/attention.py)
+            "attention": _("auto", one_of(*IMPLEMENTATIONS)),  # kernel: s2d_jax/model/attention.py
         },
         "tokenizer": "",  # "" = model.path; "bytes" = the built-in byte tokenizer
-        "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+        "mesh": {"data": _(-1, mesh_size()), "fsdp": _(1, mesh_size()), "tensor": _(1, mesh_size())},
         "convert": {"output": ""},  # "" = WORKDIR/converted
         "task": {
             "name": "",  # s2d_jax.system2.tasks.TASKS
             "path": "",  # the unlabelled input pool; "" = generate `n` examples (synthetic tasks)
-            "n": 0,  # how many inputs to use (0 = all in `path`)
-            "offset": 0,  # skip this many inputs of `path` first (keep the eval split apart)
-            "size": 4,  # synthetic tasks: words (last letters) or people (coin flip) per input
-            "seed": 0,  # synthetic tasks: generator seed
+            "n": _(0, at_least(0)),  # how many inputs to use (0 = all in `path`)
+            "offset": _(0, at_least(0)),  # skip this many inputs of `path` first (keep the eval split apart)
+            "size": _(4, at_least(1)),  # synthetic tasks: words (last letters) or people (coin flip) per input
+            "seed": _(0, at_least(0)),  # synthetic tasks: generator seed
             "tfds_data_dir": "",  # with path "tfds:NAME[/CONFIG][:SPLIT]": where the prepared dataset lives
             "input_field": "question",  # TFDS records: the input field (dotted for nested)
             "label_field": "",  # TFDS records: the label field ("" = the task's default)
         },
-        "program": {"name": "", "chat": True, "max_new_tokens": 0},  # PROGRAMS; 0 = each stage's own budget
-        "generate": {
-            "samples": 8,  # System 2 samples per input (N)
-            "temperature": 0.7,
-            "top_k": 0,  # 0 = off
-            "top_p": 1.0,  # 1.0 = off
-            "max_batch": 32,  # sequences per device batch
-            "chunk": 64,  # inputs per rollout chunk written to disk (the resume granularity)
+        "program": {
+            "name": "",  # s2d_jax.system2.programs.PROGRAMS
+            "chat": True,
+            "max_new_tokens": _(0, at_least(0)),  # 0 = each stage's own budget
         },
-        "filter": {"name": "majority", "min_share": 0.5},  # majority (vote over answers)
+        "generate": {
+            "samples": _(8, at_least(1)),  # System 2 samples per input (N)
+            "temperature": _(0.7, at_least(0.0)),
+            "top_k": _(0, at_least(0)),  # 0 = off
+            "top_p": _(1.0, between(0.0, 1.0, low_open=True)),  # 1.0 = off
+            "max_batch": _(32, at_least(1)),  # sequences per device batch
+            "chunk": _(64, at_least(1)),  # inputs per rollout chunk written to disk (the resume granularity)
+        },
+        "filter": {"name": "majority", "min_share": _(0.5, between(0.0, 1.0))},  # majority (vote over answers)
         "pretrain": {  # toy base models only (the CPU demo): random `model.preset` -> WORKDIR/base
-            "steps": 0,  # 0 = no pretraining: the model is `model.path` (or a random preset)
-            "corpus_size": 4000,  # synthetic prompt/target pairs (the task's `corpus`)
-            "cot_max_words": 6,  # step-by-step answers for lists of 1..this many words
-            "direct_max_words": 2,  # direct answers only for lists of 1..this many words
-            "direct_share": 0.3,
-            "batch_size": 16,
-            "learning_rate": 1e-3,
-            "warmup_steps": 50,
-            "max_len": 384,
+            "steps": _(0, at_least(0)),  # 0 = no pretraining: the model is `model.path` (or a random preset)
+            "corpus_size": _(4000, at_least(1)),  # synthetic prompt/target pairs (the task's `corpus`)
+            "cot_max_words": _(6, at_least(1)),  # step-by-step answers for lists of 1..this many words
+            "direct_max_words": _(2, at_least(0)),  # direct answers only for lists of 1..this many words
+            "direct_share": _(0.3, between(0.0, 1.0)),
+            "batch_size": _(16, at_least(1)),
+            "learning_rate": _(1e-3, above(0.0)),
+            "warmup_steps": _(50, at_least(0)),
+            "max_len": _(384, at_least(2)),
             "pack": True,
-            "seed": 0,
+            "seed": _(0, at_least(0)),
         },
         "train": {
             "data": "",  # prompt/target JSONL; "" = WORKDIR/distill.jsonl
-            "steps": 100,  # optimizer steps
-            "batch_size": 8,  # rows per optimizer step, over all hosts and accumulation micro-steps
-            "grad_accum": 1,  # micro-steps per optimizer step (batch_size must be a multiple)
-            "max_len": 256,  # tokens per row; longer pairs are dropped and counted (or an error: too_long)
-            "too_long": "drop",  # drop | error
+            "steps": _(100, at_least(1)),  # optimizer steps
+            "batch_size": _(8, at_least(1)),  # rows per optimizer step, over all hosts and accumulation micro-steps
+            "grad_accum": _(1, at_least(1)),  # micro-steps per optimizer step (batch_size must be a multiple)
+            "max_len": _(256, at_least(2)),  # tokens per row; longer pairs are dropped and counted (or too_long)
+            "too_long": _("drop", one_of("drop", "error")),  # drop | error
             "pack": False,  # pack several pairs per row (segment ids keep attention inside each pair)
-            "learning_rate": 1e-5,  # peak, after warmup
-            "schedule": "cosine",  # cosine | linear | constant (after warmup)
-            "warmup_steps": 0,
-            "end_lr_ratio": 0.1,  # final learning rate / peak (cosine, linear)
-            "weight_decay": 0.0,  # AdamW; never applied to norms and biases
-            "b1": 0.9,
-            "b2": 0.999,
-            "clip_norm": 1.0,  # global gradient norm clip; 0 = off
-            "remat": "none",  # none | full | dots (rematerialise each layer in the backward pass)
-            "lora_rank": 0,  # 0 = full fine-tuning; > 0 = LoRA adapters of this rank, base weights frozen
-            "lora_alpha": 16.0,  # LoRA scale = lora_alpha / lora_rank (PEFT's convention)
+            "learning_rate": _(1e-5, above(0.0)),  # peak, after warmup
+            "schedule": _("cosine", one_of("cosine", "linear", "constant")),  # after warmup
+            "warmup_steps": _(0, at_least(0)),
+            "end_lr_ratio": _(0.1, between(0.0, 1.0)),  # final learning rate / peak (cosine, linear)
+            "weight_decay": _(0.0, at_least(0.0)),  # AdamW; never applied to norms and biases
+            "b1": _(0.9, between(0.0, 1.0, high_open=True)),
+            "b2": _(0.999, between(0.0, 1.0, high_open=True)),
+            "clip_norm": _(1.0, at_least(0.0)),  # global gradient norm clip; 0 = off
+            "remat": _("none", one_of(*REMAT)),  # rematerialise each layer in the backward pass
+            "lora_rank": _(0, at_least(0)),  # 0 = full fine-tuning; > 0 = LoRA adapters of this rank, base frozen
+            "lora_alpha": _(16.0, above(0.0)),  # LoRA scale = lora_alpha / lora_rank (PEFT's convention)
             "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-            "loss_chunk": 128,  # positions per chunk of the cross-entropy (never [B, T, vocab] logits); 0 = off
-            "seed": 0,  # data order and LoRA init
-            "checkpoint_every": 50,  # steps between Orbax saves (and one at the end, and on SIGTERM)
-            "keep_checkpoints": 3,
+            "loss_chunk": _(128, at_least(0)),  # positions per cross-entropy chunk (no [B, T, vocab] logits); 0 = off
+            "seed": _(0, at_least(0)),  # data order and LoRA init
+            "checkpoint_every": _(50, at_least(1)),  # steps between Orbax saves (and one at the end, and on SIGTERM)
+            "keep_checkpoints": _(3, at_least(1)),
             "checkpoint_dir": "",  # "" = WORKDIR/checkpoints; or a gs:// path (Orbax writes it directly)
-            "log_every": 10,  # steps between metrics rows
-            "eval_every": 0,  # steps between System 1 accuracy checks on the eval split; 0 = off
-            "peak_flops": 0.0,  # per-device FLOP/s for MFU; 0 = measure a matmul peak at start
+            "log_every": _(10, at_least(1)),  # steps between metrics rows
+            "eval_every": _(0, at_least(0)),  # steps between System 1 accuracy checks on the eval split; 0 = off
+            "peak_flops": _(0.0, at_least(0.0)),  # per-device FLOP/s for MFU; 0 = measure a matmul peak at start
         },
         "plan": {  # `s2d plan`
-            "device_gb": 16.0,  # memory per device to fit in (TPU v5e: 16, v5p: 95, H100: 80)
-            "devices": 0,  # plan for this many devices (e.g. 8 for a v5e-8 host, from a laptop); 0 = this machine's
+            "device_gb": _(16.0, above(0.0)),  # memory per device to fit in (TPU v5e: 16, v5p: 95, H100: 80)
+            "devices": _(0, at_least(0)),  # plan for this many devices (8 for a v5e-8 host, from a laptop); 0 = here
         },
         "eval": {
             "task": "",  # "" = task.name (e.g. distil on oasst2_judge, evaluate on mt_bench_judge)
             "path": "",  # held-out labelled inputs; "" = generate `n` with `seed` (synthetic tasks)
-            "n": 0,
-            "offset": 0,  # skip this many inputs of `path` first
-            "seed": 1,  # a generator seed apart from task.seed, so the eval inputs are unseen
-            "max_new_tokens": 32,  # System 1 answer budget (base and distilled)
-            "samples": 1,  # System 2 samples per input: 1 = greedy; more = majority answer, and maj@k
+            "n": _(0, at_least(0)),
+            "offset": _(0, at_least(0)),  # skip this many inputs of `path` first
+            "seed": _(1, at_least(0)),  # a generator seed apart from task.seed, so the eval inputs are unseen
+            "max_new_tokens": _(32, at_least(1)),  # System 1 answer budget (base and distilled)
+            "samples": _(1, at_least(1)),  # System 2 samples per input: 1 = greedy; more = majority answer, and maj@k
         },
     })
+
+
+# ------------------------------------------------------------------------------------------ rules
+
+
+class _(NamedTuple):
+    """A schema entry with a rule: `check(value)` returns None when the value is allowed, else what is."""
+
+    default: Any
+    check: Callable[[Any], str | None]
+
+
+def at_least(low):
+    return lambda v: None if v >= low else f">= {low}"
+
+
+def above(low):
+    return lambda v: None if v > low else f"> {low}"
+
+
+def between(low, high, low_open=False, high_open=False):
+    def check(v):
+        ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+        return None if ok else f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    return check
+
+
+def one_of(*choices):
+    return lambda v: None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
+
+
+def mesh_size():
+    return lambda v: None if v == -1 or v >= 1 else "-1 (all remaining devices) or >= 1"
+
+
+def _strip(tree: dict) -> dict:
+    return {k: _strip(v) if isinstance(v, dict) else v.default if isinstance(v, _) else v for k, v in tree.items()}
+
+
+def _rules(tree: dict, prefix: str = "") -> dict[str, Callable]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_rules(value, prefix + key + "."))
+        elif isinstance(value, _):
+            out[prefix + key] = value.check
+    return out
+
+
+def validate(config: ConfigDict, where: str = "config") -> None:
+    """Every value against its rule, then the rules between keys; the error names the key, the value and what is
+    allowed."""
+    for key, check in _rules(schema()).items():
+        value = _get(config, key)
+        allowed = check(value)
+        if allowed is not None:
+            raise S2DError(f"{where}: key {key!r} = {value!r} is not allowed (expected {allowed})")
+    for key, message in _cross_rules(config):
+        raise S2DError(f"{where}: key {key!r}: {message}")
+
+
+def _cross_rules(c: ConfigDict):
+    """(key, what is wrong) for every rule that ties keys together."""
+    from s2d_jax.model.config import PRESETS
+
+    t = c.train
+    if t.batch_size % t.grad_accum:
+        yield "train.batch_size", f"{t.batch_size} is not a multiple of train.grad_accum={t.grad_accum}"
+    if [c.mesh.data, c.mesh.fsdp, c.mesh.tensor].count(-1) > 1:
+        yield "mesh", "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1"
+    if c.model.preset and c.model.preset not in PRESETS:
+        yield "model.preset", f"{c.model.preset!r} is not a preset (presets: {', '.join(PRESETS)})"
+    from s2d_jax.model import lora
+
+    try:
+        lora.check_targets(c.train.lora_targets)
+    except S2DError as e:
+        yield "train.lora_targets", str(e).split(": ", 1)[1]
+    for key, name in (("task.name", c.task.name), ("eval.task", c.eval.task)):
+        if name:
+            from s2d_jax.system2.tasks import TASKS
+
+            if name not in TASKS:
+                yield key, f"{name!r} is not a task (tasks: {', '.join(sorted(TASKS))})"
+    if c.program.name:
+        from s2d_jax.system2.programs import PROGRAMS
+
+        if c.program.name not in PROGRAMS:
+            yield "program.name", f"{c.program.name!r} is not a program (programs: {', '.join(sorted(PROGRAMS))})"
+    from s2d_jax.stages.filter import FILTERS
+
+    if c.filter.name not in FILTERS:
+        yield "filter.name", f"{c.filter.name!r} is not a filter (filters: {', '.join(sorted(FILTERS))})"
+    context = _context(c)
+    if context:
+        for key in ("program.max_new_tokens", "eval.max_new_tokens", "train.max_len", "pretrain.max_len"):
+            if _get(c, key) >= context:
+                yield key, f"{_get(c, key)} does not fit the model's context of {context} positions"
+
+
+def _context(c: ConfigDict) -> int | None:
+    """The model's context length when the config names a model that says it (a preset, a readable checkpoint)."""
+    from s2d_jax.model.config import PRESETS
+
+    if c.model.path:  # a missing model is the stage's to report, where it is needed
+        from s2d_jax.model import read_config
+
+        return read_config(c.model.path).max_position_embeddings if os.path.exists(c.model.path) else None
+    return PRESETS[c.model.preset].max_position_embeddings if c.model.preset in PRESETS else None
+
+
+def _get(config, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
 
 
 def _leaf_paths(c: ConfigDict, prefix: str = "") -> list[str]:
@@ -191,7 +322,11 @@ def load_config_file(path: str) -> ConfigDict:
         raise S2DError(f"{path}: line {line}: {type(e).__name__}: {e}") from None
     if not callable(getattr(module, "get_config", None)):
         raise S2DError(f"{path}: no get_config() function (a config file defines get_config() -> ConfigDict)")
-    config = module.get_config()
+    try:
+        config = module.get_config()
+    except Exception as e:
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), "?")
+        raise S2DError(f"{path}: line {line}: get_config() raised {type(e).__name__}: {e}") from None
     if not isinstance(config, (dict, ConfigDict)):
         raise S2DError(f"{path}: get_config() returned {type(config).__name__}, expected a ConfigDict")
     return ConfigDict(config) if isinstance(config, dict) else config
@@ -211,6 +346,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> ConfigDict:
         node_value = _lookup(config, key, schema, f"--config.{key}")
         _assign(config, key, _parse(text, node_value), f"--config.{item}", schema)
     config.lock()
+    validate(config, path or "config")
     return config
 
 
@@ -227,4 +363,4 @@ def to_dict(config: ConfigDict) -> dict:
     return config.to_dict()
 
 
-__all__ = ["defaults", "load_config", "load_config_file", "to_dict", "ml_collections"]
+__all__ = ["defaults", "load_config", "load_config_file", "schema", "to_dict", "validate", "ml_collections"]

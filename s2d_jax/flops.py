@@ -31,4 +31,5 @@ def flops_per_token(cfg, context: float, head: bool = True) -> float:
     computed. A training step costs about 3x this (forward + backward)."""
     embed = cfg.vocab_size * cfg.hidden_size
     layers = cfg.num_params - embed * (1 if cfg.tie_embeddings else 2)
-    return 2 * layers + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context + (2 * embed if head else 0)
+    seen = sum(min(context, cfg.window(n) or context) for n in range(cfg.num_layers))  # sliding layers: window
+    return 2 * layers + 4 * cfg.num_heads * cfg.head_dim * seen + (2 * embed if head else 0)

@@ -23,6 +23,7 @@ from ml_collections import ConfigDict
 from s2d_jax import mesh as mesh_lib
 from s2d_jax.errors import S2DError
 from s2d_jax.model import PRESETS, Transformer, read_config
+from s2d_jax.model.transformer import cache_slots
 from s2d_jax.sampling.sampler import CACHE_AXES
 
 GB = 1 << 30
@@ -102,7 +103,8 @@ def plan(config: ConfigDict, mesh) -> dict:
     length = min(max(32, 1 << math.ceil(math.log2(t.max_len))) + new_bucket, cfg.max_position_embeddings)
     rows = max(g.max_batch, rows_split)
     kv_shape = (rows, cfg.num_kv_heads, length, cfg.head_dim)
-    kv = 2 * cfg.num_layers * shard_bytes(kv_shape, cfg.dtype, CACHE_AXES, mesh)
+    kv = 2 * sum(shard_bytes(kv_shape[:2] + (cache_slots(cfg, n, length),) + kv_shape[3:], cfg.dtype, CACHE_AXES,
+                             mesh) for n in range(cfg.num_layers))  # sliding layers hold a ring of their window
     micro_rows = max(t.batch_size // t.grad_accum // rows_split, 1)
     activations = activation_bytes(cfg, micro_rows, t.max_len, t.loss_chunk, mesh.shape["tensor"])
     train_total = params + trained * 3 + activations  # weights, gradients, two AdamW moments (float32 masters)

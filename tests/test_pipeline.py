@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -56,20 +55,13 @@ def test_rerun_skips_every_complete_stage(reference, caplog):
 
 
 def test_kill_and_rerun_resumes_to_the_same_result(reference, tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, "-m", "s2d_jax.cli", "run", *TINY, "--workdir", str(tmp_path)],
+    env = dict(os.environ, JAX_PLATFORMS="cpu", S2D_FAULT="rollout-chunk:1")  # killed after generate's 1st chunk
+    proc = subprocess.Popen([sys.executable, "-m", "s2d_jax.cli", "run", *TINY, "--workdir", str(tmp_path),
+                             "--config.generate.chunk=2"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    partial = tmp_path / "rollouts.jsonl.partial"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if partial.exists() and partial.read_text().count("\n") >= 4:
-            proc.send_signal(signal.SIGKILL)  # in the middle of generate, after pretraining
-            break
-        time.sleep(0.05)
-    _, err = proc.communicate(timeout=60)
-    if (tmp_path / "rollouts.jsonl").exists():
-        pytest.skip("the run passed generate before it could be killed")
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, err
+    assert not (tmp_path / "rollouts.jsonl").exists() and (tmp_path / "rollouts.jsonl.partial").exists()
     assert (tmp_path / "base").exists() and not (tmp_path / "eval.json").exists()
     assert main(["run", *TINY, "--workdir", str(tmp_path)]) == 0
     for name in ("rollouts.jsonl", "distill.jsonl", "filter_report.json"):

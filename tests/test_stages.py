@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -54,19 +53,13 @@ def test_rerun_skips_a_complete_artifact(reference, tmp_path):
 
 
 def test_resume_after_a_kill_and_a_torn_line(reference, tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, "-m", "s2d_jax.cli", "generate", *TINY, "--workdir", str(tmp_path)],
+    env = dict(os.environ, JAX_PLATFORMS="cpu", S2D_FAULT="rollout-chunk:1")  # after the first chunk of several
+    proc = subprocess.Popen([sys.executable, "-m", "s2d_jax.cli", "generate", *TINY, "--workdir", str(tmp_path),
+                             "--config.generate.chunk=2"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert proc.wait(timeout=240) == -signal.SIGKILL
     partial = tmp_path / "rollouts.jsonl.partial"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if partial.exists() and partial.read_text().count("\n") >= 4:
-            proc.send_signal(signal.SIGKILL)  # after the first chunk, before the last
-            break
-        time.sleep(0.05)
-    proc.wait(timeout=60)
-    if (tmp_path / "rollouts.jsonl").exists():
-        pytest.skip("the run finished before it could be killed")
+    assert not (tmp_path / "rollouts.jsonl").exists()
     written = partial.read_text()
     assert 0 < written.count("\n") < 24
     with open(partial, "a") as f:

@@ -7,7 +7,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import grain
 import grain.experimental
@@ -204,8 +203,10 @@ def _train_cli(workdir, *overrides):
                  *overrides])
 
 
-def _spawn(workdir, *overrides):
+def _spawn(workdir, *overrides, fault=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu")  # same XLA flags (8 devices) as this process: same kernels
+    if fault:
+        env["S2D_FAULT"] = fault  # s2d_jax/faults.py: a signal at a chosen step, never "too late"
     return subprocess.Popen([sys.executable, "-m", "s2d_jax.cli", "train", *TINY, "--workdir", str(workdir),
                              f"--config.train.data={workdir / 'pairs.jsonl'}", *overrides],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -243,15 +244,10 @@ def test_export_and_eval_hook(uninterrupted):
 def test_resume_after_sigkill_is_exact(uninterrupted, tmp_path):
     _pairs(tmp_path / "pairs.jsonl")
     kill_at = random.Random().randint(12, 100)
-    proc = _spawn(tmp_path, *LONG)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and _logged_step(tmp_path) < kill_at:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate(timeout=60)
-    if (tmp_path / "model").exists():
-        pytest.skip("the run finished before it could be killed")
+    proc = _spawn(tmp_path, *LONG, fault=f"train-step:{kill_at}")
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, err
+    assert not (tmp_path / "model").exists() and _logged_step(tmp_path) == kill_at
     assert any(d.isdigit() for d in os.listdir(tmp_path / "checkpoints"))
     assert _train_cli(tmp_path, *LONG) == 0
     ours, ref = _params(tmp_path), _params(uninterrupted)
@@ -263,15 +259,10 @@ def test_resume_after_sigkill_is_exact(uninterrupted, tmp_path):
 
 def test_sigterm_saves_and_resumes(uninterrupted, tmp_path):
     _pairs(tmp_path / "pairs.jsonl")
-    proc = _spawn(tmp_path, *LONG)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and _logged_step(tmp_path) < 13:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    if (tmp_path / "model").exists():
-        pytest.skip("the run finished before SIGTERM arrived")
+    proc = _spawn(tmp_path, *LONG, fault="train-step:13:SIGTERM")
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err
+    assert not (tmp_path / "model").exists() and _logged_step(tmp_path) == 13
     saved = max(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert saved == _logged_step(tmp_path) and "checkpoint saved" in err
     assert _train_cli(tmp_path, *LONG) == 0

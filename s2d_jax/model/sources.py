@@ -5,6 +5,7 @@ Weights are read only through safetensors or GGUF, never unpickled.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 
@@ -236,4 +237,15 @@ def open_checkpoint(path: str):
 
 
 def read_config(path: str) -> ModelConfig:
+    """The model config at `path` (cached per file version: a GGUF header takes seconds to parse)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return open_checkpoint(path).config  # the one clear error
+    target = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    stat = os.stat(target) if os.path.exists(target) else os.stat(path)
+    return _read_config(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_config(path: str, mtime_ns: int, size: int) -> ModelConfig:
     return open_checkpoint(path).config

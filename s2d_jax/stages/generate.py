@@ -11,7 +11,8 @@ import re
 from ml_collections import ConfigDict
 
 from s2d_jax import distributed
-from s2d_jax.artifacts import complete_lines, read_jsonl
+from s2d_jax import faults
+from s2d_jax.artifacts import complete_lines, read_jsonl, writing
 from s2d_jax.build import build_mesh, build_model, build_tokenizer
 from s2d_jax.errors import S2DError
 from s2d_jax.sampling import Sampler
@@ -71,13 +72,14 @@ def generate(config: ConfigDict, workdir: str) -> str:
         records = run_program(program, chunk, sampler, n, parse=task.parse, seed=config.seed,
                               chat=config.program.chat, max_new_tokens=config.program.max_new_tokens or None,
                               progress=False, **sampling)
-        with open(partial, "a") as f:
+        with writing(partial), open(partial, "a") as f:
             for rec in records:
                 if rec["id"] in owned and (rec["id"], rec["sample"]) not in done:
                     f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
         log.info("rollouts: %d / %d inputs", len(examples) - len(todo) + start + len(chunk), len(examples))
+        faults.point("rollout-chunk")
     os.replace(partial, out)
     log.info("wrote %s", out)
     distributed.barrier(f"generate {workdir}")  # `filter` may run next, on any host, and reads every shard
@@ -91,7 +93,7 @@ def read_rollouts(config: ConfigDict, workdir: str) -> list[dict]:
     fields = ("id", "sample", "input", "answer")
     single = rollout_path(workdir)
     if os.path.exists(single):
-        return read_jsonl(single, fields)
+        return read_jsonl(single, fields, empty_ok=True)
     found = [m for f in sorted(os.listdir(workdir)) if (m := re.fullmatch(r"rollouts-\d{5}-of-(\d{5})\.jsonl", f))]
     if not found:
         raise S2DError(f"{single}: no such file, and no host shards rollouts-*-of-*.jsonl (run `s2d generate` first)")
@@ -106,7 +108,7 @@ def read_rollouts(config: ConfigDict, workdir: str) -> list[dict]:
     rows, seen = [], set()
     for name in expected:
         path = os.path.join(workdir, name)
-        for number, row in enumerate(read_jsonl(path, fields), 1):
+        for number, row in enumerate(read_jsonl(path, fields, empty_ok=True), 1):
             key = (row["id"], row["sample"])
             if row["id"] not in order:
                 raise S2DError(f"{path}: record {number}: input {row['id']!r} is not in the configured inputs")

@@ -10,6 +10,7 @@ several hosts every host saves its own shards into the same directory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -18,6 +19,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from s2d_jax import distributed
+from s2d_jax.errors import S2DError
 
 log = logging.getLogger("s2d.checkpoint")
 
@@ -37,9 +39,21 @@ class Checkpoints:
 
     def save(self, step: int, state, data_state: dict, meta: dict, force: bool = False) -> bool:
         """Start saving `state` (a pytree of arrays), the data iterator's `data_state` and `meta` (JSON)."""
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)),
-            force=force)
+        with self._failing():
+            return self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta)), force=force)
+
+    @contextlib.contextmanager
+    def _failing(self):
+        """A save that fails (disk full, file too large, no permission) as one error: the partial save stays
+        under Orbax's temporary name, which no restore reads, and the complete checkpoints before it are kept."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 (Orbax and tensorstore raise ValueError and others for I/O)
+            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise S2DError(f"{self.directory}: checkpoint save failed ({reason}); the complete checkpoints are kept, and a "
+                           f"rerun resumes from the last of them") from None
 
     def restore_latest(self, abstract_state):
         """`(step, state, data_state, meta)` of the newest readable checkpoint, or None when there is none.
@@ -68,7 +82,8 @@ class Checkpoints:
         self.manager = self._open()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._failing():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -58,7 +58,7 @@ class Encoded:
 def load_pairs(path: str, tokenizer, *, max_len: int, chat: bool = True, too_long: str = "drop") -> Encoded:
     """Read and encode every `{prompt, target}` line of `path`; pairs over `max_len` tokens are dropped and counted
     (`too_long="drop"`) or an error naming the line (`"error"`)."""
-    rows = read_jsonl(path, ("prompt", "target"))
+    rows = read_jsonl(path, ("prompt", "target"), strings=("prompt", "target"))
     if not rows:
         raise S2DError(f"{path}: no training pairs (the file is empty)")
     examples, dropped = [], 0

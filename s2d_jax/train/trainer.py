@@ -35,7 +35,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from s2d_jax import distributed, mesh as mesh_lib
+from s2d_jax import distributed, faults, mesh as mesh_lib
+from s2d_jax.artifacts import writing
 from s2d_jax.errors import S2DError
 from s2d_jax.flops import flops_per_token, matmul_peak
 from s2d_jax.model import lora as lora_lib
@@ -230,6 +231,7 @@ class Trainer:
                     if self.eval_fn and t.eval_every and step % t.eval_every == 0:
                         row = {"step": step, **{f"eval/{k}": v for k, v in self.eval_fn(self.current_model()).items()}}
                         _write_metrics(metrics_path, writer, row)
+                    faults.point("train-step")
         finally:
             bar.close()
             if previous is not None:
@@ -312,7 +314,7 @@ def _tensorboard(logdir: str):
 def _write_metrics(path: str, writer, row: dict) -> None:
     if jax.process_index() != 0:
         return
-    with open(path, "a") as f:
+    with writing(path), open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
     if writer is not None:
         for key, value in row.items():

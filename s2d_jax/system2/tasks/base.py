@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import re
 from typing import Any
@@ -74,13 +73,16 @@ def field(record, dotted: str):
 
 def read_json(path: str):
     """A JSON file, with bad input as one clear error (file and line)."""
-    if not os.path.exists(path):
-        raise S2DError(f"{path}: no such file")
+    from s2d_jax.artifacts import readable_file
+
+    readable_file(path, "a JSON file")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise S2DError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise S2DError(f"{path}: not UTF-8 text (a binary file?)") from None
 
 
 def question_answer_rows(path: str) -> list[dict]:

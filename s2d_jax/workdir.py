@@ -1,0 +1,135 @@
+"""A workdir's guards: one `s2d` at a time owns it (a lock), and it keeps the config it was made with.
+
+Every stage goes through `claim`: a second `s2d` on a workdir in use is refused naming the holder, a lock left by
+a dead process is taken over (the kernel drops an `fcntl` lock with its process; the file still names the dead
+holder, and we say so), and a stage run with a config that would change the workdir's results is refused naming
+the first key that differs. On several hosts, host 0 holds the lock for the cluster (the others wait at a
+barrier, so they never race it) and writes the kept config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+
+from ml_collections import ConfigDict
+
+from s2d_jax import distributed
+from s2d_jax.artifacts import write_atomic
+from s2d_jax.errors import S2DError
+
+log = logging.getLogger("s2d")
+
+LOCK = ".s2d.lock"
+KEPT = "config.json"
+# Keys that say how a run is laid out, logged or checkpointed, not what it computes: a workdir may resume with
+# other values (another mesh or host count, a bigger batch on device, other logging or checkpoint cadence).
+FREE = ("mesh", "plan", "model.attention", "generate.max_batch", "generate.chunk", "train.checkpoint_every",
+        "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.peak_flops")
+
+
+def prepare(workdir: str) -> str:
+    """Make `workdir` (one clear error when a file stands in its way or it cannot be made)."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise S2DError(f"{workdir}: exists and is not a directory (--workdir names a directory)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise S2DError(f"{workdir}: cannot create the workdir ({e.strerror})") from None
+    return workdir
+
+
+@contextlib.contextmanager
+def lock(workdir: str):
+    """Hold `workdir` for this process (host 0 for a cluster) until the block ends."""
+    if not distributed.primary():
+        distributed.barrier(f"lock {workdir}")
+        yield
+        return
+    path = os.path.join(workdir, LOCK)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise S2DError(f"{workdir}: in use by {holder}; wait for it to finish, or use another --workdir") from None
+        previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if previous:
+            log.warning("%s: taking over the lock of %s, which is no longer running", workdir, previous)
+        me = f"s2d pid {os.getpid()} on host {socket.gethostname()}".encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me, 0)
+        distributed.barrier(f"lock {workdir}")
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # released cleanly: nobody to take over from
+    finally:
+        os.close(fd)
+
+
+def keep_config(config: ConfigDict, workdir: str) -> None:
+    """The workdir keeps the resolved config it was made with; a stage run with one that differs in a key that
+    changes results is an error (its artifacts would silently mix two experiments). `FREE` keys may change."""
+    path = os.path.join(workdir, KEPT)
+    current = json.loads(json.dumps(config.to_dict()))
+    if not os.path.exists(path):
+        if distributed.primary():
+            write_atomic(path, json.dumps(current, indent=2) + "\n")
+        return
+    try:
+        with open(path) as f:
+            kept = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise S2DError(f"{path}: the workdir's kept config is not valid JSON ({e}); use another --workdir") from None
+    key = _first_difference(_results(kept), _results(current))
+    if key:
+        raise S2DError(f"{path}: this workdir was made with a different config (key {key!r}: {_get(kept, key)!r} "
+                       f"there, {_get(current, key)!r} now); use another --workdir")
+
+
+def _results(config: dict) -> dict:
+    """`config` without its FREE keys."""
+    out = json.loads(json.dumps(config))
+    for key in FREE:
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
+def _first_difference(a, b, prefix=""):
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            found = _first_difference(x, y, prefix + key + ".")
+            if found:
+                return found
+        elif x != y:
+            return prefix + key
+    return None
+
+
+def _get(d, dotted):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+@contextlib.contextmanager
+def claim(config: ConfigDict, workdir: str, keep: bool = True):
+    """What every stage runs inside: the workdir made, locked and (`keep`: every stage but `plan`, which only
+    writes its own report) checked against its kept config."""
+    prepare(workdir)
+    with lock(workdir):
+        if keep:
+            keep_config(config, workdir)
+        yield workdir

@@ -1,0 +1,133 @@
+"""Faults: two `s2d` on one workdir, a lock left by a killed process, and writes that fail (a file-size limit, as a
+full disk gives) for rollouts, checkpoints and exports. Each leaves complete artifacts intact, nothing partial that
+looks complete and one clear line, and a rerun resumes to what an uninterrupted run gives."""
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from s2d_jax.cli import main
+from s2d_jax.model import load_model
+
+FAST = ["pretrain.steps=0", "program.name=rar2", "program.max_new_tokens=24", "task.size=3"]
+TINY = ["--config", "configs/tiny.py", *(f"--config.{o}" for o in FAST)]
+
+
+# Sets a file-size limit (as a full disk: writes past it fail with EFBIG; SIGXFSZ ignored so they fail rather than
+# kill) in a fresh interpreter, then becomes `s2d` (no fork of this multithreaded process with Python in between).
+LIMITED = ("import os, resource, signal, sys; n = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_FSIZE, (n, n));"
+           " signal.signal(signal.SIGXFSZ, signal.SIG_IGN); os.execv(sys.executable, [sys.executable] + sys.argv[2:])")
+
+
+def _spawn(stage, workdir, *extra, fault=None, file_limit=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if fault:
+        env["S2D_FAULT"] = fault
+    command = ["-m", "s2d_jax.cli", stage, *TINY, "--workdir", str(workdir), *extra]
+    if file_limit:
+        command = ["-c", LIMITED, str(file_limit), *command]
+    return subprocess.Popen([sys.executable, *command], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("s2d:")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ref")
+    assert main(["generate", *TINY, "--workdir", str(workdir)]) == 0
+    return (workdir / "rollouts.jsonl").read_text()
+
+
+def test_a_second_s2d_is_refused_and_a_dead_holders_lock_is_taken_over(reference, tmp_path, caplog):
+    proc = _spawn("generate", tmp_path, "--config.generate.chunk=2", fault="rollout-chunk:1:SIGSTOP")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (tmp_path / "rollouts.jsonl.partial").exists():
+        time.sleep(0.1)
+    try:  # the first holds the workdir, stopped after its first chunk of rollouts
+        code = main(["generate", *TINY, "--workdir", str(tmp_path)])
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert code == 2
+    assert not (tmp_path / "rollouts.jsonl").exists()
+    assert main(["generate", *TINY, "--workdir", str(tmp_path)]) == 0  # the killed holder's lock is taken over
+    assert f"taking over the lock of s2d pid {proc.pid}" in caplog.text
+    assert (tmp_path / "rollouts.jsonl").read_text() == reference  # and its rollouts resumed
+
+
+def test_refusal_names_the_running_holder(tmp_path, capsys):
+    proc = _spawn("generate", tmp_path, "--config.generate.chunk=2", fault="rollout-chunk:1:SIGSTOP")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (tmp_path / "rollouts.jsonl.partial").exists():
+        time.sleep(0.1)
+    try:
+        capsys.readouterr()
+        assert main(["filter", *TINY, "--workdir", str(tmp_path)]) == 2
+        assert f"in use by s2d pid {proc.pid} on host" in _one_line(capsys.readouterr().err)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+
+
+def test_rollouts_on_a_full_disk(reference, tmp_path):
+    proc = _spawn("generate", tmp_path, file_limit=3000)  # the kept config fits, the rollouts do not
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    line = _one_line(err)
+    assert "rollouts.jsonl.partial: write failed (File too large)" in line and "a rerun resumes" in line
+    assert not (tmp_path / "rollouts.jsonl").exists()
+    assert main(["generate", *TINY, "--workdir", str(tmp_path)]) == 0  # space is back
+    assert (tmp_path / "rollouts.jsonl").read_text() == reference
+
+
+def _pairs(workdir):
+    import json
+
+    from s2d_jax.system2.tasks import get_task
+
+    with open(workdir / "pairs.jsonl", "w") as f:
+        for e in get_task("last_letters").generate(12, seed=5, num_words=3):
+            f.write(json.dumps({"id": e.id, "prompt": e.input, "target": e.label}) + "\n")
+    return [f"--config.train.data={workdir / 'pairs.jsonl'}", "--config.train.steps=6",
+            "--config.train.checkpoint_every=2"]
+
+
+def _params(path):
+    return {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(load_model(str(path))))}
+
+
+def test_checkpoints_on_a_full_disk(tmp_path):
+    full, ref = tmp_path / "full", tmp_path / "ref"
+    for d in (full, ref):
+        d.mkdir()
+    args = _pairs(full)
+    proc = _spawn("train", full, *args, file_limit=60_000)  # metrics fit, a checkpoint's arrays do not
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert "checkpoints: checkpoint save failed" in _one_line(err) and "File too large" in err
+    assert not (full / "model").exists()
+    assert all(name.endswith("orbax-checkpoint-tmp") for name in os.listdir(full / "checkpoints"))  # none complete
+    assert main(["train", *TINY, "--workdir", str(full), *args]) == 0  # space is back
+    assert main(["train", *TINY, "--workdir", str(ref), *args]) == 0
+    ours, want = _params(full / "model"), _params(ref / "model")
+    assert all(np.array_equal(ours[k], want[k]) for k in want)
+
+
+def test_an_export_on_a_full_disk(tmp_path):
+    proc = _spawn("convert", tmp_path, "--config.tokenizer=bytes", file_limit=60_000)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert f"{tmp_path / 'converted'}: write failed (File too large)" in _one_line(err)
+    assert not (tmp_path / "converted").exists() and not [n for n in os.listdir(tmp_path) if "converted" in n]
+    assert main(["convert", *TINY, "--workdir", str(tmp_path), "--config.tokenizer=bytes"]) == 0
+    assert load_model(str(tmp_path / "converted")).cfg.num_layers == 2
