@@ -3,8 +3,8 @@
 Every stage goes through `claim`: a second `s2d` on a workdir in use is refused naming the holder, a lock left by
 a dead process is taken over (the kernel drops an `fcntl` lock with its process; the file still names the dead
 holder, and we say so), and a stage run with a config that would change the workdir's results is refused naming
-the first key that differs. On several hosts, host 0 holds the lock for the cluster (the others wait at a
-barrier, so they never race it) and writes the kept config.
+the first key that differs. On several hosts, host 0 holds the lock for the cluster (the others learn whether it
+got it) and writes the kept config.
 """
 
 from __future__ import annotations
@@ -45,9 +45,11 @@ def prepare(workdir: str) -> str:
 
 @contextlib.contextmanager
 def lock(workdir: str):
-    """Hold `workdir` for this process (host 0 for a cluster) until the block ends."""
+    """Hold `workdir` for this process (host 0 for a cluster) until the block ends. Every host learns whether
+    host 0 got it (one all-gather), so a refusal stops them all instead of leaving some waiting."""
     if not distributed.primary():
-        distributed.barrier(f"lock {workdir}")
+        if distributed.agree([False])[0]:
+            raise S2DError(f"{workdir}: in use by another s2d (host 0 could not take the workdir's lock)")
         yield
         return
     path = os.path.join(workdir, LOCK)
@@ -55,16 +57,16 @@ def lock(workdir: str):
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            holder = None
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise S2DError(f"{workdir}: in use by {holder}; wait for it to finish, or use another --workdir") from None
+        if distributed.agree([holder is not None])[0]:
+            raise S2DError(f"{workdir}: in use by {holder}; wait for it to finish, or use another --workdir")
         previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
         if previous:
             log.warning("%s: taking over the lock of %s, which is no longer running", workdir, previous)
-        me = f"s2d pid {os.getpid()} on host {socket.gethostname()}".encode()
         os.ftruncate(fd, 0)
-        os.pwrite(fd, me, 0)
-        distributed.barrier(f"lock {workdir}")
+        os.pwrite(fd, f"s2d pid {os.getpid()} on host {socket.gethostname()}".encode(), 0)
         try:
             yield
         finally:
