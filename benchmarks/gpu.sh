@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU (H100/H200, jax 0.11.2 + CUDA 13, no network): the parity and kernel tests on
 # the GPU, then the train-step and sampler benchmarks at SmolLM2-135M's and Llama-3.2-1B's shapes, bf16 compute,
-# each against transformers/PyTorch on the same card. Output goes to $OUT/log.txt (and the terminal).
+# each against transformers/PyTorch on the same card; `families`: the newer families' parity tests and sampler.
+# Output goes to $OUT/log.txt (and the terminal).
 #   device run: bash benchmarks/gpu.sh      (carry .whl: the packages that image lacks, as cp312 wheels, made here by
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
@@ -20,11 +21,26 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 TOKENIZERS_PARALLE
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
 python3 -c "import jax, flax, optax, orbax.checkpoint as o, transformers, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__, jax.devices())"
 step() { echo; echo "=== $*"; local start=$SECONDS; timeout "${LIMIT:-150}" "$@"; echo "=== rc $? in $((SECONDS - start)) s"; }
+# Sections (default: all): tests, train, sampler, families. E.g. `bash benchmarks/gpu.sh families`.
+want() { [ $# -eq 0 ] || [[ " $SECTIONS " == *" $1 "* ]]; }
+SECTIONS="${*:-tests train sampler families}"
+if want tests; then
 LIMIT=200 step env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -q -p no:cacheprovider tests/test_attention.py \
   tests/test_model.py tests/test_lora.py -k "not splash and not end_to_end and not bad_lora and not resume and not only_adapters"
+fi
+if want train; then
 LIMIT=50 step python3 benchmarks/train.py --preset smollm2-135m --dtype bfloat16 --batch 16 --seq 1024 --steps 5
 LIMIT=50 step python3 benchmarks/train.py --preset smollm2-135m --dtype bfloat16 --batch 16 --seq 1024 --steps 5 --lora 16
 LIMIT=75 step python3 benchmarks/train.py --preset llama3.2-1b --dtype bfloat16 --batch 8 --seq 1024 --steps 5
 LIMIT=75 step python3 benchmarks/train.py --preset llama3.2-1b --dtype bfloat16 --batch 8 --seq 1024 --steps 5 --lora 16
+fi
+if want sampler; then
 LIMIT=90 step python3 benchmarks/sampler.py --preset smollm2-135m --dtype bfloat16 --batches 32,64 --new 128
 LIMIT=90 step python3 benchmarks/sampler.py --preset llama3.2-1b --dtype bfloat16 --batches 64 --new 128
+fi
+if want families; then  # the newer families: parity on the GPU (one device: no mesh tests), then their sampler
+LIMIT=240 step env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -q -p no:cacheprovider tests/test_families.py \
+  tests/test_model.py tests/test_sampler.py -k "not sharded and not smollm2 and (families or logits or greedy_matches or padded or gguf or scanned or window or count)"
+LIMIT=100 step python3 benchmarks/sampler.py --preset gemma3-1b --dtype bfloat16 --batches 64 --new 128
+LIMIT=100 step python3 benchmarks/sampler.py --preset qwen3-0.6b --dtype bfloat16 --batches 64 --new 128
+fi
