@@ -129,6 +129,7 @@ def test_two_hosts_train_like_one_and_resume_on_one(tmp_path):
     # the 2-host checkpoint of step 3 resumes in one process and ends where 5 uninterrupted steps end
     five = [*TRAIN, f"train.data={data}", "train.steps=5"]
     os.rename(tmp_path / "two" / "model", tmp_path / "two" / "model-3")
+    os.remove(tmp_path / "two" / "config.json")  # extending the run on purpose: the kept config would refuse it
     assert main(["train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "two"),
                  *(f"--config.{o}" for o in five)]) == 0
     assert main(["train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "straight"),

@@ -99,8 +99,9 @@ def test_bad_rollout_line_names_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("task.name=letters", "unknown task 'letters' (tasks: coin_flip, gsm8k, last_letters, mt_bench_judge, oasst2_judge, sycophancy)"),
-    ("program.name=tot", "unknown program 'tot' (programs: bsm, cot, rar1, rar2, s2a)"),
+    ("task.name=letters", "key 'task.name': 'letters' is not a task (tasks: coin_flip, gsm8k, last_letters, "
+                          "mt_bench_judge, oasst2_judge, sycophancy)"),
+    ("program.name=tot", "key 'program.name': 'tot' is not a program (programs: bsm, cot, rar1, rar2, s2a)"),
     ("task.path=/no/such.json", "/no/such.json: no such file"),
 ])
 def test_bad_config_values_are_one_line_errors(tmp_path, override, message, capsys):
@@ -110,7 +111,7 @@ def test_bad_config_values_are_one_line_errors(tmp_path, override, message, caps
 
 def test_unknown_filter(tmp_path, capsys):
     assert main(["filter", *TINY, "--workdir", str(tmp_path), "--config.filter.name=usc2"]) == 2
-    assert "unknown filter 'usc2' (filters: majority, order_swap, usc)" in capsys.readouterr().err
+    assert "key 'filter.name': 'usc2' is not a filter (filters: majority, order_swap, usc)" in capsys.readouterr().err
 
 
 def test_template_fields_are_checked():

@@ -134,7 +134,7 @@ def test_dataset_is_deterministic_and_resumable():
 def test_bad_training_data(tmp_path):
     tok = byte_tokenizer()
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(S2DError, match=r"empty.jsonl: no training pairs"):
+    with pytest.raises(S2DError, match=r"empty.jsonl: empty, expected a JSONL file"):
         data_lib.load_pairs(str(tmp_path / "empty.jsonl"), tok, max_len=64)
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "target": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(S2DError, match=r"bad.jsonl: line 2: missing field 'target'"):
@@ -275,6 +275,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp
 
     shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
     shutil.rmtree(tmp_path / "model")
+    os.remove(tmp_path / "config.json")  # a copy: its data path differs from the kept config's
     state = tmp_path / "checkpoints" / "120" / "state"
     for f in state.rglob("*"):
         if f.is_file() and f.parent.name == "d":  # the array data blobs
