@@ -5,6 +5,13 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One persistent XLA cache per test session, inherited by the `s2d` processes the tests start: a subprocess reuses
+# what the session already compiled instead of compiling it again (fresh per session: nothing stale carries over).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="s2d-test-xla-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pathlib
 
@@ -82,3 +89,19 @@ def torch_logits(model, ids: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.float().numpy()
+
+
+def assert_sharded_forward_equals_one_device(single, sharded, mesh, vocab: int, seed: int = 0):
+    """The jitted forward of `sharded` (placed on `mesh`) on 8 rows equals `single`'s, and its output spans the mesh."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from s2d_jax import mesh as mesh_lib
+
+    ids = jnp.asarray(np.random.RandomState(seed).randint(0, vocab, (8, 16)), jnp.int32)
+    forward = nnx.jit(lambda model, ids: model(ids))
+    with jax.set_mesh(mesh):
+        out = forward(sharded, jax.device_put(ids, mesh_lib.named_sharding(("batch", None), ids.shape, mesh)))
+    assert len(out.sharding.device_set) == mesh.size
+    np.testing.assert_allclose(np.asarray(out), np.asarray(forward(single, ids)), atol=1e-5)

@@ -10,9 +10,8 @@ import pytest
 from flax import nnx
 
 import s2d_jax
-from s2d_jax import mesh as mesh_lib
 from s2d_jax.model import KVCache, load_model
-from conftest import FAMILIES, make_hf_model, torch_logits
+from conftest import FAMILIES, assert_sharded_forward_equals_one_device, make_hf_model, torch_logits
 
 NEW = ["qwen3", "gemma2", "gemma3", "phi3"]
 LENGTHS = (5, 17, 70)  # 70 is past phi3's original context (64): that row takes LongRoPE's long factors
@@ -50,17 +49,7 @@ def test_new_families_are_config_fields(hf_models):
 def test_sharded_forward_equals_one_device(hf_models, family):
     path, _ = hf_models[family]
     mesh = s2d_jax.make_mesh(data=2, fsdp=2, tensor=2)
-    single, sharded = load_model(path), load_model(path, mesh=mesh)
-    ids = jnp.asarray(np.random.RandomState(1).randint(0, 264, (8, 16)), jnp.int32)
-
-    @nnx.jit
-    def forward(model, ids):
-        return model(ids)
-
-    with jax.set_mesh(mesh):
-        out = forward(sharded, jax.device_put(ids, mesh_lib.named_sharding(("batch", None), ids.shape, mesh)))
-    assert len(out.sharding.device_set) == 8
-    np.testing.assert_allclose(np.asarray(out), np.asarray(forward(single, ids)), atol=1e-5)
+    assert_sharded_forward_equals_one_device(load_model(path), load_model(path, mesh=mesh), mesh, vocab=264, seed=1)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3"])  # local and global layers alternate

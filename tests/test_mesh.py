@@ -1,7 +1,6 @@
 """Sharding by logical axes: 8 fake devices as a (data=2, fsdp=2, tensor=2) mesh."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -9,6 +8,7 @@ from flax import nnx
 import s2d_jax
 from s2d_jax import mesh as mesh_lib
 from s2d_jax.model import PRESETS, init_model
+from conftest import assert_sharded_forward_equals_one_device
 
 
 def test_make_mesh_shapes_and_errors():
@@ -40,13 +40,4 @@ def test_sharded_forward_equals_single_device():
                        if s else d for d, s in zip(array.shape, tuple(spec) + (None,) * (array.ndim - len(spec))))
         assert array.addressable_shards[0].data.shape == expect, key
     assert sharded.layers[0].mlp.gate_up[...].addressable_shards[0].data.shape == (32, 2, 64)
-    ids = jnp.asarray(np.random.RandomState(0).randint(0, 256, (8, 16)), jnp.int32)
-
-    @nnx.jit
-    def forward(model, ids):
-        return model(ids)
-
-    with jax.set_mesh(mesh):
-        out = forward(sharded, jax.device_put(ids, mesh_lib.named_sharding(("batch", None), ids.shape, mesh)))
-    np.testing.assert_allclose(np.asarray(out), np.asarray(forward(single, ids)), atol=1e-5)
-    assert len(out.sharding.device_set) == 8
+    assert_sharded_forward_equals_one_device(single, sharded, mesh, vocab=256)
