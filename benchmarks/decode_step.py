@@ -1,0 +1,106 @@
+"""Where a decode step's time goes: the sampler's decode step (one iteration of its loop) at batch B with a cache
+of S slots of which `live` hold tokens, against the same step's matmuls alone (every layer's projections and the
+LM head on [B, 1, d] rows, jitted the same way, measured in the same run). Random weights at a preset's shape.
+
+    python benchmarks/decode_step.py --preset smollm2-135m --batches 32,64 --slots 512 --live 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from s2d_jax.model import KVCache, PRESETS, init_model  # noqa: E402
+from s2d_jax.sampling.sampler import Loop, _decode  # noqa: E402
+from s2d_jax.sampling.select import Greedy  # noqa: E402
+
+
+def _best(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def matmuls_only(cfg, graphdef, state, batch: int):
+    """One token's projections through every layer and the head: the step's matmul work and nothing else."""
+
+    @jax.jit
+    def f(state, x):
+        model = nnx.merge(graphdef, state)
+        dt = x.dtype
+        for layer in model._layer_list():
+            a, m = layer.attn, layer.mlp
+            qkv = jnp.einsum("btd,dkch->btkch", x, a.qkv[...].astype(dt))
+            out = qkv[:, :, :, :cfg.group_size].reshape(batch, 1, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
+            x = x + jnp.einsum("btkgh,kghd->btd", out, a.o[...].astype(dt))
+            h = jnp.einsum("btd,dci->btci", x, m.gate_up[...].astype(dt))
+            x = x + jnp.einsum("bti,id->btd", h[:, :, 0] * h[:, :, 1], m.down[...].astype(dt))
+        return jnp.einsum("btd,vd->btv", x, model.head().astype(dt))
+
+    x = jnp.ones((batch, 1, cfg.hidden_size), jnp.dtype(cfg.dtype)) * 0.01
+    return lambda: jax.block_until_ready(f(state, x))
+
+
+def decode_step(cfg, graphdef, state, batch: int, slots: int, live: int, logprobs: bool):
+    dt = jnp.dtype(cfg.dtype)
+    shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
+    rng = np.random.default_rng(0)
+    ks = tuple(jnp.asarray(rng.normal(size=shape) * 0.1, dt) for _ in range(cfg.num_layers))
+    vs = tuple(jnp.asarray(rng.normal(size=shape) * 0.1, dt) for _ in range(cfg.num_layers))
+    valid = jnp.asarray(np.arange(slots)[None].repeat(batch, 0) < live)
+    cache = KVCache(ks, vs, valid, jnp.int32(live))
+    new = slots - live
+    state_box = {"loop": Loop(jnp.int32(0), jnp.zeros(batch, bool), jnp.zeros((batch, cfg.vocab_size), jnp.float32),
+                              jnp.full((batch,), live, jnp.int32), jnp.zeros((batch, new), jnp.int32),
+                              jnp.zeros((batch, new), jnp.float32), jax.random.split(jax.random.key(0), batch),
+                              cache)}
+    kwargs = dict(method=Greedy(), eos_ids=(-1,), pad_id=0)
+    if "logprobs" in _decode.__wrapped__.__code__.co_varnames:
+        kwargs["logprobs"] = logprobs
+
+    def run():  # one step; the cache index advances by one each call (a few slots over `reps`)
+        loop = state_box["loop"]
+        if int(loop.step) >= new - 1:
+            raise RuntimeError("out of slots: raise --slots or lower --reps")
+        state_box["loop"] = jax.block_until_ready(_decode(graphdef, state, loop, loop.step + 1, **kwargs))
+
+    return run
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="smollm2-135m")
+    ap.add_argument("--batches", default="32,64")
+    ap.add_argument("--slots", type=int, default=512)
+    ap.add_argument("--live", type=int, default=300)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args()
+    cfg = PRESETS[args.preset].replace(param_dtype=args.dtype, dtype=args.dtype)
+    graphdef, state = nnx.split(init_model(cfg, seed=0))
+    print(f"{args.preset} {args.dtype} on {jax.devices()[0].device_kind}, {os.cpu_count()} threads; cache "
+          f"{args.slots} slots, {args.live} live")
+    print(f"{'batch':>5} {'matmuls ms':>10} {'step ms':>8} {'ratio':>6} {'step ms (logprobs)':>18} {'ratio':>6}")
+    for batch in map(int, args.batches.split(",")):
+        mm = _best(matmuls_only(cfg, graphdef, state, batch), args.reps)
+        step = _best(decode_step(cfg, graphdef, state, batch, args.slots, args.live, False), args.reps)
+        with_lp = _best(decode_step(cfg, graphdef, state, batch, args.slots, args.live, True), args.reps)
+        print(f"{batch:>5} {mm * 1e3:>10.1f} {step * 1e3:>8.1f} {step / mm:>6.2f} {with_lp * 1e3:>18.1f} "
+              f"{with_lp / mm:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()
