@@ -1,6 +1,8 @@
 """Where a decode step's time goes: the sampler's decode step (one iteration of its loop) at batch B with a cache
 of S slots of which `live` hold tokens, against the same step's matmuls alone (every layer's projections and the
 LM head on [B, 1, d] rows, jitted the same way, measured in the same run). Random weights at a preset's shape.
+Three steps: a cache of `--slots` with log-probabilities (the sampler before: the whole budget preallocated),
+the same without, and a cache of only the LIVE_BUCKET-rounded live slots without (the sampler now).
 
     python benchmarks/decode_step.py --preset smollm2-135m --batches 32,64 --slots 512 --live 300
 """
@@ -20,7 +22,7 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from s2d_jax.model import KVCache, PRESETS, init_model  # noqa: E402
-from s2d_jax.sampling.sampler import Loop, _decode  # noqa: E402
+from s2d_jax.sampling.sampler import LIVE_BUCKET, Loop, _decode  # noqa: E402
 from s2d_jax.sampling.select import Greedy  # noqa: E402
 
 
@@ -67,9 +69,7 @@ def decode_step(cfg, graphdef, state, batch: int, slots: int, live: int, logprob
                               jnp.full((batch,), live, jnp.int32), jnp.zeros((batch, new), jnp.int32),
                               jnp.zeros((batch, new), jnp.float32), jax.random.split(jax.random.key(0), batch),
                               cache)}
-    kwargs = dict(method=Greedy(), eos_ids=(-1,), pad_id=0)
-    if "logprobs" in _decode.__wrapped__.__code__.co_varnames:
-        kwargs["logprobs"] = logprobs
+    kwargs = dict(method=Greedy(), eos_ids=(-1,), pad_id=0, logprobs=logprobs)
 
     def run():  # one step; the cache index advances by one each call (a few slots over `reps`)
         loop = state_box["loop"]
@@ -93,14 +93,15 @@ def main():
     graphdef, state = nnx.split(init_model(cfg, seed=0))
     print(f"{args.preset} {args.dtype} on {jax.devices()[0].device_kind}, {os.cpu_count()} threads; cache "
           f"{args.slots} slots, {args.live} live")
-    print(f"{'batch':>5} {'matmuls ms':>10} {'step ms':>8} {'ratio':>6} {'step ms (logprobs)':>18} {'ratio':>6}")
+    bucket = min(args.slots, -(-(args.live + args.reps + 2) // LIVE_BUCKET) * LIVE_BUCKET)
+    print(f"{'batch':>5} {'matmuls ms':>10} {'all slots + logprobs':>20} {'ratio':>6} {'all slots':>9} {'ratio':>6} "
+          f"{f'{bucket} slots':>16} {'ratio':>6}")
     for batch in map(int, args.batches.split(",")):
         mm = _best(matmuls_only(cfg, graphdef, state, batch), args.reps)
-        step = _best(decode_step(cfg, graphdef, state, batch, args.slots, args.live, False), args.reps)
-        with_lp = _best(decode_step(cfg, graphdef, state, batch, args.slots, args.live, True), args.reps)
-        print(f"{batch:>5} {mm * 1e3:>10.1f} {step * 1e3:>8.1f} {step / mm:>6.2f} {with_lp * 1e3:>18.1f} "
-              f"{with_lp / mm:>6.2f}")
-
+        times = [_best(decode_step(cfg, graphdef, state, batch, slots, args.live, lp), args.reps)
+                 for lp, slots in ((True, args.slots), (False, args.slots), (False, bucket))]
+        print(f"{batch:>5} {mm * 1e3:>10.1f} " + " ".join(f"{t * 1e3:>{w}.1f} {t / mm:>6.2f}"
+                                                        for t, w in zip(times, (20, 9, 16))))
 
 if __name__ == "__main__":
     main()

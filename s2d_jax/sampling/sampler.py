@@ -8,7 +8,9 @@
 - The KV cache is preallocated per batch in the compute dtype (a sliding layer's as a ring of its window's
   slots), donated between decode chunks, and laid out by the logical rules (batch rows over the data axes, kv
   heads over `tensor`).
-- Stop strings are checked on host between chunks of decode steps, never per token.
+- Stop strings are checked on host between chunks of decode steps, never per token. The cache holds only the slots
+  that can hold tokens yet (the prompt bucket plus the steps so far, grown by LIVE_BUCKET between decode calls), so
+  a step's attention reads no empty slots; log-probabilities are computed only when asked for.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ from tqdm.auto import tqdm
 from s2d_jax import distributed, mesh as mesh_lib
 from s2d_jax.distributed import fetch
 from s2d_jax.errors import S2DError
-from s2d_jax.model.transformer import KVCache, Transformer
+from s2d_jax.model.transformer import KVCache, Transformer, cache_slots
 from s2d_jax.sampling.select import make_method
 from s2d_jax.tokenizer import chat_prompt
 
 CACHE_AXES = ("batch", "kv_heads", None, None)
 STOP_CHUNK = 16  # decode steps between host checks of stop strings
+LIVE_BUCKET = 128  # the cache holds prompt + k * LIVE_BUCKET slots, k stepped up between decode calls
 
 
 @dataclasses.dataclass
@@ -76,9 +79,25 @@ def _prefill(graphdef, state, tokens, positions, segments, n: int, max_len: int)
     return jnp.repeat(logits, n, axis=0), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "method", "eos_ids", "pad_id"), donate_argnames=("loop",))
-def _decode(graphdef, state, loop: Loop, limit, method, eos_ids: tuple[int, ...], pad_id: int) -> Loop:
-    """Run decode steps until `limit` steps are sampled or every row is done."""
+@functools.partial(jax.jit, static_argnames=("sizes",), donate_argnames=("loop",))
+def _grow(loop: Loop, sizes: tuple[int, ...]) -> Loop:
+    """The loop with its cache grown to `sizes[0]` slots (each layer to its own size: a sliding layer's stops at
+    its window, and up to then its ring is laid out as a plain cache)."""
+    c = loop.cache
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, 0), (0, n - x.shape[2]), (0, 0)))
+    cache = KVCache(tuple(mesh_lib.constrain(pad(k, n), CACHE_AXES) for k, n in zip(c.k, sizes[1:])),
+                    tuple(mesh_lib.constrain(pad(v, n), CACHE_AXES) for v, n in zip(c.v, sizes[1:])),
+                    jnp.pad(c.valid, ((0, 0), (0, sizes[0] - c.valid.shape[1]))), c.index)
+    return loop._replace(cache=cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "method", "eos_ids", "pad_id", "logprobs"),
+                   donate_argnames=("loop",))
+def _decode(graphdef, state, loop: Loop, limit, method, eos_ids: tuple[int, ...], pad_id: int,
+            logprobs: bool = True) -> Loop:
+    """Run decode steps until `limit` steps are sampled or every row is done (the cache must have a slot for each);
+    `logprobs`: record each token's log probability (a log-softmax over the vocabulary per step, skipped when not
+    asked for)."""
     Sampler.traces += 1
     model = nnx.merge(graphdef, state)
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
@@ -89,7 +108,8 @@ def _decode(graphdef, state, loop: Loop, limit, method, eos_ids: tuple[int, ...]
     def body(s: Loop) -> Loop:
         keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys, s.step)
         token = method.select(s.logits, keys)
-        logprob = jnp.take_along_axis(jax.nn.log_softmax(s.logits, -1), token[:, None], -1)[:, 0]
+        logprob = (jnp.take_along_axis(jax.nn.log_softmax(s.logits, -1), token[:, None], -1)[:, 0] if logprobs
+                   else jnp.zeros(token.shape, jnp.float32))
         token = jnp.where(s.done, pad_id, token)
         done = s.done | jnp.isin(token, eos)
         hidden, cache = model.forward(token[:, None], s.positions[:, None], cache=s.cache)
@@ -191,16 +211,20 @@ class Sampler:
         with self._mesh_context():
             put = self._put
             logits, cache = _prefill(self.graphdef, self.state, put(tokens), put(positions), put(segments),
-                                     n=n, max_len=max_len)
+                                     n=n, max_len=min(max_len, prompt_len + LIVE_BUCKET))
             loop = Loop(jnp.int32(0), put(np.repeat(np.arange(num) >= len(rows), n)), logits,
                         put(np.repeat(lengths, n)), put(np.full((batch, new_len), self.pad_id, np.int32)),
                         put(np.zeros((batch, new_len), np.float32)), put(keys), cache)
             stopped = np.zeros(batch, bool)
             chunk = STOP_CHUNK if stop else max_new
             while True:
-                upto = min(int(loop.step) + chunk, max_new)
+                step = int(loop.step)
+                live = min(max_len, prompt_len + -(-(step + 1) // LIVE_BUCKET) * LIVE_BUCKET)
+                if live > loop.cache.valid.shape[1]:  # the next bucket of slots
+                    loop = _grow(loop, (live,) + tuple(cache_slots(cfg, n, live) for n in range(cfg.num_layers)))
+                upto = min(step + chunk, max_new, live - prompt_len)
                 loop = _decode(self.graphdef, self.state, loop, jnp.int32(upto), method=method,
-                               eos_ids=self.eos_ids, pad_id=self.pad_id)
+                               eos_ids=self.eos_ids, pad_id=self.pad_id, logprobs=want_logprobs)
                 step, done = int(fetch(loop.step)), fetch(loop.done)
                 if stop and step < max_new and not done.all():
                     toks = fetch(loop.tokens)[:, :step]
