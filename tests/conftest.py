@@ -8,10 +8,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # One persistent XLA cache per test session, inherited by the `s2d` processes the tests start: a subprocess reuses
 # what the session already compiled instead of compiling it again (fresh per session: nothing stale carries over).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="s2d-test-xla-cache-")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 import pathlib
 
