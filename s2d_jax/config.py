@@ -180,7 +180,7 @@ def validate(config: ConfigDict, where: str = "config") -> None:
     """Every value against its rule, then the rules between keys; the error names the key, the value and what is
     allowed."""
     for key, check in _rules(schema()).items():
-        value = _get(config, key)
+        value = _lookup(config, key, config, key)
         allowed = check(value)
         if allowed is not None:
             raise S2DError(f"{where}: key {key!r} = {value!r} is not allowed (expected {allowed})")
@@ -223,8 +223,9 @@ def _cross_rules(c: ConfigDict):
     context = _context(c)
     if context:
         for key in ("program.max_new_tokens", "eval.max_new_tokens", "train.max_len", "pretrain.max_len"):
-            if _get(c, key) >= context:
-                yield key, f"{_get(c, key)} does not fit the model's context of {context} positions"
+            value = _lookup(c, key, c, key)
+            if value >= context:
+                yield key, f"{value} does not fit the model's context of {context} positions"
 
 
 def _context(c: ConfigDict) -> int | None:
@@ -236,12 +237,6 @@ def _context(c: ConfigDict) -> int | None:
 
         return read_config(c.model.path).max_position_embeddings if os.path.exists(c.model.path) else None
     return PRESETS[c.model.preset].max_position_embeddings if c.model.preset in PRESETS else None
-
-
-def _get(config, dotted: str):
-    for part in dotted.split("."):
-        config = config[part]
-    return config
 
 
 def _leaf_paths(c: ConfigDict, prefix: str = "") -> list[str]:

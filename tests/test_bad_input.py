@@ -78,7 +78,8 @@ def bad(tmp_path_factory, complete):
     variant("no_config", lambda d: os.remove(d / "config.json"))
     variant("pickle_only", lambda d: (os.remove(d / "model.safetensors"), (d / "pytorch_model.bin").write_bytes(b"x")))
     variant("corrupt", lambda d: (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage!"))
-    variant("truncated", lambda d: (d / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes()[:5000]))
+    whole = (model_dir / "model.safetensors").read_bytes()
+    variant("truncated", lambda d: (d / "model.safetensors").write_bytes(whole[:5000]))
     variant("bad_json", lambda d: (d / "config.json").write_text("{\"model_type\": "))
     variant("unsupported", lambda d: _edit_config(d, model_type="gpt_neox"))
     variant("wrong_shape", lambda d: _edit_config(d, hidden_size=96))
@@ -143,7 +144,8 @@ VALUES = [(f"{key}={value}", ["generate", *TINY, f"--config.{key}={value}"], say
     ("train.steps", "0", "key 'train.steps' = 0"),
     ("train.batch_size", "0", "key 'train.batch_size' = 0"),
     ("train.grad_accum", "3", "key 'train.batch_size': 4 is not a multiple of train.grad_accum=3"),
-    ("train.too_long", "truncate", "key 'train.too_long' = 'truncate' is not allowed (expected one of 'drop', 'error')"),
+    ("train.too_long", "truncate",
+     "key 'train.too_long' = 'truncate' is not allowed (expected one of 'drop', 'error')"),
     ("train.schedule", "step", "key 'train.schedule' = 'step'"),
     ("train.b2", "1.0", "key 'train.b2' = 1.0 is not allowed (expected [0.0, 1.0))"),
     ("train.remat", "some", "key 'train.remat' = 'some'"),
@@ -164,36 +166,32 @@ VALUES = [(f"{key}={value}", ["generate", *TINY, f"--config.{key}={value}"], say
 ]] + [("two -1 mesh axes", ["generate", *TINY, "--config.mesh.data=-1", "--config.mesh.fsdp=-1"],
        "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")]
 CONVERT = ["convert", *TINY, "--config.tokenizer=bytes", "--workdir", "{w}"]
-MODELS = [
-    ("missing model", [*CONVERT, "--config.model.path={bad}/no_model"], "no_model: no such file or directory"),
-    ("no config.json", [*CONVERT, "--config.model.path={bad}/no_config"], "no_config: no config.json"),
-    ("pickle only", [*CONVERT, "--config.model.path={bad}/pickle_only"], "only pickle weights (pytorch_model.bin)"),
-    ("corrupt safetensors", [*CONVERT, "--config.model.path={bad}/corrupt"], "not a readable safetensors file"),
-    ("truncated safetensors", [*CONVERT, "--config.model.path={bad}/truncated"], "not a readable safetensors file"),
-    ("config.json not JSON", [*CONVERT, "--config.model.path={bad}/bad_json"], "config.json: line 1: not valid JSON"),
-    ("unsupported family", [*CONVERT, "--config.model.path={bad}/unsupported"], "model_type 'gpt_neox' is not supported"),
-    ("wrong shapes", [*CONVERT, "--config.model.path={bad}/wrong_shape"], "expected (264, 96) from the model config"),
-    ("missing tensor", [*CONVERT, "--config.model.path={bad}/missing_tensor"], "missing tensor 'model.norm.weight'"),
-    ("garbage GGUF", [*CONVERT, "--config.model.path={bad}/garbage.gguf"], "garbage.gguf: not a readable GGUF file"),
-    ("not a model file", [*CONVERT, "--config.model.path={bad}/weights.bin"], "weights.bin: not a model"),
-]
+MODELS = [(case, [*CONVERT, f"--config.model.path={{bad}}/{name}"], says) for case, name, says in [
+    ("missing model", "no_model", "no_model: no such file or directory"),
+    ("no config.json", "no_config", "no_config: no config.json"),
+    ("pickle only", "pickle_only", "only pickle weights (pytorch_model.bin)"),
+    ("corrupt safetensors", "corrupt", "not a readable safetensors file"),
+    ("truncated safetensors", "truncated", "not a readable safetensors file"),
+    ("config.json not JSON", "bad_json", "config.json: line 1: not valid JSON"),
+    ("unsupported family", "unsupported", "model_type 'gpt_neox' is not supported"),
+    ("wrong shapes", "wrong_shape", "expected (264, 96) from the model config"),
+    ("missing tensor", "missing_tensor", "missing tensor 'model.norm.weight'"),
+    ("garbage GGUF", "garbage.gguf", "garbage.gguf: not a readable GGUF file"),
+    ("not a model file", "weights.bin", "weights.bin: not a model"),
+]]
 TRAIN = ["train", *TINY, "--workdir", "{w}"]
-DATA = [
-    ("missing data", [*TRAIN, "--config.train.data={bad}/none.jsonl"], "none.jsonl: no such file"),
-    ("data is a directory", [*TRAIN, "--config.train.data={bad}/a_directory"], "a_directory: is a directory"),
-    ("empty data", [*TRAIN, "--config.train.data={bad}/empty.jsonl"], "empty.jsonl: empty, expected a JSONL file"),
-    ("binary data", [*TRAIN, "--config.train.data={bad}/binary.jsonl"], "binary.jsonl: line 1: not UTF-8 text"),
-    ("malformed line", [*TRAIN, "--config.train.data={bad}/malformed.jsonl"], "malformed.jsonl: line 2: not valid JSON"),
-    ("not an object", [*TRAIN, "--config.train.data={bad}/not_object.jsonl"],
-     "not_object.jsonl: line 2: expected a JSON object, got list"),
-    ("missing field", [*TRAIN, "--config.train.data={bad}/missing_field.jsonl"],
-     "missing_field.jsonl: line 1: missing field 'target'"),
-    ("wrong field type", [*TRAIN, "--config.train.data={bad}/wrong_type.jsonl"],
-     "wrong_type.jsonl: line 1: field 'prompt' must be a string, got int"),
-    ("truncated gzip", [*TRAIN, "--config.train.data={bad}/truncated.jsonl.gz"], "truncated.jsonl.gz: truncated"),
-    ("too long", [*TRAIN, "--config.train.data={bad}/too_long.jsonl", "--config.train.too_long=error"],
-     "exceed train.max_len=160"),
-]
+DATA = [(case, [*TRAIN, f"--config.train.data={{bad}}/{name}", *extra], says) for case, name, extra, says in [
+    ("missing data", "none.jsonl", [], "none.jsonl: no such file"),
+    ("data is a directory", "a_directory", [], "a_directory: is a directory"),
+    ("empty data", "empty.jsonl", [], "empty.jsonl: empty, expected a JSONL file"),
+    ("binary data", "binary.jsonl", [], "binary.jsonl: line 1: not UTF-8 text"),
+    ("malformed line", "malformed.jsonl", [], "malformed.jsonl: line 2: not valid JSON"),
+    ("not an object", "not_object.jsonl", [], "not_object.jsonl: line 2: expected a JSON object, got list"),
+    ("missing field", "missing_field.jsonl", [], "missing_field.jsonl: line 1: missing field 'target'"),
+    ("wrong field type", "wrong_type.jsonl", [], "wrong_type.jsonl: line 1: field 'prompt' must be a string, got int"),
+    ("truncated gzip", "truncated.jsonl.gz", [], "truncated.jsonl.gz: truncated"),
+    ("too long", "too_long.jsonl", ["--config.train.too_long=error"], "exceed train.max_len=160"),
+]]
 WORKDIRS = [
     ("workdir is a file", ["generate", *TINY, "--workdir", "{bad}/empty.jsonl"], "exists and is not a directory"),
     ("workdir under a file", ["generate", *TINY, "--workdir", "{bad}/empty.jsonl/sub"], "cannot create the workdir"),
