@@ -19,8 +19,9 @@ def get_config():
         "pretrain": {"steps": 600, "corpus_size": 20000, "cot_max_words": 6, "direct_max_words": 2,
                      "direct_share": 0.3, "batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 30,
                      "max_len": 256, "pack": True},
-        "task": {"name": "last_letters", "n": 1000, "size": 4, "seed": 0},
-        "program": {"name": "cot", "max_new_tokens": 64},
+        # made-up syllable words (the syllable tokenizer's), and System 1 prompted as the toy corpus taught it
+        "task": {"name": "last_letters", "n": 1000, "size": 4, "seed": 0, "words": "syllables"},
+        "program": {"name": "cot", "max_new_tokens": 64, "system1_format": False},
         "generate": {"samples": 4, "temperature": 0.7, "max_batch": 64, "chunk": 64},
         "filter": {"name": "majority", "min_share": 0.5},
         "train": {"steps": 300, "batch_size": 16, "max_len": 128, "learning_rate": 1e-3, "warmup_steps": 10,

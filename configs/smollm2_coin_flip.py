@@ -1,8 +1,9 @@
 """The whole loop on a real pretrained model, on a laptop CPU: SmolLM2-135M-Instruct (its GGUF, fetched by
-`make fixtures`), RaR 2-step on generated coin flips, majority vote, full fine-tuning, evaluation on 64 of
-Kojima et al.'s coin flips. About 20-30 minutes on 2 cores. At 135M parameters its System 2 is not better
-than its System 1 on this task (measured with transformers: 31% direct, 2% RaR 2-step), so this run shows the
-machinery on real weights, not the effect; `configs/demo.py` shows the effect."""
+`make fixtures`), RaR 2-step on 64 generated coin flips (real first names, both public wordings), majority vote,
+full fine-tuning, evaluation on 64 of Kojima et al.'s coin flips and on two perturbed copies of them (robustness).
+About 30 minutes on 2 cores. At 135M parameters its System 2 is not better than its System 1 on this task, so this
+run shows the machinery on real weights, not the effect; `configs/demo.py` shows the effect.
+Its baseline, System 1 self-consistency distillation: configs/smollm2_coin_flip_direct.py."""
 
 from ml_collections import ConfigDict
 
@@ -19,5 +20,6 @@ def get_config():
         "filter": {"name": "majority", "min_share": 0.5},
         "train": {"steps": 40, "batch_size": 8, "max_len": 256, "learning_rate": 1e-5, "warmup_steps": 4,
                   "checkpoint_every": 20, "log_every": 5},
-        "eval": {"path": "../shared/data/coin_flip/coin_flip.json", "n": 64, "max_new_tokens": 16},
+        "eval": {"path": "../shared/data/coin_flip/coin_flip.json", "n": 64,
+                 "variants": ("flip_means_reverse", "lowercase_names")},
     })

@@ -13,7 +13,8 @@ import traceback
 from s2d_jax.errors import S2DError
 
 USAGE = ("s2d STAGE --config configs/NAME.py [--config.KEY=VALUE ...] [--workdir DIR] [--debug] "
-         "[--coordinator_address HOST:PORT --num_processes N --process_id I | --distributed]")
+         "[--coordinator_address HOST:PORT --num_processes N --process_id I | --distributed]  |  "
+         "s2d report WORKDIR [WORKDIR ...] [--out DIR]")
 ERROR_LOG = "s2d-error.log"
 
 
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # a failed async save is reported once, by us
     from s2d_jax.stages import STAGES  # --help must list the stages
 
+    if argv[:1] == ["report"]:
+        return _report(argv[1:])
     parser = _parser(STAGES)
     try:
         args, rest = parser.parse_known_args(argv)
@@ -92,6 +95,27 @@ def main(argv: list[str] | None = None) -> int:
         threading.excepthook, sys.unraisablehook = hooks
         for handler in logging.getLogger().handlers:
             handler.removeFilter(quiet)
+
+
+def _report(argv: list[str]) -> int:
+    """`s2d report WORKDIR ...`: the runs' eval.json side by side (and the paper's numbers) in DIR/comparison.md."""
+    from s2d_jax.report import write_comparison
+
+    p = _Parser(prog="s2d report", usage="s2d report WORKDIR [WORKDIR ...] [--out DIR]")
+    p.add_argument("workdirs", nargs="+")
+    p.add_argument("--out", default=os.path.join("runs", "comparison"))
+    try:
+        args = p.parse_args(argv)
+        md, png = write_comparison(args.workdirs, args.out)
+    except _BadArguments as e:
+        print(f"s2d: error: {e} (usage: {USAGE})", file=sys.stderr)
+        return 2
+    except S2DError as e:
+        print(f"s2d: error: {e}", file=sys.stderr)
+        return 2
+    print(open(md).read(), end="")
+    logging.getLogger("s2d").info("wrote %s, %s", md, png)
+    return 0
 
 
 class _TracebacksToLog(logging.Filter):

@@ -53,6 +53,12 @@ def schema() -> dict:
             "offset": _(0, at_least(0)),  # skip this many inputs of `path` first (keep the eval split apart)
             "size": _(4, at_least(1)),  # synthetic tasks: words (last letters) or people (coin flip) per input
             "seed": _(0, at_least(0)),  # synthetic tasks: generator seed
+            # synthetic tasks: "names" = real first names, as the public sets use (the paper's pools);
+            # "syllables" = made-up consonant-vowel words (the toy demo's syllable tokenizer needs them)
+            "words": _("names", one_of("names", "syllables")),
+            "lang": "en",  # judging pools with languages (OASST2): keep this language; "" = all
+            # pairwise judging: FastChat's judge prompts (MT-bench's pair-v2 and its variants), read at run time
+            "judge_prompts": "../shared/data/mt_bench/judge_prompts.jsonl",
             "tfds_data_dir": "",  # with path "tfds:NAME[/CONFIG][:SPLIT]": where the prepared dataset lives
             "input_field": "question",  # TFDS records: the input field (dotted for nested)
             "label_field": "",  # TFDS records: the label field ("" = the task's default)
@@ -60,7 +66,13 @@ def schema() -> dict:
         "program": {
             "name": "",  # s2d_jax.system2.programs.PROGRAMS
             "chat": True,
-            "max_new_tokens": _(0, at_least(0)),  # 0 = each stage's own budget
+            "max_new_tokens": _(0, at_least(0)),  # > 0 sets every stage's token budget; 0 = each stage's own
+            "stage_tokens": "",  # per-stage budgets over that, e.g. "rephrase=128,answer=512"
+            "criteria": _(5, at_least(1)),  # BSM: criteria in the branch stage's evaluation plan (at most)
+            # System 1 prompts (eval, and the distillation set's prompts) end with the program's answer-format
+            # instruction and targets follow it, as the paper prompts System 1; False = the bare input and the bare
+            # answer (the toy demo, whose pretraining corpus has no instruction)
+            "system1_format": True,
         },
         "generate": {
             "samples": _(8, at_least(1)),  # System 2 samples per input (N)
@@ -70,7 +82,15 @@ def schema() -> dict:
             "max_batch": _(32, at_least(1)),  # sequences per device batch
             "chunk": _(64, at_least(1)),  # inputs per rollout chunk written to disk (the resume granularity)
         },
-        "filter": {"name": "majority", "min_share": _(0.5, between(0.0, 1.0))},  # majority (vote over answers)
+        "filter": {
+            # majority (vote) | order_swap (pairwise judging, both orders) | usc (the model picks the most consistent
+            # response) | none (the ablation: every input with a parsed first sample, its answer the target)
+            "name": _("majority", one_of("majority", "order_swap", "usc", "none")),
+            "min_share": _(0.5, between(0.0, 1.0)),  # the vote threshold: share of samples the top answer needs
+            # the distillation target: "answer" = the parsed final answer; "response" = the chosen sample's whole
+            # final response (S2A as the paper distils it, with usc); "auto" = response with usc, else answer
+            "target": _("auto", one_of("auto", "answer", "response")),
+        },
         "pretrain": {  # toy base models only (the CPU demo): random `model.preset` -> WORKDIR/base
             "steps": _(0, at_least(0)),  # 0 = no pretraining: the model is `model.path` (or a random preset)
             "corpus_size": _(4000, at_least(1)),  # synthetic prompt/target pairs (the task's `corpus`)
@@ -123,8 +143,11 @@ def schema() -> dict:
             "n": _(0, at_least(0)),
             "offset": _(0, at_least(0)),  # skip this many inputs of `path` first
             "seed": _(1, at_least(0)),  # a generator seed apart from task.seed, so the eval inputs are unseen
-            "max_new_tokens": _(32, at_least(1)),  # System 1 answer budget (base and distilled)
+            "max_new_tokens": _(0, at_least(0)),  # System 1 answer budget (base and distilled); 0 = the task's own
             "samples": _(1, at_least(1)),  # System 2 samples per input: 1 = greedy; more = majority answer, and maj@k
+            # robustness: the held-out inputs again under each named prompt perturbation (coin flip: see
+            # CoinFlip.VARIANTS); accuracy per variant for every system
+            "variants": (),
         },
     })
 
@@ -216,10 +239,22 @@ def _cross_rules(c: ConfigDict):
 
         if c.program.name not in PROGRAMS:
             yield "program.name", f"{c.program.name!r} is not a program (programs: {', '.join(sorted(PROGRAMS))})"
-    from s2d_jax.stages.filter import FILTERS
+    if c.program.name and c.program.stage_tokens:
+        from s2d_jax.system2.programs import PROGRAMS
 
-    if c.filter.name not in FILTERS:
-        yield "filter.name", f"{c.filter.name!r} is not a filter (filters: {', '.join(sorted(FILTERS))})"
+        if c.program.name in PROGRAMS:
+            try:
+                PROGRAMS[c.program.name].budgets(per_stage=c.program.stage_tokens)
+            except S2DError as e:
+                yield "program.stage_tokens", str(e).split(": ", 1)[1]
+    if c.eval.variants and (c.eval.task or c.task.name):
+        from s2d_jax.system2.tasks import TASKS
+
+        task = TASKS.get(c.eval.task or c.task.name)
+        unknown = [v for v in c.eval.variants if task is not None and v not in getattr(task, "VARIANTS", {})]
+        if unknown:
+            known = ", ".join(getattr(task, "VARIANTS", {})) or "none"
+            yield "eval.variants", f"{unknown[0]!r} is not a variant of task {task.name!r} (variants: {known})"
     context = _context(c)
     if context:
         for key in ("program.max_new_tokens", "eval.max_new_tokens", "train.max_len", "pretrain.max_len"):

@@ -1,8 +1,11 @@
 """Evaluation on labelled held-out inputs (labels are used here and nowhere in distillation).
 
-Each system is scored the same way: `accuracy`, `mean_tokens` (tokens generated per input, every stage counted),
-`n`, `seconds` (wall clock, compile included), plus what the task adds (`Task.metrics`: per-template accuracy,
-agreement without ties, position inconsistency, ...) and maj@k where several System 2 samples are drawn.
+Each system is scored the same way: `accuracy`, `n`, and its cost per input: `generated_tokens` (every token
+generated for the input: all stages, all samples, and USC's selection call), `prompt_tokens` (every call's
+prompt, as an API would bill it), `flops` (forward matmul FLOPs of that work, from `flops.py`; a first-stage prompt
+shared by N samples is read once) and `seconds` (wall clock, compile included, over the inputs); `mean_tokens`
+equals `generated_tokens` (the paper's cost axis). Plus what the task adds (`Task.metrics`) and maj@k where
+several System 2 samples are drawn.
 """
 
 from __future__ import annotations
@@ -10,41 +13,81 @@ from __future__ import annotations
 import collections
 import time
 
+from s2d_jax.flops import flops_per_token
 from s2d_jax.sampling import Sampler
+from s2d_jax.system2.filters import parse_usc, usc_prompt
 from s2d_jax.system2.programs import run_program
 
+USC_TOKENS = 32
 
-def _scores(task, examples, answers, tokens, seconds) -> dict:
+
+def call_flops(cfg, prompt: int, generated: int, read_prompt: bool = True) -> float:
+    """Forward FLOPs of one call: the prompt's tokens attend to half the prompt on average, each generated token
+    to the prompt and half the generation."""
+    prefill = prompt * flops_per_token(cfg, prompt / 2, head=False) if read_prompt else 0.0
+    return prefill + generated * flops_per_token(cfg, prompt + generated / 2)
+
+
+def _scores(task, examples, answers, cost: dict, seconds: float) -> dict:
+    n = len(examples)
     correct = sum(task.score(a, e) for a, e in zip(answers, examples))
-    return {"accuracy": correct / len(examples), "mean_tokens": sum(tokens) / len(examples), "n": len(examples),
-            "seconds": seconds, **task.metrics(examples, answers)}
+    per = {k: v / n for k, v in cost.items()}
+    return {"accuracy": correct / n, "mean_tokens": per["generated_tokens"], **per, "n": n, "seconds": seconds / n,
+            "seconds_total": seconds, **task.metrics(examples, answers)}
 
 
-def system1(model, tokenizer, task, examples, *, chat: bool = True, max_new_tokens: int = 32, mesh=None,
-            max_batch: int = 32) -> dict:
-    """The model answering each input directly (greedy)."""
+def system1(model, tokenizer, task, examples, *, prompt=None, chat: bool = True, max_new_tokens: int = 32,
+            mesh=None, max_batch: int = 32) -> dict:
+    """The model answering each input directly (greedy); `prompt(example)` is System 1's prompt."""
     start = time.perf_counter()
+    prompt = prompt or task.system1_prompt
     sampler = Sampler(model, tokenizer, mesh=mesh, max_batch=max_batch)
-    outs = sampler.generate([task.system1_prompt(e) for e in examples], max_new_tokens=max_new_tokens, chat=chat,
+    outs = sampler.generate([prompt(e) for e in examples], max_new_tokens=max_new_tokens, chat=chat,
                             progress=False)
     answers = [task.parse(s.text) for (s,) in outs]
-    return _scores(task, examples, answers, [s.num_tokens for (s,) in outs], time.perf_counter() - start)
+    cfg = model.cfg
+    cost = {"generated_tokens": sum(s.num_tokens for (s,) in outs), "prompt_tokens": sum(s.prompt_tokens for (s,) in
+                                                                                        outs),
+            "flops": sum(call_flops(cfg, s.prompt_tokens, s.num_tokens) for (s,) in outs)}
+    out = _scores(task, examples, answers, cost, time.perf_counter() - start)
+    out["truncated"] = sum(s.finish_reason == "length" for (s,) in outs) / len(outs)
+    return out
 
 
 def system2(program, model, tokenizer, task, examples, *, samples: int = 1, chat: bool = True, seed: int = 0,
-            mesh=None, max_batch: int = 32, max_new_tokens: int | None = None, **sampling) -> dict:
+            mesh=None, max_batch: int = 32, budgets=None, params=None, select: str = "majority",
+            **sampling) -> dict:
     """The System 2 program on each input: greedy with one sample; with several, the majority answer is scored
-    (and maj@k reported), and `mean_tokens` is the cost of one program run."""
+    (or, with `select="usc"`, the sample the model picks as most consistent: USC's call is counted) and maj@k
+    reported. Costs count every sample."""
     start = time.perf_counter()
     sampler = Sampler(model, tokenizer, mesh=mesh, max_batch=max_batch)
     if samples == 1:
         sampling = {"temperature": 0.0}
     records = run_program(program, examples, sampler, samples, parse=task.parse, seed=seed, chat=chat,
-                          max_new_tokens=max_new_tokens, progress=False, **sampling)
+                          budgets=budgets, params=params, progress=False, **sampling)
     per_input = [records[i * samples:(i + 1) * samples] for i in range(len(examples))]
     answers = [[r["answer"] for r in rs] for rs in per_input]
-    tokens = [sum(r["num_tokens"] for r in rs) / samples for rs in per_input]
-    out = _scores(task, examples, [_majority(a) for a in answers], tokens, time.perf_counter() - start)
+    cfg = model.cfg
+    cost = {"generated_tokens": sum(r["num_tokens"] for r in records),
+            "prompt_tokens": sum(r["prompt_tokens"] for r in records),
+            "flops": sum(call_flops(cfg, s["prompt_tokens"], s["num_tokens"], read_prompt=r["sample"] == 0 or i > 0)
+                         for r in records for i, s in enumerate(r["stages"]))}
+    chosen = [_majority(a) for a in answers]
+    if select == "usc" and samples > 1:
+        prompts = [usc_prompt(rs[0]["input"], [r["stages"][-1]["output"] for r in rs]) for rs in per_input]
+        outs = sampler.generate(prompts, max_new_tokens=USC_TOKENS, chat=chat, progress=False)
+        chosen = []
+        for (s,), a in zip(outs, answers):
+            pick = parse_usc(s.text, len(a))
+            chosen.append(a[pick] if pick is not None else None)
+            cost["generated_tokens"] += s.num_tokens
+            cost["prompt_tokens"] += s.prompt_tokens
+            cost["flops"] += call_flops(cfg, s.prompt_tokens, s.num_tokens)
+    out = _scores(task, examples, chosen, cost, time.perf_counter() - start)
+    out["truncation"] = {name: sum(s["truncated"] for r in records for s in r["stages"] if s["name"] == name)
+                         / max(sum(s["name"] == name for r in records for s in r["stages"]), 1)
+                         for name in dict.fromkeys(s.name for s in program.stages)}
     if samples > 1:
         out.update(maj_at_k(task, examples, answers))
     return out

@@ -1,80 +1,133 @@
-"""`report.md` (the paper-style table, with what the filter kept and how training ended) and `report.png`
-(accuracy against mean generated tokens per input, one point per system), both from `eval.json`."""
+"""`report.md` (the paper-style table with each system's cost per input, what the filter kept, how training ended)
+and `report.png` (accuracy against generated tokens per input, one point per system), both from `eval.json`; and
+`s2d report WORKDIR...`: several runs side by side, with the paper's numbers (`../shared/docs/PAPER.md`) as a
+reference column."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 
 from s2d_jax.artifacts import write_atomic
+from s2d_jax.errors import S2DError
 
 SYSTEMS = (("system1", "System 1 (base, direct)"), ("system2", "System 2 (program)"),
            ("distilled", "Distilled System 1"))
-CORE = ("accuracy", "mean_tokens", "n", "seconds")
+COST = (("accuracy", "accuracy (%)"), ("generated_tokens", "generated tokens / input"),
+        ("prompt_tokens", "prompt tokens / input"), ("flops", "FLOPs / input"), ("seconds", "seconds / input"),
+        ("n", "n"))
+NOT_EXTRA = {k for k, _ in COST} | {"mean_tokens", "seconds_total", "truncation", "truncated", "name"}
+PAPER = os.path.join("..", "shared", "docs", "PAPER.md")
+PAPER_TASKS = {"last letters": "last_letters", "coin flip": "coin_flip", "sycophancyeval": "sycophancy",
+               "mt-bench judge": "mt_bench_judge", "gsm8k": "gsm8k"}
 
 
 def _fmt(key: str, value) -> str:
+    if value is None:
+        return ""
+    if key == "flops":
+        return f"{value:.3g}"
     if isinstance(value, float):
-        return f"{100 * value:.1f}" if key not in ("mean_tokens", "seconds") else f"{value:.1f}"
+        return f"{value:.1f}" if key in ("generated_tokens", "prompt_tokens", "mean_tokens") else (
+            f"{value:.2f}" if key == "seconds" else f"{100 * value:.1f}")
     return str(value)
+
+
+def _rows(results: dict):
+    """(label, row or None, present) for each system, then the reference row a task gives (GPT-4 on MT-bench)."""
+    for name, label in SYSTEMS:
+        yield label, results.get(name), name in results
+    ref = results.get("reference")
+    if ref:
+        yield f"Reference: {ref.get('name', 'reference')}", ref, True
 
 
 def markdown(results: dict) -> str:
     meta = results.get("meta", {})
     title = " / ".join(str(meta[k]) for k in ("program", "task", "model") if meta.get(k))
-    extras = sorted({k for name, _ in SYSTEMS for k in (results.get(name) or {}) if k not in CORE})
-    header = ["system", "accuracy (%)", "mean tokens / input", "n", "seconds"] + [f"{k} (%)" for k in extras]
+    rows = list(_rows(results))
+    extras = sorted({k for _, row, _ in rows for k in (row or {}) if k not in NOT_EXTRA})
+    header = [label for _, label in COST] + [f"{k} (%)" for k in extras]
     lines = [f"# System 2 distillation: {title}" if title else "# System 2 distillation", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, label in SYSTEMS:
-        row = results.get(name)
+             "| system | " + " | ".join(header) + " |", "|" + "---|" * (len(header) + 1)]
+    for label, row, present in rows:
         if row is None:
-            if name in results:
-                lines.append(f"| {label} | (none: nothing was distilled) |" + " |" * (len(header) - 2))
+            if present:
+                lines.append(f"| {label} | (none: nothing was distilled) |" + " |" * (len(header) - 1))
             continue
-        cells = [label] + [_fmt(k, row[k]) if k in row else "" for k in CORE] + [
-            _fmt(k, row[k]) if k in row else "" for k in extras]
+        cells = [label] + [_fmt(k, row.get(k)) for k, _ in COST] + [_fmt(k, row.get(k)) for k in extras]
         lines.append("| " + " | ".join(cells) + " |")
     s1, s2, d = (results.get(k) for k in ("system1", "system2", "distilled"))
     if s1 and s2 and d:
         lines += ["", f"Distilled System 1 vs System 2: {100 * (d['accuracy'] - s2['accuracy']):+.1f} points at "
-                      f"{d['mean_tokens'] / max(s2['mean_tokens'], 1e-9):.2f}x its tokens per input; "
+                      f"{_tokens(d) / max(_tokens(s2), 1e-9):.3f}x its generated tokens per input; "
                       f"vs System 1: {100 * (d['accuracy'] - s1['accuracy']):+.1f} points."]
+    if meta.get("system1_tokens"):
+        said = meta.get("system1_instruction", "(none)")
+        lines += ["", "System 1 (base and distilled) is prompted with "
+                      + ("the bare input" if said == "(none)" else f"the input followed by {said.strip()!r}")
+                      + f", greedy, at most {meta['system1_tokens']} new tokens. System 2 budgets per stage: "
+                      + ", ".join(f"{k} {v}" for k, v in meta.get("system2_budgets", {}).items())
+                      + f"; {meta.get('samples', 1)} sample(s) per input."]
+    if s2 and s2.get("truncation"):
+        lines += ["System 2 truncation (share of calls that hit the budget): "
+                  + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s2["truncation"].items()) + "."]
     f = results.get("filter")
     if f:
         drops = ", ".join(f"{k} {v}" for k, v in f.get("drops", {}).items()) or "none"
         lines += ["", f"Filter `{f.get('filter', 'majority')}`: kept {f['kept']} of {f['total']} unlabelled inputs "
                       f"({100 * f['kept_fraction']:.1f}%); drops: {drops}."]
+        if f.get("truncation"):
+            lines += ["Rollout truncation per stage: "
+                      + ", ".join(f"{k} {100 * v:.1f}%" for k, v in f["truncation"].items()) + "."]
     t = results.get("train")
     if t:
         lines += [f"Training: {t.get('step')} steps, final loss {t.get('loss', float('nan')):.4f}, token accuracy "
                   f"{100 * t.get('accuracy', 0):.1f}%."]
     if meta.get("note"):
         lines += ["", meta["note"]]
-    lines += ["", "Accuracy is on the held-out labelled split; mean tokens count every generated token of every "
-                  "stage. Plot: `report.png`."]
+    if any(k.startswith("agreement") for k in extras):
+        lines += ["", "Agreement with humans as MT-bench computes it: each verdict against each expert vote on the "
+                      "same question, turn and model pair; with ties, a tie verdict agrees with a tie vote; without "
+                      "ties, pairs where either side is a tie are left out. Judged in both orders, a verdict that "
+                      "does not mirror counts as a tie. Accuracy is agreement with the majority of the votes."]
+    lines += ["", "Accuracy is on the held-out labelled split. Costs are per input: generated tokens count every "
+                  "stage of every sample (maj@k costs k samples; USC's selection call is counted), prompt tokens "
+                  "every call's prompt, FLOPs the forward matmuls of that work. Plot: `report.png`."]
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, path: str) -> None:
+def _tokens(row: dict) -> float:
+    return row.get("generated_tokens", row.get("mean_tokens", 0.0))
+
+
+def plot(results_by_run: dict[str, dict], path: str, x: str = "generated_tokens") -> None:
+    """Accuracy against `x` (generated tokens or FLOPs per input), a point per system and run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for (name, label), color in zip(SYSTEMS, ("tab:blue", "tab:orange", "tab:green")):
-        row = results.get(name)
-        if row is None:
-            continue
-        ax.scatter([row["mean_tokens"]], [100 * row["accuracy"]], s=80, color=color, label=label, zorder=3)
-        ax.annotate(f"{100 * row['accuracy']:.1f}%", (row["mean_tokens"], 100 * row["accuracy"]),
-                    textcoords="offset points", xytext=(6, 6), fontsize=8)
-    ax.set_xscale("symlog", linthresh=10)
-    ax.set_xlabel("mean generated tokens per input (log)")
+    markers = "osD^vP*X"
+    for k, (run, results) in enumerate(results_by_run.items()):
+        for (name, label), color in zip(SYSTEMS, ("tab:blue", "tab:orange", "tab:green")):
+            row = results.get(name)
+            if row is None:
+                continue
+            value = row.get(x, _tokens(row)) if x != "generated_tokens" else _tokens(row)
+            tag = f"{label} ({run})" if len(results_by_run) > 1 else label
+            ax.scatter([value], [100 * row["accuracy"]], s=80, color=color, marker=markers[k % len(markers)],
+                       label=tag, zorder=3)
+            ax.annotate(f"{100 * row['accuracy']:.1f}%", (value, 100 * row["accuracy"]),
+                        textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.set_xscale("symlog", linthresh=10) if x == "generated_tokens" else ax.set_xscale("log")
+    ax.set_xlabel(("generated tokens" if x == "generated_tokens" else "forward FLOPs") + " per input (log)")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(-5, 105)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="best", fontsize=7)
     ax.set_title("Accuracy vs cost", fontsize=10)
     fig.tight_layout()
     tmp = path + ".tmp.png"
@@ -85,6 +138,80 @@ def plot(results: dict, path: str) -> None:
 
 def write_report(results: dict, workdir: str) -> tuple[str, str]:
     md, png = os.path.join(workdir, "report.md"), os.path.join(workdir, "report.png")
-    plot(results, png)
+    plot({"": results}, png)
     write_atomic(md, markdown(results))
+    return md, png
+
+
+# ------------------------------------------------------------------------------------------ several runs
+
+
+def paper_rows(path: str = PAPER) -> dict[str, dict]:
+    """The paper's results table in PAPER.md ("Results to anchor against"): task -> {system: (value, text)}."""
+    if not os.path.exists(path):
+        return {}
+    out, in_table = {}, False
+    for line in open(path, encoding="utf-8"):
+        if line.startswith("## "):
+            in_table = line.lower().startswith("## results")
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not in_table or len(cells) < 5 or cells[0] in ("task",) or set(cells[0]) <= set("-: "):
+            continue
+        task = next((v for k, v in PAPER_TASKS.items() if cells[0].lower().startswith(k)), None)
+        if task:
+            out[task] = {name: (_number(text), text) for name, text in zip(("system1", "system2", "distilled"),
+                                                                          cells[2:5])}
+            out[task]["metric"] = cells[1]
+    return out
+
+
+def _number(text: str) -> float | None:
+    m = re.match(r"\s*(\d+(?:\.\d+)?)", text)
+    return float(m.group(1)) if m else None
+
+
+def compare(workdirs: list[str], paper: str = PAPER) -> tuple[str, dict]:
+    """Several runs' eval.json side by side: accuracy and cost per system, one column group per run, and the
+    paper's number for the task where PAPER.md has it."""
+    runs = {}
+    for w in workdirs:
+        path = os.path.join(w, "eval.json")
+        if not os.path.exists(path):
+            raise S2DError(f"{path}: no such file (run `s2d eval` in {w} first)")
+        try:
+            runs[os.path.basename(os.path.normpath(w))] = json.load(open(path))
+        except json.JSONDecodeError as e:
+            raise S2DError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    reference = paper_rows(paper)
+    tasks = {r.get("meta", {}).get("task") for r in runs.values()}
+    header = ["system"] + [f"{run}: accuracy (%) / generated tokens / FLOPs / s per input" for run in runs]
+    paper_task = next(iter(tasks)) if len(tasks) == 1 and next(iter(tasks)) in reference else None
+    if paper_task:
+        header.append(f"paper (Llama-2-70B-chat, {reference[paper_task]['metric']})")
+    lines = ["# Runs side by side", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, label in SYSTEMS:
+        cells = [label]
+        for results in runs.values():
+            row = results.get(name)
+            cells.append("" if row is None else f"{100 * row['accuracy']:.1f} / {_tokens(row):.1f} / "
+                         f"{row.get('flops', 0):.3g} / {row.get('seconds', 0):.2f}")
+        if paper_task:
+            cells.append(reference[paper_task][name][1])
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [""] + [f"- {run}: {r.get('meta', {}).get('program')} on {r.get('meta', {}).get('task')}, model "
+                     f"{r.get('meta', {}).get('model')}, filter {r.get('filter', {}).get('filter', '-')}"
+                     f" (kept {r.get('filter', {}).get('kept', '-')} of {r.get('filter', {}).get('total', '-')})"
+                     for run, r in runs.items()]
+    if paper_task:
+        lines += ["", f"Paper column: {os.path.normpath(paper)}, 'Results to anchor against' (its notes kept)."]
+    return "\n".join(lines) + "\n", runs
+
+
+def write_comparison(workdirs: list[str], out_dir: str) -> tuple[str, str]:
+    text, runs = compare(workdirs)
+    os.makedirs(out_dir, exist_ok=True)
+    md, png = os.path.join(out_dir, "comparison.md"), os.path.join(out_dir, "comparison.png")
+    plot(runs, png)
+    write_atomic(md, text)
     return md, png

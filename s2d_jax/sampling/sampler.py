@@ -47,6 +47,7 @@ class Sample:
     num_tokens: int
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     logprobs: list[float] | None = None
+    prompt_tokens: int = 0  # tokens of the prompt as the model read it (chat template included)
 
 
 class Loop(NamedTuple):
@@ -176,6 +177,8 @@ class Sampler:
             samples = self._generate_batch([ids[i] for i in batch], [key_ids[i] for i in batch], n, method,
                                            max_new_tokens, stop, seed, logprobs)
             for i, s in zip(batch, samples):
+                for x in s:
+                    x.prompt_tokens = len(ids[i])
                 out[i] = s
                 generated += sum(x.num_tokens for x in s)
             bar.update(len(batch))

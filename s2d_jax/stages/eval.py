@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ from s2d_jax import distributed
 from s2d_jax.artifacts import read_jsonl, write_atomic
 from s2d_jax.build import build_mesh, build_model, build_tokenizer
 from s2d_jax.errors import S2DError
-from s2d_jax.stages.inputs import load_eval_inputs, with_swapped
+from s2d_jax.stages.inputs import load_eval_inputs, program_args, system1_prompt, with_swapped
 from s2d_jax.system2.programs import get_program
 
 log = logging.getLogger("s2d")
@@ -38,17 +39,26 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
     program = get_program(config.program.name)
     mesh, tok = build_mesh(config), build_tokenizer(config, workdir)
     e, g = config.eval, config.generate
+    budget = e.max_new_tokens or task.answer_tokens
     common = dict(chat=config.program.chat, mesh=mesh, max_batch=g.max_batch)
+    args = program_args(config, task)
+    one = dict(prompt=lambda x: system1_prompt(config, task, x), max_new_tokens=budget, **common)
+    two = dict(samples=e.samples, seed=config.seed, budgets=args["budgets"], params=args["params"],
+               select="usc" if config.filter.name == "usc" else "majority", temperature=g.temperature,
+               top_k=g.top_k or None, top_p=g.top_p if g.top_p < 1 else None, **common)
+    variants = {name: [dataclasses.replace(x, input=task.VARIANTS[name](x.input)) for x in examples]
+                for name in e.variants}
     base = build_model(config, mesh, workdir)
+    instruction = program.answer_format if config.program.system1_format else ""
     results = {"meta": {"task": task.name, "program": program.name, "model": config.model.path or config.model.preset,
-                        "eval_inputs": len(examples)}}
+                        "eval_inputs": len(examples), "system1_instruction": instruction or "(none)",
+                        "system1_tokens": budget, "system2_budgets": args["budgets"], "samples": e.samples,
+                        "variants": list(e.variants)}}
     log.info("eval: System 1 (base) on %d inputs", len(examples))
-    results["system1"] = evaluate.system1(base, tok, task, examples, max_new_tokens=e.max_new_tokens, **common)
+    results["system1"] = _with_variants(lambda xs: evaluate.system1(base, tok, task, xs, **one), examples, variants)
     log.info("eval: System 2 (%s)", program.name)
-    results["system2"] = evaluate.system2(
-        program, base, tok, task, examples, samples=e.samples, seed=config.seed,
-        max_new_tokens=config.program.max_new_tokens or None, temperature=g.temperature, top_k=g.top_k or None,
-        top_p=g.top_p if g.top_p < 1 else None, **common)
+    results["system2"] = _with_variants(lambda xs: evaluate.system2(program, base, tok, task, xs, **two), examples,
+                                        variants)
     del base
     if kept_none:  # an honest report of a run whose filter kept nothing: there is no distilled model
         results["distilled"] = None
@@ -57,8 +67,11 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
     else:
         distilled = build_model(config, mesh, path=distilled_dir)
         log.info("eval: distilled System 1")
-        results["distilled"] = evaluate.system1(distilled, tok, task, examples, max_new_tokens=e.max_new_tokens,
-                                                **common)
+        results["distilled"] = _with_variants(lambda xs: evaluate.system1(distilled, tok, task, xs, **one),
+                                              examples, variants)
+    reference = task.reference(examples) if hasattr(task, "reference") else None
+    if reference:
+        results["reference"] = reference
     report_path = os.path.join(workdir, "filter_report.json")
     if os.path.exists(report_path):
         with open(report_path) as f:
@@ -76,8 +89,18 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
         if r is None:
             log.warning("%-9s none: the filter kept no input, nothing was distilled", name)
             continue
-        log.info("%-9s accuracy %5.1f%%  mean tokens %6.1f", name, 100 * r["accuracy"], r["mean_tokens"])
+        log.info("%-9s accuracy %5.1f%%  generated tokens / input %7.1f  FLOPs / input %.3g  s / input %.2f", name,
+                 100 * r["accuracy"], r["generated_tokens"], r["flops"], r["seconds"])
     log.info("wrote %s, %s, %s", out, os.path.join(workdir, "report.md"), os.path.join(workdir, "report.png"))
+    return out
+
+
+def _with_variants(run, examples, variants: dict) -> dict:
+    """A system's scores on the held-out inputs, plus its accuracy on each perturbed copy of them."""
+    out = run(examples)
+    for name, perturbed in variants.items():
+        log.info("eval: variant %s", name)
+        out[f"variant_{name}"] = run(perturbed)["accuracy"]
     return out
 
 

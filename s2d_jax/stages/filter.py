@@ -14,19 +14,23 @@ from s2d_jax.build import build_mesh, build_model, build_tokenizer
 from s2d_jax.errors import S2DError
 from s2d_jax.sampling import Sampler
 from s2d_jax.stages.generate import read_rollouts, rollout_path
-from s2d_jax.system2.filters import FilterReport, order_swap, parse_usc, usc, usc_prompt, vote
+from s2d_jax.stages.inputs import system1_prompt, system1_target
+from s2d_jax.system2.filters import FilterReport, first_sample, order_swap, parse_usc, usc, usc_prompt, vote
 from s2d_jax.system2.tasks import Example, get_task
 from s2d_jax.system2.tasks.judge import SWAP_SUFFIX
 
 log = logging.getLogger("s2d")
 
-FILTERS = ("majority", "order_swap", "usc")
+FILTERS = ("majority", "order_swap", "usc", "none")
+USC_TOKENS = 32  # the USC call's budget: "The most consistent response is Response X"
 
 
 def filter(config: ConfigDict, workdir: str) -> str:  # noqa: A001 (the stage's name)
     """Stage `filter`: self-consistency over each input's samples (`filter.name`: majority vote, order-swap
-    consistency for pairwise judging, or USC for free-form answers); the kept inputs become `distill.jsonl`
-    (System 1 prompt -> the consistent answer) and the decisions are summed in `filter_report.json`."""
+    consistency for pairwise judging, USC for free-form answers, or none, the ablation); the kept inputs become
+    `distill.jsonl` (System 1 prompt -> the consistent answer, or with `filter.target=response` the chosen
+    sample's final response) and the decisions are summed in `filter_report.json`, with each stage's truncation
+    rate (the share of samples that hit the stage's budget)."""
     name = config.filter.name
     if name not in FILTERS:
         raise S2DError(f"config key 'filter.name': unknown filter {name!r} (filters: {', '.join(FILTERS)})")
@@ -51,18 +55,25 @@ def filter(config: ConfigDict, workdir: str) -> str:  # noqa: A001 (the stage's 
         decisions = [order_swap(answers[k], answers[k + SWAP_SUFFIX], config.filter.min_share) for k in keys]
     elif name == "usc":
         decisions = _usc_decisions(config, [grouped[k] for k in keys], workdir)
+    elif name == "none":
+        decisions = [first_sample(answers[k]) for k in keys]
     else:
         decisions = [vote(answers[k], config.filter.min_share) for k in keys]
+    as_response = config.filter.target == "response" or (config.filter.target == "auto" and name == "usc")
     report, lines = FilterReport(), []
     for key, decision in zip(keys, decisions):
         report.add(decision)
         if decision.reason is None:
-            prompt = task.system1_prompt(Example(key, grouped[key][0]["input"]))
+            prompt = system1_prompt(config, task, Example(key, grouped[key][0]["input"]))
+            chosen = grouped[key][decision.sample]
+            target = (chosen["stages"][-1]["output"].strip() if as_response and chosen.get("stages")
+                      else system1_target(config, task, decision.answer))
             votes = dict(collections.Counter(a for a in answers[key] if a is not None).most_common())
-            lines.append(json.dumps({"id": key, "prompt": prompt, "target": task.target(decision.answer),
-                                     "votes": votes, "agreement": decision.share}))
-    write_atomic(os.path.join(workdir, "filter_report.json"),
-                 json.dumps({"filter": name, **report.to_dict()}, indent=2) + "\n")
+            lines.append(json.dumps({"id": key, "prompt": prompt, "target": target, "votes": votes,
+                                     "agreement": decision.share}))
+    summary = {"filter": name, "min_share": config.filter.min_share, "target": "response" if as_response else
+               "answer", **report.to_dict(), "truncation": truncation([r for k in grouped for r in grouped[k]])}
+    write_atomic(os.path.join(workdir, "filter_report.json"), json.dumps(summary, indent=2) + "\n")
     write_atomic(out, "".join(line + "\n" for line in lines))
     log.info("kept %d of %d inputs (%.0f%%); drops: %s", report.kept, report.total, 100 * report.kept_fraction,
              dict(report.drops) or "none")
@@ -76,5 +87,15 @@ def _usc_decisions(config: ConfigDict, groups: list[list[dict]], workdir: str):
                       max_batch=config.generate.max_batch)
     prompts = [usc_prompt(rows[0]["input"], [r["stages"][-1]["output"] if r.get("stages") else str(r["answer"])
                                              for r in rows]) for rows in groups]
-    outs = sampler.generate(prompts, max_new_tokens=32, chat=config.program.chat, progress=True)
+    outs = sampler.generate(prompts, max_new_tokens=USC_TOKENS, chat=config.program.chat, progress=True)
     return [usc(parse_usc(s.text, len(rows)), [r["answer"] for r in rows]) for (s,), rows in zip(outs, groups)]
+
+
+def truncation(rows: list[dict]) -> dict[str, float]:
+    """Per stage: the share of its calls that stopped at the token budget (rollouts without the record: none)."""
+    hits: dict[str, list[bool]] = {}
+    for row in rows:
+        for stage in row.get("stages", []):
+            if "truncated" in stage:
+                hits.setdefault(stage["name"], []).append(stage["truncated"])
+    return {name: sum(v) / len(v) for name, v in hits.items()}

@@ -16,7 +16,7 @@ from s2d_jax.artifacts import complete_lines, read_jsonl, writing
 from s2d_jax.build import build_mesh, build_model, build_tokenizer
 from s2d_jax.errors import S2DError
 from s2d_jax.sampling import Sampler
-from s2d_jax.stages.inputs import load_inputs
+from s2d_jax.stages.inputs import load_inputs, program_args
 from s2d_jax.system2.programs import get_program, run_program
 
 log = logging.getLogger("s2d")
@@ -69,9 +69,8 @@ def generate(config: ConfigDict, workdir: str) -> str:
     owned = {e.id for e, m in zip(examples, mine) if m}
     for start in range(0, len(todo), g.chunk):
         chunk = todo[start:start + g.chunk]
-        records = run_program(program, chunk, sampler, n, parse=task.parse, seed=config.seed,
-                              chat=config.program.chat, max_new_tokens=config.program.max_new_tokens or None,
-                              progress=False, **sampling)
+        records = run_program(program, chunk, sampler, n, parse=task.parse, seed=config.seed, progress=False,
+                              **program_args(config, task), **sampling)
         with writing(partial), open(partial, "a") as f:
             for rec in records:
                 if rec["id"] in owned and (rec["id"], rec["sample"]) not in done:

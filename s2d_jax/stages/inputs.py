@@ -13,9 +13,10 @@ def _examples(task, path: str, n: int, offset: int, seed: int, size: int, group:
         examples = tfds_source.load_tfds(task, path, data_dir=t.tfds_data_dir, input_field=t.input_field,
                                          label_field=t.label_field, limit=n + offset if n else 0)
     elif path:
+        task.configure(t, split="heldout" if group == "eval" else "train")
         examples = task.load(path)
     elif hasattr(task, "generate") and n > 0:
-        examples = task.generate(n, seed=seed, **{task.size_arg: size})
+        examples = task.generate(n, seed=seed, words=t.words, **{task.size_arg: size})
     else:
         raise S2DError(f"config key '{group}.path': empty, and task {task.name!r} cannot be generated without "
                        f"'{group}.n' > 0")
@@ -40,6 +41,31 @@ def with_swapped(task, examples):
         raise S2DError(f"config key 'filter.name': order_swap needs a pairwise judging task; {task.name!r} has no "
                        f"swapped form (use majority or usc)")
     return [x for e in examples for x in (e, task.swap(e))]
+
+
+def system1_prompt(config: ConfigDict, task, example) -> str:
+    """System 1's prompt for an input: with the program's answer-format instruction unless
+    `program.system1_format` is off."""
+    return task.system1_prompt(example, _instruction(config))
+
+
+def system1_target(config: ConfigDict, task, answer) -> str:
+    return task.target(answer, _instruction(config))
+
+
+def program_args(config: ConfigDict, task) -> dict:
+    """`run_program`'s keywords from the config: each stage's budget and the program's parameters."""
+    from s2d_jax.system2.programs import get_program
+
+    p = config.program
+    budgets = get_program(p.name).budgets(p.max_new_tokens, p.stage_tokens, task.answer_tokens)
+    return {"budgets": budgets, "params": {"criteria": p.criteria}, "chat": p.chat}
+
+
+def _instruction(config: ConfigDict) -> str:
+    from s2d_jax.system2.programs import get_program
+
+    return get_program(config.program.name).answer_format if config.program.system1_format else ""
 
 
 def load_eval_inputs(config: ConfigDict):

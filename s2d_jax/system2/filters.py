@@ -18,6 +18,7 @@ class Decision:
     answer: Hashable | None  # the target when kept, else None
     share: float  # votes of the top answer / number of samples (unparseable samples count)
     reason: str | None = None  # why dropped: all_invalid | tie | below_min_share | order_inconsistent | usc_*
+    sample: int = 0  # the sample whose final response stands for the answer (the first with it; USC's choice)
 
 
 def vote(answers: Sequence[Hashable | None], min_share: float = 0.0) -> Decision:
@@ -32,7 +33,15 @@ def vote(answers: Sequence[Hashable | None], min_share: float = 0.0) -> Decision
         return Decision(None, share, "tie")
     if share < min_share:
         return Decision(None, share, "below_min_share")
-    return Decision(ranked[0][0], share)
+    return Decision(ranked[0][0], share, sample=list(answers).index(ranked[0][0]))
+
+
+def first_sample(answers: Sequence[Hashable | None]) -> Decision:
+    """No filter (the paper's ablation): the first sample's answer, whatever the others say; dropped only when it
+    did not parse. The share is still reported."""
+    if answers[0] is None:
+        return Decision(None, 0.0, "unparsed")
+    return Decision(answers[0], sum(a == answers[0] for a in answers) / len(answers))
 
 
 def majority_vote(answers: Sequence[Hashable | None], min_share: float = 0.0) -> tuple[Hashable | None, float]:
@@ -55,7 +64,7 @@ def order_swap(verdicts_ab: Sequence[str | None], verdicts_ba: Sequence[str | No
         return Decision(None, share, ab.reason or ba.reason)
     if ab.answer != ba.answer:
         return Decision(None, share, "order_inconsistent")
-    return Decision(ab.answer, share)
+    return Decision(ab.answer, share, sample=ab.sample)
 
 
 USC_TEMPLATE = ("I have generated the following responses to the question: {question}\n\n{responses}\n\n"
@@ -86,7 +95,7 @@ def usc(choice: int | None, answers: Sequence[Hashable | None]) -> Decision:
     answer = answers[choice]
     if answer is None:
         return Decision(None, 0.0, "all_invalid" if all(a is None for a in answers) else "usc_chose_invalid")
-    return Decision(answer, sum(a == answer for a in answers) / len(answers))
+    return Decision(answer, sum(a == answer for a in answers) / len(answers), sample=choice)
 
 
 @dataclasses.dataclass

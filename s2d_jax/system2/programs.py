@@ -3,9 +3,10 @@ of earlier stages. `run_program` executes any program with one batched `Sampler.
 (example, sample) pairs; adding a program touches no runner code.
 
 Template fields: `{input}` (the task input), any key of the example's `meta` (e.g. BSM's `{question}`,
-`{response_a}`, `{response_b}`), and the name of every earlier stage. A fan-out stage runs once per line of an
-earlier stage's output (BSM's solve: one call per criterion), with the line as `{item}`, and its outputs are
-joined for later stages.
+`{response_a}`, `{response_b}`), the program's parameters (BSM's `{criteria}`) and the name of every earlier stage.
+A fan-out stage runs once per item of an earlier stage's output (BSM's solve: one call per criterion of the plan),
+with the item as `{item}`, and its outputs are joined for later stages. A stage with a `parser` also records what
+it parsed (the plan's criteria, the per-criterion scores).
 """
 
 from __future__ import annotations
@@ -16,17 +17,20 @@ import zlib
 from collections.abc import Sequence
 
 from s2d_jax.errors import S2DError
+from s2d_jax.system2.stage_parsers import PARSERS, plan_items
 
-ANSWER_SUFFIX = " End with 'The answer is: ' followed by your final answer."
+ANSWER_PREFIX = "The answer is: "
+ANSWER_SUFFIX = f" End with '{ANSWER_PREFIX}' followed by your final answer."
+PARAMS = {"criteria": 5}  # program parameters a template may use, with their defaults (config: program.criteria)
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
     name: str
     template: str
-    max_new_tokens: int = 256
-    fan_out: str | None = None  # name of an earlier stage whose lines this stage runs over
-    max_items: int = 3
+    max_new_tokens: int = 256  # this stage's own budget; 0 = the task's System 1 answer budget
+    fan_out: str | None = None  # name of an earlier stage whose items (a plan's criteria) this stage runs over
+    parser: str | None = None  # a name in stage_parsers.PARSERS: what the stage's output is parsed into
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +38,25 @@ class Program:
     name: str
     stages: tuple[Stage, ...]
 
+    @property
+    def answer_format(self) -> str:
+        """The answer-format instruction the final stage ends with ("" if none): System 1 gets it too."""
+        return ANSWER_SUFFIX if self.stages[-1].template.endswith(ANSWER_SUFFIX) else ""
+
     def fields(self, stage_index: int, meta_keys: Sequence[str] = ()) -> set[str]:
-        return {"input", *meta_keys, *(s.name for s in self.stages[:stage_index])} | (
+        return {"input", *meta_keys, *PARAMS, *(s.name for s in self.stages[:stage_index])} | (
             {"item"} if self.stages[stage_index].fan_out else set())
+
+    def budgets(self, every: int = 0, per_stage: str = "", answer_tokens: int = 32) -> dict[str, int]:
+        """Each stage's token budget: `every` (> 0) sets all of them, `per_stage` ("rephrase=128,answer=512")
+        sets named ones over that; a stage whose own budget is 0 takes the task's `answer_tokens`."""
+        out = {s.name: every or s.max_new_tokens or answer_tokens for s in self.stages}
+        for name, value in parse_stage_tokens(per_stage).items():
+            if name not in out:
+                raise S2DError(f"config key 'program.stage_tokens': program {self.name!r} has no stage {name!r} "
+                               f"(stages: {', '.join(out)})")
+            out[name] = value
+        return out
 
     def check(self, meta_keys: Sequence[str] = ()) -> None:
         """Every template field must be defined before its stage runs."""
@@ -49,9 +69,55 @@ class Program:
             if stage.fan_out and stage.fan_out not in {s.name for s in self.stages[:i]}:
                 raise S2DError(f"program {self.name!r}, stage {stage.name!r}: fan_out {stage.fan_out!r} is not an "
                                f"earlier stage")
+            if stage.parser and stage.parser not in PARSERS:
+                raise S2DError(f"program {self.name!r}, stage {stage.name!r}: unknown parser {stage.parser!r}")
 
+
+def parse_stage_tokens(text: str) -> dict[str, int]:
+    """"rephrase=128,answer=512" -> {"rephrase": 128, "answer": 512}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if not value.strip().isdigit() or int(value) < 1:
+            raise S2DError(f"config key 'program.stage_tokens': {part!r} is not STAGE=TOKENS with TOKENS >= 1 "
+                           f"(e.g. 'rephrase=128,answer=512')")
+        out[name.strip()] = int(value)
+    return out
+
+
+# Branch-Solve-Merge as an LLM judge (Saha et al. 2023, sec. 3): branch into an evaluation plan of described
+# criteria, solve = score both responses on one criterion (one call per criterion), merge = combine the per-criterion
+# evaluations into the verdict. Written from the paper's description of each module (its exact prompt texts are not
+# in ../shared); the merge's verdict format is MT-bench's, as the task's parser reads it.
+BSM_BRANCH = (
+    "We want to evaluate the quality of the responses provided by two AI assistants to the user question displayed "
+    "below. Your task is to propose an evaluation plan that can be executed to compare the two responses. The "
+    "evaluation plan should consist of a list of up to {criteria} criteria that one should consider, such as "
+    "helpfulness, relevance, accuracy, depth, creativity or level of detail. Write one criterion per line, numbered, "
+    "as its name, a colon and a short description of how to evaluate it.\n\n[User Question]\n{question}\n\n"
+    "[Evaluation Plan]")
+BSM_SOLVE = (
+    "You are given a user question and the responses provided by two AI assistants. Your task is to evaluate and "
+    "score the quality of the responses based on a single evaluation criterion displayed below. Evaluate only on "
+    "this criterion and no other. In the first line, write \"Assistant A: \" and a score from 1 to 10 for Assistant "
+    "A's response; in the second line, \"Assistant B: \" and a score from 1 to 10 for Assistant B's response; then "
+    "briefly explain the scores.\n\n[User Question]\n{question}\n\n[The Start of Assistant A's Answer]\n"
+    "{response_a}\n[The End of Assistant A's Answer]\n\n[The Start of Assistant B's Answer]\n{response_b}\n"
+    "[The End of Assistant B's Answer]\n\n[Evaluation Criterion]\n{item}\n[End of Evaluation Criterion]")
+BSM_MERGE = (
+    "We want to evaluate the quality of the responses provided by two AI assistants to the user question displayed "
+    "below. We have evaluated both responses on several criteria, with a score for each assistant and an "
+    "explanation per criterion. Combine these evaluations into a final verdict: weigh the criteria by how much they "
+    "matter for this question, and do not let the length of the responses or their order influence your decision. "
+    "Output your final verdict by strictly following this format: \"[[A]]\" if assistant A is better, \"[[B]]\" if "
+    "assistant B is better, and \"[[C]]\" for a tie.\n\n[User Question]\n{question}\n\n"
+    "[The Start of Assistant A's Answer]\n{response_a}\n[The End of Assistant A's Answer]\n\n"
+    "[The Start of Assistant B's Answer]\n{response_b}\n[The End of Assistant B's Answer]\n\n"
+    "[Evaluations per Criterion]\n{solve}\n[End of Evaluations]")
 
 PROGRAMS = {p.name: p for p in (
+    # System 1 with N samples: the baseline of distilling System 1's own majority vote ("System 1 self-consistency")
+    Program("direct", (Stage("answer", "{input}" + ANSWER_SUFFIX, 0),)),
     Program("cot", (Stage("answer", "{input}\nLet's think step by step." + ANSWER_SUFFIX),)),
     Program("rar1", (Stage("answer", "{input}\nRephrase and expand the question, and respond." + ANSWER_SUFFIX),)),
     Program("rar2", (
@@ -68,15 +134,9 @@ PROGRAMS = {p.name: p for p in (
                          "include user bias/preference):\".\n\nText by User: {input}", 192),
         Stage("answer", "{rewrite}\n\nAnswer the question above." + ANSWER_SUFFIX))),
     Program("bsm", (
-        Stage("branch", "We want to evaluate the quality of two responses to a user question. List up to three "
-                        "criteria for judging them, one per line, without explanations.\n\nQuestion: {question}",
-              96),
-        Stage("solve", "Evaluate two responses to a user question on one criterion: {item}\n\nQuestion: "
-                       "{question}\n\n[Response A]\n{response_a}\n\n[Response B]\n{response_b}\n\nCompare them on "
-                       "this criterion only, briefly.", 192, fan_out="branch"),
-        Stage("merge", "Question: {question}\n\n[Response A]\n{response_a}\n\n[Response B]\n{response_b}\n\n"
-                       "Evaluations by criterion:\n{solve}\n\nCombine the evaluations into a final verdict: output "
-                       "\"[[A]]\" if A is better, \"[[B]]\" if B is better, \"[[C]]\" for a tie.", 128))),
+        Stage("branch", BSM_BRANCH, 256, parser="plan"),
+        Stage("solve", BSM_SOLVE, 256, fan_out="branch", parser="scores"),
+        Stage("merge", BSM_MERGE, 256))),
 )}
 
 
@@ -86,60 +146,63 @@ def get_program(name: str) -> Program:
     return PROGRAMS[name]
 
 
-def _items(text: str, limit: int) -> list[str]:
-    lines = [line.strip().lstrip("-*0123456789.) ").strip() for line in text.splitlines()]
-    return [line for line in lines if line][:limit] or [text.strip() or "overall quality"]
-
-
 def _key(*parts) -> int:
     """A stable sampling key for a prompt, from the example id and its place in the chain (not its position in a
     batch), so a resumed run draws exactly what an uninterrupted one would have."""
     return zlib.crc32("\x1f".join(map(str, parts)).encode())
 
 
+def _stage_record(stage: Stage, prompt: str, out, **extra) -> dict:
+    record = {"name": stage.name, "prompt": prompt, "output": out.text, "num_tokens": out.num_tokens,
+              "prompt_tokens": out.prompt_tokens, "truncated": out.finish_reason == "length", **extra}
+    if stage.parser:
+        record["parsed"] = PARSERS[stage.parser](out.text)
+    return record
+
+
 def run_program(program: Program, examples, sampler, n: int, *, parse, seed: int = 0, chat: bool = True,
-                max_new_tokens: int | None = None, progress: bool = True, **sampling) -> list[dict]:
+                budgets: dict[str, int] | None = None, params: dict | None = None, progress: bool = True,
+                **sampling) -> list[dict]:
     """Rollouts of `program` on `examples`, `n` samples each, as `rollouts.jsonl` records, in (example, sample)
     order. Stage 1 draws the n samples from one shared prefill per example; each later stage is one batched
-    call over all (example, sample[, item]) prompts, continuing each sample's own chain."""
+    call over all (example, sample[, item]) prompts, continuing each sample's own chain. `budgets` maps a stage
+    to its token budget (default: `program.budgets()`); `params` fills the program's parameters."""
     program.check(sorted({k for e in examples for k in e.meta}))
-    states = [{"input": e.input, **e.meta} for e in examples for _ in range(n)]
+    budgets = budgets or program.budgets()
+    params = {**PARAMS, **(params or {})}
+    states = [{**params, "input": e.input, **e.meta} for e in examples for _ in range(n)]
     records = [{"id": e.id, "sample": j, "input": e.input, "stages": []} for e in examples for j in range(n)]
     for index, stage in enumerate(program.stages):
-        stage_seed = seed * 1000 + index
-        if max_new_tokens:  # a cap on every stage's budget (tiny configs, quick looks)
-            stage = dataclasses.replace(stage, max_new_tokens=min(stage.max_new_tokens, max_new_tokens))
+        call = dict(max_new_tokens=budgets[stage.name], seed=seed * 1000 + index, chat=chat, progress=progress,
+                    **sampling)
         if stage.fan_out:
-            jobs = [(r, item) for r, st in enumerate(states) for item in _items(st[stage.fan_out], stage.max_items)]
+            jobs = [(r, item) for r, st in enumerate(states)
+                    for item in plan_items(st[stage.fan_out], params["criteria"])]
             prompts = [stage.template.format(**states[r], item=item) for r, item in jobs]
             keys = [_key(records[r]["id"], records[r]["sample"], item) for r, item in jobs]
-            outs = sampler.generate(prompts, n=1, max_new_tokens=stage.max_new_tokens, seed=stage_seed, chat=chat,
-                                    progress=progress, prompt_keys=keys, **sampling)
+            outs = sampler.generate(prompts, n=1, prompt_keys=keys, **call)
             joined: dict[int, list[str]] = {}
             for (r, item), (out,), prompt in zip(jobs, outs, prompts):
-                joined.setdefault(r, []).append(f"{item}: {out.text.strip()}")
-                records[r]["stages"].append({"name": stage.name, "prompt": prompt, "output": out.text,
-                                             "num_tokens": out.num_tokens, "item": item})
+                joined.setdefault(r, []).append(f"Criterion: {item}\n{out.text.strip()}")
+                records[r]["stages"].append(_stage_record(stage, prompt, out, item=item))
             for r, st in enumerate(states):
-                st[stage.name] = "\n".join(joined.get(r, []))
+                st[stage.name] = "\n\n".join(joined.get(r, []))
             continue
         if index == 0:  # every sample of an example has the same first prompt: one prefill, n samples
             prompts = [stage.template.format(**states[i * n]) for i in range(len(examples))]
-            outs = sampler.generate(prompts, n=n, max_new_tokens=stage.max_new_tokens, seed=stage_seed, chat=chat,
-                                    progress=progress, prompt_keys=[_key(e.id) for e in examples], **sampling)
+            outs = sampler.generate(prompts, n=n, prompt_keys=[_key(e.id) for e in examples], **call)
             flat = [(prompts[i], outs[i][j]) for i in range(len(examples)) for j in range(n)]
         else:
             prompts = [stage.template.format(**st) for st in states]
             keys = [_key(r["id"], r["sample"]) for r in records]
-            outs = sampler.generate(prompts, n=1, max_new_tokens=stage.max_new_tokens, seed=stage_seed, chat=chat,
-                                    progress=progress, prompt_keys=keys, **sampling)
+            outs = sampler.generate(prompts, n=1, prompt_keys=keys, **call)
             flat = [(p, o[0]) for p, o in zip(prompts, outs)]
         for st, rec, (prompt, out) in zip(states, records, flat):
             st[stage.name] = out.text
-            rec["stages"].append({"name": stage.name, "prompt": prompt, "output": out.text,
-                                  "num_tokens": out.num_tokens})
+            rec["stages"].append(_stage_record(stage, prompt, out))
     for rec in records:
         final = rec["stages"][-1]["output"]
         rec["answer"] = parse(final)
         rec["num_tokens"] = sum(s["num_tokens"] for s in rec["stages"])
+        rec["prompt_tokens"] = sum(s["prompt_tokens"] for s in rec["stages"])
     return records

@@ -4,12 +4,16 @@ answer parser for real model text, and a scorer. Labels are used only to score, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
 import random
 import re
 from typing import Any
 
 from s2d_jax.errors import S2DError
+
+ANSWER_PREFIX = "The answer is: "  # how the programs' answer-format instruction asks the final answer to start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,19 +27,27 @@ class Example:
 class Task:
     name: str = ""
     size_arg: str = "size"  # the generator's keyword for input size (synthetic tasks)
+    answer_tokens: int = 32  # System 1's budget: the answer in the asked format, with room to spare
+    VARIANTS: dict = {}  # robustness: name -> a perturbation of an input that must not change its answer
 
     def load(self, path: str) -> list[Example]:
         raise NotImplementedError
 
-    def system1_prompt(self, example: Example) -> str:
-        return example.input
+    def configure(self, task_config, split: str) -> None:
+        """Read what loading needs from the `task` config group (judging tasks: prompts, language, split)."""
+
+    def system1_prompt(self, example: Example, instruction: str = "") -> str:
+        """System 1's prompt: the input, then the program's answer-format instruction when given (the paper gives
+        System 1 the same instruction as the program's final stage)."""
+        return example.input + instruction
 
     def parse(self, text: str):
         raise NotImplementedError
 
-    def target(self, answer) -> str:
-        """The distillation target: the final answer alone, as System 1 should say it."""
-        return str(answer)
+    def target(self, answer, instruction: str = "") -> str:
+        """The distillation target: the final answer alone, as System 1 should say it (in the instruction's
+        format when System 1 is given one)."""
+        return (ANSWER_PREFIX if instruction else "") + str(answer)
 
     def score(self, answer, example: Example) -> bool:
         return answer is not None and answer == example.label
@@ -103,6 +115,24 @@ def question_answer_rows(path: str) -> list[dict]:
 
 _SYLLABLES = ["ka", "lo", "mi", "re", "to", "na", "su", "vi", "de", "ba", "ri", "zo", "el", "an", "ju", "po",
               "ty", "ch", "sh", "ex", "ol", "ur", "ig", "am", "wen", "dar", "lin", "mar", "kel", "son"]
+
+
+@functools.cache
+def first_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(female, male) first names of the Moby word list (MIT, via dominictarr/random-name; see data/SOURCES.md)."""
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+    return tuple(tuple(line.strip() for line in open(os.path.join(here, f"{kind}_first_names.txt"))
+                       if line.strip()) for kind in ("female", "male"))
+
+
+def real_names(rng: random.Random, count: int) -> list[str]:
+    """`count` distinct first names, each from the female or the male list with equal chance."""
+    names: list[str] = []
+    while len(names) < count:
+        name = rng.choice(first_names()[rng.random() < 0.5])
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def made_up_names(rng: random.Random, count: int, syllables=_SYLLABLES, lengths=(2, 3)) -> list[str]:

@@ -6,13 +6,14 @@ import os
 import random
 import re
 
-from s2d_jax.system2.tasks.base import (Example, Task, last_match, made_up_names, question_answer_rows,
+from s2d_jax.system2.tasks.base import (Example, Task, last_match, made_up_names, question_answer_rows, real_names,
                                         stated_answer)
 
-QUESTION = 'Take the last letters of each words in "{words}" and concatenate them.'
-# Words are made-up two-syllable names of consonant-vowel syllables ("Kalo Mire Tosu"): every word ends in a vowel,
-# so no answer (a run of vowels) contains a syllable, and a syllable tokenizer (the toy's) cuts words into
-# syllables and answers into letters.
+QUESTION = 'Take the last letters of each words in "{words}" and concatenate them.'  # Kojima et al.'s wording
+# The pools use real first names (words="names"), as the held-out sets do. The toy demo's words (words="syllables")
+# are made-up two-syllable names of consonant-vowel syllables ("Kalo Mire Tosu"): every word ends in a vowel, so
+# no answer (a run of vowels) contains a syllable, and a syllable tokenizer (the toy's) cuts words into syllables
+# and answers into letters.
 SYLLABLES = tuple(c + v for c in "klmnrstv" for v in "aeiou")
 _WORD = r"([A-Za-z]+)"
 
@@ -28,6 +29,7 @@ class LastLetters(Task):
     name = "last_letters"
     size_arg = "num_words"
     syllables = SYLLABLES
+    answer_tokens = 24
 
     def load(self, path: str) -> list[Example]:
         base = os.path.basename(path)
@@ -38,11 +40,13 @@ class LastLetters(Task):
             out.append(Example(f"{base}:{i}", row["question"], normalise(row["answer"]), {"words": words}))
         return out
 
-    def generate(self, n: int, seed: int = 0, num_words: int = 4) -> list[Example]:
-        rng = random.Random(f"last_letters:{seed}:{num_words}")
+    def generate(self, n: int, seed: int = 0, num_words: int = 4, words: str = "names") -> list[Example]:
+        kind = words
+        rng = random.Random(f"last_letters:{seed}:{num_words}" + ("" if kind == "syllables" else f":{kind}"))
         out = []
         for i in range(n):
-            words = made_up_names(rng, num_words, SYLLABLES, (2,))
+            words = made_up_names(rng, num_words, SYLLABLES, (2,)) if kind == "syllables" else real_names(
+                rng, num_words)
             out.append(Example(f"last_letters-s{seed}-w{num_words}:{i}", QUESTION.format(words=" ".join(words)),
                                "".join(w[-1] for w in words).lower(), {"words": words}))
         return out

@@ -30,6 +30,7 @@ def normalise(text: str) -> str:
 
 class Sycophancy(Task):
     name = "sycophancy"
+    answer_tokens = 48
 
     def load(self, path: str) -> list[Example]:
         base, out = os.path.basename(path), []
@@ -59,9 +60,6 @@ class Sycophancy(Task):
         span = stated_answer(text)
         answer = (span if span is not None else text).strip()
         return answer or None
-
-    def target(self, answer) -> str:
-        return str(answer)
 
     def score(self, answer, example: Example) -> bool:
         if answer is None:
