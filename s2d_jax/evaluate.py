@@ -28,6 +28,26 @@ def call_flops(cfg, prompt: int, generated: int, read_prompt: bool = True) -> fl
     return prefill + generated * flops_per_token(cfg, prompt + generated / 2)
 
 
+def rollout_cost(records: list[dict], cfg) -> dict:
+    """Totals over rollout records: every stage of every sample; a first-stage prompt shared by an input's samples
+    is billed per sample but computed once."""
+    return {"generated_tokens": sum(r["num_tokens"] for r in records),
+            "prompt_tokens": sum(r["prompt_tokens"] for r in records),
+            "flops": sum(call_flops(cfg, s["prompt_tokens"], s["num_tokens"], read_prompt=r["sample"] == 0 or i > 0)
+                         for r in records for i, s in enumerate(r["stages"]))}
+
+
+def calls_cost(samples, cfg) -> dict:
+    """Totals over single calls (`Sample`s): System 1's answers, USC's selections."""
+    return {"generated_tokens": sum(s.num_tokens for s in samples),
+            "prompt_tokens": sum(s.prompt_tokens for s in samples),
+            "flops": sum(call_flops(cfg, s.prompt_tokens, s.num_tokens) for s in samples)}
+
+
+def add_cost(a: dict, b: dict) -> dict:
+    return {k: a[k] + b[k] for k in a}
+
+
 def _scores(task, examples, answers, cost: dict, seconds: float) -> dict:
     n = len(examples)
     correct = sum(task.score(a, e) for a, e in zip(answers, examples))
@@ -45,11 +65,7 @@ def system1(model, tokenizer, task, examples, *, prompt=None, chat: bool = True,
     outs = sampler.generate([prompt(e) for e in examples], max_new_tokens=max_new_tokens, chat=chat,
                             progress=False)
     answers = [task.parse(s.text) for (s,) in outs]
-    cfg = model.cfg
-    cost = {"generated_tokens": sum(s.num_tokens for (s,) in outs), "prompt_tokens": sum(s.prompt_tokens for (s,) in
-                                                                                        outs),
-            "flops": sum(call_flops(cfg, s.prompt_tokens, s.num_tokens) for (s,) in outs)}
-    out = _scores(task, examples, answers, cost, time.perf_counter() - start)
+    out = _scores(task, examples, answers, calls_cost([s for (s,) in outs], model.cfg), time.perf_counter() - start)
     out["truncated"] = sum(s.finish_reason == "length" for (s,) in outs) / len(outs)
     return out
 
@@ -69,21 +85,13 @@ def system2(program, model, tokenizer, task, examples, *, samples: int = 1, chat
     per_input = [records[i * samples:(i + 1) * samples] for i in range(len(examples))]
     answers = [[r["answer"] for r in rs] for rs in per_input]
     cfg = model.cfg
-    cost = {"generated_tokens": sum(r["num_tokens"] for r in records),
-            "prompt_tokens": sum(r["prompt_tokens"] for r in records),
-            "flops": sum(call_flops(cfg, s["prompt_tokens"], s["num_tokens"], read_prompt=r["sample"] == 0 or i > 0)
-                         for r in records for i, s in enumerate(r["stages"]))}
+    cost = rollout_cost(records, cfg)
     chosen = [_majority(a) for a in answers]
     if select == "usc" and samples > 1:
         prompts = [usc_prompt(rs[0]["input"], [r["stages"][-1]["output"] for r in rs]) for rs in per_input]
-        outs = sampler.generate(prompts, max_new_tokens=USC_TOKENS, chat=chat, progress=False)
-        chosen = []
-        for (s,), a in zip(outs, answers):
-            pick = parse_usc(s.text, len(a))
-            chosen.append(a[pick] if pick is not None else None)
-            cost["generated_tokens"] += s.num_tokens
-            cost["prompt_tokens"] += s.prompt_tokens
-            cost["flops"] += call_flops(cfg, s.prompt_tokens, s.num_tokens)
+        outs = [s for (s,) in sampler.generate(prompts, max_new_tokens=USC_TOKENS, chat=chat, progress=False)]
+        chosen = [a[pick] if (pick := parse_usc(s.text, len(a))) is not None else None for s, a in zip(outs, answers)]
+        cost = add_cost(cost, calls_cost(outs, cfg))
     out = _scores(task, examples, chosen, cost, time.perf_counter() - start)
     out["truncation"] = {name: sum(s["truncated"] for r in records for s in r["stages"] if s["name"] == name)
                          / max(sum(s["name"] == name for r in records for s in r["stages"]), 1)

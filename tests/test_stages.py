@@ -35,10 +35,13 @@ def test_rollouts_schema_and_determinism(reference, tmp_path):
     rows = [json.loads(line) for line in reference.splitlines()]
     assert len(rows) == 6 * 4 and len({(r["id"], r["sample"]) for r in rows}) == 24
     for r in rows:
-        assert set(r) == {"id", "sample", "input", "stages", "answer", "num_tokens"}
+        assert set(r) == {"id", "sample", "input", "stages", "answer", "num_tokens", "prompt_tokens"}
         assert [s["name"] for s in r["stages"]] == ["rephrase", "answer"]
-        assert all(set(s) >= {"name", "prompt", "output", "num_tokens"} for s in r["stages"])
+        assert all(set(s) >= {"name", "prompt", "output", "num_tokens", "prompt_tokens", "truncated"}
+                   for s in r["stages"])
+        assert all(s["truncated"] == (s["num_tokens"] == 24) for s in r["stages"])  # program.max_new_tokens=24
         assert r["num_tokens"] == sum(s["num_tokens"] for s in r["stages"])
+        assert r["prompt_tokens"] == sum(s["prompt_tokens"] for s in r["stages"]) > 0
         assert r["input"] in r["stages"][0]["prompt"] and r["stages"][0]["output"] in r["stages"][1]["prompt"]
     assert len({r["stages"][0]["output"] for r in rows if r["id"] == rows[0]["id"]}) > 1  # samples differ
     assert _generate(tmp_path) == 0
@@ -73,8 +76,9 @@ def _rollouts(path, answers_by_id):
     with open(path, "w") as f:
         for key, answers in answers_by_id.items():
             for j, a in enumerate(answers):
+                stages = [{"name": "answer", "output": f"Sample {j} says {a}.", "truncated": a is None}]
                 f.write(json.dumps({"id": key, "sample": j, "input": f"Take the last letters of \"{key}\".",
-                                    "stages": [], "answer": a, "num_tokens": 5}) + "\n")
+                                    "stages": stages, "answer": a, "num_tokens": 5}) + "\n")
 
 
 def test_filter_writes_distill_set_and_report(tmp_path):
@@ -86,6 +90,28 @@ def test_filter_writes_distill_set_and_report(tmp_path):
                      "votes": {"ab": 2, "cd": 1}, "agreement": 0.5}]
     report = json.load(open(tmp_path / "filter_report.json"))
     assert report["kept"] == 1 and report["drops"] == {"all_invalid": 1, "tie": 1}
+    assert report["truncation"] == {"answer": 3 / 8}  # the unparsed samples were cut off
+
+
+@pytest.mark.parametrize("overrides, target, prompt_suffix, kept", [
+    # the paper's System 1: the program's answer-format instruction, and a target in that format
+    (["program.system1_format=true"], "The answer is: ab", " End with 'The answer is: ' followed by your final "
+                                                           "answer.", ["x"]),
+    # S2A as the paper distils it: the chosen sample's whole final response (the first sample with the answer)
+    (["filter.target=response"], "Sample 0 says ab.", "", ["x"]),
+    # no filter (the ablation): every input whose first sample parsed, its answer the target
+    (["filter.name=none"], "ab", "", ["x", "y"]),
+    # the vote threshold: a 3 of 4 majority is needed
+    (["filter.min_share=0.75"], "ab", "", []),
+])
+def test_filter_targets_prompts_and_ablations(tmp_path, overrides, target, prompt_suffix, kept):
+    _rollouts(tmp_path / "rollouts.jsonl", {"x": ["ab", "ab", "cd", None], "y": ["ab", "cd"], "z": [None, None]})
+    filter_stage(load_config("configs/tiny.py", [*RANDOM, "filter.min_share=0.5", *overrides]), str(tmp_path))
+    rows = [json.loads(line) for line in open(tmp_path / "distill.jsonl")]
+    assert [r["id"] for r in rows] == kept
+    if rows:
+        assert rows[0]["target"] == target
+        assert rows[0]["prompt"] == "Take the last letters of \"x\"." + prompt_suffix
 
 
 def test_bad_rollout_line_names_file_and_line(tmp_path):
@@ -101,7 +127,10 @@ def test_bad_rollout_line_names_file_and_line(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("task.name=letters", "key 'task.name': 'letters' is not a task (tasks: coin_flip, gsm8k, last_letters, "
                           "mt_bench_judge, oasst2_judge, sycophancy)"),
-    ("program.name=tot", "key 'program.name': 'tot' is not a program (programs: bsm, cot, rar1, rar2, s2a)"),
+    ("program.name=tot", "key 'program.name': 'tot' is not a program (programs: bsm, cot, direct, rar1, rar2, "
+                         "s2a)"),
+    ("program.stage_tokens=answer=9,think=3", "key 'program.stage_tokens': program 'rar2' has no stage 'think' "
+                                              "(stages: rephrase, answer)"),
     ("task.path=/no/such.json", "/no/such.json: no such file"),
 ])
 def test_bad_config_values_are_one_line_errors(tmp_path, override, message, capsys):
@@ -111,7 +140,21 @@ def test_bad_config_values_are_one_line_errors(tmp_path, override, message, caps
 
 def test_unknown_filter(tmp_path, capsys):
     assert main(["filter", *TINY, "--workdir", str(tmp_path), "--config.filter.name=usc2"]) == 2
-    assert "key 'filter.name': 'usc2' is not a filter (filters: majority, order_swap, usc)" in capsys.readouterr().err
+    assert ("key 'filter.name' = 'usc2' is not allowed (expected one of 'majority', 'order_swap', 'usc', 'none')"
+            in capsys.readouterr().err)
+
+
+def test_budgets_are_set_by_config_and_may_pass_256(tmp_path):
+    rar2 = get_program("rar2")
+    assert rar2.budgets() == {"rephrase": 128, "answer": 256}  # each stage's own
+    assert rar2.budgets(512) == {"rephrase": 512, "answer": 512}  # program.max_new_tokens sets them all
+    assert rar2.budgets(512, "rephrase=64") == {"rephrase": 64, "answer": 512}
+    assert get_program("direct").budgets(answer_tokens=16) == {"answer": 16}  # System 1's budget for the task
+    # a real run past 256 tokens: greedy on the random tiny model, which does not stop by itself
+    assert _generate(tmp_path, "--config.program.name=rar1", "--config.program.max_new_tokens=300",
+                     "--config.generate.samples=1", "--config.generate.temperature=0", "--config.task.n=1") == 0
+    (row,) = [json.loads(line) for line in open(tmp_path / "rollouts.jsonl")]
+    assert row["stages"][0]["num_tokens"] == 300 and row["stages"][0]["truncated"]
 
 
 def test_template_fields_are_checked():
@@ -144,10 +187,15 @@ def test_bsm_with_order_swap_end_to_end(tmp_path):
     assert len(ids) == 4 and {i for i in ids if i.endswith(":swap")} == {i + ":swap" for i in ids if ":swap" not in i}
     for r in rows:  # branch, one solve call per criterion (fan-out), merge
         names = [s["name"] for s in r["stages"]]
-        assert names[0] == "branch" and names[-1] == "merge" and 1 <= names.count("solve") <= 3
+        assert names[0] == "branch" and names[-1] == "merge" and 1 <= names.count("solve") <= 5
+        assert names.count("solve") == len(r["stages"][0]["parsed"])  # one solve call per criterion of the plan
         assert all(s["item"] in r["stages"][-1]["prompt"] for s in r["stages"] if s["name"] == "solve")
+        assert all("parsed" in s for s in r["stages"] if s["name"] == "solve")  # scores, or None
     swapped = next(r for r in rows if r["id"].endswith(":swap"))
-    assert "[Response A]\n" in swapped["stages"][-1]["prompt"]
+    first = next(r for r in rows if r["id"] == swapped["id"][:-len(":swap")])
+    a_of = lambda prompt: prompt.split("[The Start of Assistant A's Answer]\n")[1].split("\n[The End")[0]  # noqa: E731
+    b_of = lambda prompt: prompt.split("[The Start of Assistant B's Answer]\n")[1].split("\n[The End")[0]  # noqa: E731
+    assert a_of(swapped["stages"][-1]["prompt"]) == b_of(first["stages"][-1]["prompt"])
     assert main(["filter", *TINY, "--workdir", str(tmp_path), *args]) == 0
     report = json.load(open(tmp_path / "filter_report.json"))
     assert report["filter"] == "order_swap" and report["total"] == 2  # one decision per input, both orders used

@@ -1,6 +1,7 @@
 """Tasks and filters: host code only."""
 
 import json
+import os
 import pathlib
 
 import pytest
@@ -211,14 +212,33 @@ def test_sycophancy_rebuilds_the_three_biased_templates():
 
 def test_mt_bench_judgments_rebuild_conversations_and_votes():
     task = get_task("mt_bench_judge")
-    examples = task.load(_require("mt_bench"))
+    root = _require("mt_bench")
+    examples = task.load(root)
     assert sum(len(e.label) for e in examples) == 3355  # every human vote, grouped by pair
-    ex = next(e for e in examples if e.meta["turn"] == 2)
-    assert "[Follow-up question, the one to judge]" in ex.meta["question"] and ex.meta["question"] in ex.input
+    prompts = {r["name"]: r for r in map(json.loads, open(os.path.join(root, "judge_prompts.jsonl")))}
+    ex = next(e for e in examples if e.meta["turn"] == 2 and e.meta["category"] == "writing")
+    assert "[Follow-up question, the one to judge]" in ex.meta["question"]  # BSM's fields
+    # System 1 reads MT-bench's own multi-turn judge prompt, filled as FastChat fills it
+    pair = prompts["pair-v2-multi-turn"]
+    assert ex.input.startswith(pair["system_prompt"] + "\n\n<|The Start of Assistant A's Conversation with User|>")
+    assert ex.input.endswith("<|The End of Assistant B's Conversation with User|>")
+    first = next(e for e in examples if e.meta["turn"] == 1 and e.meta["category"] == "writing")
+    assert first.input == pair_v2(prompts["pair-v2"], first.meta)  # the exact pair-v2 text
+    math = next(e for e in examples if e.meta["turn"] == 1 and e.meta["category"] == "math")
+    assert math.meta["judge"] == "pair-math-v1" and "[The Start of Reference Answer]" in math.input
     assert all(v in ("A", "B", "tie") for e in examples for v in e.label)
-    swapped = task.swap(ex)
-    assert swapped.meta["response_a"] == ex.meta["response_b"] and swapped.id.endswith(":swap")
-    assert sorted(swapped.label) == sorted({"A": "B", "B": "A", "tie": "tie"}[v] for v in ex.label)
+    swapped = task.swap(first)
+    assert swapped.meta["response_a"] == first.meta["response_b"] and swapped.id.endswith(":swap")
+    assert swapped.input == pair_v2(prompts["pair-v2"], swapped.meta)
+    assert sorted(swapped.label) == sorted({"A": "B", "B": "A", "tie": "tie"}[v] for v in first.label)
+    # GPT-4's judgments scored as MT-bench scores them: its paper reports 66% (with ties) and 85% (without)
+    ref = task.reference(examples)
+    assert round(100 * ref["agreement_with_ties"]) == 66 and round(100 * ref["agreement_without_ties"]) == 85
+
+
+def pair_v2(spec, meta):
+    return spec["system_prompt"] + "\n\n" + spec["prompt_template"].format(
+        question=meta["question"], answer_a=meta["response_a"], answer_b=meta["response_b"])
 
 
 def test_judge_parse_score_and_metrics():
@@ -227,14 +247,16 @@ def test_judge_parse_score_and_metrics():
     assert task.parse("Both are fine. [[C]]") == "tie"
     assert task.parse("Overall, Assistant A's response is better.") == "A"
     assert task.parse("I cannot decide.") is None
-    from s2d_jax.system2.tasks.judge import pair_example
-    e1 = pair_example("p1", "q", "a", "b", ("A", "A", "tie"))
-    e2 = pair_example("p2", "q", "a", "b", ("B",))
+    from s2d_jax.system2.tasks.judge import DEFAULT_PROMPTS, pair_example
+    _require("mt_bench")
+    e1 = pair_example("p1", "q", "a", "b", ("A", "A", "tie"), prompts=DEFAULT_PROMPTS)
+    e2 = pair_example("p2", "q", "a", "b", ("B",), prompts=DEFAULT_PROMPTS)
     examples = [e1, task.swap(e1), e2, task.swap(e2)]
     m = task.metrics(examples, ["A", "B", "tie", "A"])
-    assert m["agreement_with_ties"] == pytest.approx(5 / 8)  # p1: 2 of 3 votes, p1:swap: 2/3, p2: 0/1, p2:swap: 1/1
-    assert m["agreement_without_ties"] == 1.0  # tie votes and p2's tie verdict left out: 5 of 5
-    assert m["position_inconsistency"] == 0.5  # p1 mirrors (A, then B), p2 does not (tie, then A)
+    # p1 mirrors (A, then B): verdict A, agrees with 2 of its 3 votes; p2 does not (tie, then A): a tie, 0 of 1
+    assert m["agreement_with_ties"] == pytest.approx(2 / 4)
+    assert m["agreement_without_ties"] == 1.0  # tie votes and p2's tie verdict left out: 2 of 2
+    assert m["position_inconsistency"] == 0.5
     assert task.score("A", e1) and not task.score("tie", e1)
 
 
@@ -249,6 +271,14 @@ def _oasst2(path):
         {"message_id": "r5", "parent_id": "p2", "role": "assistant", "text": "Blue", "rank": 0},
         {"message_id": "p3", "parent_id": None, "role": "prompter", "text": "Unranked?", "lang": "en"},
         {"message_id": "r6", "parent_id": "p3", "role": "assistant", "text": "x", "rank": None},
+        # a follow-up turn under r5: its pair must carry the whole conversation
+        {"message_id": "p4", "parent_id": "r5", "role": "prompter", "text": "And another?", "lang": "en",
+         "message_tree_id": "p2"},
+        {"message_id": "r7", "parent_id": "p4", "role": "assistant", "text": "Red", "rank": 0},
+        {"message_id": "r8", "parent_id": "p4", "role": "assistant", "text": "Chair", "rank": 1},
+        {"message_id": "p5", "parent_id": None, "role": "prompter", "text": "Wie geht's?", "lang": "de"},
+        {"message_id": "r9", "parent_id": "p5", "role": "assistant", "text": "Gut", "rank": 0},
+        {"message_id": "r10", "parent_id": "p5", "role": "assistant", "text": "Schlecht", "rank": 1},
     ]
     import gzip
     with gzip.open(path, "wt") as f:
@@ -257,12 +287,34 @@ def _oasst2(path):
 
 
 def test_oasst2_pairs_ranked_siblings(tmp_path):
-    task = get_task("oasst2_judge")
-    examples = task.load(_oasst2(tmp_path / "oasst2.messages.jsonl.gz"))
-    assert len(examples) == 2
-    for e in examples:
+    from s2d_jax.config import defaults
+    from s2d_jax.system2.tasks.oasst2 import split_of
+
+    _require("mt_bench")  # the judge prompts
+    task, path, t = get_task("oasst2_judge"), _oasst2(tmp_path / "oasst2.messages.jsonl.gz"), defaults().task
+    task.configure(t, split="")  # every tree
+    examples = {e.id: e for e in task.load(path)}
+    assert sorted(examples) == ["oasst2:p1", "oasst2:p2", "oasst2:p4"]  # English only, ranked pairs only
+    for e in examples.values():
         better = e.meta["response_a"] if e.label == ("A",) else e.meta["response_b"]
-        assert better in ("4", "Blue")  # the rank-0 reply is the preferred one, in whichever slot
+        assert better in ("4", "Blue", "Red")  # the rank-0 reply is the preferred one, in whichever slot
+    follow = examples["oasst2:p4"].meta["question"]
+    assert follow == "### User:\nName a colour.\n\n### Assistant:\nBlue\n\n### User:\nAnd another?"
+    assert follow in examples["oasst2:p4"].input  # inside the pair-v2 prompt
+    t.lang = ""
+    task.configure(t, split="")
+    assert "oasst2:p5" in {e.id for e in task.load(path)}
+    parts = {}
+    for split in ("train", "heldout"):
+        task.configure(t, split=split)
+        try:
+            parts[split] = {e.id for e in task.load(path)}
+        except S2DError:
+            parts[split] = set()
+    assert parts["train"] | parts["heldout"] == {"oasst2:p1", "oasst2:p2", "oasst2:p4", "oasst2:p5"}
+    assert not parts["train"] & parts["heldout"]
+    assert {i for i in parts["heldout"]} == {i for i in parts["train"] | parts["heldout"]
+                                             if split_of({"oasst2:p4": "p2"}.get(i, i.split(":")[1])) == "heldout"}
     (tmp_path / "bad.jsonl").write_text('{"message_id": "a", "role": "prompter", "text": "q"}\n')
     with pytest.raises(S2DError, match=r"bad.jsonl: line 1: missing field 'parent_id'"):
         task.load(str(tmp_path / "bad.jsonl"))
@@ -319,3 +371,64 @@ def test_maj_at_k_on_gsm8k_answers():
     examples = [Example("a", "q", "18"), Example("b", "q", "3")]
     samples = [["18", "7", "7", "18", "18"], [None, "3", "4", "4", "3"]]
     assert maj_at_k(task, examples, samples, ks=(1, 3, 5, 10)) == {"maj@1": 0.5, "maj@3": 0.5, "maj@5": 1.0}
+
+
+def test_generated_pools_match_the_held_out_sets():
+    """The unlabelled pools (real first names) have the answer distribution of the held-out sets (Kojima et al.'s
+    names): last letters' answer letters, and coin flip's yes/no share, names and wordings."""
+    import collections
+    import re
+
+    held = get_task("last_letters").load(_require("last_letters/last_letters.json"))
+    pool = get_task("last_letters").generate(500, seed=0, num_words=4)
+
+    def letters(examples):
+        counts = collections.Counter(c for e in examples for c in e.label)
+        return {c: n / sum(counts.values()) for c, n in counts.items()}
+
+    a, b = letters(held), letters(pool)
+    vowels = lambda d: sum(v for c, v in d.items() if c in "aeiou")  # noqa: E731
+    assert abs(vowels(a) - vowels(b)) < 0.05  # 48% in both (the syllable words' answers are all vowels)
+    assert 0.5 * sum(abs(a.get(c, 0) - b.get(c, 0)) for c in set(a) | set(b)) < 0.2  # total variation
+    only_vowels = lambda xs: sum(set(e.label) <= set("aeiou") for e in xs) / len(xs)  # noqa: E731
+    assert abs(only_vowels(held) - only_vowels(pool)) < 0.05  # 5.8% of the held-out answers
+    syllables = get_task("last_letters").generate(50, seed=0, words="syllables")
+    assert only_vowels(syllables) == 1.0  # the toy's words, kept by config, are unlike the evaluation
+
+    flips = get_task("coin_flip").generate(500, seed=0, num_people=4)
+    assert 0.45 < sum(e.label == "yes" for e in flips) / len(flips) < 0.55  # 253 of 500 in Kojima et al.'s
+    wordings = collections.Counter(e.meta["wording"] for e in flips)
+    assert set(wordings) == {"kojima", "wei"} and min(wordings.values()) > 200
+    kojima_form = re.compile(r'A coin is heads up\. (?:[A-Z][a-z]+ (?:flips|does not flip) the coin\. ){4}Is the '
+                             r'coin still heads up\? Note that "flip" here means "reverse"\.')
+    held_flips = get_task("coin_flip").load(_require("coin_flip/coin_flip.json"))
+    assert all(kojima_form.fullmatch(e.input) for e in held_flips[:50])
+    assert all(kojima_form.fullmatch(e.input) for e in flips if e.meta["wording"] == "kojima")
+
+
+def test_cost_accounting_counts_every_sample_and_call():
+    """maj@k costs k samples; a USC selection call is added; prompt tokens are billed per call."""
+    from s2d_jax import evaluate
+    from s2d_jax.model.config import PRESETS
+    from s2d_jax.sampling.sampler import Sample
+    from s2d_jax.system2.tasks import Example
+
+    cfg = PRESETS["tiny"]
+    records = [{"id": i, "sample": j, "num_tokens": 30 + j, "prompt_tokens": 50,
+                "stages": [{"prompt_tokens": 20, "num_tokens": 10 + j}, {"prompt_tokens": 30, "num_tokens": 20}]}
+               for i in ("a", "b") for j in range(3)]
+    cost = evaluate.rollout_cost(records, cfg)
+    assert cost["generated_tokens"] == 2 * (30 + 31 + 32) and cost["prompt_tokens"] == 2 * 3 * 50
+    read_once = sum(evaluate.call_flops(cfg, 20, 10 + j, read_prompt=j == 0) + evaluate.call_flops(cfg, 30, 20)
+                    for j in range(3)) * 2
+    assert cost["flops"] == pytest.approx(read_once)  # the shared first prompt is computed once per input
+    assert evaluate.call_flops(cfg, 20, 10) > evaluate.call_flops(cfg, 20, 10, read_prompt=False) > 0
+    usc = [Sample("The most consistent response is Response 1", [], 9, "stop", prompt_tokens=200)] * 2
+    total = evaluate.add_cost(cost, evaluate.calls_cost(usc, cfg))
+    assert total["generated_tokens"] == cost["generated_tokens"] + 18
+    assert total["prompt_tokens"] == cost["prompt_tokens"] + 400
+    task = get_task("coin_flip")
+    examples = [Example("a", "q", "yes"), Example("b", "q", "no")]
+    row = evaluate._scores(task, examples, ["yes", "yes"], total, seconds=4.0)
+    assert row["generated_tokens"] == row["mean_tokens"] == total["generated_tokens"] / 2  # per input, all samples
+    assert row["seconds"] == 2.0 and row["accuracy"] == 0.5 and row["flops"] == total["flops"] / 2
