@@ -399,7 +399,7 @@ def test_generated_pools_match_the_held_out_sets():
     assert 0.45 < sum(e.label == "yes" for e in flips) / len(flips) < 0.55  # 253 of 500 in Kojima et al.'s
     wordings = collections.Counter(e.meta["wording"] for e in flips)
     assert set(wordings) == {"kojima", "wei"} and min(wordings.values()) > 200
-    kojima_form = re.compile(r'A coin is heads up\. (?:[A-Z][a-z]+ (?:flips|does not flip) the coin\. ){4}Is the '
+    kojima_form = re.compile(r'A coin is heads up\. (?:[A-Z]\w+ (?:flips|does not flip) the coin\. ){4}Is the '
                              r'coin still heads up\? Note that "flip" here means "reverse"\.')
     held_flips = get_task("coin_flip").load(_require("coin_flip/coin_flip.json"))
     assert all(kojima_form.fullmatch(e.input) for e in held_flips[:50])

@@ -119,10 +119,11 @@ _SYLLABLES = ["ka", "lo", "mi", "re", "to", "na", "su", "vi", "de", "ba", "ri", 
 
 @functools.cache
 def first_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(female, male) first names of the Moby word list (MIT, via dominictarr/random-name; see data/SOURCES.md)."""
+    """(female, male) first names of the Moby word list (MIT, via dominictarr/random-name; see data/SOURCES.md),
+    single words of letters only ("Dee Dee" or "Anne-Marie" would be two words of a last-letters list)."""
     here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
-    return tuple(tuple(line.strip() for line in open(os.path.join(here, f"{kind}_first_names.txt"))
-                       if line.strip()) for kind in ("female", "male"))
+    return tuple(tuple(name for line in open(os.path.join(here, f"{kind}_first_names.txt"))
+                       if (name := line.strip()).isascii() and name.isalpha()) for kind in ("female", "male"))
 
 
 def real_names(rng: random.Random, count: int) -> list[str]:
