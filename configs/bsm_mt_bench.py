@@ -13,12 +13,12 @@ def get_config():
     return ConfigDict({
         "model": {"path": MODEL, "dtype": "float32", "compute_dtype": "bfloat16", "scan_layers": True},
         "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
-        "task": {"name": "oasst2_judge", "path": OASST2, "n": 2000},
-        "program": {"name": "bsm"},
+        "task": {"name": "oasst2_judge", "path": OASST2, "n": 2000, "lang": "en"},
+        "program": {"name": "bsm", "criteria": 5},
         "generate": {"samples": 4, "temperature": 0.7, "max_batch": 32, "chunk": 64},
         "filter": {"name": "order_swap", "min_share": 0.5},
         "train": {"steps": 300, "batch_size": 16, "max_len": 2048, "learning_rate": 1e-4, "warmup_steps": 20,
                   "lora_rank": 16, "lora_alpha": 32.0,
                   "checkpoint_every": 100, "remat": "full"},
-        "eval": {"task": "mt_bench_judge", "path": "../shared/data/mt_bench", "max_new_tokens": 16},
+        "eval": {"task": "mt_bench_judge", "path": "../shared/data/mt_bench"},
     })

@@ -19,5 +19,5 @@ def get_config():
         "train": {"steps": 500, "batch_size": 32, "max_len": 384, "learning_rate": 1e-4, "warmup_steps": 20,
                   "lora_rank": 16, "lora_alpha": 32.0,
                   "checkpoint_every": 100, "remat": "full"},
-        "eval": {"path": "../shared/data/gsm8k/test.jsonl", "samples": 10, "max_new_tokens": 32},
+        "eval": {"path": "../shared/data/gsm8k/test.jsonl", "samples": 10},
     })

@@ -1,6 +1,8 @@
 """Paper experiment: RaR 2-step on coin flip, majority vote over 8 samples. Sized for a TPU v5e-8 host or one
 80 GB GPU (8B instruct model, bfloat16 compute, LoRA rank 16, FSDP). Set MODEL or pass --config.model.path=...
-Unlabelled pool: 1,000 generated 4-person flips; held-out: Kojima et al.'s 500 in ../shared/data."""
+Unlabelled pool: 1,000 generated 4-person flips (real first names, both public wordings); held-out: Kojima et
+al.'s 500 in ../shared/data, and the same under five small prompt changes (robustness, per system).
+Baseline: configs/rar2_coin_flip_system1_sc.py."""
 
 from ml_collections import ConfigDict
 
@@ -18,5 +20,8 @@ def get_config():
         "train": {"steps": 300, "batch_size": 32, "max_len": 256, "learning_rate": 1e-4, "warmup_steps": 20,
                   "lora_rank": 16, "lora_alpha": 32.0,
                   "checkpoint_every": 100, "eval_every": 100, "remat": "full"},
-        "eval": {"path": "../shared/data/coin_flip/coin_flip.json", "n": 500, "max_new_tokens": 16},
+        # robustness: the held-out flips again under each small prompt change (CoinFlip.VARIANTS)
+        "eval": {"path": "../shared/data/coin_flip/coin_flip.json", "n": 500,
+                 "variants": ("no_note", "flip_means_reverse", "lowercase_names", "answer_yes_or_no",
+                              "tails_question")},
     })

@@ -22,5 +22,5 @@ def get_config():
         "train": {"steps": 300, "batch_size": 32, "max_len": 256, "learning_rate": 1e-4, "warmup_steps": 20,
                   "lora_rank": 16, "lora_alpha": 32.0,
                   "checkpoint_every": 100, "eval_every": 100, "remat": "full"},
-        "eval": {"path": "../shared/data/last_letters/last_letters.json", "n": 500, "max_new_tokens": 32},
+        "eval": {"path": "../shared/data/last_letters/last_letters.json", "n": 500},
     })

@@ -17,9 +17,11 @@ def get_config():
         "task": {"name": "sycophancy", "path": DATA, "n": 3000},
         "program": {"name": "s2a"},
         "generate": {"samples": 20, "temperature": 0.7, "max_batch": 64, "chunk": 64},
-        "filter": {"name": "usc"},
+        # USC picks the most consistent of the 20 final responses; that whole response is the target (the paper);
+        # "answer" distils the parsed short span instead
+        "filter": {"name": "usc", "target": "response"},
         "train": {"steps": 400, "batch_size": 32, "max_len": 256, "learning_rate": 1e-4, "warmup_steps": 20,
                   "lora_rank": 16, "lora_alpha": 32.0,
                   "checkpoint_every": 100, "remat": "full"},
-        "eval": {"path": DATA, "offset": 3000, "n": 1000, "max_new_tokens": 64},
+        "eval": {"path": DATA, "offset": 3000, "n": 1000},
     })

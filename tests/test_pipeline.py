@@ -11,6 +11,7 @@ import pytest
 
 from s2d_jax.cli import main
 from s2d_jax.report import markdown, write_report
+from s2d_jax.system2.programs import get_program
 
 TINY = ["--config", "configs/tiny.py"]
 ARTIFACTS = ("config.json", "base", "rollouts.jsonl", "distill.jsonl", "filter_report.json", "checkpoints", "model",
@@ -18,7 +19,7 @@ ARTIFACTS = ("config.json", "base", "rollouts.jsonl", "distill.jsonl", "filter_r
 
 
 def _without_seconds(results):
-    return {k: ({kk: vv for kk, vv in v.items() if kk not in ("seconds", "tokens_per_s", "mfu")}
+    return {k: ({kk: vv for kk, vv in v.items() if kk not in ("seconds", "seconds_total", "tokens_per_s", "mfu")}
                 if isinstance(v, dict) else v) for k, v in results.items()}
 
 
@@ -34,8 +35,10 @@ def test_run_writes_every_artifact(reference):
         assert (reference / name).exists(), name
     results = json.load(open(reference / "eval.json"))
     for system in ("system1", "system2", "distilled"):
-        assert set(results[system]) >= {"accuracy", "mean_tokens", "n", "seconds"}
+        assert set(results[system]) >= {"accuracy", "mean_tokens", "n", "seconds", "generated_tokens",
+                                        "prompt_tokens", "flops"}
         assert 0 <= results[system]["accuracy"] <= 1 and results[system]["n"] == 8
+        assert results[system]["flops"] > 0 and results[system]["prompt_tokens"] > 0
     assert results["system2"]["mean_tokens"] > results["distilled"]["mean_tokens"]  # CoT spends tokens
     assert results["filter"]["kept"] == sum(1 for _ in open(reference / "distill.jsonl"))
     assert results["filter"]["kept"] >= 1  # the pretrained tiny model writes answers that can be voted on
@@ -83,23 +86,65 @@ def test_stage_order_errors(tmp_path, capsys):
     assert "model: no such directory (run `s2d train` first)" in capsys.readouterr().err
 
 
-def test_report_from_a_given_eval_json(tmp_path):
-    results = {
-        "meta": {"task": "last_letters", "program": "cot", "model": "toy"},
-        "system1": {"accuracy": 0.1, "mean_tokens": 5.0, "n": 100, "seconds": 1.0},
-        "system2": {"accuracy": 0.8, "mean_tokens": 95.0, "n": 100, "seconds": 9.0, "maj@5": 0.85},
-        "distilled": {"accuracy": 0.78, "mean_tokens": 5.0, "n": 100, "seconds": 1.0},
+def _results(s1=0.1, s2=0.8, d=0.78, task="last_letters"):
+    row = lambda acc, tokens, seconds: {"accuracy": acc, "mean_tokens": tokens, "generated_tokens": tokens,  # noqa
+                                        "prompt_tokens": 60.0, "flops": tokens * 1e9, "n": 100, "seconds": seconds}
+    return {
+        "meta": {"task": task, "program": "cot", "model": "toy", "system1_instruction": " End with it.",
+                 "system1_tokens": 24, "system2_budgets": {"answer": 256}, "samples": 5},
+        "system1": row(s1, 5.0, 1.0),
+        "system2": {**row(s2, 95.0, 9.0), "maj@5": 0.85, "truncation": {"answer": 0.25}},
+        "distilled": row(d, 5.0, 1.0),
         "filter": {"filter": "majority", "total": 256, "kept": 200, "kept_fraction": 200 / 256,
-                   "drops": {"tie": 56}},
+                   "drops": {"tie": 56}, "truncation": {"answer": 0.125}},
     }
+
+
+def test_report_from_a_given_eval_json(tmp_path):
+    results = _results()
     md, png = write_report(results, str(tmp_path))
     text = open(md).read()
-    assert "| System 2 (program) | 80.0 | 95.0 | 100 | 9.0 | 85.0 |" in text
-    assert "| Distilled System 1 | 78.0 | 5.0 | 100 | 1.0 |  |" in text
-    assert "Distilled System 1 vs System 2: -2.0 points at 0.05x its tokens per input; vs System 1: +68.0 points" in text
+    assert "| System 2 (program) | 80.0 | 95.0 | 60.0 | 9.5e+10 | 9.00 | 100 | 85.0 |" in text
+    assert "| Distilled System 1 | 78.0 | 5.0 | 60.0 | 5e+09 | 1.00 | 100 |  |" in text
+    assert ("Distilled System 1 vs System 2: -2.0 points at 0.053x its generated tokens per input; vs System 1: "
+            "+68.0 points") in text
+    assert "prompted with the input followed by 'End with it.', greedy, at most 24 new tokens" in text
+    assert "System 2 truncation (share of calls that hit the budget): answer 25.0%." in text
     assert "kept 200 of 256 unlabelled inputs (78.1%); drops: tie 56" in text
+    assert "Rollout truncation per stage: answer 12.5%." in text
     assert open(png, "rb").read()[:4] == b"\x89PNG"
     assert markdown({"system1": results["system1"]}).count("| System 1") == 1  # partial results still render
+
+
+def test_report_puts_several_runs_side_by_side_with_the_paper(tmp_path, capsys):
+    for name, acc in (("rar2", 0.6), ("direct", 0.5)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps(_results(d=acc, task="coin_flip")))
+    out = tmp_path / "cmp"
+    assert main(["report", str(tmp_path / "rar2"), str(tmp_path / "direct"), "--out", str(out)]) == 0
+    text = (out / "comparison.md").read_text()
+    assert text == capsys.readouterr().out
+    assert "| Distilled System 1 | 60.0 / 5.0 / 5e+09 / 1.00 | 50.0 / 5.0 / 5e+09 / 1.00 | 75.7 (unverified) |" in text
+    assert "paper (Llama-2-70B-chat, accuracy)" in text and (out / "comparison.png").exists()
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "nothing/eval.json: no such file (run `s2d eval`" in capsys.readouterr().err
+
+
+def test_system1_self_consistency_baseline_without_a_filter_end_to_end(tmp_path):
+    """The paper's baseline and ablation on the tiny config: the `direct` program (System 1 sampled N times) and
+    `filter.name=none` (every input's first sample distilled)."""
+    assert main(["run", *TINY, "--workdir", str(tmp_path), "--config.program.name=direct",
+                 "--config.program.max_new_tokens=0", "--config.filter.name=none"]) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "rollouts.jsonl")]
+    assert all([s["name"] for s in r["stages"]] == ["answer"] and r["stages"][0]["num_tokens"] <= 24 for r in rows)
+    assert rows[0]["stages"][0]["prompt"] == rows[0]["input"] + get_program("direct").answer_format
+    report = json.load(open(tmp_path / "filter_report.json"))
+    kept = [json.loads(line) for line in open(tmp_path / "distill.jsonl")]
+    assert report["filter"] == "none" and len(kept) == report["kept"] == 6 - report["drops"].get("unparsed", 0)
+    first = {r["id"]: r["answer"] for r in rows if r["sample"] == 0}
+    assert all(k["target"] == first[k["id"]] for k in kept)  # the first sample, votes or not
+    results = json.load(open(tmp_path / "eval.json"))
+    assert results["meta"]["program"] == "direct" and results["system2"]["generated_tokens"] <= 24
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in __import__("pathlib").Path("configs").glob("*.py")))

@@ -10,7 +10,7 @@ from ml_collections import ConfigDict
 from s2d_jax.build import build_mesh, build_model, build_tokenizer
 from s2d_jax.errors import S2DError
 from s2d_jax.model import lora, save_hf
-from s2d_jax.stages.inputs import load_eval_inputs
+from s2d_jax.stages.inputs import load_eval_inputs, system1_prompt
 
 log = logging.getLogger("s2d")
 
@@ -36,8 +36,9 @@ def train(config: ConfigDict, workdir: str) -> str:
     if config.train.eval_every:
         task, examples = load_eval_inputs(config)
         eval_fn = lambda m: evaluate.system1(m, tok, task, examples, chat=config.program.chat,
-                                             max_new_tokens=config.eval.max_new_tokens, mesh=mesh,
-                                             max_batch=config.generate.max_batch)
+                                             prompt=lambda x: system1_prompt(config, task, x),
+                                             max_new_tokens=config.eval.max_new_tokens or task.answer_tokens,
+                                             mesh=mesh, max_batch=config.generate.max_batch)
     result = Trainer(model, tok, config, workdir, mesh=mesh, chat=config.program.chat, eval_fn=eval_fn).fit()
     log.info("trained %d steps: %s", result.step, {k: round(v, 4) for k, v in result.metrics.items()})
     if config.train.lora_rank:

@@ -30,7 +30,7 @@ def plan_items(text: str, limit: int = 5) -> list[str]:
     items: list[str] = []
     if listed:
         top = min(len(m.group(1).expandtabs()) for _, m in listed)
-        previous = -2
+        marked = {j for j, _ in listed}
         for i, m in listed:
             body = m.group(2) + (" " + m.group(3) if m.re is _HEADED and m.group(3) else "")
             nested = len(m.group(1).expandtabs()) > top
@@ -39,12 +39,10 @@ def plan_items(text: str, limit: int = 5) -> list[str]:
             elif not _NOT_ITEMS.match(_clean(body)) or ":" in body:
                 items.append(_clean(body))
             # a bare name ("1. Accuracy") followed by its description on the next, unmarked line
-            if i + 1 < len(lines) and lines[i + 1].strip() and (i + 1) not in {j for j, _ in listed} and items:
+            if i + 1 < len(lines) and lines[i + 1].strip() and (i + 1) not in marked and items:
                 follow = lines[i + 1].strip()
                 if not _NOT_ITEMS.match(follow) and not items[-1].endswith((".", ")")) and ":" not in items[-1]:
                     items[-1] = f"{items[-1]}: {_clean(follow)}"
-            previous = i
-        del previous
     else:
         items = [_clean(line) for line in lines if line.strip() and not _NOT_ITEMS.match(line.strip())
                  and not line.strip().endswith(":")]
