@@ -94,7 +94,8 @@ def markdown(results: dict) -> str:
                       "does not mirror counts as a tie. Accuracy is agreement with the majority of the votes."]
     lines += ["", "Accuracy is on the held-out labelled split. Costs are per input: generated tokens count every "
                   "stage of every sample (maj@k costs k samples; USC's selection call is counted), prompt tokens "
-                  "every call's prompt, FLOPs the forward matmuls of that work. Plot: `report.png`."]
+                  "every call's prompt, FLOPs the forward matmuls of that work. Plots: `report.png` (accuracy vs "
+                  "generated tokens), `report_flops.png` (vs FLOPs)."]
     return "\n".join(lines) + "\n"
 
 
@@ -116,7 +117,7 @@ def plot(results_by_run: dict[str, dict], path: str, x: str = "generated_tokens"
             row = results.get(name)
             if row is None:
                 continue
-            value = row.get(x, _tokens(row)) if x != "generated_tokens" else _tokens(row)
+            value = row[x] if x != "generated_tokens" else _tokens(row)
             tag = f"{label} ({run})" if len(results_by_run) > 1 else label
             ax.scatter([value], [100 * row["accuracy"]], s=80, color=color, marker=markers[k % len(markers)],
                        label=tag, zorder=3)
@@ -137,8 +138,11 @@ def plot(results_by_run: dict[str, dict], path: str, x: str = "generated_tokens"
 
 
 def write_report(results: dict, workdir: str) -> tuple[str, str]:
+    """`report.md`, `report.png` (accuracy vs generated tokens) and `report_flops.png` (vs FLOPs) in `workdir`."""
     md, png = os.path.join(workdir, "report.md"), os.path.join(workdir, "report.png")
     plot({"": results}, png)
+    if all((results.get(name) or {}).get("flops") for name, _ in SYSTEMS if results.get(name)):
+        plot({"": results}, os.path.join(workdir, "report_flops.png"), x="flops")
     write_atomic(md, markdown(results))
     return md, png
 

@@ -112,7 +112,7 @@ def test_report_from_a_given_eval_json(tmp_path):
     assert "System 2 truncation (share of calls that hit the budget): answer 25.0%." in text
     assert "kept 200 of 256 unlabelled inputs (78.1%); drops: tie 56" in text
     assert "Rollout truncation per stage: answer 12.5%." in text
-    assert open(png, "rb").read()[:4] == b"\x89PNG"
+    assert open(png, "rb").read()[:4] == b"\x89PNG" and (tmp_path / "report_flops.png").exists()
     assert markdown({"system1": results["system1"]}).count("| System 1") == 1  # partial results still render
 
 

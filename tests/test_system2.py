@@ -432,3 +432,57 @@ def test_cost_accounting_counts_every_sample_and_call():
     row = evaluate._scores(task, examples, ["yes", "yes"], total, seconds=4.0)
     assert row["generated_tokens"] == row["mean_tokens"] == total["generated_tokens"] / 2  # per input, all samples
     assert row["seconds"] == 2.0 and row["accuracy"] == 0.5 and row["flops"] == total["flops"] / 2
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Here is an evaluation plan:\n\n1. Accuracy: whether the facts are right.\n2. Helpfulness: does it solve the "
+     "task?\n3. Clarity: how easy it is to follow.\n\nThese criteria cover the question.",
+     ["Accuracy: whether the facts are right.", "Helpfulness: does it solve the task?",
+      "Clarity: how easy it is to follow."]),
+    ("- **Relevance**: stays on the question\n  - mentions Hawaii\n- **Depth** - covers culture", 
+     ["Relevance: stays on the question mentions Hawaii", "Depth - covers culture"]),
+    ("1. Accuracy\nThe facts must be right.\n2. Style\nFluent prose.", ["Accuracy: The facts must be right.",
+                                                                          "Style: Fluent prose."]),
+    ("Correctness: the code runs\nEfficiency: no extra memory", ["Correctness: the code runs",
+                                                                "Efficiency: no extra memory"]),
+    ("A good answer is helpful and accurate and kind.", ["Overall quality"]),
+    ("", ["Overall quality"]),
+    ("1. a\n2. b\n3. c\n4. d\n5. e\n6. f\n7. a", ["a", "b", "c", "d", "e"]),  # at most `criteria`, no repeats
+])
+def test_bsm_plan_parser_on_the_forms_models_write(text, expected):
+    from s2d_jax.system2.stage_parsers import plan_items
+
+    assert plan_items(text, 5) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Assistant A: 8/10\nAssistant B: 6/10\nA is more precise.", [8.0, 6.0]),
+    ("Score for Assistant A: 7\nScore for Assistant B: 9", [7.0, 9.0]),
+    ("**Assistant A's score:** 4 out of 10. **Assistant B's score:** 5 out of 10.", [4.0, 5.0]),
+    ("A: 3\nB: 10\nB covers every point.", [3.0, 10.0]),
+    ("Response A scores a 6 and Response B gets a 7.5.", [6.0, 7.5]),
+    ("Assistant A: 8/10. Assistant B did not answer.", None),
+    ("Both answers are good.", None),
+])
+def test_bsm_score_parser_on_the_forms_models_write(text, expected):
+    from s2d_jax.system2.stage_parsers import criterion_scores
+
+    assert criterion_scores(text) == expected
+
+
+def test_bsm_stage_parsers_on_golden_real_outputs():
+    """Real SmolLM2-135M-Instruct outputs of the three BSM stages (temperature 0.7, chat template, 16 MT-bench
+    questions, two per category, budgets 256/192/192), labelled by hand from the text: `branch` is the criteria a
+    reader finds listed (at most 5, each once; "Overall quality" where only prose is written), `solve` the two
+    scores (None: the model never scored), `merge` the verdict (None: it never wrote one). Long, repetitive and
+    cut-off outputs included."""
+    from s2d_jax.system2.stage_parsers import criterion_scores, plan_items
+
+    rows = [json.loads(line) for line in (GOLDEN.parent / "golden_bsm.jsonl").open()]
+    assert len(rows) >= 40 and {r["stage"] for r in rows} == {"branch", "solve", "merge"}
+    assert len({r["category"] for r in rows}) == 8  # every MT-bench category
+    judge = get_task("mt_bench_judge")
+    parse = {"branch": lambda t: plan_items(t, 5), "solve": criterion_scores, "merge": judge.parse}
+    wrong = [(r["stage"], r["text"][:80], r["expected"], got) for r in rows
+             if (got := parse[r["stage"]](r["text"])) != r["expected"]]
+    assert not wrong

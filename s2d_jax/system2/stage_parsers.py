@@ -23,8 +23,8 @@ def plan_items(text: str, limit: int = 5) -> list[str]:
     """The criteria of an evaluation plan, at most `limit`, each as its name and description ("Accuracy: whether
     the facts are right"). List lines count; a preamble ("Here is an evaluation plan:"), a heading, a closing
     remark and empty lines do not; an indented sub-point joins the item above it; a description on the line after a
-    bare criterion name joins it. Without any list the non-empty lines count. An empty plan gives one criterion,
-    "Overall quality", so the program still judges."""
+    bare criterion name joins it. Without any list only "Name: description" lines count. A plan with no criteria
+    gives one, "Overall quality", so the program still judges."""
     lines = [line.rstrip() for line in text.splitlines()]
     listed = [(i, m) for i, line in enumerate(lines) if (m := _MARKER.match(line) or _HEADED.match(line))]
     items: list[str] = []
@@ -43,9 +43,9 @@ def plan_items(text: str, limit: int = 5) -> list[str]:
                 follow = lines[i + 1].strip()
                 if not _NOT_ITEMS.match(follow) and not items[-1].endswith((".", ")")) and ":" not in items[-1]:
                     items[-1] = f"{items[-1]}: {_clean(follow)}"
-    else:
-        items = [_clean(line) for line in lines if line.strip() and not _NOT_ITEMS.match(line.strip())
-                 and not line.strip().endswith(":")]
+    else:  # no list: only "Name: description" lines are criteria; prose is no plan
+        items = [_clean(line) for line in lines if re.match(r"^\s*[A-Z][\w /&-]{1,40}:\s*\S", line)
+                 and not _NOT_ITEMS.match(line.strip())]
     seen, out = set(), []
     for item in items:
         key = item.split(":")[0].lower().strip()
