@@ -3,7 +3,7 @@
 Parameters and AdamW moments are exact: every parameter's shard shape comes from the same logical-axis rules the
 run uses. Full fine-tuning trains float32 masters (`model.dtype`); with LoRA the base weights are frozen in the
 compute dtype and only the float32 adapters have gradients and moments. The KV cache is exact for the sampler's
-largest batch (`generate.max_batch` rows, the longest prompt bucket plus `program.max_new_tokens`). Training
+largest batch (`generate.max_batch` rows, the longest prompt bucket plus the largest stage budget). Training
 activations are an estimate from what our step saves for the backward pass (below): attention is blockwise/flash
 (no `[T, T]` scores kept) and the loss is chunked (one chunk's logits at a time). Checked against XLA's memory
 analysis of the compiled step (`tests/test_plan.py`). The plan fails early, with advice, when a total exceeds
@@ -25,6 +25,7 @@ from s2d_jax.errors import S2DError
 from s2d_jax.model import PRESETS, Transformer, read_config
 from s2d_jax.model.transformer import cache_slots
 from s2d_jax.sampling.sampler import CACHE_AXES
+from s2d_jax.system2.programs import get_program
 
 GB = 1 << 30
 
@@ -98,7 +99,9 @@ def plan(config: ConfigDict, mesh) -> dict:
     # sampler: weights in the compute dtype; the largest batch, the prompt bucket of the longest task input
     # (assumed <= train.max_len) + the budget
     sample_params = _state_bytes(base_state, mesh, cfg.dtype)
-    new = config.program.max_new_tokens or 256
+    p = config.program
+    new = max(get_program(p.name).budgets(p.max_new_tokens, p.stage_tokens).values()) if p.name else (
+        p.max_new_tokens or 256)  # the largest stage budget
     new_bucket = max(16, 1 << math.ceil(math.log2(new)))
     length = min(max(32, 1 << math.ceil(math.log2(t.max_len))) + new_bucket, cfg.max_position_embeddings)
     rows = max(g.max_batch, rows_split)
