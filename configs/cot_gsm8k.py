@@ -14,7 +14,8 @@ def get_config():
         "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
         "task": {"name": "gsm8k", "path": "../shared/data/gsm8k/train.jsonl"},
         "program": {"name": "cot", "max_new_tokens": 512},
-        "generate": {"samples": 10, "temperature": 0.7, "max_batch": 64, "chunk": 128},
+        # vote-aware sampling: stop drawing an input's samples once its 10-sample vote cannot change (exact)
+        "generate": {"samples": 10, "temperature": 0.7, "max_batch": 64, "chunk": 128, "adaptive": "decided"},
         "filter": {"name": "majority", "min_share": 0.5},
         "train": {"steps": 500, "batch_size": 32, "max_len": 384, "learning_rate": 1e-4, "warmup_steps": 20,
                   "lora_rank": 16, "lora_alpha": 32.0,

@@ -15,7 +15,8 @@ def get_config():
         "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
         "task": {"name": "coin_flip", "n": 1000, "size": 4, "seed": 0},
         "program": {"name": "rar2"},
-        "generate": {"samples": 8, "temperature": 0.7, "max_batch": 64, "chunk": 128},
+        # vote-aware sampling: stop drawing an input's samples once its 8-sample vote cannot change (exact)
+        "generate": {"samples": 8, "temperature": 0.7, "max_batch": 64, "chunk": 128, "adaptive": "decided"},
         "filter": {"name": "majority", "min_share": 0.5},
         "train": {"steps": 300, "batch_size": 32, "max_len": 256, "learning_rate": 1e-4, "warmup_steps": 20,
                   "lora_rank": 16, "lora_alpha": 32.0,

@@ -81,6 +81,12 @@ def schema() -> dict:
             "top_p": _(1.0, between(0.0, 1.0, low_open=True)),  # 1.0 = off
             "max_batch": _(32, at_least(1)),  # sequences per device batch
             "chunk": _(64, at_least(1)),  # inputs per rollout chunk written to disk (the resume granularity)
+            # vote-aware sampling (majority filter): draw an input's samples `adaptive_wave` at a time, in sample
+            # order, and stop once the vote cannot change ("decided") or by Adaptive-Consistency's Beta rule
+            # ("beta", at `adaptive_confidence`); s2d_jax/system2/adaptive.py
+            "adaptive": _("off", one_of("off", "decided", "beta")),
+            "adaptive_wave": _(2, at_least(1)),
+            "adaptive_confidence": _(0.95, between(0.5, 1.0, high_open=True)),
         },
         "filter": {
             # majority (vote) | order_swap (pairwise judging, both orders) | usc (the model picks the most consistent
@@ -239,6 +245,8 @@ def _cross_rules(c: ConfigDict):
 
         if c.program.name not in PROGRAMS:
             yield "program.name", f"{c.program.name!r} is not a program (programs: {', '.join(sorted(PROGRAMS))})"
+    if c.generate.adaptive != "off" and c.filter.name != "majority":
+        yield "generate.adaptive", f"{c.generate.adaptive!r} stops on a majority vote; filter.name is {c.filter.name!r}"
     if c.program.name and c.program.stage_tokens:
         from s2d_jax.system2.programs import PROGRAMS
 

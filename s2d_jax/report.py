@@ -70,6 +70,11 @@ def markdown(results: dict) -> str:
                       + f", greedy, at most {meta['system1_tokens']} new tokens. System 2 budgets per stage: "
                       + ", ".join(f"{k} {v}" for k, v in meta.get("system2_budgets", {}).items())
                       + f"; {meta.get('samples', 1)} sample(s) per input."]
+    cut = [(label, row["truncated"]) for name, label in SYSTEMS[::2] if (row := results.get(name))
+           and "truncated" in row]
+    if cut:
+        lines += ["System 1 truncation (share of answers that hit the budget): "
+                  + ", ".join(f"{label} {100 * v:.1f}%" for label, v in cut) + "."]
     if s2 and s2.get("truncation"):
         lines += ["System 2 truncation (share of calls that hit the budget): "
                   + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s2["truncation"].items()) + "."]
@@ -78,6 +83,11 @@ def markdown(results: dict) -> str:
         drops = ", ".join(f"{k} {v}" for k, v in f.get("drops", {}).items()) or "none"
         lines += ["", f"Filter `{f.get('filter', 'majority')}`: kept {f['kept']} of {f['total']} unlabelled inputs "
                       f"({100 * f['kept_fraction']:.1f}%); drops: {drops}."]
+        a = f.get("adaptive")
+        if a:
+            lines += [f"Vote-aware sampling (`{a['rule']}`, waves of {a['wave']}): {a['samples_mean']:.2f} samples per "
+                      f"input of {a['samples']}; about {a['tokens_saved']:.0f} generated tokens saved "
+                      f"({100 * a['tokens_saved_fraction']:.1f}%)."]
         if f.get("truncation"):
             lines += ["Rollout truncation per stage: "
                       + ", ".join(f"{k} {100 * v:.1f}%" for k, v in f["truncation"].items()) + "."]

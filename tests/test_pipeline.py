@@ -189,3 +189,32 @@ def test_pretrain_builds_and_keeps_the_syllable_tokenizer(tmp_path, capsys):
     assert main(["generate", *toy]) == 0  # later stages read the tokenizer saved with the base model
     rows = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 4 and all(r["stages"][0]["num_tokens"] <= 8 for r in rows)
+
+
+@pytest.mark.parametrize("rule, share, confidence", [("decided", 0.75, 0.95), ("beta", 0.25, 0.7)])
+def test_vote_aware_sampling_draws_a_prefix_of_the_same_samples(reference, tmp_path, rule, share, confidence):
+    """Adaptive rollouts are the full run's samples (same keys), each input cut where its rule stops; with
+    `decided` the filter keeps exactly what the full-N vote keeps; filter_report says what was saved."""
+    import shutil
+
+    from s2d_jax.system2.adaptive import samples_needed
+    from s2d_jax.system2.filters import vote
+
+    shutil.copytree(reference / "base", tmp_path / "base")
+    args = [*TINY, "--workdir", str(tmp_path), f"--config.generate.adaptive={rule}", "--config.generate.adaptive_wave=1",
+            f"--config.filter.min_share={share}", f"--config.generate.adaptive_confidence={confidence}"]
+    assert main(["generate", *args]) == 0 and main(["filter", *args]) == 0
+    full = [json.loads(line) for line in open(reference / "rollouts.jsonl")]
+    ours = [json.loads(line) for line in open(tmp_path / "rollouts.jsonl")]
+    by_key = {(r["id"], r["sample"]): r for r in full}
+    assert all(r == by_key[(r["id"], r["sample"])] for r in ours)  # the same samples, not new ones
+    answers = {key: [r["answer"] for r in full if r["id"] == key] for key in dict.fromkeys(r["id"] for r in full)}
+    for key, votes in answers.items():
+        drawn = [r["sample"] for r in ours if r["id"] == key]
+        assert drawn == list(range(samples_needed(votes, 4, 1, rule, share, confidence)))
+    report = json.load(open(tmp_path / "filter_report.json"))["adaptive"]
+    assert report["samples_mean"] == len(ours) / 6 < 4 and sum(report["samples_histogram"].values()) == 6
+    assert report["tokens_saved"] > 0  # some inputs stopped early
+    if rule == "decided":  # the same decisions as the full-N vote
+        kept = [(r["id"], r["target"]) for r in map(json.loads, open(tmp_path / "distill.jsonl"))]
+        assert kept == [(key, str(d.answer)) for key, v in answers.items() if (d := vote(v, share)).answer]

@@ -486,3 +486,32 @@ def test_bsm_stage_parsers_on_golden_real_outputs():
     wrong = [(r["stage"], r["text"][:80], r["expected"], got) for r in rows
              if (got := parse[r["stage"]](r["text"])) != r["expected"]]
     assert not wrong
+
+
+def test_vote_aware_stopping_rules_on_constructed_votes():
+    """`decided` stops exactly when the full-N vote can no longer change, and never changes it; `beta` stops at
+    Adaptive-Consistency's stated point."""
+    import itertools
+    import random
+
+    from s2d_jax.system2.adaptive import samples_needed, should_stop
+    from s2d_jax.system2.filters import vote
+
+    assert not should_stop(["a"] * 4, 8, "decided", 0.5)  # 4 left could still tie it
+    assert should_stop(["a"] * 5, 8, "decided", 0.5)  # 5 > 0 + 3: no completion catches it
+    assert not should_stop(["a", "a", "a", "b", "b"], 8, "decided", 0.5)
+    assert should_stop([None] * 5, 8, "decided", 0.5)  # no answer can reach 4 of 8 any more: dropped for sure
+    assert not should_stop([None] * 5, 8, "decided", 0.0)
+    assert samples_needed(["a"] * 8, 8, 2, "decided", 0.5) == 6  # checked after each wave of 2
+    assert samples_needed(["a"] * 3, 8, 2, "decided", 0.5) is None  # not settled by what was drawn
+    # beta: P(p1 > p2) under Beta(c1 + 1, c2 + 1) = 1 - 0.5 ** (c1 + 1) for a unanimous start: 0.9375 at 3, 0.969 at 4
+    assert not should_stop(["a"] * 3, 8, "beta", confidence=0.95) and should_stop(["a"] * 4, 8, "beta", confidence=0.95)
+    assert not should_stop(["a", "b", "a", "b"], 8, "beta", confidence=0.95)
+    rng = random.Random(0)
+    for _ in range(800):  # never a different decision than the full-N vote, whatever the rest of the samples
+        n, share = rng.choice([4, 5, 8, 10]), rng.choice([0.0, 0.25, 0.5, 0.75])
+        full = [rng.choice(["a", "a", "b", "c", None]) for _ in range(n)]
+        k = samples_needed(full, n, 1, "decided", share)
+        assert vote(full[:k], share, total=n).answer == vote(full, share).answer
+        for rest in itertools.islice(itertools.product(["a", "b", None], repeat=n - k), 30):
+            assert vote(full[:k] + list(rest), share).answer == vote(full, share).answer

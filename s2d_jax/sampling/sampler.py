@@ -145,9 +145,10 @@ class Sampler:
     def generate(self, prompts: Sequence[str], n: int = 1, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, max_new_tokens: int = 64, stop: Sequence[str] | None = None,
                  seed: int = 0, chat: bool = False, logprobs: bool = False, progress: bool = True,
-                 prompt_keys: Sequence[int] | None = None) -> list[list[Sample]]:
+                 prompt_keys: Sequence[int] | None = None, first_sample: int = 0) -> list[list[Sample]]:
         """`out[i][j]` is sample j of prompt i. Sample j of prompt i draws from a key made of (seed, prompt_keys[i]
-        (default: i), j): give stable `prompt_keys` to get the same samples for a prompt in any call."""
+        (default: i), first_sample + j): give stable `prompt_keys` to get the same samples for a prompt in any call,
+        and `first_sample` to draw a prompt's samples a few at a time (vote-aware sampling)."""
         if isinstance(prompts, str):
             raise S2DError("prompts: expected a list of strings, got one string")
         if n < 1 or max_new_tokens < 1:
@@ -175,7 +176,7 @@ class Sampler:
         for b in range(0, len(order), per_batch):
             batch = order[b:b + per_batch]
             samples = self._generate_batch([ids[i] for i in batch], [key_ids[i] for i in batch], n, method,
-                                           max_new_tokens, stop, seed, logprobs)
+                                           max_new_tokens, stop, seed, logprobs, first_sample)
             for i, s in zip(batch, samples):
                 for x in s:
                     x.prompt_tokens = len(ids[i])
@@ -188,7 +189,7 @@ class Sampler:
 
     # ------------------------------------------------------------------------------------------ batches
 
-    def _generate_batch(self, rows, key_ids, n, method, max_new, stop, seed, want_logprobs):
+    def _generate_batch(self, rows, key_ids, n, method, max_new, stop, seed, want_logprobs, first_sample=0):
         cfg = self.model.cfg
         prompt_len = min(_bucket(max(map(len, rows)), self.min_prompt_bucket), cfg.max_position_embeddings)
         prompt_len = max(prompt_len, max(map(len, rows)))
@@ -208,7 +209,7 @@ class Sampler:
         batch = num * n
         base = jax.random.key(seed)
         prompt_ids = np.repeat(np.asarray(list(key_ids) + [-1] * (num - len(rows))), n)
-        sample_ids = np.tile(np.arange(n), num)
+        sample_ids = np.tile(np.arange(n) + first_sample, num)
         keys = jax.vmap(lambda p, s: jax.random.fold_in(jax.random.fold_in(base, p), s))(prompt_ids, sample_ids)
         self.prefill_rows += len(rows)
         with self._mesh_context():

@@ -57,8 +57,9 @@ def filter(config: ConfigDict, workdir: str) -> str:  # noqa: A001 (the stage's 
         decisions = _usc_decisions(config, [grouped[k] for k in keys], workdir)
     elif name == "none":
         decisions = [first_sample(answers[k]) for k in keys]
-    else:
-        decisions = [vote(answers[k], config.filter.min_share) for k in keys]
+    else:  # vote-aware sampling's "decided" rule stopped only where the vote over all N could not change
+        total = config.generate.samples if config.generate.adaptive == "decided" else None
+        decisions = [vote(answers[k], config.filter.min_share, total) for k in keys]
     as_response = config.filter.target == "response" or (config.filter.target == "auto" and name == "usc")
     report, lines = FilterReport(), []
     for key, decision in zip(keys, decisions):
@@ -73,6 +74,8 @@ def filter(config: ConfigDict, workdir: str) -> str:  # noqa: A001 (the stage's 
                                      "agreement": decision.share}))
     summary = {"filter": name, "min_share": config.filter.min_share, "target": "response" if as_response else
                "answer", **report.to_dict(), "truncation": truncation([r for k in grouped for r in grouped[k]])}
+    if config.generate.adaptive != "off":
+        summary["adaptive"] = adaptive_report(config, [grouped[k] for k in keys])
     write_atomic(os.path.join(workdir, "filter_report.json"), json.dumps(summary, indent=2) + "\n")
     write_atomic(out, "".join(line + "\n" for line in lines))
     log.info("kept %d of %d inputs (%.0f%%); drops: %s", report.kept, report.total, 100 * report.kept_fraction,
@@ -89,6 +92,20 @@ def _usc_decisions(config: ConfigDict, groups: list[list[dict]], workdir: str):
                                              for r in rows]) for rows in groups]
     outs = sampler.generate(prompts, max_new_tokens=USC_TOKENS, chat=config.program.chat, progress=True)
     return [usc(parse_usc(s.text, len(rows)), [r["answer"] for r in rows]) for (s,), rows in zip(outs, groups)]
+
+
+def adaptive_report(config: ConfigDict, groups: list[list[dict]]) -> dict:
+    """Vote-aware sampling's savings: samples drawn per input (mean, histogram) and the tokens the undrawn samples
+    would have cost (each input's mean tokens per drawn sample times its undrawn samples: an estimate)."""
+    n = config.generate.samples
+    used = [len(rows) for rows in groups]
+    saved = sum((n - len(rows)) * sum(r.get("num_tokens", 0) for r in rows) / len(rows) for rows in groups)
+    drawn = sum(r.get("num_tokens", 0) for rows in groups for r in rows)
+    return {"rule": config.generate.adaptive, "wave": config.generate.adaptive_wave, "samples": n,
+            "samples_mean": sum(used) / max(len(used), 1),
+            "samples_histogram": {str(k): used.count(k) for k in sorted(set(used))},
+            "tokens_generated": drawn, "tokens_saved": round(saved, 1),
+            "tokens_saved_fraction": saved / max(saved + drawn, 1e-9)}
 
 
 def truncation(rows: list[dict]) -> dict[str, float]:

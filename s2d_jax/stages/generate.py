@@ -17,6 +17,7 @@ from s2d_jax.build import build_mesh, build_model, build_tokenizer
 from s2d_jax.errors import S2DError
 from s2d_jax.sampling import Sampler
 from s2d_jax.stages.inputs import load_inputs, program_args
+from s2d_jax.system2.adaptive import samples_needed
 from s2d_jax.system2.programs import get_program, run_program
 
 log = logging.getLogger("s2d")
@@ -47,8 +48,10 @@ def generate(config: ConfigDict, workdir: str) -> str:
     g = config.generate
     n = g.samples
     partial = out + ".partial"
-    done = {(r["id"], r["sample"]) for r in (complete_lines(out) if os.path.exists(out) else complete_lines(partial))}
-    missing = distributed.agree([m and any((e.id, j) not in done for j in range(n)) for e, m in zip(examples, mine)])
+    done = {(r["id"], r["sample"]): r["answer"]
+            for r in (complete_lines(out) if os.path.exists(out) else complete_lines(partial))}
+    plan = Waves(config, done)
+    missing = distributed.agree([m and not plan.settled(e.id) for e, m in zip(examples, mine)])
     if not missing.any():
         if not os.path.exists(out):  # everything was written, but a kill came before the rename
             os.replace(partial, out)
@@ -69,20 +72,64 @@ def generate(config: ConfigDict, workdir: str) -> str:
     owned = {e.id for e, m in zip(examples, mine) if m}
     for start in range(0, len(todo), g.chunk):
         chunk = todo[start:start + g.chunk]
-        records = run_program(program, chunk, sampler, n, parse=task.parse, seed=config.seed, progress=False,
-                              **program_args(config, task), **sampling)
-        with writing(partial), open(partial, "a") as f:
-            for rec in records:
-                if rec["id"] in owned and (rec["id"], rec["sample"]) not in done:
-                    f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        for first, count in plan.waves():  # all n samples at once, or a few at a time (vote-aware sampling)
+            wanted = [e for e in chunk if e.id in owned and plan.wants(e.id, first, count)]
+            run = distributed.agree([e in wanted for e in chunk])  # every host runs the same batches
+            if not run.any():
+                continue
+            records = run_program(program, [e for e, r in zip(chunk, run) if r], sampler, count, parse=task.parse,
+                                  seed=config.seed, progress=False, first_sample=first, **program_args(config, task),
+                                  **sampling)
+            with writing(partial), open(partial, "a") as f:
+                for rec in records:
+                    if rec["id"] in owned and (rec["id"], rec["sample"]) not in done:
+                        f.write(json.dumps(rec) + "\n")
+                        done[(rec["id"], rec["sample"])] = rec["answer"]
+                f.flush()
+                os.fsync(f.fileno())
         log.info("rollouts: %d / %d inputs", len(examples) - len(todo) + start + len(chunk), len(examples))
         faults.point("rollout-chunk")
     os.replace(partial, out)
     log.info("wrote %s", out)
     distributed.barrier(f"generate {workdir}")  # `filter` may run next, on any host, and reads every shard
     return out
+
+
+class Waves:
+    """Which samples an input still needs: all `generate.samples` at once, or with `generate.adaptive` a wave of
+    `adaptive_wave` at a time, in sample order, until its stopping rule says the rest are not needed."""
+
+    def __init__(self, config: ConfigDict, done: dict):
+        g = config.generate
+        self.n, self.rule, self.done = g.samples, g.adaptive, done
+        self.wave = g.adaptive_wave if g.adaptive != "off" else g.samples
+        self.args = dict(min_share=config.filter.min_share, confidence=g.adaptive_confidence)
+
+    def waves(self):
+        return [(first, min(self.wave, self.n - first)) for first in range(0, self.n, self.wave)]
+
+    def answers(self, key: str) -> list:
+        out = []
+        while (key, len(out)) in self.done:
+            out.append(self.done[(key, len(out))])
+        return out
+
+    def needed(self, key: str) -> int | None:
+        """How many samples this input gets in all; None while its drawn answers do not settle it."""
+        if self.rule == "off":
+            return self.n
+        return samples_needed(self.answers(key), self.n, self.wave, self.rule, **self.args)
+
+    def settled(self, key: str) -> bool:
+        needed = self.needed(key)
+        return needed is not None and all((key, j) in self.done for j in range(needed))
+
+    def wants(self, key: str, first: int, count: int) -> bool:
+        """Whether the wave of samples first..first+count-1 is to be drawn (and is not all written yet)."""
+        if self.rule != "off" and samples_needed(self.answers(key)[:first], self.n, self.wave, self.rule,
+                                                 **self.args) is not None:
+            return False  # settled by the samples before this wave
+        return any((key, j) not in self.done for j in range(first, first + count))
 
 
 def read_rollouts(config: ConfigDict, workdir: str) -> list[dict]:
@@ -115,9 +162,10 @@ def read_rollouts(config: ConfigDict, workdir: str) -> list[dict]:
                 raise S2DError(f"{path}: record {number}: input {row['id']!r} sample {row['sample']} is repeated")
             seen.add(key)
             rows.append(row)
-    want = config.generate.samples
+    plan = Waves(config, {(r["id"], r["sample"]): r["answer"] for r in rows})
     for e in examples:
-        have = sum((e.id, j) in seen for j in range(want))
-        if have != want:
-            raise S2DError(f"{workdir}: input {e.id!r} has {have} of its {want} samples in the shards")
+        if not plan.settled(e.id):
+            have = sum(r == e.id for r, _ in seen)
+            raise S2DError(f"{workdir}: input {e.id!r} has {have} of its {plan.needed(e.id) or plan.n} samples in "
+                           f"the shards")
     return sorted(rows, key=lambda r: (order[r["id"]], r["sample"]))

@@ -21,14 +21,15 @@ class Decision:
     sample: int = 0  # the sample whose final response stands for the answer (the first with it; USC's choice)
 
 
-def vote(answers: Sequence[Hashable | None], min_share: float = 0.0) -> Decision:
+def vote(answers: Sequence[Hashable | None], min_share: float = 0.0, total: int | None = None) -> Decision:
     """Majority vote. None (unparseable) samples count in the denominator; a tie for the top gives no answer;
-    a share below `min_share` (inclusive bound: equal is kept) gives no answer."""
+    a share below `min_share` (inclusive bound: equal is kept) gives no answer. `total`: the number of samples the
+    share is over when fewer were drawn (vote-aware sampling stopped once the vote could not change)."""
     valid = [a for a in answers if a is not None]
     if not valid:
         return Decision(None, 0.0, "all_invalid")
     ranked = collections.Counter(valid).most_common()
-    share = ranked[0][1] / len(answers)
+    share = ranked[0][1] / (total or len(answers))
     if len(ranked) > 1 and ranked[1][1] == ranked[0][1]:
         return Decision(None, share, "tie")
     if share < min_share:

@@ -162,16 +162,18 @@ def _stage_record(stage: Stage, prompt: str, out, **extra) -> dict:
 
 def run_program(program: Program, examples, sampler, n: int, *, parse, seed: int = 0, chat: bool = True,
                 budgets: dict[str, int] | None = None, params: dict | None = None, progress: bool = True,
-                **sampling) -> list[dict]:
+                first_sample: int = 0, **sampling) -> list[dict]:
     """Rollouts of `program` on `examples`, `n` samples each, as `rollouts.jsonl` records, in (example, sample)
     order. Stage 1 draws the n samples from one shared prefill per example; each later stage is one batched
     call over all (example, sample[, item]) prompts, continuing each sample's own chain. `budgets` maps a stage
-    to its token budget (default: `program.budgets()`); `params` fills the program's parameters."""
+    to its token budget (default: `program.budgets()`); `params` fills the program's parameters; the samples are
+    numbered (and keyed) from `first_sample`."""
     program.check(sorted({k for e in examples for k in e.meta}))
     budgets = budgets or program.budgets()
     params = {**PARAMS, **(params or {})}
     states = [{**params, "input": e.input, **e.meta} for e in examples for _ in range(n)]
-    records = [{"id": e.id, "sample": j, "input": e.input, "stages": []} for e in examples for j in range(n)]
+    records = [{"id": e.id, "sample": first_sample + j, "input": e.input, "stages": []} for e in examples
+               for j in range(n)]
     for index, stage in enumerate(program.stages):
         call = dict(max_new_tokens=budgets[stage.name], seed=seed * 1000 + index, chat=chat, progress=progress,
                     **sampling)
@@ -190,7 +192,8 @@ def run_program(program: Program, examples, sampler, n: int, *, parse, seed: int
             continue
         if index == 0:  # every sample of an example has the same first prompt: one prefill, n samples
             prompts = [stage.template.format(**states[i * n]) for i in range(len(examples))]
-            outs = sampler.generate(prompts, n=n, prompt_keys=[_key(e.id) for e in examples], **call)
+            outs = sampler.generate(prompts, n=n, prompt_keys=[_key(e.id) for e in examples],
+                                    first_sample=first_sample, **call)
             flat = [(prompts[i], outs[i][j]) for i in range(len(examples)) for j in range(n)]
         else:
             prompts = [stage.template.format(**st) for st in states]
