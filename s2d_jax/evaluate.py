@@ -1,6 +1,7 @@
 """Evaluation on labelled held-out inputs (labels are used here and nowhere in distillation).
 
-Each system is scored the same way: `accuracy`, `n`, and its cost per input: `generated_tokens` (every token
+Each system is scored the same way: `accuracy`, `n`, `answers` (its five most frequent answers with counts: a
+constant answer shows), and its cost per input: `generated_tokens` (every token
 generated for the input: all stages, all samples, and USC's selection call), `prompt_tokens` (every call's
 prompt, as an API would bill it), `flops` (forward matmul FLOPs of that work, from `flops.py`; a first-stage prompt
 shared by N samples is read once) and `seconds` (wall clock, compile included, over the inputs); `mean_tokens`
@@ -52,8 +53,9 @@ def _scores(task, examples, answers, cost: dict, seconds: float) -> dict:
     n = len(examples)
     correct = sum(task.score(a, e) for a, e in zip(answers, examples))
     per = {k: v / n for k, v in cost.items()}
+    top = collections.Counter("(none)" if a is None else str(a) for a in answers).most_common(5)
     return {"accuracy": correct / n, "mean_tokens": per["generated_tokens"], **per, "n": n, "seconds": seconds / n,
-            "seconds_total": seconds, **task.metrics(examples, answers)}
+            "seconds_total": seconds, "answers": dict(top), **task.metrics(examples, answers)}
 
 
 def system1(model, tokenizer, task, examples, *, prompt=None, chat: bool = True, max_new_tokens: int = 32,

@@ -17,7 +17,7 @@ SYSTEMS = (("system1", "System 1 (base, direct)"), ("system2", "System 2 (progra
 COST = (("accuracy", "accuracy (%)"), ("generated_tokens", "generated tokens / input"),
         ("prompt_tokens", "prompt tokens / input"), ("flops", "FLOPs / input"), ("seconds", "seconds / input"),
         ("n", "n"))
-NOT_EXTRA = {k for k, _ in COST} | {"mean_tokens", "seconds_total", "truncation", "truncated", "name"}
+NOT_EXTRA = {k for k, _ in COST} | {"mean_tokens", "seconds_total", "truncation", "truncated", "name", "answers"}
 PAPER = os.path.join("..", "shared", "docs", "PAPER.md")
 PAPER_TASKS = {"last letters": "last_letters", "coin flip": "coin_flip", "sycophancyeval": "sycophancy",
                "mt-bench judge": "mt_bench_judge", "gsm8k": "gsm8k"}
@@ -70,6 +70,10 @@ def markdown(results: dict) -> str:
                       + f", greedy, at most {meta['system1_tokens']} new tokens. System 2 budgets per stage: "
                       + ", ".join(f"{k} {v}" for k, v in meta.get("system2_budgets", {}).items())
                       + f"; {meta.get('samples', 1)} sample(s) per input."]
+    spread = [(label, row["answers"]) for name, label in SYSTEMS if (row := results.get(name)) and row.get("answers")]
+    if spread:
+        lines += ["Most frequent answers: " + "; ".join(
+            f"{label}: " + ", ".join(f"{a} {c}" for a, c in answers.items()) for label, answers in spread) + "."]
     cut = [(label, row["truncated"]) for name, label in SYSTEMS[::2] if (row := results.get(name))
            and "truncated" in row]
     if cut:

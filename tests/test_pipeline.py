@@ -39,6 +39,7 @@ def test_run_writes_every_artifact(reference):
                                         "prompt_tokens", "flops"}
         assert 0 <= results[system]["accuracy"] <= 1 and results[system]["n"] == 8
         assert results[system]["flops"] > 0 and results[system]["prompt_tokens"] > 0
+        assert 0 < sum(results[system]["answers"].values()) <= 8  # the five most frequent answers
     assert results["system2"]["mean_tokens"] > results["distilled"]["mean_tokens"]  # CoT spends tokens
     assert results["filter"]["kept"] == sum(1 for _ in open(reference / "distill.jsonl"))
     assert results["filter"]["kept"] >= 1  # the pretrained tiny model writes answers that can be voted on
