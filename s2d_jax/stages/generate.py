@@ -46,7 +46,6 @@ def generate(config: ConfigDict, workdir: str) -> str:
     task, examples = load_inputs(config)
     mine = [i % count == me for i in range(len(examples))]
     g = config.generate
-    n = g.samples
     partial = out + ".partial"
     done = {(r["id"], r["sample"]): r["answer"]
             for r in (complete_lines(out) if os.path.exists(out) else complete_lines(partial))}
@@ -73,8 +72,7 @@ def generate(config: ConfigDict, workdir: str) -> str:
     for start in range(0, len(todo), g.chunk):
         chunk = todo[start:start + g.chunk]
         for first, count in plan.waves():  # all n samples at once, or a few at a time (vote-aware sampling)
-            wanted = [e for e in chunk if e.id in owned and plan.wants(e.id, first, count)]
-            run = distributed.agree([e in wanted for e in chunk])  # every host runs the same batches
+            run = distributed.agree([e.id in owned and plan.wants(e.id, first, count) for e in chunk])  # same on all
             if not run.any():
                 continue
             records = run_program(program, [e for e, r in zip(chunk, run) if r], sampler, count, parse=task.parse,
