@@ -177,3 +177,14 @@ def test_bad_calls(tiny):
         sampler.generate(["a"], temperature=1.0, top_p=1.5)
     with pytest.raises(S2DError, match="expected a list of strings"):
         sampler.generate("a")
+
+
+def test_a_prompt_whose_bucket_fills_the_context_still_decodes(tiny):
+    """A 600-token prompt's bucket (1024) is the tiny model's whole context: the bucket shrinks to leave room for
+    the new tokens (it used to leave none, and the decode loop made no progress)."""
+    model, tok = tiny
+    sampler = Sampler(model, tok)
+    (short,), (long,) = sampler.generate(["y" * 600, "z" * 1000], max_new_tokens=24, progress=False)
+    assert short.num_tokens >= 1 and long.num_tokens >= 1
+    (alone,), = sampler.generate(["y" * 600], max_new_tokens=24, progress=False)
+    assert alone.token_ids == short.token_ids  # the same tokens next to a 1000-token prompt as alone

@@ -191,8 +191,8 @@ class Sampler:
 
     def _generate_batch(self, rows, key_ids, n, method, max_new, stop, seed, want_logprobs, first_sample=0):
         cfg = self.model.cfg
-        prompt_len = min(_bucket(max(map(len, rows)), self.min_prompt_bucket), cfg.max_position_embeddings)
-        prompt_len = max(prompt_len, max(map(len, rows)))
+        longest = max(map(len, rows))  # its bucket, less where the bucket would leave no room for max_new tokens
+        prompt_len = max(min(_bucket(longest, self.min_prompt_bucket), cfg.max_position_embeddings - max_new), longest)
         new_len = _bucket(max_new, 16)
         max_len = min(prompt_len + new_len, cfg.max_position_embeddings)
         num = _bucket(len(rows), 1)
