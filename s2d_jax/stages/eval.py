@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -55,10 +56,11 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
                         "system1_tokens": budget, "system2_budgets": args["budgets"], "samples": e.samples,
                         "variants": list(e.variants)}}
     log.info("eval: System 1 (base) on %d inputs", len(examples))
-    results["system1"] = _with_variants(lambda xs: evaluate.system1(base, tok, task, xs, **one), examples, variants)
-    log.info("eval: System 2 (%s)", program.name)
-    results["system2"] = _with_variants(lambda xs: evaluate.system2(program, base, tok, task, xs, **two), examples,
+    results["system1"] = _with_variants(functools.partial(evaluate.system1, base, tok, task, **one), examples,
                                         variants)
+    log.info("eval: System 2 (%s)", program.name)
+    results["system2"] = _with_variants(functools.partial(evaluate.system2, program, base, tok, task, **two),
+                                        examples, variants)
     del base
     if kept_none:  # an honest report of a run whose filter kept nothing: there is no distilled model
         results["distilled"] = None
@@ -67,7 +69,7 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
     else:
         distilled = build_model(config, mesh, path=distilled_dir)
         log.info("eval: distilled System 1")
-        results["distilled"] = _with_variants(lambda xs: evaluate.system1(distilled, tok, task, xs, **one),
+        results["distilled"] = _with_variants(functools.partial(evaluate.system1, distilled, tok, task, **one),
                                               examples, variants)
     reference = task.reference(examples) if hasattr(task, "reference") else None
     if reference:
