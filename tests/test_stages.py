@@ -184,7 +184,9 @@ def test_bsm_with_order_swap_end_to_end(tmp_path):
     assert _generate(tmp_path, *args) == 0
     rows = [json.loads(line) for line in open(tmp_path / "rollouts.jsonl")]
     ids = {r["id"] for r in rows}
-    assert len(ids) == 4 and {i for i in ids if i.endswith(":swap")} == {i + ":swap" for i in ids if ":swap" not in i}
+    # the English pairs of the fixture's train split (every tree hashes into it), each with its swapped twin
+    assert {i for i in ids if ":swap" not in i} == {"oasst2:p1", "oasst2:p2", "oasst2:p4"}
+    assert {i for i in ids if i.endswith(":swap")} == {i + ":swap" for i in ids if ":swap" not in i}
     for r in rows:  # branch, one solve call per criterion (fan-out), merge
         names = [s["name"] for s in r["stages"]]
         assert names[0] == "branch" and names[-1] == "merge" and 1 <= names.count("solve") <= 5
@@ -198,7 +200,7 @@ def test_bsm_with_order_swap_end_to_end(tmp_path):
     assert a_of(swapped["stages"][-1]["prompt"]) == b_of(first["stages"][-1]["prompt"])
     assert main(["filter", *TINY, "--workdir", str(tmp_path), *args]) == 0
     report = json.load(open(tmp_path / "filter_report.json"))
-    assert report["filter"] == "order_swap" and report["total"] == 2  # one decision per input, both orders used
+    assert report["filter"] == "order_swap" and report["total"] == 3  # one decision per input, both orders used
     kept = [json.loads(line) for line in open(tmp_path / "distill.jsonl")]
     assert all(k["target"] in ("[[A]]", "[[B]]", "[[C]]") and ":swap" not in k["id"] for k in kept)
 
