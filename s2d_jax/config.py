@@ -14,14 +14,16 @@ import os
 import traceback
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
 
 import ml_collections
 from ml_collections import ConfigDict
 
+from s2d_jax.config_rules import _, above, at_least, between, mesh_size, one_of
 from s2d_jax.errors import S2DError
 from s2d_jax.model.attention import IMPLEMENTATIONS
 from s2d_jax.model.config import DTYPES, REMAT
+from s2d_jax.system2.adaptive import RULES as ADAPTIVE_RULES
+from s2d_jax.system2.tasks.judge import DEFAULT_PROMPTS
 
 
 def defaults() -> ConfigDict:
@@ -58,7 +60,7 @@ def schema() -> dict:
             "words": _("names", one_of("names", "syllables")),
             "lang": "en",  # judging pools with languages (OASST2): keep this language; "" = all
             # pairwise judging: FastChat's judge prompts (MT-bench's pair-v2 and its variants), read at run time
-            "judge_prompts": "../shared/data/mt_bench/judge_prompts.jsonl",
+            "judge_prompts": DEFAULT_PROMPTS,
             "tfds_data_dir": "",  # with path "tfds:NAME[/CONFIG][:SPLIT]": where the prepared dataset lives
             "input_field": "question",  # TFDS records: the input field (dotted for nested)
             "label_field": "",  # TFDS records: the label field ("" = the task's default)
@@ -84,7 +86,7 @@ def schema() -> dict:
             # vote-aware sampling (majority filter): draw an input's samples `adaptive_wave` at a time, in sample
             # order, and stop once the vote cannot change ("decided") or by Adaptive-Consistency's Beta rule
             # ("beta", at `adaptive_confidence`); s2d_jax/system2/adaptive.py
-            "adaptive": _("off", one_of("off", "decided", "beta")),
+            "adaptive": _("off", one_of(*ADAPTIVE_RULES)),
             "adaptive_wave": _(2, at_least(1)),
             "adaptive_confidence": _(0.95, between(0.5, 1.0, high_open=True)),
         },
@@ -161,36 +163,6 @@ def schema() -> dict:
 # ------------------------------------------------------------------------------------------ rules
 
 
-class _(NamedTuple):
-    """A schema entry with a rule: `check(value)` returns None when the value is allowed, else what is."""
-
-    default: Any
-    check: Callable[[Any], str | None]
-
-
-def at_least(low):
-    return lambda v: None if v >= low else f">= {low}"
-
-
-def above(low):
-    return lambda v: None if v > low else f"> {low}"
-
-
-def between(low, high, low_open=False, high_open=False):
-    def check(v):
-        ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-        return None if ok else f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    return check
-
-
-def one_of(*choices):
-    return lambda v: None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
-
-
-def mesh_size():
-    return lambda v: None if v == -1 or v >= 1 else "-1 (all remaining devices) or >= 1"
-
-
 def _strip(tree: dict) -> dict:
     return {k: _strip(v) if isinstance(v, dict) else v.default if isinstance(v, _) else v for k, v in tree.items()}
 
@@ -259,9 +231,9 @@ def _cross_rules(c: ConfigDict):
         from s2d_jax.system2.tasks import TASKS
 
         task = TASKS.get(c.eval.task or c.task.name)
-        unknown = [v for v in c.eval.variants if task is not None and v not in getattr(task, "VARIANTS", {})]
+        unknown = [v for v in c.eval.variants if task is not None and v not in task.VARIANTS]
         if unknown:
-            known = ", ".join(getattr(task, "VARIANTS", {})) or "none"
+            known = ", ".join(task.VARIANTS) or "none"
             yield "eval.variants", f"{unknown[0]!r} is not a variant of task {task.name!r} (variants: {known})"
     context = _context(c)
     if context:

@@ -16,10 +16,8 @@ import time
 
 from s2d_jax.flops import flops_per_token
 from s2d_jax.sampling import Sampler
-from s2d_jax.system2.filters import parse_usc, usc_prompt
-from s2d_jax.system2.programs import run_program
-
-USC_TOKENS = 32
+from s2d_jax.system2.filters import usc_select
+from s2d_jax.system2.programs import run_program, stage_truncation
 
 
 def call_flops(cfg, prompt: int, generated: int, read_prompt: bool = True) -> float:
@@ -90,14 +88,11 @@ def system2(program, model, tokenizer, task, examples, *, samples: int = 1, chat
     cost = rollout_cost(records, cfg)
     chosen = [_majority(a) for a in answers]
     if select == "usc" and samples > 1:
-        prompts = [usc_prompt(rs[0]["input"], [r["stages"][-1]["output"] for r in rs]) for rs in per_input]
-        outs = [s for (s,) in sampler.generate(prompts, max_new_tokens=USC_TOKENS, chat=chat, progress=False)]
-        chosen = [a[pick] if (pick := parse_usc(s.text, len(a))) is not None else None for s, a in zip(outs, answers)]
-        cost = add_cost(cost, calls_cost(outs, cfg))
+        picks = usc_select(sampler, per_input, chat)
+        chosen = [a[pick] if pick is not None else None for (pick, _), a in zip(picks, answers)]
+        cost = add_cost(cost, calls_cost([s for _, s in picks], cfg))
     out = _scores(task, examples, chosen, cost, time.perf_counter() - start)
-    out["truncation"] = {name: sum(s["truncated"] for r in records for s in r["stages"] if s["name"] == name)
-                         / max(sum(s["name"] == name for r in records for s in r["stages"]), 1)
-                         for name in dict.fromkeys(s.name for s in program.stages)}
+    out["truncation"] = stage_truncation(records)
     if samples > 1:
         out.update(maj_at_k(task, examples, answers))
     return out

@@ -178,8 +178,6 @@ class Sampler:
             samples = self._generate_batch([ids[i] for i in batch], [key_ids[i] for i in batch], n, method,
                                            max_new_tokens, stop, seed, logprobs, first_sample)
             for i, s in zip(batch, samples):
-                for x in s:
-                    x.prompt_tokens = len(ids[i])
                 out[i] = s
                 generated += sum(x.num_tokens for x in s)
             bar.update(len(batch))
@@ -241,11 +239,11 @@ class Sampler:
             toks, lps = fetch(loop.tokens), fetch(loop.logprobs)
         out = []
         for p in range(len(rows)):
-            out.append([self._finish(toks[p * n + j, :max_new], lps[p * n + j, :max_new], stop, want_logprobs)
-                        for j in range(n)])
+            out.append([self._finish(toks[p * n + j, :max_new], lps[p * n + j, :max_new], stop, want_logprobs,
+                                     len(rows[p])) for j in range(n)])
         return out
 
-    def _finish(self, tokens, logprobs, stop, want_logprobs) -> Sample:
+    def _finish(self, tokens, logprobs, stop, want_logprobs, prompt_tokens: int) -> Sample:
         tokens = [int(t) for t in tokens]
         count, reason = len(tokens), "length"
         for k, t in enumerate(tokens):
@@ -262,7 +260,8 @@ class Sampler:
             positions = [text.find(s) for s in stop if s in text]
             if positions:
                 text = text[:min(positions)]
-        return Sample(text, kept, count, reason, [float(x) for x in logprobs[:count]] if want_logprobs else None)
+        return Sample(text, kept, count, reason, [float(x) for x in logprobs[:count]] if want_logprobs else None,
+                      prompt_tokens)
 
     def _find_stop(self, tokens, stop) -> int | None:
         """The fewest leading tokens whose text contains a stop string, or None."""

@@ -14,7 +14,7 @@ from s2d_jax import distributed
 from s2d_jax.artifacts import read_jsonl, write_atomic
 from s2d_jax.build import build_mesh, build_model, build_tokenizer
 from s2d_jax.errors import S2DError
-from s2d_jax.stages.inputs import load_eval_inputs, program_args, system1_prompt, with_swapped
+from s2d_jax.stages.inputs import load_eval_inputs, program_args, system1_instruction, system1_prompt, with_swapped
 from s2d_jax.system2.programs import get_program
 
 log = logging.getLogger("s2d")
@@ -50,7 +50,7 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
     variants = {name: [dataclasses.replace(x, input=task.VARIANTS[name](x.input)) for x in examples]
                 for name in e.variants}
     base = build_model(config, mesh, workdir)
-    instruction = program.answer_format if config.program.system1_format else ""
+    instruction = system1_instruction(config)
     results = {"meta": {"task": task.name, "program": program.name, "model": config.model.path or config.model.preset,
                         "eval_inputs": len(examples), "system1_instruction": instruction or "(none)",
                         "system1_tokens": budget, "system2_budgets": args["budgets"], "samples": e.samples,
@@ -71,7 +71,7 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
         log.info("eval: distilled System 1")
         results["distilled"] = _with_variants(functools.partial(evaluate.system1, distilled, tok, task, **one),
                                               examples, variants)
-    reference = task.reference(examples) if hasattr(task, "reference") else None
+    reference = task.reference(examples)
     if reference:
         results["reference"] = reference
     report_path = os.path.join(workdir, "filter_report.json")

@@ -15,14 +15,14 @@ from s2d_jax.errors import S2DError
 from s2d_jax.sampling import Sampler
 from s2d_jax.stages.generate import read_rollouts, rollout_path
 from s2d_jax.stages.inputs import system1_prompt, system1_target
-from s2d_jax.system2.filters import FilterReport, first_sample, order_swap, parse_usc, usc, usc_prompt, vote
+from s2d_jax.system2.filters import FilterReport, first_sample, order_swap, usc, usc_select, vote
+from s2d_jax.system2.programs import stage_truncation
 from s2d_jax.system2.tasks import Example, get_task
 from s2d_jax.system2.tasks.judge import SWAP_SUFFIX
 
 log = logging.getLogger("s2d")
 
 FILTERS = ("majority", "order_swap", "usc", "none")
-USC_TOKENS = 32  # the USC call's budget: "The most consistent response is Response X"
 
 
 def filter(config: ConfigDict, workdir: str) -> str:  # noqa: A001 (the stage's name)
@@ -73,7 +73,7 @@ def filter(config: ConfigDict, workdir: str) -> str:  # noqa: A001 (the stage's 
             lines.append(json.dumps({"id": key, "prompt": prompt, "target": target, "votes": votes,
                                      "agreement": decision.share}))
     summary = {"filter": name, "min_share": config.filter.min_share, "target": "response" if as_response else
-               "answer", **report.to_dict(), "truncation": truncation([r for k in grouped for r in grouped[k]])}
+               "answer", **report.to_dict(), "truncation": stage_truncation([r for g in grouped.values() for r in g])}
     if config.generate.adaptive != "off":
         summary["adaptive"] = adaptive_report(config, [grouped[k] for k in keys])
     write_atomic(os.path.join(workdir, "filter_report.json"), json.dumps(summary, indent=2) + "\n")
@@ -88,10 +88,8 @@ def _usc_decisions(config: ConfigDict, groups: list[list[dict]], workdir: str):
     mesh = build_mesh(config)
     sampler = Sampler(build_model(config, mesh, workdir), build_tokenizer(config, workdir), mesh=mesh,
                       max_batch=config.generate.max_batch)
-    prompts = [usc_prompt(rows[0]["input"], [r["stages"][-1]["output"] if r.get("stages") else str(r["answer"])
-                                             for r in rows]) for rows in groups]
-    outs = sampler.generate(prompts, max_new_tokens=USC_TOKENS, chat=config.program.chat, progress=True)
-    return [usc(parse_usc(s.text, len(rows)), [r["answer"] for r in rows]) for (s,), rows in zip(outs, groups)]
+    picks = usc_select(sampler, groups, config.program.chat, progress=True)
+    return [usc(pick, [r["answer"] for r in rows]) for (pick, _), rows in zip(picks, groups)]
 
 
 def adaptive_report(config: ConfigDict, groups: list[list[dict]]) -> dict:
@@ -106,13 +104,3 @@ def adaptive_report(config: ConfigDict, groups: list[list[dict]]) -> dict:
             "samples_histogram": {str(k): used.count(k) for k in sorted(set(used))},
             "tokens_generated": drawn, "tokens_saved": round(saved, 1),
             "tokens_saved_fraction": saved / max(saved + drawn, 1e-9)}
-
-
-def truncation(rows: list[dict]) -> dict[str, float]:
-    """Per stage: the share of its calls that stopped at the token budget (rollouts without the record: none)."""
-    hits: dict[str, list[bool]] = {}
-    for row in rows:
-        for stage in row.get("stages", []):
-            if "truncated" in stage:
-                hits.setdefault(stage["name"], []).append(stage["truncated"])
-    return {name: sum(v) / len(v) for name, v in hits.items()}

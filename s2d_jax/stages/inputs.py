@@ -46,11 +46,11 @@ def with_swapped(task, examples):
 def system1_prompt(config: ConfigDict, task, example) -> str:
     """System 1's prompt for an input: with the program's answer-format instruction unless
     `program.system1_format` is off."""
-    return task.system1_prompt(example, _instruction(config))
+    return task.system1_prompt(example, system1_instruction(config))
 
 
 def system1_target(config: ConfigDict, task, answer) -> str:
-    return task.target(answer, _instruction(config))
+    return task.target(answer, system1_instruction(config))
 
 
 def program_args(config: ConfigDict, task) -> dict:
@@ -62,7 +62,8 @@ def program_args(config: ConfigDict, task) -> dict:
     return {"budgets": budgets, "params": {"criteria": p.criteria}, "chat": p.chat}
 
 
-def _instruction(config: ConfigDict) -> str:
+def system1_instruction(config: ConfigDict) -> str:
+    """The answer-format instruction System 1 gets ("" with `program.system1_format` off)."""
     from s2d_jax.system2.programs import get_program
 
     return get_program(config.program.name).answer_format if config.program.system1_format else ""

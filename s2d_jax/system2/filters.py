@@ -80,6 +80,18 @@ def usc_prompt(question: str, responses: Sequence[str]) -> str:
     return USC_TEMPLATE.format(question=question, responses=listed)
 
 
+USC_TOKENS = 32  # the selection call's budget: "The most consistent response is Response X"
+
+
+def usc_select(sampler, groups: Sequence[Sequence[dict]], chat: bool, progress: bool = False):
+    """One greedy call per input asking which of its samples' final responses is the most consistent: (the chosen
+    index or None, the call's `Sample`) per input. `groups` are each input's rollout records in sample order."""
+    prompts = [usc_prompt(rows[0]["input"], [r["stages"][-1]["output"] if r.get("stages") else str(r["answer"])
+                                             for r in rows]) for rows in groups]
+    outs = sampler.generate(prompts, max_new_tokens=USC_TOKENS, chat=chat, progress=progress)
+    return [(parse_usc(s.text, len(rows)), s) for (s,), rows in zip(outs, groups)]
+
+
 def parse_usc(text: str, count: int) -> int | None:
     """The response index the model chose ("The most consistent response is Response 2"), or None."""
     import re

@@ -146,6 +146,16 @@ def get_program(name: str) -> Program:
     return PROGRAMS[name]
 
 
+def stage_truncation(records: list[dict]) -> dict[str, float]:
+    """Per stage: the share of its calls that stopped at the token budget (records without the field: none)."""
+    hits: dict[str, list[bool]] = {}
+    for record in records:
+        for stage in record.get("stages", []):
+            if "truncated" in stage:
+                hits.setdefault(stage["name"], []).append(stage["truncated"])
+    return {name: sum(v) / len(v) for name, v in hits.items()}
+
+
 def _key(*parts) -> int:
     """A stable sampling key for a prompt, from the example id and its place in the chain (not its position in a
     batch), so a resumed run draws exactly what an uninterrupted one would have."""

@@ -56,6 +56,11 @@ class Task:
         """What the task reports beyond accuracy (per-template accuracy, agreement without ties, ...)."""
         return {}
 
+    def reference(self, examples: list[Example]) -> dict | None:
+        """A reference system's scores on these examples where the benchmark ships its verdicts (MT-bench's GPT-4
+        judgments), else None."""
+        return None
+
     def swap(self, example: Example) -> Example | None:
         """The same input with a perturbation that must not change the answer (pairwise judging: the two
         responses swapped), for the order-swap filter; None where the task has none."""

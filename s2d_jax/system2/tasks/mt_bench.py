@@ -13,6 +13,7 @@ import os
 
 from s2d_jax.artifacts import read_jsonl
 from s2d_jax.errors import S2DError
+from s2d_jax.system2.filters import MIRROR
 from s2d_jax.system2.tasks.judge import SWAP_SUFFIX, PairwiseJudge, agreement, pair_example
 
 WINNER = {"model_a": "A", "model_b": "B", "tie": "tie", "tie (inconsistent)": "tie"}
@@ -21,9 +22,6 @@ NEED_REFERENCE = ("math", "reasoning", "coding")  # FastChat's NEED_REF_CATS
 
 class MTBenchJudge(PairwiseJudge):
     name = "mt_bench_judge"
-
-    def configure(self, task_config, split: str) -> None:
-        self.prompts_path = task_config.judge_prompts
 
     def load(self, path: str) -> list:
         root = _root(path)
@@ -79,7 +77,7 @@ class MTBenchJudge(PairwiseJudge):
         for key, rows in _votes(path, None).items():
             if key[0] in questions:
                 gpt4[key] = rows[0][0]
-                gpt4[(key[0], key[1], key[3], key[2])] = {"A": "B", "B": "A", "tie": "tie"}[rows[0][0]]
+                gpt4[(key[0], key[1], key[3], key[2])] = MIRROR[rows[0][0]]
         firsts = [e for e in examples if not e.id.endswith(SWAP_SUFFIX)]
         verdicts = [gpt4.get((int(e.id.split(":")[1]), e.meta["turn"], e.meta["model_a"], e.meta["model_b"]))
                     for e in firsts]
