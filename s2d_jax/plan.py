@@ -24,7 +24,7 @@ from s2d_jax import mesh as mesh_lib
 from s2d_jax.errors import S2DError
 from s2d_jax.model import PRESETS, Transformer, read_config
 from s2d_jax.model.transformer import cache_slots
-from s2d_jax.sampling.sampler import CACHE_AXES
+from s2d_jax.sampling.cache import CACHE_AXES
 from s2d_jax.system2.programs import get_program
 
 GB = 1 << 30

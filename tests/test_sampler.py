@@ -11,7 +11,7 @@ import s2d_jax
 from s2d_jax.errors import S2DError
 from s2d_jax.model import PRESETS, init_model
 from s2d_jax.sampling import Sampler, Sampling
-from s2d_jax.sampling.sampler import _prefill
+from s2d_jax.sampling.cache import prefill as _prefill
 from s2d_jax.tokenizer import byte_tokenizer, chat_prompt
 from conftest import FAMILIES
 
@@ -77,11 +77,11 @@ def test_second_call_in_the_same_bucket_does_not_compile(tiny):
     model, tok = tiny
     sampler = Sampler(model, tok)
     sampler.generate(["hello", "world!"], max_new_tokens=10, progress=False)
-    before = Sampler.traces
+    before = Sampler.traces()
     sampler.generate(["other", "prompts here"], max_new_tokens=12, seed=5, progress=False)
-    assert Sampler.traces == before
+    assert Sampler.traces() == before
     sampler.generate(["x" * 40], max_new_tokens=10, progress=False)  # a longer prompt bucket compiles again
-    assert Sampler.traces > before
+    assert Sampler.traces() > before
 
 
 def test_n_samples_share_one_prefill_and_results_do_not_depend_on_batching(tiny):

@@ -34,7 +34,7 @@ class Mask(NamedTuple):
     q_segments: jax.Array  # [B, T] int32
     kv_segments: jax.Array  # [B, S] int32, 0 = padding / empty cache slot
     q_slots: jax.Array  # [B, T] int32
-    kv_slots: jax.Array  # [S] int32
+    kv_slots: jax.Array  # [S] int32, or [B, S] where rows hold different slots (a ring per row, continuous batching)
 
 
 def allowed(mask: Mask, window: int | None, kv_segments=None, kv_slots=None) -> jax.Array:
@@ -42,7 +42,7 @@ def allowed(mask: Mask, window: int | None, kv_segments=None, kv_slots=None) -> 
     kv_segments = mask.kv_segments if kv_segments is None else kv_segments
     kv_slots = mask.kv_slots if kv_slots is None else kv_slots
     seen = (mask.q_segments[:, :, None] == kv_segments[:, None, :]) & (kv_segments[:, None, :] != 0)
-    delta = mask.q_slots[:, :, None] - kv_slots[None, None, :]
+    delta = mask.q_slots[:, :, None] - (kv_slots[None, None, :] if kv_slots.ndim == 1 else kv_slots[:, None, :])
     seen &= delta >= 0
     if window:
         seen &= delta < window

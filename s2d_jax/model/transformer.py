@@ -36,12 +36,13 @@ from s2d_jax.model.config import FULL, SLIDING, ModelConfig
 class KVCache(NamedTuple):
     """Preallocated keys/values per layer `[batch, kv_heads, slots, head_dim]` (slots = max_len, or the window
     for a ring layer), which slots hold a token `[batch, max_len]`, and the next slot to write (one index for the
-    whole batch: prompts are left-padded to a common length)."""
+    whole batch: prompts are left-padded to a common length; or one per row `[batch]`, for slots that started at
+    different times)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     valid: jax.Array  # [batch, max_len] bool
-    index: jax.Array  # [] int32
+    index: jax.Array  # [] or [batch] int32
 
     @classmethod
     def from_prefill(cls, cfg: ModelConfig, kvs, valid, max_len: int, dtype, constrain=lambda x: x) -> "KVCache":
@@ -192,9 +193,7 @@ class Attention(nnx.Module):
             keys, values = k, v
         else:  # write at slot `index` (mod the ring's size), then attend over the whole cache
             ck, cv = cache_kv
-            at = (0, 0, index % ck.shape[2], 0)
-            keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), at)
-            values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), at)
+            keys, values = (_write(c, x.astype(c.dtype), index % c.shape[2], 2) for c, x in ((ck, k), (cv, v)))
         out = attention_lib.attention(q, keys.astype(dt), values.astype(dt), mask, window=window, impl=impl,
                                       right_padded=right_padded, cached=cache_kv is not None,
                                       scale=cfg.query_scale ** -0.5 if cfg.query_scale else None,
@@ -301,7 +300,7 @@ class Transformer(nnx.Module):
             mask = attention_lib.Mask(seg, seg, jnp.broadcast_to(slots, (b, t)), slots)
             kw = dict(impl=cfg.attention, right_padded=right_padded or segment_ids is None)
         else:  # the new tokens' slots become valid first: each token sees itself and every valid slot before it
-            valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones(tokens.shape, bool), (0, cache.index))
+            valid = _write(cache.valid, jnp.ones(tokens.shape, bool), cache.index, 1)
             mask, masks = None, _cache_masks(cache, valid, t)  # one per cache length (full, or a ring)
             kw = dict(impl=cfg.attention)
 
@@ -365,7 +364,8 @@ def _cache_masks(cache: KVCache, valid: jax.Array, t: int) -> dict[int, attentio
     """Cache length -> the mask of `t` new tokens over a cache of that many slots (a ring when shorter)."""
     b, max_len = valid.shape
     q_seg = jnp.ones((b, t), jnp.int32)
-    q_slots = jnp.broadcast_to(cache.index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    first = cache.index[:, None] if cache.index.ndim else cache.index
+    q_slots = jnp.broadcast_to(first + jnp.arange(t, dtype=jnp.int32), (b, t))
     masks = {}
     for size in {k.shape[2] for k in cache.k}:
         if size == max_len:
@@ -373,8 +373,20 @@ def _cache_masks(cache: KVCache, valid: jax.Array, t: int) -> dict[int, attentio
             continue
         if t > 1:
             raise ValueError(f"a ring cache of {size} slots takes one token per step, got {t}")
-        held = ring_slots(cache.index + t, size)
-        seg = jnp.where(held >= 0, jnp.take(valid, jnp.clip(held, 0), axis=1), False)
+        if cache.index.ndim:  # each row its own ring position: [B, size]
+            held = jax.vmap(lambda end: ring_slots(end, size))(cache.index + t)
+            seg = jnp.where(held >= 0, jnp.take_along_axis(valid, jnp.clip(held, 0), axis=1), False)
+        else:
+            held = ring_slots(cache.index + t, size)
+            seg = jnp.where(held >= 0, jnp.take(valid, jnp.clip(held, 0), axis=1), False)
         masks[size] = attention_lib.Mask(q_seg, seg.astype(jnp.int32), q_slots, held)
     return masks
 
+
+def _write(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    """`new` written into `cache` along `axis` from slot `index`: one slot for the whole batch (`[]`), or each
+    row's own (`[B]`, continuous batching)."""
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(cache, new, tuple(index if a == axis else 0 for a in range(cache.ndim)))
+    row = lambda c, x, i: jax.lax.dynamic_update_slice(c, x, tuple(i if a == axis - 1 else 0 for a in range(c.ndim)))
+    return jax.vmap(row)(cache, new, index)

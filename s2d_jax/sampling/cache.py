@@ -1,0 +1,63 @@
+"""The sampler's KV cache on device: the prefill that fills it, resizing to the live slots, per-sample keys.
+
+The cache is `KVCache` (model/transformer.py): per layer `[rows, kv_heads, slots, head_dim]`, rows over the data
+axes and kv heads over `tensor` (CACHE_AXES, constrained explicitly). It holds only the slots that can hold
+tokens yet (prompt bucket + a few LIVE_BUCKETs), resized between decode calls, so attention reads no empty slots.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from s2d_jax import mesh as mesh_lib
+from s2d_jax.model.transformer import KVCache, cache_slots
+
+CACHE_AXES = ("batch", "kv_heads", None, None)
+LIVE_BUCKET = 128  # the cache holds a multiple of LIVE_BUCKET slots (past the prompt), stepped between decode calls
+TRACES = [0]  # jit traces of the sampler's device functions, process-wide: tests count compilations with it
+
+
+def constrain(cache: KVCache) -> KVCache:
+    return cache._replace(k=tuple(mesh_lib.constrain(k, CACHE_AXES) for k in cache.k),
+                          v=tuple(mesh_lib.constrain(v, CACHE_AXES) for v in cache.v))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n", "max_len"))
+def prefill(graphdef, state, tokens, positions, segments, n: int, max_len: int):
+    """Prefill `[B, P]` left-padded prompts once; return next-token logits and a cache of `B * n` rows and
+    `max_len` slots (the n samples of a prompt share its prefill)."""
+    TRACES[0] += 1
+    model = nnx.merge(graphdef, state)
+    hidden, kvs = model.forward(tokens, positions, segment_ids=segments)
+    logits = model.logits(hidden[:, -1])  # left padding: every prompt ends at the last column
+    repeat = lambda x: jnp.repeat(x, n, axis=0)
+    cache = KVCache.from_prefill(model.cfg, [(repeat(k), repeat(v)) for k, v in kvs], repeat(segments != 0), max_len,
+                                 jnp.dtype(model.cfg.dtype), lambda x: mesh_lib.constrain(x, CACHE_AXES))
+    return jnp.repeat(logits, n, axis=0), cache
+
+
+def layer_sizes(cfg, width: int) -> tuple[int, ...]:
+    """`(width, each layer's slots)`: a sliding layer's stops at its window (up to then a plain cache)."""
+    return (width,) + tuple(cache_slots(cfg, n, width) for n in range(cfg.num_layers))
+
+
+def resize(cache: KVCache, sizes: tuple[int, ...]) -> KVCache:
+    """The cache with `sizes[0]` slots (each layer `sizes[1 + n]`): padded with empty slots, or cut where every
+    row's written slots lie below the cut (the caller's promise)."""
+    fit = lambda x, n, axis: (jnp.pad(x, [(0, max(0, n - x.shape[axis])) if a == axis else (0, 0)
+                                          for a in range(x.ndim)])
+                              if n >= x.shape[axis] else jax.lax.slice_in_dim(x, 0, n, axis=axis))
+    return constrain(KVCache(tuple(fit(k, n, 2) for k, n in zip(cache.k, sizes[1:])),
+                             tuple(fit(v, n, 2) for v, n in zip(cache.v, sizes[1:])),
+                             fit(cache.valid, sizes[0], 1), cache.index))
+
+
+def sample_keys(seed: int, prompt_ids, sample_ids) -> jax.Array:
+    """One key per (prompt key, sample index): a sample's draws depend on nothing else (not its batch or slot)."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda p, s: jax.random.fold_in(jax.random.fold_in(base, p), s))(jnp.asarray(prompt_ids),
+                                                                                     jnp.asarray(sample_ids))

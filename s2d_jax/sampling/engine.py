@@ -1,0 +1,246 @@
+"""The rollout engine: a fixed number of slots decoding on device, refilled from a queue between chunks of steps.
+
+Each slot is one (prompt, sample) row of the KV cache with its own write index, position, step count, budget and
+PRNG key. The host loop (`generate`) alternates two device calls:
+
+- **insert**: waiting prompts are prefilled together (one row per prompt, however many samples it asks for),
+  and each prefilled row is copied into as many free slots as it has samples;
+- **decode**: up to `chunk` steps for every slot, until each is done (EOS, its budget) or the chunk ends.
+
+Between them the host retires finished slots (and rows that produced a stop string) and, with `continuous`, fills
+the freed slots at once; without it (static batches), only once every slot is free. A sample's token at step t is
+drawn with its own key folded with t, and its row never reads another row: results do not depend on which slot it
+had, its neighbours, the slot count or the device count. Every shape is bucketed (slots, prompt length, the live
+cache width in LIVE_BUCKET steps, prefill rows in powers of two), so compiles are bounded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections import deque
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from s2d_jax import mesh as mesh_lib
+from s2d_jax.distributed import fetch
+from s2d_jax.model.transformer import KVCache
+from s2d_jax.sampling import cache as cache_lib
+from s2d_jax.sampling.cache import LIVE_BUCKET, TRACES
+
+CHUNK = 16  # decode steps between host visits (retire, refill, stop strings)
+
+
+class Slots(NamedTuple):
+    """Every slot's decode state; lives on device between calls."""
+
+    done: jax.Array  # [S] bool: finished, or empty
+    count: jax.Array  # [S] tokens sampled so far
+    budget: jax.Array  # [S] tokens it may sample
+    logits: jax.Array  # [S, V] logits for its next token
+    positions: jax.Array  # [S] position of its next token
+    tokens: jax.Array  # [S, max_new] int32
+    logprobs: jax.Array  # [S, max_new] float32
+    keys: jax.Array  # [S] PRNG keys of its sample
+    cache: KVCache  # index [S]: each slot's next cache slot
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """What the device functions need to know of the model and the call (hashable: a static jit argument)."""
+
+    slots: int
+    max_new: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    dtype: str
+    pad_id: int
+
+
+def bucket(x: int, smallest: int) -> int:
+    return max(smallest, 1 << math.ceil(math.log2(max(x, 1))))
+
+
+def _rows(x):
+    return mesh_lib.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "sizes"))
+def empty(shape: Shape, sizes: tuple[int, ...]) -> Slots:
+    """Empty (done) slots with a cache of `sizes` (cache.layer_sizes)."""
+    TRACES[0] += 1
+    s = shape.slots
+    kv = lambda n: jnp.zeros((s, shape.kv_heads, n, shape.head_dim), jnp.dtype(shape.dtype))
+    cache = cache_lib.constrain(KVCache(tuple(kv(n) for n in sizes[1:]), tuple(kv(n) for n in sizes[1:]),
+                                        _rows(jnp.zeros((s, sizes[0]), bool)), _rows(jnp.zeros(s, jnp.int32))))
+    zeros = lambda *dims, dtype=jnp.int32: _rows(jnp.zeros((s,) + dims, dtype))
+    return Slots(_rows(jnp.ones(s, bool)), zeros(), zeros(), zeros(shape.vocab, dtype=jnp.float32), zeros(),
+                 _rows(jnp.full((s, shape.max_new), shape.pad_id, jnp.int32)), zeros(shape.max_new, dtype=jnp.float32),
+                 jax.random.split(jax.random.key(0), s), cache)
+
+
+@functools.partial(jax.jit, static_argnames=("pad_id",), donate_argnames=("slots",))
+def insert(slots: Slots, logits, cache: KVCache, src, dest, positions, budget, keys, pad_id: int) -> Slots:
+    """Slots `dest[r]` (>= slot count: no slot) take prefilled row `src[r]`: its cache row, next-token logits,
+    position, budget and key; their step count and tokens start afresh."""
+    TRACES[0] += 1
+    put = lambda old, new: old.at[dest].set(new, mode="drop")
+    c = slots.cache
+    new = KVCache(tuple(put(o, n[src]) for o, n in zip(c.k, cache.k)), tuple(put(o, n[src]) for o, n in zip(c.v, cache.v)),
+                  put(c.valid, cache.valid[src]), put(c.index, jnp.broadcast_to(cache.index, src.shape)))
+    return Slots(put(slots.done, False), put(slots.count, 0), put(slots.budget, budget), put(slots.logits, logits[src]),
+                 put(slots.positions, positions), put(slots.tokens, pad_id), put(slots.logprobs, 0.0),
+                 put(slots.keys, keys), cache_lib.constrain(new))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "method", "eos_ids", "pad_id", "logprobs"),
+                   donate_argnames=("slots",))
+def decode(graphdef, state, slots: Slots, steps, method, eos_ids: tuple[int, ...], pad_id: int,
+           logprobs: bool = False) -> Slots:
+    """Up to `steps` decode steps for every slot, fewer once all are done (the cache must have room for them).
+    `logprobs`: record each token's log probability (a log-softmax over the vocabulary, only when asked for)."""
+    TRACES[0] += 1
+    model = nnx.merge(graphdef, state)
+    eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
+    rows = jnp.arange(slots.done.shape[0])
+
+    def body(carry):
+        i, s = carry
+        live = ~s.done
+        token = method.select(s.logits, jax.vmap(jax.random.fold_in)(s.keys, s.count))
+        token = jnp.where(live, token, pad_id)
+        col = jnp.minimum(s.count, s.tokens.shape[1] - 1)
+        tokens = s.tokens.at[rows, col].set(jnp.where(live, token, s.tokens[rows, col]))
+        lps = s.logprobs
+        if logprobs:
+            lp = jnp.take_along_axis(jax.nn.log_softmax(s.logits, -1), token[:, None], -1)[:, 0]
+            lps = lps.at[rows, col].set(jnp.where(live, lp, lps[rows, col]))
+        count = s.count + live
+        done = s.done | jnp.isin(token, eos) | (count >= s.budget)
+        hidden, cache = model.forward(token[:, None], s.positions[:, None], cache=s.cache)
+        cache = cache_lib.constrain(cache._replace(index=jnp.where(live, cache.index, s.cache.index)))
+        return i + 1, Slots(done, count, s.budget, model.logits(hidden[:, 0]), s.positions + live, tokens, lps,
+                            s.keys, cache)
+
+    cond = lambda carry: (carry[0] < steps) & ~jnp.all(carry[1].done)
+    return jax.lax.while_loop(cond, body, (jnp.int32(0), slots))[1]
+
+
+@functools.partial(jax.jit, static_argnames=("sizes",))
+def resize(slots: Slots, sizes: tuple[int, ...]) -> Slots:
+    """The slots with a cache of `sizes` (not donated: no buffer of a new size could reuse the old ones)."""
+    TRACES[0] += 1
+    return slots._replace(cache=cache_lib.resize(slots.cache, sizes))
+
+
+@dataclasses.dataclass
+class Request:
+    """Samples `first .. first + count - 1` of prompt `prompt` (token ids `ids`), drawn with `keys`, each of at
+    most `budget` new tokens."""
+
+    prompt: int
+    ids: list[int]
+    first: int
+    count: int
+    keys: np.ndarray  # [count] key data
+    budget: int
+
+
+def generate(sampler, requests: list[Request], method, stop, want_logprobs: bool, continuous: bool, on_sample,
+             chunk: int = CHUNK) -> dict:
+    """Run `requests` through `sampler.max_batch` slots; call `on_sample(prompt, sample index, tokens, logprobs)`
+    as each sample finishes. Returns counts for benchmarks: decode steps, rows decoded, rows that were live."""
+    cfg = sampler.model.cfg
+    ctx = cfg.max_position_embeddings
+    n_slots = -(-sampler.max_batch // sampler.row_multiple) * sampler.row_multiple
+    shape = Shape(n_slots, bucket(max(q.budget for q in requests), 16), cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, str(jnp.dtype(cfg.dtype)),
+                  sampler.pad_id)
+    put = sampler._put
+    queue = deque(requests)
+    owner: list[tuple[int, int, int, int] | None] = [None] * n_slots  # (prompt, sample, prompt bucket, budget)
+    count = np.zeros(n_slots, np.int64)
+    width = LIVE_BUCKET
+    slots = empty(shape, cache_lib.layer_sizes(cfg, width))
+    stats = {"steps": 0, "rows": 0, "live_rows": 0}
+
+    def fit(need: int):
+        """Resize the cache to the bucket of `need` slots (grow or, once long rows are gone, shrink)."""
+        nonlocal slots, width
+        target = max(need, min(-(-need // LIVE_BUCKET) * LIVE_BUCKET, ctx))
+        if target != width:
+            slots, width = resize(slots, cache_lib.layer_sizes(cfg, target)), target
+
+    while queue or any(o is not None for o in owner):
+        free = [r for r in range(n_slots) if owner[r] is None]
+        if queue and (len(free) == n_slots or continuous and len(free) >= queue[0].count):
+            taken = []
+            while queue and sum(q.count for q in taken) + queue[0].count <= len(free):
+                taken.append(queue.popleft())
+            longest = max(len(q.ids) for q in taken)
+            p_len = max(min(bucket(longest, sampler.min_prompt_bucket), ctx - max(q.budget for q in taken)), longest)
+            live = [owner[r][2] + count[r] for r in range(n_slots) if owner[r] is not None]
+            fit(max(live + [p_len + 1]))
+            logits, new = _prefill(sampler, [q.ids for q in taken], p_len, width)
+            src = np.zeros(n_slots, np.int32)
+            dest = np.full(n_slots, n_slots, np.int32)
+            positions, budget = np.zeros(n_slots, np.int32), np.zeros(n_slots, np.int32)
+            keys = np.zeros((n_slots,) + taken[0].keys.shape[1:], taken[0].keys.dtype)
+            k = 0
+            for u, q in enumerate(taken):
+                for j in range(q.count):
+                    r = free[k]
+                    src[k], dest[k], positions[k], budget[k], keys[k] = u, r, len(q.ids), q.budget, q.keys[j]
+                    owner[r], count[r] = (q.prompt, q.first + j, p_len, q.budget), 0
+                    k += 1
+            slots = insert(slots, logits, new, put(src), put(dest), put(positions), put(budget),
+                           jax.random.wrap_key_data(put(keys)), pad_id=sampler.pad_id)
+        active = [r for r in range(n_slots) if owner[r] is not None]
+        fit(max(owner[r][2] + count[r] + 1 for r in active))
+        room = [width - owner[r][2] - count[r] for r in active if owner[r][2] + owner[r][3] > width]
+        steps = min([chunk] + room)
+        slots = decode(sampler.graphdef, sampler.state, slots, jnp.int32(steps), method=method,
+                       eos_ids=sampler.eos_ids, pad_id=sampler.pad_id, logprobs=want_logprobs)
+        done, new_count = np.array(fetch(slots.done)), fetch(slots.count).astype(np.int64)
+        ran = int((new_count - count)[active].max(initial=0))
+        stats["steps"] += ran
+        stats["rows"] += ran * n_slots
+        stats["live_rows"] += int((new_count - count)[active].sum())
+        count = new_count
+        finished = [r for r in active if done[r]]
+        if stop or finished:
+            tokens = fetch(slots.tokens)
+            if stop:
+                hits = [r for r in active if not done[r] and sampler._find_stop(tokens[r, :count[r]], stop) is not None]
+                if hits:
+                    done[hits] = True
+                    slots = slots._replace(done=put(done))
+                    finished += hits
+            lps = fetch(slots.logprobs) if want_logprobs else None
+            for r in sorted(finished):
+                prompt, sample = owner[r][:2]
+                on_sample(prompt, sample, tokens[r, :count[r]], None if lps is None else lps[r, :count[r]])
+                owner[r] = None
+    return stats
+
+
+def _prefill(sampler, rows: list[list[int]], p_len: int, width: int):
+    """Logits and a cache of `width` slots for `rows` (left-padded to `p_len`; rows bucketed to a power of two)."""
+    num = bucket(len(rows), 1)
+    while num % sampler.row_multiple:  # rows divide evenly over the mesh's data axes
+        num += 1
+    tokens = np.full((num, p_len), sampler.pad_id, np.int32)
+    positions, segments = np.zeros((num, p_len), np.int32), np.zeros((num, p_len), np.int32)
+    for r, row in enumerate(rows):
+        pad = p_len - len(row)
+        tokens[r, pad:], positions[r, pad:], segments[r, pad:] = row, np.arange(len(row)), 1
+    segments[len(rows):, -1] = 1  # filler rows: one dummy token, so no row is empty
+    sampler.prefill_rows += len(rows)
+    put = sampler._put
+    return cache_lib.prefill(sampler.graphdef, sampler.state, put(tokens), put(positions), put(segments), n=1,
+                             max_len=width)

@@ -1,0 +1,109 @@
+"""The rollout engine: continuous batching returns what static batches return, whatever the slots, neighbours or
+devices; rows refilled mid-flight (sliding-window rings included) match transformers; compiles stay bounded."""
+
+import string
+
+import numpy as np
+import pytest
+
+import s2d_jax
+from s2d_jax.model import PRESETS, init_model
+from s2d_jax.sampling import Sampler
+from s2d_jax.tokenizer import byte_tokenizer
+from conftest import FAMILIES
+
+PROMPTS = ["a", "The quick brown fox", "0123456789 abcdefghij klmnop", "xyz xyz", "hello there", "Q: 2+2?",
+           "lorem ipsum dolor sit amet", "z", "one two three four five six", "~~", "System 2", "abcabcabcabc"]
+STOP = list(string.ascii_lowercase[:12])  # frequent enough that rows stop at many different steps
+
+
+@pytest.fixture(scope="module")
+def ragged():
+    """The tiny model with 10 EOS ids: sampled rows end at very different steps."""
+    cfg = PRESETS["tiny"].replace(eos_token_ids=tuple(range(100, 110)))
+    return init_model(cfg, seed=1), byte_tokenizer()
+
+
+def _ids(out):
+    return [[s.token_ids for s in row] for row in out]
+
+
+def test_continuous_batching_returns_what_static_batches_return_whatever_the_slots(ragged):
+    model, tok = ragged
+    kw = dict(n=3, temperature=1.0, max_new_tokens=40, seed=7, progress=False)
+    static = Sampler(model, tok, max_batch=32, continuous=False)
+    ref = static.generate(PROMPTS, **kw)
+    lengths = [s.num_tokens for row in ref for s in row]
+    assert min(lengths) < 10 and max(lengths) == 40  # a ragged workload: the point of refilling slots
+    for slots in (2, 5, 8):
+        sampler = Sampler(model, tok, max_batch=slots)
+        assert _ids(sampler.generate(PROMPTS, **kw)) == _ids(ref), f"{slots} slots"
+    few_static = Sampler(model, tok, max_batch=8, continuous=False)
+    few = Sampler(model, tok, max_batch=8)
+    assert _ids(few_static.generate(PROMPTS, **kw)) == _ids(few.generate(PROMPTS, **kw)) == _ids(ref)
+    useful = lambda s: s.last_stats["live_rows"] / s.last_stats["rows"]
+    assert few.last_stats["live_rows"] == few_static.last_stats["live_rows"] == sum(lengths)
+    assert useful(few) > useful(few_static)  # refilled slots decode fewer dead rows
+
+
+def test_stop_strings_and_eos_in_continuous_mode(ragged):
+    model, tok = ragged
+    kw = dict(n=2, temperature=1.0, max_new_tokens=32, seed=3, stop=STOP, progress=False)
+    ref = Sampler(model, tok, max_batch=32, continuous=False).generate(PROMPTS, **kw)
+    out = Sampler(model, tok, max_batch=3).generate(PROMPTS, **kw)
+    assert [[(s.text, s.token_ids, s.finish_reason) for s in r] for r in out] == \
+        [[(s.text, s.token_ids, s.finish_reason) for s in r] for r in ref]
+    by_string = [s for r in out for s in r if s.finish_reason == "stop" and s.token_ids[-1] not in range(100, 110)]
+    by_eos = [s for r in out for s in r if s.token_ids and s.token_ids[-1] in range(100, 110)]
+    assert by_string and by_eos
+    assert all(not any(c in s.text for c in STOP) for s in by_string)
+
+
+def test_a_prompts_greedy_output_is_the_same_alone_and_in_any_slot(ragged):
+    model, tok = ragged
+    alone = [Sampler(model, tok, max_batch=1).generate([p], max_new_tokens=24, progress=False)[0][0].token_ids
+             for p in PROMPTS]
+    for slots in (3, 32):
+        together = Sampler(model, tok, max_batch=slots).generate(PROMPTS, max_new_tokens=24, progress=False)
+        assert [s.token_ids for (s,) in together] == alone
+
+
+def test_compiles_are_bounded_by_buckets_not_by_prompts(ragged):
+    model, tok = ragged
+    sampler = Sampler(model, tok, max_batch=4)
+    kw = dict(temperature=1.0, max_new_tokens=30, progress=False)
+    for count in (1, 2, 4, 12):  # every prefill size bucket a refill can ask for, at this prompt bucket
+        sampler.generate(PROMPTS[:count], seed=count, **kw)
+    before = Sampler.traces()
+    many = [p + str(k) for k in range(8) for p in PROMPTS]  # 96 prompts, other lengths, same buckets
+    out = sampler.generate(many, n=2, seed=11, **kw)
+    assert len(out) == 96 and Sampler.traces() == before
+
+
+@pytest.mark.parametrize("family", [f for f, (_, extra) in FAMILIES.items()
+                                    if "sliding_window" in extra or "layer_types" in extra])
+def test_rows_refilled_mid_flight_match_transformers(hf_models, family):
+    """Two slots and a budget per prompt: later prompts enter while others decode, each row with its own cache
+    index and position, sliding-window rings (shorter than the rows) included."""
+    from test_sampler import _hf_greedy
+
+    path, ref = hf_models[family]
+    tok = byte_tokenizer()
+    sampler = Sampler(s2d_jax.load_model(path), tok, max_batch=2)
+    budgets = [3 + 5 * (k % 4) for k in range(len(PROMPTS))]  # 3, 8, 13, 18 tokens
+    out = sampler.generate(PROMPTS, max_new_tokens=budgets, progress=False)
+    for prompt, budget, (sample,) in zip(PROMPTS, budgets, out):
+        expected = _hf_greedy(ref, tok(prompt).input_ids, budget, sampler.eos_ids, sampler.pad_id)
+        ends = [k + 1 for k, t in enumerate(expected) if t in sampler.eos_ids]  # HF pads after the first EOS
+        assert sample.token_ids == expected[:ends[0] if ends else budget], prompt
+
+
+def test_eight_devices_continuous_equals_one(ragged):
+    model, tok = ragged
+    mesh = s2d_jax.make_mesh(data=4, fsdp=1, tensor=2)
+    sharded = init_model(model.cfg, seed=1, mesh=mesh)
+    kw = dict(n=2, temperature=0.9, max_new_tokens=24, seed=5, progress=False)
+    one = Sampler(model, tok, max_batch=3).generate(PROMPTS, **kw)
+    eight = Sampler(sharded, tok, mesh=mesh, max_batch=6).generate(PROMPTS, **kw)  # 8 slots: a multiple of 4 rows
+    assert _ids(one) == _ids(eight)
+    assert np.mean([s.num_tokens for r in one for s in r]) < 24
