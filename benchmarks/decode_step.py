@@ -1,8 +1,9 @@
-"""Where a decode step's time goes: the sampler's decode step (one iteration of its loop) at batch B with a cache
-of S slots of which `live` hold tokens, against the same step's matmuls alone (every layer's projections and the
-LM head on [B, 1, d] rows, jitted the same way, measured in the same run). Random weights at a preset's shape.
-Three steps: a cache of `--slots` with log-probabilities (the sampler before: the whole budget preallocated),
-the same without, and a cache of only the LIVE_BUCKET-rounded live slots without (the sampler now).
+"""Where a decode step's time goes: the engine's decode step (one iteration of its loop: every slot writes its own
+cache index) at batch B with a cache of S slots of which `live` hold tokens, against the same step's matmuls alone
+(every layer's projections and the LM head on [B, 1, d] rows, jitted the same way, measured in the same run).
+Random weights at a preset's shape. Three steps: a cache of `--slots` with log-probabilities (the sampler before
+stop 12: the whole budget preallocated), the same without, and a cache of only the LIVE_BUCKET-rounded live slots
+without (the engine now).
 
     python benchmarks/decode_step.py --preset smollm2-135m --batches 32,64 --slots 512 --live 300
 """
@@ -22,7 +23,8 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from s2d_jax.model import KVCache, PRESETS, init_model  # noqa: E402
-from s2d_jax.sampling.sampler import LIVE_BUCKET, Loop, _decode  # noqa: E402
+from s2d_jax.sampling.cache import LIVE_BUCKET  # noqa: E402
+from s2d_jax.sampling.engine import Slots, decode  # noqa: E402
 from s2d_jax.sampling.select import Greedy  # noqa: E402
 
 
@@ -63,19 +65,19 @@ def decode_step(cfg, graphdef, state, batch: int, slots: int, live: int, logprob
     ks = tuple(jnp.asarray(rng.normal(size=shape) * 0.1, dt) for _ in range(cfg.num_layers))
     vs = tuple(jnp.asarray(rng.normal(size=shape) * 0.1, dt) for _ in range(cfg.num_layers))
     valid = jnp.asarray(np.arange(slots)[None].repeat(batch, 0) < live)
-    cache = KVCache(ks, vs, valid, jnp.int32(live))
+    cache = KVCache(ks, vs, valid, jnp.full((batch,), live, jnp.int32))
     new = slots - live
-    state_box = {"loop": Loop(jnp.int32(0), jnp.zeros(batch, bool), jnp.zeros((batch, cfg.vocab_size), jnp.float32),
-                              jnp.full((batch,), live, jnp.int32), jnp.zeros((batch, new), jnp.int32),
-                              jnp.zeros((batch, new), jnp.float32), jax.random.split(jax.random.key(0), batch),
-                              cache)}
+    state_box = {"slots": Slots(jnp.zeros(batch, bool), jnp.zeros(batch, jnp.int32), jnp.full((batch,), new, jnp.int32),
+                                jnp.zeros((batch, cfg.vocab_size), jnp.float32), jnp.full((batch,), live, jnp.int32),
+                                jnp.zeros((batch, new), jnp.int32), jnp.zeros((batch, new), jnp.float32),
+                                jax.random.split(jax.random.key(0), batch), cache)}
     kwargs = dict(method=Greedy(), eos_ids=(-1,), pad_id=0, logprobs=logprobs)
 
-    def run():  # one step; the cache index advances by one each call (a few slots over `reps`)
-        loop = state_box["loop"]
-        if int(loop.step) >= new - 1:
+    def run():  # one step; each slot's cache index advances by one each call (a few slots over `reps`)
+        s = state_box["slots"]
+        if int(s.count[0]) >= new - 1:
             raise RuntimeError("out of slots: raise --slots or lower --reps")
-        state_box["loop"] = jax.block_until_ready(_decode(graphdef, state, loop, loop.step + 1, **kwargs))
+        state_box["slots"] = jax.block_until_ready(decode(graphdef, state, s, jnp.int32(1), **kwargs))
 
     return run
 

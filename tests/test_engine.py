@@ -107,3 +107,55 @@ def test_eight_devices_continuous_equals_one(ragged):
     eight = Sampler(sharded, tok, mesh=mesh, max_batch=6).generate(PROMPTS, **kw)  # 8 slots: a multiple of 4 rows
     assert _ids(one) == _ids(eight)
     assert np.mean([s.num_tokens for r in one for s in r]) < 24
+
+
+def _stage_by_stage(program, examples, sampler, n, seed, budgets, **sampling):
+    """The runner before the engine streamed programs: one `generate` call per stage over every sample (with the
+    same keys), a barrier between stages. Returns each record's stage outputs."""
+    from s2d_jax.system2.programs import PARAMS, _key, plan_items
+
+    states = [{**PARAMS, "input": e.input, **e.meta} for e in examples for _ in range(n)]
+    ids = [(e.id, j) for e in examples for j in range(n)]
+    outputs = [[] for _ in states]
+    for index, stage in enumerate(program.stages):
+        call = dict(max_new_tokens=budgets[stage.name], seed=seed * 1000 + index, progress=False, **sampling)
+        if index == 0:
+            outs = sampler.generate([stage.template.format(**states[i * n]) for i in range(len(examples))], n=n,
+                                    prompt_keys=[_key(e.id) for e in examples], **call)
+            flat = [o for row in outs for o in row]
+        elif stage.fan_out:
+            jobs = [(r, item) for r, st in enumerate(states) for item in plan_items(st[stage.fan_out], 5)]
+            outs = sampler.generate([stage.template.format(**states[r], item=item) for r, item in jobs],
+                                    prompt_keys=[_key(*ids[r], item) for r, item in jobs], **call)
+            for r, st in enumerate(states):
+                mine = [(item, o) for (q, item), (o,) in zip(jobs, outs) if q == r]
+                outputs[r] += [o.text for _, o in mine]
+                st[stage.name] = "\n\n".join(f"Criterion: {item}\n{o.text.strip()}" for item, o in mine)
+            continue
+        else:
+            outs = sampler.generate([stage.template.format(**st) for st in states],
+                                    prompt_keys=[_key(*i) for i in ids], **call)
+            flat = [o for (o,) in outs]
+        for st, out, o in zip(states, outputs, flat):
+            st[stage.name] = o.text
+            out.append(o.text)
+    return outputs
+
+
+@pytest.mark.parametrize("name", ["rar2", "bsm"])
+def test_pipelined_programs_give_the_records_of_stage_by_stage_calls(ragged, name):
+    from s2d_jax.system2.programs import get_program, run_program
+    from s2d_jax.system2.tasks.base import Example
+
+    model, tok = ragged
+    program = get_program(name)
+    meta = lambda k: {"question": f"Q{k}?", "response_a": "yes " * k, "response_b": "no"} if name == "bsm" else {}
+    examples = [Example(f"e{k}", p, meta=meta(k)) for k, p in enumerate(PROMPTS[:5])]
+    budgets = {s.name: 6 + 4 * i for i, s in enumerate(program.stages)}
+    sampling = dict(temperature=1.0)
+    sampler = Sampler(model, tok, max_batch=4)
+    records = run_program(program, examples, sampler, 3, parse=lambda t: t, seed=2, chat=False, budgets=budgets,
+                          progress=False, **sampling)
+    expected = _stage_by_stage(program, examples, Sampler(model, tok, max_batch=32), 3, 2, budgets, **sampling)
+    assert [[s["output"] for s in r["stages"]] for r in records] == expected
+    assert [(r["id"], r["sample"]) for r in records] == [(e.id, j) for e in examples for j in range(3)]

@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from s2d_jax import mesh as mesh_lib
@@ -56,8 +57,16 @@ def resize(cache: KVCache, sizes: tuple[int, ...]) -> KVCache:
                              fit(cache.valid, sizes[0], 1), cache.index))
 
 
-def sample_keys(seed: int, prompt_ids, sample_ids) -> jax.Array:
-    """One key per (prompt key, sample index): a sample's draws depend on nothing else (not its batch or slot)."""
-    base = jax.random.key(seed)
-    return jax.vmap(lambda p, s: jax.random.fold_in(jax.random.fold_in(base, p), s))(jnp.asarray(prompt_ids),
-                                                                                     jnp.asarray(sample_ids))
+def sample_keys(seeds, prompt_ids, sample_ids) -> jax.Array:
+    """One key per (seed, prompt key, sample index): a sample's draws depend on nothing else (not its batch, slot
+    or the time it was queued). Rows are padded to a power of two, so compiles stay few."""
+    n = len(sample_ids)
+    size = 1 << max(n - 1, 0).bit_length()
+    pad = lambda x: np.pad(np.asarray(x, np.int64).astype(np.uint32), (0, size - n))
+    return _keys(pad(np.broadcast_to(seeds, (n,))), pad(prompt_ids), pad(sample_ids))[:n]
+
+
+@jax.jit
+def _keys(seeds, prompt_ids, sample_ids):
+    make = lambda seed, p, s: jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), p), s)
+    return jax.vmap(make)(seeds, prompt_ids, sample_ids)

@@ -139,6 +139,14 @@ def resize(slots: Slots, sizes: tuple[int, ...]) -> Slots:
     return slots._replace(cache=cache_lib.resize(slots.cache, sizes))
 
 
+@functools.partial(jax.jit, static_argnames=("max_new",))
+def widen(slots: Slots, max_new: int) -> Slots:
+    """Room for `max_new` tokens per slot."""
+    TRACES[0] += 1
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, max_new - x.shape[1])))
+    return slots._replace(tokens=pad(slots.tokens), logprobs=pad(slots.logprobs))
+
+
 @dataclasses.dataclass
 class Request:
     """Samples `first .. first + count - 1` of prompt `prompt` (token ids `ids`), drawn with `keys`, each of at
@@ -152,17 +160,17 @@ class Request:
     budget: int
 
 
-def generate(sampler, requests: list[Request], method, stop, want_logprobs: bool, continuous: bool, on_sample,
+def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuous: bool, on_sample,
              chunk: int = CHUNK) -> dict:
-    """Run `requests` through `sampler.max_batch` slots; call `on_sample(prompt, sample index, tokens, logprobs)`
-    as each sample finishes. Returns counts for benchmarks: decode steps, rows decoded, rows that were live."""
+    """Run the requests of `queue` through `sampler.max_batch` slots; call `on_sample(prompt, sample index, tokens,
+    logprobs)` as each sample finishes (it may append requests to `queue`). Returns counts for benchmarks: decode
+    steps, rows decoded, rows that were live."""
     cfg = sampler.model.cfg
     ctx = cfg.max_position_embeddings
     n_slots = -(-sampler.max_batch // sampler.row_multiple) * sampler.row_multiple
-    shape = Shape(n_slots, bucket(max(q.budget for q in requests), 16), cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, str(jnp.dtype(cfg.dtype)),
+    shape = Shape(n_slots, bucket(max(q.budget for q in queue), 16), cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, str(jnp.dtype(cfg.dtype)),
                   sampler.pad_id)
     put = sampler._put
-    queue = deque(requests)
     owner: list[tuple[int, int, int, int] | None] = [None] * n_slots  # (prompt, sample, prompt bucket, budget)
     count = np.zeros(n_slots, np.int64)
     width = LIVE_BUCKET
@@ -182,6 +190,9 @@ def generate(sampler, requests: list[Request], method, stop, want_logprobs: bool
             taken = []
             while queue and sum(q.count for q in taken) + queue[0].count <= len(free):
                 taken.append(queue.popleft())
+            if max(q.budget for q in taken) > shape.max_new:  # a later stage with a larger budget
+                shape = dataclasses.replace(shape, max_new=bucket(max(q.budget for q in taken), 16))
+                slots = widen(slots, shape.max_new)
             longest = max(len(q.ids) for q in taken)
             p_len = max(min(bucket(longest, sampler.min_prompt_bucket), ctx - max(q.budget for q in taken)), longest)
             live = [owner[r][2] + count[r] for r in range(n_slots) if owner[r] is not None]

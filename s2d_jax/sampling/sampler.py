@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,29 @@ class Sample:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     logprobs: list[float] | None = None
     prompt_tokens: int = 0  # tokens of the prompt as the model read it (chat template included)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """`n` samples of one prompt; sample j draws from the key (seed, key, first_sample + j). `tag`: the caller's."""
+
+    prompt: str
+    n: int = 1
+    key: int = 0
+    seed: int = 0
+    max_new_tokens: int = 64
+    first_sample: int = 0
+    tag: Any = None
+
+
+def job_keys(jobs: Sequence[Job]) -> list[np.ndarray]:
+    """Each job's `[n, key data]` sample keys, computed in one device call."""
+    counts = [job.n for job in jobs]
+    seeds = np.repeat([job.seed for job in jobs], counts)
+    prompts = np.repeat([int(job.key) % (1 << 31) for job in jobs], counts)
+    samples = np.concatenate([np.arange(job.n) + job.first_sample for job in jobs])
+    data = np.asarray(jax.random.key_data(sample_keys(seeds, prompts, samples)))
+    return np.split(data, np.cumsum(counts)[:-1])
 
 
 class Sampler:
@@ -76,50 +101,84 @@ class Sampler:
         if isinstance(prompts, str):
             raise S2DError("prompts: expected a list of strings, got one string")
         budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        if len(budgets) != len(prompts):
-            raise S2DError(f"max_new_tokens: {len(budgets)} budgets for {len(prompts)} prompts")
-        if n < 1 or min(budgets, default=1) < 1:
-            raise S2DError(f"n={n}, max_new_tokens={max_new_tokens}: both must be >= 1")
+        key_ids = list(range(len(prompts))) if prompt_keys is None else list(prompt_keys)
+        for name, values in (("max_new_tokens", budgets), ("prompt_keys", key_ids)):
+            if len(values) != len(prompts):
+                raise S2DError(f"{name}: {len(values)} values for {len(prompts)} prompts")
+        jobs = [Job(p, n, k, seed, b, first_sample, tag=i) for i, (p, k, b) in enumerate(zip(prompts, key_ids, budgets))]
+        out: list[list[Sample]] = [[] for _ in prompts]
+
+        def on_done(job, samples):
+            out[job.tag] = samples
+
+        self.stream(jobs, on_done, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop, chat=chat,
+                    logprobs=logprobs, progress=progress)
+        return out
+
+    def stream(self, jobs: Sequence[Job], on_done: Callable[[Job, list[Sample]], Sequence[Job] | None], *,
+               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+               stop: Sequence[str] | None = None, chat: bool = False, logprobs: bool = False,
+               progress: bool = True) -> None:
+        """Run `jobs` through the engine; as each job's samples are all done, `on_done(job, samples)` is called
+        and the jobs it returns join the queue (a program's next stage starts the moment its previous one ends,
+        with no barrier between stages). A job's samples do not depend on when it was queued."""
         method = make_method(temperature, top_k, top_p)
-        if not prompts:
-            return []
-        texts = [chat_prompt(self.tokenizer, p) if chat else p for p in prompts]
-        ids = [self.tokenizer(t, add_special_tokens=not chat).input_ids for t in texts]
-        limit = self.model.cfg.max_position_embeddings
-        for i, row in enumerate(ids):
-            if not row:
-                raise S2DError(f"prompt {i}: empty after tokenization")
-            if len(row) + budgets[i] > limit:
-                raise S2DError(f"prompt {i}: {len(row)} tokens + max_new_tokens={budgets[i]} = "
-                               f"{len(row) + budgets[i]} exceeds the model's context of {limit} positions")
-        key_ids = list(range(len(ids))) if prompt_keys is None else [int(k) % (1 << 31) for k in prompt_keys]
-        if len(key_ids) != len(ids):
-            raise S2DError(f"prompt_keys: {len(key_ids)} keys for {len(ids)} prompts")
         slots = -(-self.max_batch // self.row_multiple) * self.row_multiple
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths share a prefill bucket
-        keys = np.asarray(jax.random.key_data(sample_keys(
-            seed, np.repeat(np.asarray(key_ids), n), np.tile(np.arange(n) + first_sample, len(ids))))).reshape(
-            len(ids), n, -1)
-        requests = [engine.Request(i, ids[i], a, min(slots, n - a), keys[i, a:a + slots], budgets[i])
-                    for i in order for a in range(0, n, slots)]
-        out: list[list[Sample | None]] = [[None] * n for _ in ids]
-        left = [n] * len(ids)
-        bar = tqdm(total=len(ids), desc="sampling", unit="prompt", disable=not progress or jax.process_index() != 0)
-        generated, start = 0, time.perf_counter()
+        queue: deque = deque()
+        pending: dict[int, list] = {}  # handle -> [job, prompt tokens, samples]
+        bar = tqdm(desc="sampling", unit="call", disable=not progress or jax.process_index() != 0)
+        counts = {"handles": 0, "generated": 0, "start": time.perf_counter()}
 
-        def on_sample(i, sample, tokens, lps):
-            nonlocal generated
-            out[i][sample - first_sample] = s = self._finish(tokens, lps, stop, logprobs, len(ids[i]))
-            generated += s.num_tokens
-            left[i] -= 1
-            if not left[i]:
+        def enqueue(new: Sequence[Job]) -> None:
+            if not new:
+                return
+            ids = self._encode(new, chat, counts["handles"])
+            keys = job_keys(new)
+            order = sorted(range(len(new)), key=lambda i: -len(ids[i]))  # similar lengths share a prefill bucket
+            for i in order:
+                job, handle = new[i], counts["handles"] + i
+                pending[handle] = [job, len(ids[i]), [None] * job.n]
+                queue.extend(engine.Request(handle, ids[i], a, min(slots, job.n - a), keys[i][a:a + slots],
+                                            job.max_new_tokens) for a in range(0, job.n, slots))
+            counts["handles"] += len(new)
+            bar.total = (bar.total or 0) + len(new)
+            bar.refresh()
+
+        def on_sample(handle, sample, tokens, lps):
+            entry = pending[handle]
+            job = entry[0]
+            entry[2][sample] = s = self._finish(tokens, lps, stop, logprobs, entry[1])
+            counts["generated"] += s.num_tokens
+            if all(x is not None for x in entry[2]):
+                del pending[handle]
                 bar.update(1)
-                bar.set_postfix(tokens_per_s=f"{generated / (time.perf_counter() - start):.0f}")
+                bar.set_postfix(tokens_per_s=f"{counts['generated'] / (time.perf_counter() - counts['start']):.0f}")
+                enqueue(list(on_done(job, entry[2]) or ()))
 
+        enqueue(list(jobs))
+        if not queue:
+            return bar.close()
         with self._mesh_context():
-            self.last_stats = engine.generate(self, requests, method, stop, logprobs, self.continuous,
-                                              on_sample)
+            self.last_stats = engine.generate(self, queue, method, stop, logprobs, self.continuous, on_sample)
         bar.close()
+
+    def _encode(self, jobs: Sequence[Job], chat: bool, first_handle: int) -> list[list[int]]:
+        """Token ids of each job's prompt (with the chat template when `chat`), checked against the context."""
+        limit = self.model.cfg.max_position_embeddings
+        out = []
+        for i, job in enumerate(jobs):
+            if not isinstance(job.prompt, str):
+                raise S2DError(f"prompt {first_handle + i}: expected a string, got {type(job.prompt).__name__}")
+            if job.n < 1 or job.max_new_tokens < 1:
+                raise S2DError(f"n={job.n}, max_new_tokens={job.max_new_tokens}: both must be >= 1")
+            text = chat_prompt(self.tokenizer, job.prompt) if chat else job.prompt
+            row = self.tokenizer(text, add_special_tokens=not chat).input_ids
+            if not row:
+                raise S2DError(f"prompt {first_handle + i}: empty after tokenization")
+            if len(row) + job.max_new_tokens > limit:
+                raise S2DError(f"prompt {first_handle + i}: {len(row)} tokens + max_new_tokens={job.max_new_tokens} = "
+                               f"{len(row) + job.max_new_tokens} exceeds the model's context of {limit} positions")
+            out.append(row)
         return out
 
     def _finish(self, tokens, logprobs, stop, want_logprobs, prompt_tokens: int) -> Sample:

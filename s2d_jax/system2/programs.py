@@ -1,6 +1,6 @@
 """System 2 programs as data: a list of stages, each a prompt template filled from the example and the outputs
-of earlier stages. `run_program` executes any program with one batched `Sampler.generate` call per stage over all
-(example, sample) pairs; adding a program touches no runner code.
+of earlier stages. `run_program` executes any program as a stream of calls to the rollout engine (a sample's next
+stage starts when its previous one ends); adding a program touches no runner code.
 
 Template fields: `{input}` (the task input), any key of the example's `meta` (e.g. BSM's `{question}`,
 `{response_a}`, `{response_b}`), the program's parameters (BSM's `{criteria}`) and the name of every earlier stage.
@@ -174,45 +174,71 @@ def run_program(program: Program, examples, sampler, n: int, *, parse, seed: int
                 budgets: dict[str, int] | None = None, params: dict | None = None, progress: bool = True,
                 first_sample: int = 0, **sampling) -> list[dict]:
     """Rollouts of `program` on `examples`, `n` samples each, as `rollouts.jsonl` records, in (example, sample)
-    order. Stage 1 draws the n samples from one shared prefill per example; each later stage is one batched
-    call over all (example, sample[, item]) prompts, continuing each sample's own chain. `budgets` maps a stage
-    to its token budget (default: `program.budgets()`); `params` fills the program's parameters; the samples are
+    order. Stage 1 draws the n samples from one shared prefill per example; a sample's next stage is queued the
+    moment its previous stage ends (the engine streams them: no barrier between stages), each call keyed by its
+    example, sample and stage, so the records are what stage-by-stage calls would give. `budgets` maps a stage to
+    its token budget (default: `program.budgets()`); `params` fills the program's parameters; the samples are
     numbered (and keyed) from `first_sample`."""
+    from s2d_jax.sampling.sampler import Job
+
     program.check(sorted({k for e in examples for k in e.meta}))
     budgets = budgets or program.budgets()
     params = {**PARAMS, **(params or {})}
     states = [{**params, "input": e.input, **e.meta} for e in examples for _ in range(n)]
     records = [{"id": e.id, "sample": first_sample + j, "input": e.input, "stages": []} for e in examples
                for j in range(n)]
-    for index, stage in enumerate(program.stages):
-        call = dict(max_new_tokens=budgets[stage.name], seed=seed * 1000 + index, chat=chat, progress=progress,
-                    **sampling)
-        if stage.fan_out:
-            jobs = [(r, item) for r, st in enumerate(states)
-                    for item in plan_items(st[stage.fan_out], params["criteria"])]
-            prompts = [stage.template.format(**states[r], item=item) for r, item in jobs]
-            keys = [_key(records[r]["id"], records[r]["sample"], item) for r, item in jobs]
-            outs = sampler.generate(prompts, n=1, prompt_keys=keys, **call)
-            joined: dict[int, list[str]] = {}
-            for (r, item), (out,), prompt in zip(jobs, outs, prompts):
-                joined.setdefault(r, []).append(f"Criterion: {item}\n{out.text.strip()}")
-                records[r]["stages"].append(_stage_record(stage, prompt, out, item=item))
-            for r, st in enumerate(states):
-                st[stage.name] = "\n\n".join(joined.get(r, []))
-            continue
-        if index == 0:  # every sample of an example has the same first prompt: one prefill, n samples
-            prompts = [stage.template.format(**states[i * n]) for i in range(len(examples))]
-            outs = sampler.generate(prompts, n=n, prompt_keys=[_key(e.id) for e in examples],
-                                    first_sample=first_sample, **call)
-            flat = [(prompts[i], outs[i][j]) for i in range(len(examples)) for j in range(n)]
-        else:
-            prompts = [stage.template.format(**st) for st in states]
-            keys = [_key(r["id"], r["sample"]) for r in records]
-            outs = sampler.generate(prompts, n=1, prompt_keys=keys, **call)
-            flat = [(p, o[0]) for p, o in zip(prompts, outs)]
-        for st, rec, (prompt, out) in zip(states, records, flat):
-            st[stage.name] = out.text
-            rec["stages"].append(_stage_record(stage, prompt, out))
+    parts: dict[int, list] = {}  # record -> a fan-out stage's (item, prompt, output), in item order
+
+    def call(index: int, prompt: str, key: int, tag, **extra) -> Job:
+        return Job(prompt, key=key, seed=seed * 1000 + index, max_new_tokens=budgets[program.stages[index].name],
+                   tag=(index,) + tag, **extra)
+
+    def start(index: int, r: int) -> list[Job]:
+        """Record r's call(s) of stage `index` (none once its chain is complete)."""
+        if index == len(program.stages):
+            return []
+        stage, rec = program.stages[index], records[r]
+        if not stage.fan_out:
+            return [call(index, stage.template.format(**states[r]), _key(rec["id"], rec["sample"]), (r,))]
+        items = plan_items(states[r][stage.fan_out], params["criteria"])
+        if not items:
+            states[r][stage.name] = ""
+            return start(index + 1, r)
+        parts[r] = [None] * len(items)
+        return [call(index, stage.template.format(**states[r], item=item), _key(rec["id"], rec["sample"], item),
+                     (r, k, item)) for k, item in enumerate(items)]
+
+    def on_done(job, outs) -> list[Job]:
+        index, r, *fan = job.tag
+        stage = program.stages[index]
+        if index == 0:  # every sample of example r: one shared prefill, n samples
+            follow = []
+            for j, out in enumerate(outs):
+                follow += finish(stage, r * n + j, job.prompt, out, index)
+            return follow
+        if not fan:
+            return finish(stage, r, job.prompt, outs[0], index)
+        k, item = fan
+        parts[r][k] = (item, job.prompt, outs[0])
+        if any(p is None for p in parts[r]):
+            return []
+        done = parts.pop(r)
+        for item, prompt, out in done:
+            records[r]["stages"].append(_stage_record(stage, prompt, out, item=item))
+        states[r][stage.name] = "\n\n".join(f"Criterion: {item}\n{out.text.strip()}" for item, _, out in done)
+        return start(index + 1, r)
+
+    def finish(stage, r, prompt, out, index) -> list[Job]:
+        states[r][stage.name] = out.text
+        records[r]["stages"].append(_stage_record(stage, prompt, out))
+        return start(index + 1, r)
+
+    first = program.stages[0]
+    if first.fan_out:
+        raise S2DError(f"program {program.name!r}: its first stage cannot fan out")
+    jobs = [call(0, first.template.format(**states[i * n]), _key(e.id), (i,), n=n, first_sample=first_sample)
+            for i, e in enumerate(examples)]
+    sampler.stream(jobs, on_done, chat=chat, progress=progress, **sampling)
     for rec in records:
         final = rec["stages"][-1]["output"]
         rec["answer"] = parse(final)
