@@ -87,11 +87,13 @@ def empty(shape: Shape, sizes: tuple[int, ...]) -> Slots:
 
 @functools.partial(jax.jit, static_argnames=("pad_id",), donate_argnames=("slots",))
 def insert(slots: Slots, logits, cache: KVCache, src, dest, positions, budget, keys, pad_id: int) -> Slots:
-    """Slots `dest[r]` (>= slot count: no slot) take prefilled row `src[r]`: its cache row, next-token logits,
-    position, budget and key; their step count and tokens start afresh."""
+    """Slots `dest[r]` (>= slot count: no slot) take prefilled row `src[r]`: its cache row (padded to the slots'
+    sizes with empty slots), next-token logits, position, budget and key; their step count and tokens start
+    afresh. The prefill's cache has only its prompt's slots, so one prefill compile serves every cache width."""
     TRACES[0] += 1
     put = lambda old, new: old.at[dest].set(new, mode="drop")
     c = slots.cache
+    cache = cache_lib.resize(cache, (c.valid.shape[1],) + tuple(k.shape[2] for k in c.k))
     new = KVCache(tuple(put(o, n[src]) for o, n in zip(c.k, cache.k)), tuple(put(o, n[src]) for o, n in zip(c.v, cache.v)),
                   put(c.valid, cache.valid[src]), put(c.index, jnp.broadcast_to(cache.index, src.shape)))
     return Slots(put(slots.done, False), put(slots.count, 0), put(slots.budget, budget), put(slots.logits, logits[src]),
@@ -197,7 +199,7 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
             p_len = max(min(bucket(longest, sampler.min_prompt_bucket), ctx - max(q.budget for q in taken)), longest)
             live = [owner[r][2] + count[r] for r in range(n_slots) if owner[r] is not None]
             fit(max(live + [p_len + 1]))
-            logits, new = _prefill(sampler, [q.ids for q in taken], p_len, width)
+            logits, new = _prefill(sampler, [q.ids for q in taken], p_len)
             src = np.zeros(n_slots, np.int32)
             dest = np.full(n_slots, n_slots, np.int32)
             positions, budget = np.zeros(n_slots, np.int32), np.zeros(n_slots, np.int32)
@@ -240,8 +242,9 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
     return stats
 
 
-def _prefill(sampler, rows: list[list[int]], p_len: int, width: int):
-    """Logits and a cache of `width` slots for `rows` (left-padded to `p_len`; rows bucketed to a power of two)."""
+def _prefill(sampler, rows: list[list[int]], p_len: int):
+    """Logits and a cache of the prompt's slots for `rows` (left-padded to `p_len`; rows bucketed to a power of
+    two)."""
     num = bucket(len(rows), 1)
     while num % sampler.row_multiple:  # rows divide evenly over the mesh's data axes
         num += 1
@@ -254,4 +257,4 @@ def _prefill(sampler, rows: list[list[int]], p_len: int, width: int):
     sampler.prefill_rows += len(rows)
     put = sampler._put
     return cache_lib.prefill(sampler.graphdef, sampler.state, put(tokens), put(positions), put(segments), n=1,
-                             max_len=width)
+                             max_len=p_len)
