@@ -4,7 +4,8 @@ Each slot is one (prompt, sample) row of the KV cache with its own write index, 
 PRNG key. The host loop (`generate`) alternates two device calls:
 
 - **insert**: waiting prompts are prefilled together (one row per prompt, however many samples it asks for),
-  and each prefilled row is copied into as many free slots as it has samples;
+  and each prefilled row is copied into as many free slots as it has samples (a prompt whose samples do not all
+  fit takes the free slots now and is prefilled again for the rest: a short prefill beats idle slots);
 - **decode**: up to `chunk` steps for every slot, until each is done (EOS, its budget) or the chunk ends.
 
 Between them the host retires finished slots (and rows that produced a stop string) and, with `continuous`, fills
@@ -188,10 +189,20 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
 
     while queue or any(o is not None for o in owner):
         free = [r for r in range(n_slots) if owner[r] is None]
-        if queue and (len(free) == n_slots or continuous and len(free) >= queue[0].count):
-            taken = []
-            while queue and sum(q.count for q in taken) + queue[0].count <= len(free):
-                taken.append(queue.popleft())
+        if queue and (len(free) == n_slots or continuous and free):
+            taken, room = [], len(free)
+            while queue and room:
+                head = queue[0]
+                if head.count <= room:
+                    taken.append(queue.popleft())
+                    room -= head.count
+                elif continuous:  # its first samples now, the rest when slots free up (one more prefill of it)
+                    taken.append(dataclasses.replace(head, count=room, keys=head.keys[:room]))
+                    queue[0] = dataclasses.replace(head, first=head.first + room, count=head.count - room,
+                                                   keys=head.keys[room:])
+                    room = 0
+                else:
+                    break
             if max(q.budget for q in taken) > shape.max_new:  # a later stage with a larger budget
                 shape = dataclasses.replace(shape, max_new=bucket(max(q.budget for q in taken), 16))
                 slots = widen(slots, shape.max_new)

@@ -35,10 +35,21 @@ class Sampling:
             probs = jax.nn.softmax(logits, axis=-1)
             before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly better tokens
             logits = jnp.where(before < self.top_p, logits, -jnp.inf)  # the best token is always kept
-        choice = jax.vmap(jax.random.categorical)(keys, logits)
+        choice = categorical(keys, logits)
         if index is not None:
             choice = jnp.take_along_axis(index, choice[:, None], -1)[:, 0]
         return choice.astype(jnp.int32)
+
+
+def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
+    """One draw per row from softmax(logits) by inverting its CDF with one uniform per row: exact (to float32
+    sums), and one random number per row where `jax.random.categorical` draws one per vocabulary entry (Gumbel),
+    which cost a quarter of a sampled decode step on CPU. A token of probability 0 is never drawn."""
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+    total = cdf[:, -1:]
+    u = jax.vmap(lambda k: jax.random.uniform(k, ()))(keys)[:, None] * total
+    u = jnp.minimum(u, total * (1 - 1e-6))  # strictly below the total, so the draw lands on a token that has mass
+    return jnp.minimum(jnp.sum(cdf <= u, axis=-1), logits.shape[-1] - 1)
 
 
 def make_method(temperature: float, top_k: int | None, top_p: float | None):
