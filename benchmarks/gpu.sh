@@ -21,9 +21,9 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 TOKENIZERS_PARALLE
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
 python3 -c "import jax, flax, optax, orbax.checkpoint as o, transformers, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__, jax.devices())"
 step() { echo; echo "=== $*"; local start=$SECONDS; timeout "${LIMIT:-150}" "$@"; echo "=== rc $? in $((SECONDS - start)) s"; }
-# Sections (default: all): tests, train, sampler, families. E.g. `bash benchmarks/gpu.sh families`.
+# Sections (default: all): tests, train, sampler, families, rollouts. E.g. `bash benchmarks/gpu.sh families`.
 want() { [ $# -eq 0 ] || [[ " $SECTIONS " == *" $1 "* ]]; }
-SECTIONS="${*:-tests train sampler families}"
+SECTIONS="${*:-tests train sampler families rollouts}"
 if want tests; then
 LIMIT=200 step env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -q -p no:cacheprovider tests/test_attention.py \
   tests/test_model.py tests/test_lora.py -k "not splash and not end_to_end and not bad_lora and not resume and not only_adapters"
@@ -43,4 +43,9 @@ LIMIT=240 step env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -q -p 
   tests/test_model.py tests/test_sampler.py -k "not sharded and not smollm2 and (families or logits or greedy_matches or padded or gguf or scanned or window or count)"
 LIMIT=100 step python3 benchmarks/sampler.py --preset gemma3-1b --dtype bfloat16 --batches 64 --new 128
 LIMIT=100 step python3 benchmarks/sampler.py --preset qwen3-0.6b --dtype bfloat16 --batches 64 --new 128
+fi
+if want rollouts; then  # the engine (continuous, static) vs transformers on a System 2 workload, random weights
+LIMIT=240 step python3 benchmarks/rollouts.py --preset smollm2-135m --dtype bfloat16 --inputs 64 --samples 8 --new 256
+LIMIT=240 step python3 benchmarks/rollouts.py --preset llama3.2-1b --dtype bfloat16 --inputs 64 --samples 8 --new 256 \
+  --programs cot
 fi

@@ -11,11 +11,12 @@ sampled a token over rows the decode steps ran) and decode MFU (matmul FLOPs of 
 matmul peak measured in this run). With the engine's records it also gives what vote-aware sampling would draw
 (`generate.adaptive`, waves of 2: the samples are keyed, so an adaptive run draws exactly these samples' prefix):
 samples and tokens per input, and the share of inputs whose kept answer differs from the full-N vote.
-A warm-up pass on a few inputs compiles first; shapes it did not meet compile inside the timed run (their count
+A warm-up pass on a few inputs runs first on every side; shapes it did not meet compile inside the timed run (their count
 is printed: the engine's shapes are bucketed, so the count does not grow with the workload).
 
     .venv/bin/python benchmarks/rollouts.py                       # 64 flips x 8 samples, 256 tokens (the issue's)
     .venv/bin/python benchmarks/rollouts.py --inputs 16 --samples 4 --new 128 --programs cot   # a short CPU run
+    python3 benchmarks/rollouts.py --preset llama3.2-1b --dtype bfloat16          # a GPU without network
 """
 
 import argparse
@@ -73,8 +74,9 @@ def transformers_run(torch_model, tok, program, examples, args):
         for b in range(0, len(prompts), step):
             ids = [tok(chat_prompt(tok, p), add_special_tokens=False).input_ids for p in prompts[b:b + step]]
             width = max(map(len, ids))
-            batch = torch.tensor([[tok.pad_token_id or 0] * (width - len(i)) + i for i in ids])
-            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+            device = torch_model.device
+            batch = torch.tensor([[tok.pad_token_id or 0] * (width - len(i)) + i for i in ids], device=device)
+            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)
             with torch.no_grad():
                 out = torch_model.generate(batch, attention_mask=mask, do_sample=True, temperature=TEMPERATURE,
                                            top_k=0, top_p=1.0, max_new_tokens=args.new, num_return_sequences=k,
@@ -116,28 +118,50 @@ def main():
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("--programs", default="cot,rar2")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--preset", default="", help="random weights at this preset's shape and a word-level tokenizer "
+                    "(no download: for a GPU machine without network; rows rarely end early)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
-    path = fetch_smollm2()
-    model, tok = s2d_jax.load_model(path), s2d_jax.load_tokenizer(path)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.preset:
+        from s2d_jax.model import PRESETS
+        from sampler import word_tokenizer
+
+        cfg = PRESETS[args.preset]
+        cfg = cfg.replace(param_dtype=args.dtype, dtype=args.dtype, eos_token_ids=(cfg.vocab_size - 1,))
+        model, tok = s2d_jax.init_model(cfg, seed=0), word_tokenizer(cfg.vocab_size)
+        path = "/tmp/s2d_rollouts_weights"
+        s2d_jax.save_hf(model, path, overwrite=True)  # the same weights for transformers
+    else:
+        path = fetch_smollm2()
+        model, tok = s2d_jax.load_model(path, dtype=args.dtype), s2d_jax.load_tokenizer(path)
     examples = get_task("coin_flip").generate(args.inputs, seed=0)
-    peak = matmul_peak("float32")
-    print(f"SmolLM2-135M-Instruct fp32 on {jax.devices()[0].device_kind} ({os.cpu_count()} threads), matmul peak "
+    peak = matmul_peak(args.dtype)
+    print(f"{args.preset or 'SmolLM2-135M-Instruct'} {args.dtype} on {jax.devices()[0].device_kind} "
+          f"({os.cpu_count()} threads), matmul peak "
           f"{peak / 1e12:.2f} TFLOP/s; {args.inputs} coin flips x {args.samples} samples, T={TEMPERATURE}, "
           f"<= {args.new} tokens per stage, {args.slots} slots / batch rows")
     torch_model = None
     if not args.skip_torch:
-        import torch
         import transformers
 
         torch.set_num_threads(os.cpu_count())
-        d, f = os.path.split(path)
-        torch_model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+        dtype = getattr(torch, args.dtype)
+        if args.preset:
+            torch_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        else:
+            d, f = os.path.split(path)
+            torch_model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype)
+        torch_model = torch_model.to(device).eval()
     print(f"{'program':>7} {'system':>18} {'wall s':>8} {'samples/s':>9} {'tokens/s':>9} {'vs hf':>6} "
           f"{'useful rows':>11} {'decode MFU':>10} {'compiles':>8}")
     for name in args.programs.split(","):
         program = get_program(name)
         rows, hf_rate = [], None
         if torch_model is not None:
+            transformers_run(torch_model, tok, program, examples[:max(1, args.slots // args.samples)], args)  # warm up
             tokens, count, wall, useful = transformers_run(torch_model, tok, program, examples, args)
             hf_rate = tokens / wall
             rows.append(("transformers", wall, count, tokens, useful, 0, 0))
