@@ -30,13 +30,13 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import s2d_jax  # noqa: E402
-from s2d_jax.assets import fetch_smollm2  # noqa: E402
 from s2d_jax.flops import flops_per_token, matmul_peak  # noqa: E402
 from s2d_jax.system2.adaptive import samples_needed  # noqa: E402
 from s2d_jax.system2.filters import vote  # noqa: E402
 from s2d_jax.system2.programs import get_program, run_program  # noqa: E402
 from s2d_jax.system2.tasks import get_task  # noqa: E402
 from s2d_jax.tokenizer import chat_prompt  # noqa: E402
+from sampler import load_models  # noqa: E402  (benchmarks/sampler.py)
 
 TEMPERATURE = 0.7
 
@@ -122,39 +122,12 @@ def main():
                     "(no download: for a GPU machine without network; rows rarely end early)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.preset:
-        from s2d_jax.model import PRESETS
-        from sampler import word_tokenizer
-
-        cfg = PRESETS[args.preset]
-        cfg = cfg.replace(param_dtype=args.dtype, dtype=args.dtype, eos_token_ids=(cfg.vocab_size - 1,))
-        model, tok = s2d_jax.init_model(cfg, seed=0), word_tokenizer(cfg.vocab_size)
-        path = "/tmp/s2d_rollouts_weights"
-        s2d_jax.save_hf(model, path, overwrite=True)  # the same weights for transformers
-    else:
-        path = fetch_smollm2()
-        model, tok = s2d_jax.load_model(path, dtype=args.dtype), s2d_jax.load_tokenizer(path)
+    model, tok, torch_model = load_models(args.preset, args.dtype, not args.skip_torch)
     examples = get_task("coin_flip").generate(args.inputs, seed=0)
     peak = matmul_peak(args.dtype)
     print(f"{args.preset or 'SmolLM2-135M-Instruct'} {args.dtype} on {jax.devices()[0].device_kind} "
-          f"({os.cpu_count()} threads), matmul peak "
-          f"{peak / 1e12:.2f} TFLOP/s; {args.inputs} coin flips x {args.samples} samples, T={TEMPERATURE}, "
-          f"<= {args.new} tokens per stage, {args.slots} slots / batch rows")
-    torch_model = None
-    if not args.skip_torch:
-        import transformers
-
-        torch.set_num_threads(os.cpu_count())
-        dtype = getattr(torch, args.dtype)
-        if args.preset:
-            torch_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        else:
-            d, f = os.path.split(path)
-            torch_model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype)
-        torch_model = torch_model.to(device).eval()
+          f"({os.cpu_count()} threads), matmul peak {peak / 1e12:.2f} TFLOP/s; {args.inputs} coin flips x "
+          f"{args.samples} samples, T={TEMPERATURE}, <= {args.new} tokens per stage, {args.slots} slots / batch rows")
     print(f"{'program':>7} {'system':>18} {'wall s':>8} {'samples/s':>9} {'tokens/s':>9} {'vs hf':>6} "
           f"{'useful rows':>11} {'decode MFU':>10} {'compiles':>8}")
     for name in args.programs.split(","):

@@ -64,6 +64,35 @@ def bandwidth() -> float:
     return best
 
 
+def load_models(preset: str, dtype: str, with_torch: bool):
+    """(ours, tokenizer, transformers' model or None) on the same weights: the SmolLM2 GGUF, or with `preset`
+    random weights at that shape and a word-level tokenizer (no download)."""
+    import torch
+
+    if preset:
+        from s2d_jax.model import PRESETS
+
+        cfg = PRESETS[preset]
+        cfg = cfg.replace(param_dtype=dtype, dtype=dtype, eos_token_ids=(cfg.vocab_size - 1,))
+        model, tok = s2d_jax.init_model(cfg, seed=0), word_tokenizer(cfg.vocab_size)
+    else:
+        path = fetch_smollm2()
+        model, tok = s2d_jax.load_model(path, dtype=dtype), s2d_jax.load_tokenizer(path)
+    if not with_torch:
+        return model, tok, None
+    import transformers
+
+    torch.set_num_threads(os.cpu_count())
+    kw = dict(dtype=getattr(torch, dtype))
+    if preset:
+        s2d_jax.save_hf(model, "/tmp/s2d_bench_weights", overwrite=True)  # the same weights on both sides
+        ref = transformers.AutoModelForCausalLM.from_pretrained("/tmp/s2d_bench_weights", **kw)
+    else:
+        d, f = os.path.split(path)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, **kw)
+    return model, tok, ref.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="8,32,64")
@@ -72,18 +101,7 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--skip-torch", action="store_true")
     args = ap.parse_args()
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.preset:
-        from s2d_jax.model import PRESETS
-
-        cfg = PRESETS[args.preset]
-        cfg = cfg.replace(param_dtype=args.dtype, dtype=args.dtype, eos_token_ids=(cfg.vocab_size - 1,))
-        model, tok = s2d_jax.init_model(cfg, seed=0), word_tokenizer(cfg.vocab_size)
-    else:
-        path = fetch_smollm2()
-        model, tok = s2d_jax.load_model(path, dtype=args.dtype), s2d_jax.load_tokenizer(path)
+    model, tok, torch_model = load_models(args.preset, args.dtype, not args.skip_torch)
     cfg = model.cfg
     peak = matmul_peak(args.dtype)
     print(f"{args.preset or 'SmolLM2-135M-Instruct'} {args.dtype} on {jax.devices()[0].device_kind}: matmul peak "
@@ -92,19 +110,6 @@ def main():
     if jax.default_backend() != "cpu":
         roof = bandwidth()
         print(f"memory bandwidth (copy, this run): {roof / 1e12:.2f} TB/s")
-    torch_model = None
-    if not args.skip_torch:
-        import transformers
-
-        torch.set_num_threads(os.cpu_count())
-        dtype = getattr(torch, args.dtype)
-        if args.preset:
-            s2d_jax.save_hf(model, "/tmp/s2d_bench_weights", overwrite=True)  # the same weights on both sides
-            torch_model = transformers.AutoModelForCausalLM.from_pretrained("/tmp/s2d_bench_weights", dtype=dtype)
-        else:
-            d, f = os.path.split(path)
-            torch_model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype)
-        torch_model = torch_model.to(device).eval()
     if args.preset:
         rng = np.random.default_rng(0)
         questions = [" ".join(f"w{i}" for i in rng.integers(1, cfg.vocab_size - 1, rng.integers(20, 60)))
@@ -142,6 +147,7 @@ def main():
         if torch_model is not None:
             import torch
 
+            device = torch_model.device
             tok.padding_side = "left"
             warm = tok([chat_prompt(tok, p) for p in prompts[:batch]], return_tensors="pt", padding=True,
                        add_special_tokens=False).to(device)
@@ -156,7 +162,7 @@ def main():
                                                pad_token_id=tok.pad_token_id)[:, enc.input_ids.shape[1]:]
                 for row in gen.tolist():
                     hf_tokens += next((k + 1 for k, x in enumerate(row) if x in sampler.eos_ids), len(row))
-            if device == "cuda":
+            if device.type == "cuda":
                 torch.cuda.synchronize()
             hf_rate = hf_tokens / (time.perf_counter() - t)
         rate = ours_tokens / ours_s
