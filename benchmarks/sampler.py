@@ -132,7 +132,7 @@ def main():
         tokens = np.zeros((batch, plen), np.int32)
         segs = np.ones((batch, plen), np.int32)
         pos = np.tile(np.arange(plen, dtype=np.int32), (batch, 1))
-        run = lambda: jax.block_until_ready(_prefill(sampler.graphdef, sampler.state, tokens, pos, segs, n=1,
+        run = lambda: jax.block_until_ready(_prefill(sampler.graphdef, sampler.state, tokens, pos, segs,
                                                      max_len=plen + args.new))
         run()
         t = time.perf_counter()

@@ -24,7 +24,7 @@ from s2d_jax import mesh as mesh_lib
 from s2d_jax.errors import S2DError
 from s2d_jax.model import PRESETS, Transformer, read_config
 from s2d_jax.model.transformer import cache_slots
-from s2d_jax.sampling.cache import CACHE_AXES
+from s2d_jax.sampling.cache import CACHE_AXES, bucket
 from s2d_jax.system2.programs import get_program
 
 GB = 1 << 30
@@ -102,8 +102,7 @@ def plan(config: ConfigDict, mesh) -> dict:
     p = config.program
     new = max(get_program(p.name).budgets(p.max_new_tokens, p.stage_tokens).values()) if p.name else (
         p.max_new_tokens or 256)  # the largest stage budget
-    new_bucket = max(16, 1 << math.ceil(math.log2(new)))
-    length = min(max(32, 1 << math.ceil(math.log2(t.max_len))) + new_bucket, cfg.max_position_embeddings)
+    length = min(bucket(t.max_len, 32) + bucket(new, 16), cfg.max_position_embeddings)
     rows = max(g.max_batch, rows_split)
     kv_shape = (rows, cfg.num_kv_heads, length, cfg.head_dim)
     kv = 2 * sum(shard_bytes(kv_shape[:2] + (cache_slots(cfg, n, length),) + kv_shape[3:], cfg.dtype, CACHE_AXES,

@@ -109,7 +109,7 @@ def test_eight_devices_give_the_same_outputs_and_split_the_cache(tiny):
     tokens = jnp.zeros((8, 32), jnp.int32)
     with jax.set_mesh(mesh):
         put = sampler._put
-        _, cache = _prefill(sampler.graphdef, sampler.state, put(tokens), put(tokens), put(tokens + 1), n=1, max_len=64)
+        _, cache = _prefill(sampler.graphdef, sampler.state, put(tokens), put(tokens), put(tokens + 1), max_len=64)
     k = cache.k[0]
     assert k.shape == (8, 2, 64, 16)
     assert all(s.data.nbytes == k.nbytes // 8 for s in k.addressable_shards)

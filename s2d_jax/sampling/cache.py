@@ -8,6 +8,7 @@ tokens yet (prompt bucket + a few LIVE_BUCKETs), resized between decode calls, s
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,23 +23,27 @@ LIVE_BUCKET = 128  # the cache holds a multiple of LIVE_BUCKET slots (past the p
 TRACES = [0]  # jit traces of the sampler's device functions, process-wide: tests count compilations with it
 
 
+def bucket(x: int, smallest: int) -> int:
+    """The power of two at or above `x` (at least `smallest`): the sizes shapes are padded to, so compiles stay few."""
+    return max(smallest, 1 << math.ceil(math.log2(max(x, 1))))
+
+
 def constrain(cache: KVCache) -> KVCache:
     return cache._replace(k=tuple(mesh_lib.constrain(k, CACHE_AXES) for k in cache.k),
                           v=tuple(mesh_lib.constrain(v, CACHE_AXES) for v in cache.v))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n", "max_len"))
-def prefill(graphdef, state, tokens, positions, segments, n: int, max_len: int):
-    """Prefill `[B, P]` left-padded prompts once; return next-token logits and a cache of `B * n` rows and
-    `max_len` slots (the n samples of a prompt share its prefill)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
+def prefill(graphdef, state, tokens, positions, segments, max_len: int):
+    """Prefill `[B, P]` left-padded prompts; return next-token logits and a cache of `max_len` slots (the engine
+    copies each row into as many slots as its prompt has samples)."""
     TRACES[0] += 1
     model = nnx.merge(graphdef, state)
     hidden, kvs = model.forward(tokens, positions, segment_ids=segments)
     logits = model.logits(hidden[:, -1])  # left padding: every prompt ends at the last column
-    repeat = lambda x: jnp.repeat(x, n, axis=0)
-    cache = KVCache.from_prefill(model.cfg, [(repeat(k), repeat(v)) for k, v in kvs], repeat(segments != 0), max_len,
-                                 jnp.dtype(model.cfg.dtype), lambda x: mesh_lib.constrain(x, CACHE_AXES))
-    return jnp.repeat(logits, n, axis=0), cache
+    cache = KVCache.from_prefill(model.cfg, kvs, segments != 0, max_len, jnp.dtype(model.cfg.dtype),
+                                 lambda x: mesh_lib.constrain(x, CACHE_AXES))
+    return logits, cache
 
 
 def layer_sizes(cfg, width: int) -> tuple[int, ...]:
@@ -61,7 +66,7 @@ def sample_keys(seeds, prompt_ids, sample_ids) -> jax.Array:
     """One key per (seed, prompt key, sample index): a sample's draws depend on nothing else (not its batch, slot
     or the time it was queued). Rows are padded to a power of two, so compiles stay few."""
     n = len(sample_ids)
-    size = 1 << max(n - 1, 0).bit_length()
+    size = bucket(n, 1)
     pad = lambda x: np.pad(np.asarray(x, np.int64).astype(np.uint32), (0, size - n))
     return _keys(pad(np.broadcast_to(seeds, (n,))), pad(prompt_ids), pad(sample_ids))[:n]
 

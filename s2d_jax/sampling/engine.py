@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections import deque
 from typing import NamedTuple
 
@@ -32,7 +31,7 @@ from s2d_jax import mesh as mesh_lib
 from s2d_jax.distributed import fetch
 from s2d_jax.model.transformer import KVCache
 from s2d_jax.sampling import cache as cache_lib
-from s2d_jax.sampling.cache import LIVE_BUCKET, TRACES
+from s2d_jax.sampling.cache import LIVE_BUCKET, TRACES, bucket
 
 CHUNK = 16  # decode steps between host visits (retire, refill, stop strings)
 
@@ -64,10 +63,6 @@ class Shape:
     pad_id: int
 
 
-def bucket(x: int, smallest: int) -> int:
-    return max(smallest, 1 << math.ceil(math.log2(max(x, 1))))
-
-
 def _rows(x):
     return mesh_lib.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
@@ -95,7 +90,8 @@ def insert(slots: Slots, logits, cache: KVCache, src, dest, positions, budget, k
     put = lambda old, new: old.at[dest].set(new, mode="drop")
     c = slots.cache
     cache = cache_lib.resize(cache, (c.valid.shape[1],) + tuple(k.shape[2] for k in c.k))
-    new = KVCache(tuple(put(o, n[src]) for o, n in zip(c.k, cache.k)), tuple(put(o, n[src]) for o, n in zip(c.v, cache.v)),
+    rows = lambda old, new: tuple(put(o, n[src]) for o, n in zip(old, new))
+    new = KVCache(rows(c.k, cache.k), rows(c.v, cache.v),
                   put(c.valid, cache.valid[src]), put(c.index, jnp.broadcast_to(cache.index, src.shape)))
     return Slots(put(slots.done, False), put(slots.count, 0), put(slots.budget, budget), put(slots.logits, logits[src]),
                  put(slots.positions, positions), put(slots.tokens, pad_id), put(slots.logprobs, 0.0),
@@ -165,14 +161,14 @@ class Request:
 
 def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuous: bool, on_sample,
              chunk: int = CHUNK) -> dict:
-    """Run the requests of `queue` through `sampler.max_batch` slots; call `on_sample(prompt, sample index, tokens,
+    """Run the requests of `queue` through `sampler.slots` slots; call `on_sample(prompt, sample index, tokens,
     logprobs)` as each sample finishes (it may append requests to `queue`). Returns counts for benchmarks: decode
     steps, rows decoded, rows that were live."""
     cfg = sampler.model.cfg
     ctx = cfg.max_position_embeddings
-    n_slots = -(-sampler.max_batch // sampler.row_multiple) * sampler.row_multiple
-    shape = Shape(n_slots, bucket(max(q.budget for q in queue), 16), cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, str(jnp.dtype(cfg.dtype)),
-                  sampler.pad_id)
+    n_slots = sampler.slots
+    shape = Shape(n_slots, bucket(max(q.budget for q in queue), 16), cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size,
+                  str(jnp.dtype(cfg.dtype)), sampler.pad_id)
     put = sampler._put
     owner: list[tuple[int, int, int, int] | None] = [None] * n_slots  # (prompt, sample, prompt bucket, budget)
     count = np.zeros(n_slots, np.int64)
@@ -267,5 +263,4 @@ def _prefill(sampler, rows: list[list[int]], p_len: int):
     segments[len(rows):, -1] = 1  # filler rows: one dummy token, so no row is empty
     sampler.prefill_rows += len(rows)
     put = sampler._put
-    return cache_lib.prefill(sampler.graphdef, sampler.state, put(tokens), put(positions), put(segments), n=1,
-                             max_len=p_len)
+    return cache_lib.prefill(sampler.graphdef, sampler.state, put(tokens), put(positions), put(segments), max_len=p_len)

@@ -87,11 +87,13 @@ class Sampler:
         self.prefill_rows = 0  # prompt rows prefilled so far (n samples of a prompt share one)
         self.last_stats: dict = {}  # the last call's engine counts: decode steps, rows decoded, rows live
         self.row_multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        self.slots = -(-max_batch // self.row_multiple) * self.row_multiple  # rows divide evenly over the mesh
 
     # ------------------------------------------------------------------------------------------ public
 
     def generate(self, prompts: Sequence[str], n: int = 1, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, max_new_tokens: int | Sequence[int] = 64, stop: Sequence[str] | None = None,
+                 top_p: float | None = None, max_new_tokens: int | Sequence[int] = 64,
+                 stop: Sequence[str] | None = None,
                  seed: int = 0, chat: bool = False, logprobs: bool = False, progress: bool = True,
                  prompt_keys: Sequence[int] | None = None, first_sample: int = 0) -> list[list[Sample]]:
         """`out[i][j]` is sample j of prompt i. Sample j of prompt i draws from a key made of (seed, prompt_keys[i]
@@ -105,7 +107,8 @@ class Sampler:
         for name, values in (("max_new_tokens", budgets), ("prompt_keys", key_ids)):
             if len(values) != len(prompts):
                 raise S2DError(f"{name}: {len(values)} values for {len(prompts)} prompts")
-        jobs = [Job(p, n, k, seed, b, first_sample, tag=i) for i, (p, k, b) in enumerate(zip(prompts, key_ids, budgets))]
+        jobs = [Job(p, n, k, seed, b, first_sample, tag=i)
+                for i, (p, k, b) in enumerate(zip(prompts, key_ids, budgets))]
         out: list[list[Sample]] = [[] for _ in prompts]
 
         def on_done(job, samples):
@@ -123,7 +126,6 @@ class Sampler:
         and the jobs it returns join the queue (a program's next stage starts the moment its previous one ends,
         with no barrier between stages). A job's samples do not depend on when it was queued."""
         method = make_method(temperature, top_k, top_p)
-        slots = -(-self.max_batch // self.row_multiple) * self.row_multiple
         queue: deque = deque()
         pending: dict[int, list] = {}  # handle -> [job, prompt tokens, samples]
         bar = tqdm(desc="sampling", unit="call", disable=not progress or jax.process_index() != 0)
@@ -138,8 +140,8 @@ class Sampler:
             for i in order:
                 job, handle = new[i], counts["handles"] + i
                 pending[handle] = [job, len(ids[i]), [None] * job.n]
-                queue.extend(engine.Request(handle, ids[i], a, min(slots, job.n - a), keys[i][a:a + slots],
-                                            job.max_new_tokens) for a in range(0, job.n, slots))
+                queue.extend(engine.Request(handle, ids[i], a, min(self.slots, job.n - a), keys[i][a:a + self.slots],
+                                            job.max_new_tokens) for a in range(0, job.n, self.slots))
             counts["handles"] += len(new)
             bar.total = (bar.total or 0) + len(new)
             bar.refresh()
