@@ -8,7 +8,7 @@ import pytest
 
 import s2d_jax
 from s2d_jax.model import PRESETS, init_model
-from s2d_jax.sampling import Sampler
+from s2d_jax.sampling import Job, Sampler
 from s2d_jax.tokenizer import byte_tokenizer
 from conftest import FAMILIES
 
@@ -98,6 +98,37 @@ def test_rows_refilled_mid_flight_match_transformers(hf_models, family):
         assert sample.token_ids == expected[:ends[0] if ends else budget], prompt
 
 
+HEAD = f"[Question] {PROMPTS[2]} [Answers] {' / '.join(PROMPTS[4:7])} [Criterion] "
+ITEMS = ["depth", "accuracy of it", "z", "helpfulness and relevance"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])
+def test_a_shared_prefix_is_prefilled_once_and_matches_transformers(hf_models, family):
+    """BSM's solve calls: one prompt head, one item each. The head is prefilled once per refill (three slots:
+    the fourth call enters mid-flight and prefills it again, alone), the items' suffixes against a copy of it.
+    Every sampled token's log probability equals transformers' on the whole prompt and the tokens before it
+    (Gemma's sliding rings end at each row's own slot)."""
+    import torch
+
+    path, ref = hf_models[family]
+    tok = byte_tokenizer()
+    sampler = Sampler(s2d_jax.load_model(path), tok, max_batch=3)
+    prompts = [HEAD + item for item in ITEMS]
+    out = {}
+    sampler.stream([Job(p, key=k, max_new_tokens=12, shared_prefix=len(HEAD), tag=k)
+                    for k, p in enumerate(prompts)], lambda job, samples: out.__setitem__(job.tag, samples),
+                   temperature=1.0, logprobs=True, progress=False)
+    whole = sum(len(tok(p).input_ids) for p in prompts)  # one prefill per prompt without the shared prefix
+    assert sampler.prefill_tokens <= whole - 2 * (len(HEAD) - 1)  # the head twice, not four times
+    for k, prompt in enumerate(prompts):
+        ids = tok(prompt).input_ids
+        for sample in out[k]:
+            with torch.no_grad():
+                logits = ref(torch.tensor([ids + sample.token_ids])).logits[0, len(ids) - 1:-1].float()
+            expected = torch.log_softmax(logits, -1)[torch.arange(len(sample.token_ids)), sample.token_ids]
+            np.testing.assert_allclose(sample.logprobs, expected.numpy(), atol=2e-4, err_msg=prompt)
+
+
 def test_eight_devices_continuous_equals_one(ragged):
     model, tok = ragged
     mesh = s2d_jax.make_mesh(data=4, fsdp=1, tensor=2)
@@ -123,10 +154,14 @@ def _stage_by_stage(program, examples, sampler, n, seed, budgets, **sampling):
             outs = sampler.generate([stage.template.format(**states[i * n]) for i in range(len(examples))], n=n,
                                     prompt_keys=[_key(e.id) for e in examples], **call)
             flat = [o for row in outs for o in row]
-        elif stage.fan_out:
+        elif stage.fan_out:  # each record's items share the prompt up to the item: one prefill of it
             jobs = [(r, item) for r, st in enumerate(states) for item in plan_items(st[stage.fan_out], 5)]
-            outs = sampler.generate([stage.template.format(**states[r], item=item) for r, item in jobs],
-                                    prompt_keys=[_key(*ids[r], item) for r, item in jobs], **call)
+            head = lambda r: len(stage.template.split("{item}")[0].format(**states[r]))
+            outs = [None] * len(jobs)
+            sampler.stream([Job(stage.template.format(**states[r], item=item), key=_key(*ids[r], item),
+                                seed=call["seed"], max_new_tokens=call["max_new_tokens"], tag=k, shared_prefix=head(r))
+                            for k, (r, item) in enumerate(jobs)],
+                           lambda job, samples: outs.__setitem__(job.tag, samples), progress=False, **sampling)
             for r, st in enumerate(states):
                 mine = [(item, o) for (q, item), (o,) in zip(jobs, outs) if q == r]
                 outputs[r] += [o.text for _, o in mine]

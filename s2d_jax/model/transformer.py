@@ -45,21 +45,27 @@ class KVCache(NamedTuple):
     index: jax.Array  # [] or [batch] int32
 
     @classmethod
-    def from_prefill(cls, cfg: ModelConfig, kvs, valid, max_len: int, dtype, constrain=lambda x: x) -> "KVCache":
+    def from_prefill(cls, cfg: ModelConfig, kvs, valid, max_len: int, dtype, constrain=lambda x: x,
+                     end=None) -> "KVCache":
         """The cache after a prefill of `P` tokens whose per-layer `(k, v)` are `[B, K, P, hd]` and `valid`
-        `[B, P]`: `max_len` slots, or a ring of the window's for a sliding layer whose window is shorter."""
+        `[B, P]`: `max_len` slots, or a ring of the window's for a sliding layer whose window is shorter. `end`:
+        each row's next slot `[B]` where rows end before `P` (default: every row at `P`)."""
         p = valid.shape[1]
         ks, vs = [], []
         for n, (k, v) in enumerate(kvs):
             size = cache_slots(cfg, n, max_len)
-            if size < max_len:  # a ring: the last `size` positions, each at its slot mod size
+            if size < max_len and end is None:  # a ring: the last `size` slots, each at its slot mod size
                 take = jnp.clip(ring_slots(p, size), 0, p - 1)
                 k, v = jnp.take(k, take, axis=2), jnp.take(v, take, axis=2)
+            elif size < max_len:  # each row's ring ends at its own slot
+                take = jnp.clip(jax.vmap(lambda e: ring_slots(e, size))(end), 0, p - 1)[:, None, :, None]
+                k, v = jnp.take_along_axis(k, take, axis=2), jnp.take_along_axis(v, take, axis=2)
             else:
                 k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, max_len - p), (0, 0))) for x in (k, v))
             ks.append(constrain(k.astype(dtype)))
             vs.append(constrain(v.astype(dtype)))
-        return cls(tuple(ks), tuple(vs), jnp.pad(valid, ((0, 0), (0, max_len - p))), jnp.int32(p))
+        index = jnp.int32(p) if end is None else end.astype(jnp.int32)
+        return cls(tuple(ks), tuple(vs), jnp.pad(valid, ((0, 0), (0, max_len - p))), index)
 
 
 def cache_slots(cfg: ModelConfig, layer: int, max_len: int) -> int:
@@ -299,8 +305,10 @@ class Transformer(nnx.Module):
             slots = jnp.arange(t, dtype=jnp.int32)
             mask = attention_lib.Mask(seg, seg, jnp.broadcast_to(slots, (b, t)), slots)
             kw = dict(impl=cfg.attention, right_padded=right_padded or segment_ids is None)
-        else:  # the new tokens' slots become valid first: each token sees itself and every valid slot before it
-            valid = _write(cache.valid, jnp.ones(tokens.shape, bool), cache.index, 1)
+        else:  # the new tokens' slots become valid first (padding, segment 0, never does): each token sees itself
+            # and every valid slot before it
+            new = jnp.ones(tokens.shape, bool) if segment_ids is None else segment_ids != 0
+            valid = _write(cache.valid, new, cache.index, 1)
             mask, masks = None, _cache_masks(cache, valid, t)  # one per cache length (full, or a ring)
             kw = dict(impl=cfg.attention)
 

@@ -46,6 +46,31 @@ def prefill(graphdef, state, tokens, positions, segments, max_len: int):
     return logits, cache
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def prefill_shared(graphdef, state, prefix, prefix_positions, prefix_segments, owner, tokens, positions, segments,
+                   last):
+    """Prefill prompts that share prefixes: each distinct prefix once (`[U, Lp]`, left-padded), then every
+    prompt's suffix (`[R, Ls]`, right-padded) against a copy of its prefix's (`owner[r]`) cache rows. Returns the
+    logits at each suffix's last token (`last[r]`) and a cache of `Lp + Ls` slots in which each row's tokens are
+    contiguous (prefix, then suffix) and its next slot is its own (`Lp + last[r] + 1`), so positions and slots
+    advance together as in a plain prefill (sliding windows count slots)."""
+    TRACES[0] += 1
+    model = nnx.merge(graphdef, state)
+    cfg, dtype = model.cfg, jnp.dtype(model.cfg.dtype)
+    _, kvs = model.forward(prefix, prefix_positions, segment_ids=prefix_segments)
+    width = prefix.shape[1] + tokens.shape[1]
+    grow = lambda x: mesh_lib.constrain(jnp.pad(x[owner].astype(dtype), ((0, 0), (0, 0), (0, tokens.shape[1]),
+                                                                        (0, 0))), CACHE_AXES)
+    cache = KVCache(tuple(grow(k) for k, _ in kvs), tuple(grow(v) for _, v in kvs),
+                    jnp.pad(prefix_segments[owner] != 0, ((0, 0), (0, tokens.shape[1]))), jnp.int32(prefix.shape[1]))
+    hidden, cache = model.forward(tokens, positions, segment_ids=segments, cache=cache)
+    rows = jnp.arange(tokens.shape[0])
+    logits = model.logits(hidden[rows, last])
+    end = prefix.shape[1] + last + 1
+    return logits, KVCache.from_prefill(cfg, zip(cache.k, cache.v), cache.valid, width, dtype,
+                                        lambda x: mesh_lib.constrain(x, CACHE_AXES), end=end)
+
+
 def layer_sizes(cfg, width: int) -> tuple[int, ...]:
     """`(width, each layer's slots)`: a sliding layer's stops at its window (up to then a plain cache)."""
     return (width,) + tuple(cache_slots(cfg, n, width) for n in range(cfg.num_layers))

@@ -91,8 +91,8 @@ def insert(slots: Slots, logits, cache: KVCache, src, dest, positions, budget, k
     c = slots.cache
     cache = cache_lib.resize(cache, (c.valid.shape[1],) + tuple(k.shape[2] for k in c.k))
     rows = lambda old, new: tuple(put(o, n[src]) for o, n in zip(old, new))
-    new = KVCache(rows(c.k, cache.k), rows(c.v, cache.v),
-                  put(c.valid, cache.valid[src]), put(c.index, jnp.broadcast_to(cache.index, src.shape)))
+    index = cache.index[src] if cache.index.ndim else jnp.broadcast_to(cache.index, src.shape)
+    new = KVCache(rows(c.k, cache.k), rows(c.v, cache.v), put(c.valid, cache.valid[src]), put(c.index, index))
     return Slots(put(slots.done, False), put(slots.count, 0), put(slots.budget, budget), put(slots.logits, logits[src]),
                  put(slots.positions, positions), put(slots.tokens, pad_id), put(slots.logprobs, 0.0),
                  put(slots.keys, keys), cache_lib.constrain(new))
@@ -157,6 +157,7 @@ class Request:
     count: int
     keys: np.ndarray  # [count] key data
     budget: int
+    prefix: int = 0  # leading tokens other prompts may share (prefilled once for all of them); 0: none
 
 
 def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuous: bool, on_sample,
@@ -202,24 +203,28 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
             if max(q.budget for q in taken) > shape.max_new:  # a later stage with a larger budget
                 shape = dataclasses.replace(shape, max_new=bucket(max(q.budget for q in taken), 16))
                 slots = widen(slots, shape.max_new)
-            longest = max(len(q.ids) for q in taken)
-            p_len = max(min(bucket(longest, sampler.min_prompt_bucket), ctx - max(q.budget for q in taken)), longest)
-            live = [owner[r][2] + count[r] for r in range(n_slots) if owner[r] is not None]
-            fit(max(live + [p_len + 1]))
-            logits, new = _prefill(sampler, [q.ids for q in taken], p_len)
-            src = np.zeros(n_slots, np.int32)
-            dest = np.full(n_slots, n_slots, np.int32)
-            positions, budget = np.zeros(n_slots, np.int32), np.zeros(n_slots, np.int32)
-            keys = np.zeros((n_slots,) + taken[0].keys.shape[1:], taken[0].keys.dtype)
-            k = 0
-            for u, q in enumerate(taken):
-                for j in range(q.count):
-                    r = free[k]
-                    src[k], dest[k], positions[k], budget[k], keys[k] = u, r, len(q.ids), q.budget, q.keys[j]
-                    owner[r], count[r] = (q.prompt, q.first + j, p_len, q.budget), 0
-                    k += 1
-            slots = insert(slots, logits, new, put(src), put(dest), put(positions), put(budget),
-                           jax.random.wrap_key_data(put(keys)), pad_id=sampler.pad_id)
+            # prompts with a shared prefix take the two-pass prefill, always (alone too): a prompt's numbers
+            # never depend on its neighbours
+            for group in ([q for q in taken if not q.prefix], [q for q in taken if q.prefix]):
+                if not group:
+                    continue
+                p_len = _prefill_len(sampler, group)
+                live = [owner[r][2] + count[r] for r in range(n_slots) if owner[r] is not None]
+                fit(max(live + [p_len + 1]))
+                logits, new = (_prefill_shared if group[0].prefix else _prefill)(sampler, group, p_len)
+                src = np.zeros(n_slots, np.int32)
+                dest = np.full(n_slots, n_slots, np.int32)
+                positions, budget = np.zeros(n_slots, np.int32), np.zeros(n_slots, np.int32)
+                keys = np.zeros((n_slots,) + group[0].keys.shape[1:], group[0].keys.dtype)
+                k = 0
+                for u, q in enumerate(group):
+                    for j in range(q.count):
+                        r = free.pop(0)
+                        src[k], dest[k], positions[k], budget[k], keys[k] = u, r, len(q.ids), q.budget, q.keys[j]
+                        owner[r], count[r] = (q.prompt, q.first + j, p_len, q.budget), 0
+                        k += 1
+                slots = insert(slots, logits, new, put(src), put(dest), put(positions), put(budget),
+                               jax.random.wrap_key_data(put(keys)), pad_id=sampler.pad_id)
         active = [r for r in range(n_slots) if owner[r] is not None]
         fit(max(owner[r][2] + count[r] + 1 for r in active))
         room = [width - owner[r][2] - count[r] for r in active if owner[r][2] + owner[r][3] > width]
@@ -249,18 +254,51 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
     return stats
 
 
-def _prefill(sampler, rows: list[list[int]], p_len: int):
-    """Logits and a cache of the prompt's slots for `rows` (left-padded to `p_len`; rows bucketed to a power of
-    two)."""
+def _prefill_len(sampler, group: list[Request]) -> int:
+    """Cache slots a prefill of `group` fills: the prompt bucket (within the context, room left for the budgets),
+    or for shared prefixes the prefix bucket plus the suffix bucket."""
+    if group[0].prefix:
+        return (bucket(max(q.prefix for q in group), sampler.min_prompt_bucket)
+                + bucket(max(len(q.ids) - q.prefix for q in group), 16))
+    longest = max(len(q.ids) for q in group)
+    ctx = sampler.model.cfg.max_position_embeddings
+    return max(min(bucket(longest, sampler.min_prompt_bucket), ctx - max(q.budget for q in group)), longest)
+
+
+def _padded(sampler, rows: list[list[int]], width: int, left: bool, first: int = 0):
+    """`rows` padded to `width` columns (on the left or right) as tokens, positions (from `first[r]`) and segments;
+    the row count bucketed to a power of two that divides over the mesh's data axes (fillers: one dummy token)."""
     num = bucket(len(rows), 1)
-    while num % sampler.row_multiple:  # rows divide evenly over the mesh's data axes
+    while num % sampler.row_multiple:
         num += 1
-    tokens = np.full((num, p_len), sampler.pad_id, np.int32)
-    positions, segments = np.zeros((num, p_len), np.int32), np.zeros((num, p_len), np.int32)
+    tokens = np.full((num, width), sampler.pad_id, np.int32)
+    positions, segments = np.zeros((num, width), np.int32), np.zeros((num, width), np.int32)
+    first = np.broadcast_to(first, (len(rows),))
     for r, row in enumerate(rows):
-        pad = p_len - len(row)
-        tokens[r, pad:], positions[r, pad:], segments[r, pad:] = row, np.arange(len(row)), 1
-    segments[len(rows):, -1] = 1  # filler rows: one dummy token, so no row is empty
-    sampler.prefill_rows += len(rows)
-    put = sampler._put
-    return cache_lib.prefill(sampler.graphdef, sampler.state, put(tokens), put(positions), put(segments), max_len=p_len)
+        at = slice(width - len(row), width) if left else slice(0, len(row))
+        tokens[r, at], positions[r, at], segments[r, at] = row, first[r] + np.arange(len(row)), 1
+    segments[len(rows):, -1 if left else 0] = 1
+    sampler.prefill_tokens += sum(map(len, rows))
+    return tuple(map(sampler._put, (tokens, positions, segments)))
+
+
+def _prefill(sampler, group: list[Request], p_len: int):
+    """Logits and a cache of the prompt's slots for `group` (left-padded to `p_len`)."""
+    sampler.prefill_rows += len(group)
+    return cache_lib.prefill(sampler.graphdef, sampler.state, *_padded(sampler, [q.ids for q in group], p_len, True),
+                             max_len=p_len)
+
+
+def _prefill_shared(sampler, group: list[Request], p_len: int):
+    """Logits and a cache of `p_len` slots for `group`, each distinct prefix prefilled once (cache.prefill_shared)."""
+    heads: dict[tuple, int] = {}
+    owner = [heads.setdefault(tuple(q.ids[:q.prefix]), len(heads)) for q in group]
+    p_width = bucket(max(q.prefix for q in group), sampler.min_prompt_bucket)
+    prefix = _padded(sampler, [list(h) for h in heads], p_width, True)
+    suffix = _padded(sampler, [q.ids[q.prefix:] for q in group], p_len - p_width, False, [q.prefix for q in group])
+    num = suffix[0].shape[0]
+    owner = np.pad(owner, (0, num - len(group)))
+    last = np.array([len(q.ids) - q.prefix - 1 for q in group] + [0] * (num - len(group)), np.int32)
+    sampler.prefill_rows += len(heads)
+    return cache_lib.prefill_shared(sampler.graphdef, sampler.state, *prefix, sampler._put(owner), *suffix,
+                                    sampler._put(last))

@@ -43,7 +43,10 @@ class Sample:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """`n` samples of one prompt; sample j draws from the key (seed, key, first_sample + j). `tag`: the caller's."""
+    """`n` samples of one prompt; sample j draws from the key (seed, key, first_sample + j). `tag`: the caller's.
+    `shared_prefix`: the prompt's first characters that other jobs' prompts start with too (BSM's solve: the same
+    question and responses, one criterion each): jobs with the same prefix prefill it once. Such a job always takes
+    the two-pass prefill (alone too), so its samples never depend on which jobs share its prefix."""
 
     prompt: str
     n: int = 1
@@ -52,6 +55,7 @@ class Job:
     max_new_tokens: int = 64
     first_sample: int = 0
     tag: Any = None
+    shared_prefix: int = 0
 
 
 def job_keys(jobs: Sequence[Job]) -> list[np.ndarray]:
@@ -84,7 +88,8 @@ class Sampler:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = tuple(sorted(eos))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or (0,))[0]
-        self.prefill_rows = 0  # prompt rows prefilled so far (n samples of a prompt share one)
+        self.prefill_rows = 0  # prompt rows prefilled so far (n samples of a prompt share one, as do shared prefixes)
+        self.prefill_tokens = 0  # prompt tokens prefilled so far
         self.last_stats: dict = {}  # the last call's engine counts: decode steps, rows decoded, rows live
         self.row_multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self.slots = -(-max_batch // self.row_multiple) * self.row_multiple  # rows divide evenly over the mesh
@@ -136,12 +141,13 @@ class Sampler:
                 return
             ids = self._encode(new, chat, counts["handles"])
             keys = job_keys(new)
-            order = sorted(range(len(new)), key=lambda i: -len(ids[i]))  # similar lengths share a prefill bucket
+            order = sorted(range(len(new)), key=lambda i: -len(ids[i][0]))  # similar lengths share a prefill bucket
             for i in order:
                 job, handle = new[i], counts["handles"] + i
-                pending[handle] = [job, len(ids[i]), [None] * job.n]
-                queue.extend(engine.Request(handle, ids[i], a, min(self.slots, job.n - a), keys[i][a:a + self.slots],
-                                            job.max_new_tokens) for a in range(0, job.n, self.slots))
+                row, prefix = ids[i]
+                pending[handle] = [job, len(row), [None] * job.n]
+                queue.extend(engine.Request(handle, row, a, min(self.slots, job.n - a), keys[i][a:a + self.slots],
+                                            job.max_new_tokens, prefix) for a in range(0, job.n, self.slots))
             counts["handles"] += len(new)
             bar.total = (bar.total or 0) + len(new)
             bar.refresh()
@@ -164,8 +170,9 @@ class Sampler:
             self.last_stats = engine.generate(self, queue, method, stop, logprobs, self.continuous, on_sample)
         bar.close()
 
-    def _encode(self, jobs: Sequence[Job], chat: bool, first_handle: int) -> list[list[int]]:
-        """Token ids of each job's prompt (with the chat template when `chat`), checked against the context."""
+    def _encode(self, jobs: Sequence[Job], chat: bool, first_handle: int) -> list[tuple[list[int], int]]:
+        """Token ids of each job's prompt (with the chat template when `chat`), checked against the context, and
+        how many of them are its shared prefix (`_prefix_tokens`)."""
         limit = self.model.cfg.max_position_embeddings
         out = []
         for i, job in enumerate(jobs):
@@ -180,8 +187,21 @@ class Sampler:
             if len(row) + job.max_new_tokens > limit:
                 raise S2DError(f"prompt {first_handle + i}: {len(row)} tokens + max_new_tokens={job.max_new_tokens} = "
                                f"{len(row) + job.max_new_tokens} exceeds the model's context of {limit} positions")
-            out.append(row)
+            out.append((row, self._prefix_tokens(text, row, job, chat)))
         return out
+
+    def _prefix_tokens(self, text: str, row: list[int], job: Job, chat: bool) -> int:
+        """Leading tokens of `row` that lie in the job's shared prefix: those the prefix's text alone tokenizes to
+        as well (a token across the boundary may differ), a function of this prompt alone; at least one token is
+        left to the suffix. 0 where the prompt has none, or the chat template changed its text."""
+        head = job.prompt[:job.shared_prefix]
+        at = text.find(head) if head else -1
+        if at < 0:
+            return 0
+        ids = self.tokenizer(text[:at + len(head)], add_special_tokens=not chat).input_ids
+        k = next((i for i, (a, b) in enumerate(zip(ids, row)) if a != b), min(len(ids), len(row)))
+        k = min(k, len(row) - 1)
+        return k if k > 0 else 0
 
     def _finish(self, tokens, logprobs, stop, want_logprobs, prompt_tokens: int) -> Sample:
         tokens = [int(t) for t in tokens]

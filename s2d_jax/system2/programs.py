@@ -205,8 +205,9 @@ def run_program(program: Program, examples, sampler, n: int, *, parse, seed: int
             states[r][stage.name] = ""
             return start(index + 1, r)
         parts[r] = [None] * len(items)
+        head = stage.template.split("{item}")[0].format(**states[r])  # the items' calls share it: prefilled once
         return [call(index, stage.template.format(**states[r], item=item), _key(rec["id"], rec["sample"], item),
-                     (r, k, item)) for k, item in enumerate(items)]
+                     (r, k, item), shared_prefix=len(head)) for k, item in enumerate(items)]
 
     def on_done(job, outs) -> list[Job]:
         index, r, *fan = job.tag
