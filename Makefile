@@ -10,6 +10,7 @@ export S2D_CACHE ?= $(HOME)/.cache/s2d_jax
 GGUF := $(S2D_CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2  # pytest-xdist workers, a file each at a time: one compiles while the other computes
 
 .PHONY: demo test setup fixtures bench clean
 
@@ -27,7 +28,7 @@ $(GGUF): | $(STAMP)
 	$(PY) -m s2d_jax.assets
 
 test: setup fixtures
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 demo: setup fixtures
 	$(PY) -m s2d_jax.demo
