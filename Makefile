@@ -10,7 +10,8 @@ export S2D_CACHE ?= $(HOME)/.cache/s2d_jax
 GGUF := $(S2D_CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
-TEST_WORKERS ?= 2  # pytest-xdist workers, a file each at a time: one compiles while the other computes
+# pytest-xdist workers, a test file each at a time: one compiles (one core) while the other computes
+TEST_WORKERS ?= 2
 
 .PHONY: demo test setup fixtures bench clean
 

@@ -138,6 +138,14 @@ def test_eight_devices_continuous_equals_one(ragged):
     eight = Sampler(sharded, tok, mesh=mesh, max_batch=6).generate(PROMPTS, **kw)  # 8 slots: a multiple of 4 rows
     assert _ids(one) == _ids(eight)
     assert np.mean([s.num_tokens for r in one for s in r]) < 24
+    shared = []  # shared-prefix prefill: prefix rows and suffix rows over the mesh too
+    for sampler in (Sampler(model, tok, max_batch=3), Sampler(sharded, tok, mesh=mesh, max_batch=6)):
+        out = {}
+        sampler.stream([Job(HEAD + item, n=2, key=k, seed=5, max_new_tokens=24, shared_prefix=len(HEAD), tag=k)
+                        for k, item in enumerate(ITEMS)], lambda job, samples: out.__setitem__(job.tag, samples),
+                       temperature=0.9, progress=False)
+        shared.append([[s.token_ids for s in out[k]] for k in range(len(ITEMS))])
+    assert shared[0] == shared[1]
 
 
 def _stage_by_stage(program, examples, sampler, n, seed, budgets, **sampling):

@@ -180,7 +180,8 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
     def fit(need: int):
         """Resize the cache to the bucket of `need` slots (grow or, once long rows are gone, shrink)."""
         nonlocal slots, width
-        target = max(need, min(-(-need // LIVE_BUCKET) * LIVE_BUCKET, ctx))
+        target = -(-need // LIVE_BUCKET) * LIVE_BUCKET
+        target = target if need > ctx else min(target, ctx)  # (a shared-prefix layout may pass the context)
         if target != width:
             slots, width = resize(slots, cache_lib.layer_sizes(cfg, target)), target
 
@@ -258,11 +259,23 @@ def _prefill_len(sampler, group: list[Request]) -> int:
     """Cache slots a prefill of `group` fills: the prompt bucket (within the context, room left for the budgets),
     or for shared prefixes the prefix bucket plus the suffix bucket."""
     if group[0].prefix:
-        return (bucket(max(q.prefix for q in group), sampler.min_prompt_bucket)
-                + bucket(max(len(q.ids) - q.prefix for q in group), 16))
+        return sum(_shared_widths(sampler, group))
     longest = max(len(q.ids) for q in group)
-    ctx = sampler.model.cfg.max_position_embeddings
-    return max(min(bucket(longest, sampler.min_prompt_bucket), ctx - max(q.budget for q in group)), longest)
+    return max(min(bucket(longest, sampler.min_prompt_bucket), _room(sampler, group)), longest)
+
+
+def _room(sampler, group: list[Request]) -> int:
+    return sampler.model.cfg.max_position_embeddings - max(q.budget for q in group)
+
+
+def _shared_widths(sampler, group: list[Request]) -> tuple[int, int]:
+    """Prefix and suffix widths of a shared-prefix prefill: buckets, kept within the context (less the budgets)
+    where they fit, as a plain prefill's are (a width past it would make every decode width a new shape)."""
+    room = _room(sampler, group)
+    prefix, suffix = max(q.prefix for q in group), max(len(q.ids) - q.prefix for q in group)
+    s = bucket(suffix, 16)
+    p = max(min(bucket(prefix, sampler.min_prompt_bucket), room - s), prefix)
+    return p, max(min(s, room - p), suffix)
 
 
 def _padded(sampler, rows: list[list[int]], width: int, left: bool, first: int = 0):
@@ -293,7 +306,7 @@ def _prefill_shared(sampler, group: list[Request], p_len: int):
     """Logits and a cache of `p_len` slots for `group`, each distinct prefix prefilled once (cache.prefill_shared)."""
     heads: dict[tuple, int] = {}
     owner = [heads.setdefault(tuple(q.ids[:q.prefix]), len(heads)) for q in group]
-    p_width = bucket(max(q.prefix for q in group), sampler.min_prompt_bucket)
+    p_width = _shared_widths(sampler, group)[0]
     prefix = _padded(sampler, [list(h) for h in heads], p_width, True)
     suffix = _padded(sampler, [q.ids[q.prefix:] for q in group], p_len - p_width, False, [q.prefix for q in group])
     num = suffix[0].shape[0]
