@@ -1,7 +1,5 @@
 """The sampler: parity with transformers' greedy generate, batching invariance, sharding, sampling statistics."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +10,7 @@ from s2d_jax.errors import S2DError
 from s2d_jax.model import PRESETS, init_model
 from s2d_jax.sampling import Sampler, Sampling
 from s2d_jax.sampling.cache import prefill as _prefill
-from s2d_jax.tokenizer import byte_tokenizer, chat_prompt
+from s2d_jax.tokenizer import byte_tokenizer
 from conftest import FAMILIES
 
 PROMPTS = ["a", "The quick brown fox", "0123456789 abcdefghij klmnop", "xyz xyz"]
@@ -37,27 +35,6 @@ def test_greedy_matches_transformers_generate(hf_models, family):
         expected = _hf_greedy(ref, tok(prompt).input_ids, 20, sampler.eos_ids, sampler.pad_id)
         ends = [k + 1 for k, t in enumerate(expected) if t in sampler.eos_ids]  # HF pads after the first EOS
         assert sample.token_ids == expected[:ends[0] if ends else len(expected)]
-
-
-def test_smollm2_greedy_matches_transformers_with_chat_template(smollm2_gguf):
-    import torch
-    import transformers
-
-    model, tok = s2d_jax.load_model(smollm2_gguf), s2d_jax.load_tokenizer(smollm2_gguf)
-    questions = ["What is 2+2?", "Hi", "Name three colors of the rainbow and say why the sky is blue, briefly.",
-                 "Take the last letters of each word in 'Elon Musk Sam Altman' and concatenate them."]
-    out = Sampler(model, tok).generate(questions, max_new_tokens=48, chat=True, progress=False)
-    d, f = os.path.split(smollm2_gguf)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-    lengths = set()
-    for q, (sample,) in zip(questions, out):
-        ids = tok(chat_prompt(tok, q), add_special_tokens=False).input_ids
-        lengths.add(len(ids))
-        with torch.no_grad():
-            expected = ref.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)[0, len(ids):].tolist()
-        assert sample.token_ids == expected
-        assert sample.text == tok.decode(expected, skip_special_tokens=True)
-    assert len(lengths) == 4 and any(s.finish_reason == "length" and s.num_tokens == 48 for (s,) in out)
 
 
 @pytest.fixture(scope="module")

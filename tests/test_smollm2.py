@@ -72,3 +72,24 @@ def test_convert_gguf_to_hf_dir_that_transformers_loads(ours, smollm2_gguf, tmp_
     assert ref_tok(text).input_ids == ours[1](text).input_ids
     ids = np.asarray(ours[1](text).input_ids)[None]
     assert np.abs(torch_logits(ref, ids) - np.asarray(ours[0](jnp.asarray(ids, jnp.int32)))).max() <= 1e-3
+
+
+def test_greedy_matches_transformers_with_chat_template(ours, reference):
+    import torch
+
+    from s2d_jax.sampling import Sampler
+
+    model, tok = ours
+    questions = ["What is 2+2?", "Hi", "Name three colors of the rainbow and say why the sky is blue, briefly.",
+                 "Take the last letters of each word in 'Elon Musk Sam Altman' and concatenate them."]
+    out = Sampler(model, tok).generate(questions, max_new_tokens=48, chat=True, progress=False)
+    lengths = set()
+    for q, (sample,) in zip(questions, out):
+        ids = tok(chat_prompt(tok, q), add_special_tokens=False).input_ids
+        lengths.add(len(ids))
+        with torch.no_grad():
+            expected = reference[0].generate(torch.tensor([ids]), max_new_tokens=48,
+                                             do_sample=False)[0, len(ids):].tolist()
+        assert sample.token_ids == expected
+        assert sample.text == tok.decode(expected, skip_special_tokens=True)
+    assert len(lengths) == 4 and any(s.finish_reason == "length" and s.num_tokens == 48 for (s,) in out)
