@@ -10,8 +10,7 @@ export S2D_CACHE ?= $(HOME)/.cache/s2d_jax
 GGUF := $(S2D_CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
-# pytest-xdist workers, a test file each at a time (longest first: tests/conftest.py): one compiles (one core)
-# while the other computes
+# pytest-xdist workers, a test file each at a time: one compiles (one core) while the other computes
 TEST_WORKERS ?= 2
 
 .PHONY: demo test setup fixtures bench clean
@@ -30,7 +29,7 @@ $(GGUF): | $(STAMP)
 	$(PY) -m s2d_jax.assets
 
 test: setup fixtures
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 demo: setup fixtures
 	$(PY) -m s2d_jax.demo

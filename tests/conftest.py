@@ -25,15 +25,6 @@ import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-# The longest files first (each about 2-5 minutes on 2 cores): `make test`'s two workers take a file at a time,
-# so a long file started last would run alone at the end.
-LONGEST_FIRST = ("test_multihost.py", "test_train.py", "test_pipeline.py", "test_lora.py", "test_engine.py",
-                 "test_smollm2.py", "test_faults.py", "test_stages.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 SHARED_DATA = REPO.parent / "shared" / "data"
 CACHE = pathlib.Path(os.environ.get("S2D_CACHE", pathlib.Path.home() / ".cache" / "s2d_jax"))
 SMOLLM2_GGUF = CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
