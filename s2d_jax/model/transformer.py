@@ -54,11 +54,9 @@ class KVCache(NamedTuple):
         ks, vs = [], []
         for n, (k, v) in enumerate(kvs):
             size = cache_slots(cfg, n, max_len)
-            if size < max_len and end is None:  # a ring: the last `size` slots, each at its slot mod size
-                take = jnp.clip(ring_slots(p, size), 0, p - 1)
-                k, v = jnp.take(k, take, axis=2), jnp.take(v, take, axis=2)
-            elif size < max_len:  # each row's ring ends at its own slot
-                take = jnp.clip(jax.vmap(lambda e: ring_slots(e, size))(end), 0, p - 1)[:, None, :, None]
+            if size < max_len:  # a ring: each row's last `size` slots before its end, each at its slot mod size
+                ends = jnp.full(valid.shape[:1], p, jnp.int32) if end is None else end
+                take = jnp.clip(jax.vmap(lambda e: ring_slots(e, size))(ends), 0, p - 1)[:, None, :, None]
                 k, v = jnp.take_along_axis(k, take, axis=2), jnp.take_along_axis(v, take, axis=2)
             else:
                 k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, max_len - p), (0, 0))) for x in (k, v))

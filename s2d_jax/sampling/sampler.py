@@ -174,7 +174,7 @@ class Sampler:
         """Token ids of each job's prompt (with the chat template when `chat`), checked against the context, and
         how many of them are its shared prefix (`_prefix_tokens`)."""
         limit = self.model.cfg.max_position_embeddings
-        out = []
+        out, heads = [], {}  # heads: a shared prefix's text -> its tokens (tokenized once for all its jobs)
         for i, job in enumerate(jobs):
             if not isinstance(job.prompt, str):
                 raise S2DError(f"prompt {first_handle + i}: expected a string, got {type(job.prompt).__name__}")
@@ -187,10 +187,10 @@ class Sampler:
             if len(row) + job.max_new_tokens > limit:
                 raise S2DError(f"prompt {first_handle + i}: {len(row)} tokens + max_new_tokens={job.max_new_tokens} = "
                                f"{len(row) + job.max_new_tokens} exceeds the model's context of {limit} positions")
-            out.append((row, self._prefix_tokens(text, row, job, chat)))
+            out.append((row, self._prefix_tokens(text, row, job, chat, heads)))
         return out
 
-    def _prefix_tokens(self, text: str, row: list[int], job: Job, chat: bool) -> int:
+    def _prefix_tokens(self, text: str, row: list[int], job: Job, chat: bool, heads: dict) -> int:
         """Leading tokens of `row` that lie in the job's shared prefix: those the prefix's text alone tokenizes to
         as well (a token across the boundary may differ), a function of this prompt alone; at least one token is
         left to the suffix. 0 where the prompt has none, or the chat template changed its text."""
@@ -198,10 +198,12 @@ class Sampler:
         at = text.find(head) if head else -1
         if at < 0:
             return 0
-        ids = self.tokenizer(text[:at + len(head)], add_special_tokens=not chat).input_ids
+        head = text[:at + len(head)]
+        if head not in heads:
+            heads[head] = self.tokenizer(head, add_special_tokens=not chat).input_ids
+        ids = heads[head]
         k = next((i for i, (a, b) in enumerate(zip(ids, row)) if a != b), min(len(ids), len(row)))
-        k = min(k, len(row) - 1)
-        return k if k > 0 else 0
+        return min(k, len(row) - 1)  # rows are never empty: k >= 0
 
     def _finish(self, tokens, logprobs, stop, want_logprobs, prompt_tokens: int) -> Sample:
         tokens = [int(t) for t in tokens]
