@@ -1,12 +1,12 @@
 """Paper experiment: RaR 2-step on coin flip, majority vote over 8 samples. Sized for a TPU v5e-8 host or one
 80 GB GPU (8B instruct model, bfloat16 compute, LoRA rank 16, FSDP). Set MODEL or pass --config.model.path=...
 Unlabelled pool: 1,000 generated 4-person flips (real first names, both public wordings); held-out: Kojima et
-al.'s 500 in ../shared/data, and the same under five small prompt changes (robustness, per system).
+al.'s 500 (`data:coin_flip`, fetched by name), and the same under five small prompt changes (robustness, per system).
 Baseline: configs/rar2_coin_flip_system1_sc.py."""
 
 from ml_collections import ConfigDict
 
-MODEL = "/models/Llama-3.1-8B-Instruct"
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"  # a hub id (gated: set HF_TOKEN), an HF directory or a .gguf
 
 
 def get_config():
@@ -22,7 +22,7 @@ def get_config():
                   "lora_rank": 16, "lora_alpha": 32.0,
                   "checkpoint_every": 100, "eval_every": 100, "remat": "full"},
         # robustness: the held-out flips again under each small prompt change (CoinFlip.VARIANTS)
-        "eval": {"path": "../shared/data/coin_flip/coin_flip.json", "n": 500,
+        "eval": {"path": "data:coin_flip", "n": 500,
                  "variants": ("no_note", "flip_means_reverse", "lowercase_names", "answer_yes_or_no",
                               "tails_question")},
     })

@@ -2,13 +2,13 @@
 
 Sized for one TPU v5e-8 host or one 80 GB GPU with an 8B instruct model: LoRA rank 16 on a frozen bfloat16 base,
 FSDP over every chip (`s2d plan` checks it; configs/rar2_last_letters_full.py is the full fine-tune for a v5p-64).
-Set MODEL (an HF directory with safetensors, or a .gguf) or pass --config.model.path=...; nothing else is needed.
-Unlabelled pool: 1,000 generated 4-word lists; held-out: Kojima et al.'s 500 lists in ../shared/data.
+MODEL is a hub id; or pass --config.model.path=... (an HF directory with safetensors, a .gguf, or another hub id).
+Unlabelled pool: 1,000 generated 4-word lists; held-out: Kojima et al.'s 500 lists (`data:last_letters`, fetched by name).
 """
 
 from ml_collections import ConfigDict
 
-MODEL = "/models/Llama-3.1-8B-Instruct"
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"  # a hub id (gated: set HF_TOKEN), an HF directory or a .gguf
 
 
 def get_config():
@@ -23,5 +23,5 @@ def get_config():
         "train": {"steps": 300, "batch_size": 32, "max_len": 256, "learning_rate": 1e-4, "warmup_steps": 20,
                   "lora_rank": 16, "lora_alpha": 32.0,
                   "checkpoint_every": 100, "eval_every": 100, "remat": "full"},
-        "eval": {"path": "../shared/data/last_letters/last_letters.json", "n": 500},
+        "eval": {"path": "data:last_letters", "n": 500},
     })

@@ -20,6 +20,6 @@ def get_config():
         "filter": {"name": "majority", "min_share": 0.5},
         "train": {"steps": 40, "batch_size": 8, "max_len": 256, "learning_rate": 1e-5, "warmup_steps": 4,
                   "checkpoint_every": 20, "log_every": 5},
-        "eval": {"path": "../shared/data/coin_flip/coin_flip.json", "n": 64,
+        "eval": {"path": "data:coin_flip", "n": 64,
                  "variants": ("flip_means_reverse", "lowercase_names")},
     })

@@ -55,7 +55,8 @@ def build_model(config: ConfigDict, mesh=None, workdir: str | None = None, base:
         raise S2DError(f"{path}: no pretrained base model (config key 'pretrain.steps' > 0: run "
                        f"`s2d pretrain` or `s2d run` first)")
     if path:
-        model = load_model(path, dtype=dtype, compute_dtype=compute, mesh=mesh, scan_layers=m.scan_layers)
+        model = load_model(path, dtype=dtype, compute_dtype=compute, mesh=mesh, scan_layers=m.scan_layers,
+                           revision=m.revision if path == m.path else "")
         model.cfg = model.cfg.replace(attention=m.attention)
         return model
     if m.preset not in PRESETS:
@@ -81,4 +82,4 @@ def build_tokenizer(config: ConfigDict, workdir: str | None = None):
     path = config.tokenizer or config.model.path
     if not path:
         raise S2DError("config key 'tokenizer': empty, and 'model.path' is empty too (set one, or 'bytes')")
-    return load_tokenizer(path)
+    return load_tokenizer(path, revision=config.model.revision if path == config.model.path else "")

@@ -14,7 +14,8 @@ from s2d_jax.errors import S2DError
 
 USAGE = ("s2d STAGE --config configs/NAME.py [--config.KEY=VALUE ...] [--workdir DIR] [--debug] "
          "[--coordinator_address HOST:PORT --num_processes N --process_id I | --distributed]  |  "
-         "s2d report WORKDIR [WORKDIR ...] [--out DIR]")
+         "s2d report WORKDIR [WORKDIR ...] [--out DIR]  |  s2d data list  |  s2d data fetch [NAME ...]")
+DATA_USAGE = "s2d data list | s2d data fetch [NAME ...] (names: s2d data list; cache: $S2D_DATA)"
 ERROR_LOG = "s2d-error.log"
 
 
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if argv[:1] == ["report"]:
         return _report(argv[1:])
+    if argv[:1] == ["data"]:
+        return _data(argv[1:])
     parser = _parser(STAGES)
     try:
         args, rest = parser.parse_known_args(argv)
@@ -118,6 +121,31 @@ def _report(argv: list[str]) -> int:
     return 0
 
 
+def _data(argv: list[str]) -> int:
+    """`s2d data list` (name, licence, size, cached) and `s2d data fetch [NAME ...]` (into $S2D_DATA)."""
+    from s2d_jax import datasets
+
+    p = _Parser(prog="s2d data", usage=DATA_USAGE)
+    p.add_argument("action", choices=["list", "fetch"])
+    p.add_argument("names", nargs="*")
+    try:
+        args = p.parse_args(argv)
+        if args.action == "list":
+            if args.names:
+                raise _BadArguments("'s2d data list' takes no names")
+            print(datasets.table(), end="")
+        else:
+            for path in datasets.fetch(args.names):
+                print(path)
+    except _BadArguments as e:
+        print(f"s2d: error: {e} (usage: {DATA_USAGE})", file=sys.stderr)
+        return 2
+    except S2DError as e:
+        print(f"s2d: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 class _TracebacksToLog(logging.Filter):
     """A log record's traceback (Orbax logs its failed background writes with one) goes to the error log; the
     record's own line still shows."""
@@ -145,8 +173,11 @@ def _run(args, overrides: list[str], workdir: str) -> int:
                                   auto=args.distributed) and not distributed.primary():
             logging.getLogger("s2d").setLevel(logging.WARNING)  # one host narrates
 
+        from s2d_jax.stages.preflight import preflight
+
         config = load_config(args.config, overrides)
         with workdir_lib.claim(config, workdir, keep=args.stage != "plan"):
+            preflight(config, args.stage)
             STAGES[args.stage](config, workdir)
     except Preempted as e:
         print(f"s2d: {e}", file=sys.stderr)

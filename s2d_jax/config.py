@@ -36,7 +36,9 @@ def schema() -> dict:
     return ({
         "seed": _(0, at_least(0)),
         "model": {
-            "path": "",  # HF directory or .gguf file; "" = random init of `preset`
+            # HF directory, .gguf file, or hub id (org/name, hf://org/name[/FILE.gguf]); "" = random `preset`
+            "path": "",
+            "revision": "",  # with a hub id: a branch, tag or commit ("" = main)
             "preset": "",  # a name in s2d_jax.model.PRESETS, used when `path` is ""
             # master parameter dtype of full fine-tuning (float32: bf16 rounds updates away)
             "dtype": _("float32", one_of(*DTYPES)),
@@ -45,7 +47,7 @@ def schema() -> dict:
             "scan_layers": False,  # stack the layers and run them under lax.scan (compile time flat in depth)
             "attention": _("auto", one_of(*IMPLEMENTATIONS)),  # kernel: s2d_jax/model/attention.py
         },
-        "tokenizer": "",  # "" = model.path; "bytes" = the built-in byte tokenizer
+        "tokenizer": "",  # "" = model.path; a path or hub id; "bytes" = the built-in byte tokenizer
         "mesh": {"data": _(-1, mesh_size()), "fsdp": _(1, mesh_size()), "tensor": _(1, mesh_size())},
         "convert": {"output": ""},  # "" = WORKDIR/converted
         "task": {

@@ -22,7 +22,7 @@ from ml_collections import ConfigDict
 
 from s2d_jax import mesh as mesh_lib
 from s2d_jax.errors import S2DError
-from s2d_jax.model import PRESETS, Transformer, read_config
+from s2d_jax.model import PRESETS, Transformer, hub, read_config
 from s2d_jax.model.transformer import cache_slots
 from s2d_jax.sampling.cache import CACHE_AXES, bucket
 from s2d_jax.system2.programs import get_program
@@ -38,7 +38,7 @@ def mesh_shape(m: ConfigDict, devices: int):
 
 def model_config(config: ConfigDict):
     m = config.model
-    base = read_config(m.path) if m.path else PRESETS.get(m.preset)
+    base = read_config(hub.resolve(m.path, m.revision, config_only=True)) if m.path else PRESETS.get(m.preset)
     if base is None:
         raise S2DError(f"config key 'model.preset': {m.preset!r} is not a preset and 'model.path' is empty")
     compute = m.compute_dtype or m.dtype

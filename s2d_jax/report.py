@@ -1,7 +1,7 @@
 """`report.md` (the paper-style table with each system's cost per input, what the filter kept, how training ended)
 and `report.png` (accuracy against generated tokens per input, one point per system), both from `eval.json`; and
-`s2d report WORKDIR...`: several runs side by side, with the paper's numbers (`../shared/docs/PAPER.md`) as a
-reference column."""
+`s2d report WORKDIR...`: several runs side by side, with the paper's numbers (package data
+`paper_results.json`, Yu et al. 2024's table) as a reference column."""
 
 from __future__ import annotations
 
@@ -18,9 +18,7 @@ COST = (("accuracy", "accuracy (%)"), ("generated_tokens", "generated tokens / i
         ("prompt_tokens", "prompt tokens / input"), ("flops", "FLOPs / input"), ("seconds", "seconds / input"),
         ("n", "n"))
 NOT_EXTRA = {k for k, _ in COST} | {"mean_tokens", "seconds_total", "truncation", "truncated", "name", "answers"}
-PAPER = os.path.join("..", "shared", "docs", "PAPER.md")
-PAPER_TASKS = {"last letters": "last_letters", "coin flip": "coin_flip", "sycophancyeval": "sycophancy",
-               "mt-bench judge": "mt_bench_judge", "gsm8k": "gsm8k"}
+PAPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_results.json")  # the paper's table
 
 
 def _fmt(key: str, value) -> str:
@@ -165,22 +163,12 @@ def write_report(results: dict, workdir: str) -> tuple[str, str]:
 
 
 def paper_rows(path: str = PAPER) -> dict[str, dict]:
-    """The paper's results table in PAPER.md ("Results to anchor against"): task -> {system: (value, text)}."""
-    if not os.path.exists(path):
-        return {}
-    out, in_table = {}, False
-    for line in open(path, encoding="utf-8"):
-        if line.startswith("## "):
-            in_table = line.lower().startswith("## results")
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if not in_table or len(cells) < 5 or cells[0] in ("task",) or set(cells[0]) <= set("-: "):
-            continue
-        task = next((v for k, v in PAPER_TASKS.items() if cells[0].lower().startswith(k)), None)
-        if task:
-            out[task] = {name: (_number(text), text) for name, text in zip(("system1", "system2", "distilled"),
-                                                                          cells[2:5])}
-            out[task]["metric"] = cells[1]
+    """The paper's results (package data `paper_results.json`): task -> {system: (value, text), "metric", ...}."""
+    data = json.load(open(path, encoding="utf-8"))
+    out = {}
+    for task, row in data["tasks"].items():
+        out[task] = {name: (_number(row[name]), row[name]) for name in ("system1", "system2", "distilled")}
+        out[task].update(metric=row["metric"], model=data["model"], reference=data["reference"])
     return out
 
 
@@ -191,7 +179,7 @@ def _number(text: str) -> float | None:
 
 def compare(workdirs: list[str], paper: str = PAPER) -> tuple[str, dict]:
     """Several runs' eval.json side by side: accuracy and cost per system, one column group per run, and the
-    paper's number for the task where PAPER.md has it."""
+    paper's number for the task where the paper reports it."""
     runs = {}
     for w in workdirs:
         path = os.path.join(w, "eval.json")
@@ -206,7 +194,7 @@ def compare(workdirs: list[str], paper: str = PAPER) -> tuple[str, dict]:
     header = ["system"] + [f"{run}: accuracy (%) / generated tokens / FLOPs / s per input" for run in runs]
     paper_task = next(iter(tasks)) if len(tasks) == 1 and next(iter(tasks)) in reference else None
     if paper_task:
-        header.append(f"paper (Llama-2-70B-chat, {reference[paper_task]['metric']})")
+        header.append(f"paper ({reference[paper_task]['model']}, {reference[paper_task]['metric']})")
     lines = ["# Runs side by side", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, label in SYSTEMS:
         cells = [label]
@@ -222,7 +210,7 @@ def compare(workdirs: list[str], paper: str = PAPER) -> tuple[str, dict]:
                      f" (kept {r.get('filter', {}).get('kept', '-')} of {r.get('filter', {}).get('total', '-')})"
                      for run, r in runs.items()]
     if paper_task:
-        lines += ["", f"Paper column: {os.path.normpath(paper)}, 'Results to anchor against' (its notes kept)."]
+        lines += ["", f"Paper column: {reference[paper_task]['reference']}."]
     return "\n".join(lines) + "\n", runs
 
 

@@ -8,6 +8,7 @@ import os
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from s2d_jax.errors import S2DError
+from s2d_jax.model import hub
 
 BYTES = "bytes"  # the name of the built-in byte tokenizer in configs
 SYLLABLES = "syllables"  # a toy tokenizer built by `s2d pretrain` from the task's syllables and corpus
@@ -19,11 +20,13 @@ CHATML_TEMPLATE = (
 )
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model: an HF directory, a `.gguf` file, or `"bytes"` for the built-in byte tokenizer."""
+def load_tokenizer(path: str, revision: str = "") -> PreTrainedTokenizerBase:
+    """The tokenizer of a model: an HF directory, a `.gguf` file, a hub id (`org/name`, at `revision`), or
+    `"bytes"` for the built-in byte tokenizer."""
     path = str(os.fspath(path))
     if path == BYTES:
         return byte_tokenizer()
+    path = hub.resolve(path, revision)
     if not os.path.exists(path):
         raise S2DError(f"{path}: no such file or directory (expected a tokenizer directory, a .gguf file, or 'bytes')")
     if path.endswith(".gguf"):

@@ -25,7 +25,20 @@ import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+# The data registry's mirror for the tests: our copy of the public files beside the checkout (CI has it). The
+# package never names it; tests reach it only as S2D_DATA_MIRROR, never upstream, through a cache of this session's
+# own (shared by the xdist workers, which inherit the variables: concurrent fetches are atomic).
 SHARED_DATA = REPO.parent / "shared" / "data"
+if SHARED_DATA.is_dir():
+    os.environ.setdefault("S2D_DATA_MIRROR", str(SHARED_DATA))
+os.environ.setdefault("S2D_DATA_OFFLINE", "1")
+if "S2D_DATA" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["S2D_DATA"] = tempfile.mkdtemp(prefix="s2d-test-data-")
+    atexit.register(shutil.rmtree, os.environ["S2D_DATA"], True)
 CACHE = pathlib.Path(os.environ.get("S2D_CACHE", pathlib.Path.home() / ".cache" / "s2d_jax"))
 SMOLLM2_GGUF = CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -57,6 +70,17 @@ FAMILIES = {
 }
 TINY = dict(vocab_size=264, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256)
+
+
+def data(spec: str) -> str:
+    """The local path of registry data `spec` (`NAME` or `NAME/FILE`), fetched through the mirror; a test that
+    needs it says so where no mirror is set (a clone without ../shared)."""
+    from s2d_jax import datasets
+
+    _, files, _ = datasets.lookup(datasets.PREFIX + spec)
+    if not os.environ.get("S2D_DATA_MIRROR") and not all(datasets.cached(f) for f in files):
+        pytest.skip(f"data:{spec} needs S2D_DATA_MIRROR (../shared/data beside the repo, as in CI)")
+    return datasets.resolve(datasets.PREFIX + spec)
 
 
 @pytest.fixture(scope="session")

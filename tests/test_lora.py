@@ -125,16 +125,14 @@ def test_full_fine_tuning_keeps_float32_masters_and_refuses_bfloat16(tmp_path):
 def test_lora_paper_config_end_to_end_on_a_tiny_model(tmp_path):
     """The shipped paper config as it is (LoRA, scanned layers, bf16 compute, float32 masters) through `s2d run`
     with only the model made tiny and the sizes small: model/ (merged) and adapter/ (PEFT) written, eval on model/.
-    Reads Kojima et al.'s held-out lists from ../shared/data."""
-    from conftest import SHARED_DATA
+    Reads Kojima et al.'s held-out lists by their registry name, as the config names them."""
+    from conftest import data
 
-    held_out = SHARED_DATA / "last_letters" / "last_letters.json"
-    if not held_out.exists():
-        pytest.skip(f"{held_out} is absent (CI has ../shared/data)")
+    data("last_letters")
     workdir = tmp_path / "run"
     assert main(["run", "--config", "configs/rar2_last_letters.py", "--workdir", str(workdir),
                  "--config.model.path=", "--config.model.preset=tiny", "--config.tokenizer=bytes",
-                 "--config.mesh.fsdp=2", "--config.mesh.data=4", f"--config.eval.path={held_out}",
+                 "--config.mesh.fsdp=2", "--config.mesh.data=4",
                  "--config.task.n=4", "--config.generate.samples=2", "--config.generate.max_batch=8",
                  "--config.program.max_new_tokens=24", "--config.filter.min_share=0.0", "--config.train.steps=2",
                  "--config.train.batch_size=8", "--config.train.eval_every=0", "--config.eval.n=4",

@@ -127,9 +127,8 @@ def test_report_puts_several_runs_side_by_side_with_the_paper(tmp_path, capsys):
     assert text == capsys.readouterr().out
     assert "| Distilled System 1 | 60.0 / 5.0 / 5e+09 / 1.00 | 50.0 / 5.0 / 5e+09 / 1.00 |" in text
     assert (out / "comparison.png").exists()
-    if os.path.exists("../shared/docs/PAPER.md"):  # the paper's column, read from the spec beside the repo
-        assert "| 50.0 / 5.0 / 5e+09 / 1.00 | 75.7 (unverified) |" in text
-        assert "paper (Llama-2-70B-chat, accuracy)" in text
+    assert "| 50.0 / 5.0 / 5e+09 / 1.00 | 75.7 (unverified) |" in text  # the paper's column, package data
+    assert "paper (Llama-2-70B-chat, accuracy)" in text and "arXiv 2407.06023" in text
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "nothing/eval.json: no such file (run `s2d eval`" in capsys.readouterr().err
 

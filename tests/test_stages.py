@@ -176,9 +176,10 @@ def test_every_program_formats_real_rows():
 
 
 def test_bsm_with_order_swap_end_to_end(tmp_path):
-    from test_system2 import _oasst2, _require
+    from conftest import data as registry
+    from test_system2 import _oasst2
 
-    _require("mt_bench/judge_prompts.jsonl")  # the judge prompts System 1's prompt is built from
+    registry("mt_bench/judge_prompts.jsonl")  # the judge prompts System 1's prompt is built from
     data = _oasst2(tmp_path / "oasst2.jsonl.gz")
     args = ["--config.task.name=oasst2_judge", f"--config.task.path={data}", "--config.program.name=bsm",
             "--config.filter.name=order_swap", "--config.generate.samples=2", "--config.task.n=0"]

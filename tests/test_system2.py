@@ -9,7 +9,7 @@ import pytest
 from s2d_jax.errors import S2DError
 from s2d_jax.system2.filters import FilterReport, majority_vote, order_swap, vote
 from s2d_jax.system2.tasks import get_task
-from conftest import SHARED_DATA
+from conftest import data
 
 GOLDEN = pathlib.Path(__file__).parent / "fixtures" / "golden_parses.jsonl"
 
@@ -55,16 +55,15 @@ def test_unknown_task_lists_the_valid_ones():
 
 
 @pytest.mark.parametrize("task, path, count", [
-    ("last_letters", "last_letters/last_letters.json", 500),
-    ("last_letters", "last_letters/last_letter_concatenation_gpt-4.json", 219),
-    ("coin_flip", "coin_flip/coin_flip.json", 500),
-    ("gsm8k", "gsm8k/test.jsonl", 1319),
-    ("gsm8k", "gsm8k/train.jsonl", 7473),
+    ("last_letters", "last_letters", 500),
+    ("last_letters", "rar_last_letters_gpt4", 219),
+    ("last_letters", "rar_last_letters_gpt35", 219),
+    ("coin_flip", "coin_flip", 500),
+    ("gsm8k", "gsm8k_test", 1319),
+    ("gsm8k", "gsm8k_train", 7473),
 ])
 def test_loads_every_public_format(task, path, count):
-    if not (SHARED_DATA / path).exists():
-        pytest.skip(f"{SHARED_DATA / path} is absent (the shared data directory is not beside the repo)")
-    examples = get_task(task).load(str(SHARED_DATA / path))
+    examples = get_task(task).load(data(path))
     assert len(examples) == count and len({e.id for e in examples}) == count
     if task == "last_letters":  # the label is the concatenation of the names' last letters; 16 of Kojima's rows
         # hold two-word names ("Jose Antonio"), so check the rows whose word count equals the label's length
@@ -189,15 +188,9 @@ def test_score_compares_normalised_answers():
 
 # ------------------------------------------------------------------------------------------ S2A and judging tasks
 
-def _require(path):
-    if not (SHARED_DATA / path).exists():
-        pytest.skip(f"{SHARED_DATA / path} is absent (the shared data directory is not beside the repo)")
-    return str(SHARED_DATA / path)
-
-
 def test_sycophancy_rebuilds_the_three_biased_templates():
     task = get_task("sycophancy")
-    examples = task.load(_require("sycophancy_eval/answer.jsonl"))
+    examples = task.load(data("sycophancy_eval"))
     assert len(examples) == 4 * 1000  # the trivia_qa rows, each plain and with three opinions
     first = [e for e in examples if e.meta["question"] == examples[0].meta["question"]]
     assert [e.meta["template"] for e in first] == ["plain", "doubt_correct", "suggest_incorrect", "suggest_correct"]
@@ -212,7 +205,7 @@ def test_sycophancy_rebuilds_the_three_biased_templates():
 
 def test_mt_bench_judgments_rebuild_conversations_and_votes():
     task = get_task("mt_bench_judge")
-    root = _require("mt_bench")
+    root = data("mt_bench")
     examples = task.load(root)
     assert sum(len(e.label) for e in examples) == 3355  # every human vote, grouped by pair
     prompts = {r["name"]: r for r in map(json.loads, open(os.path.join(root, "judge_prompts.jsonl")))}
@@ -248,7 +241,7 @@ def test_judge_parse_score_and_metrics():
     assert task.parse("Overall, Assistant A's response is better.") == "A"
     assert task.parse("I cannot decide.") is None
     from s2d_jax.system2.tasks.judge import DEFAULT_PROMPTS, pair_example
-    _require("mt_bench")
+    data("mt_bench")
     e1 = pair_example("p1", "q", "a", "b", ("A", "A", "tie"), prompts=DEFAULT_PROMPTS)
     e2 = pair_example("p2", "q", "a", "b", ("B",), prompts=DEFAULT_PROMPTS)
     examples = [e1, task.swap(e1), e2, task.swap(e2)]
@@ -290,7 +283,7 @@ def test_oasst2_pairs_ranked_siblings(tmp_path):
     from s2d_jax.config import defaults
     from s2d_jax.system2.tasks.oasst2 import split_of
 
-    _require("mt_bench")  # the judge prompts
+    data("mt_bench")  # the judge prompts
     task, path, t = get_task("oasst2_judge"), _oasst2(tmp_path / "oasst2.messages.jsonl.gz"), defaults().task
     task.configure(t, split="")  # every tree
     examples = {e.id: e for e in task.load(path)}
@@ -379,7 +372,7 @@ def test_generated_pools_match_the_held_out_sets():
     import collections
     import re
 
-    held = get_task("last_letters").load(_require("last_letters/last_letters.json"))
+    held = get_task("last_letters").load(data("last_letters"))
     pool = get_task("last_letters").generate(500, seed=0, num_words=4)
 
     def letters(examples):
@@ -401,7 +394,7 @@ def test_generated_pools_match_the_held_out_sets():
     assert set(wordings) == {"kojima", "wei"} and min(wordings.values()) > 200
     kojima_form = re.compile(r'A coin is heads up\. (?:[A-Z]\w+ (?:flips|does not flip) the coin\. ){4}Is the '
                              r'coin still heads up\? Note that "flip" here means "reverse"\.')
-    held_flips = get_task("coin_flip").load(_require("coin_flip/coin_flip.json"))
+    held_flips = get_task("coin_flip").load(data("coin_flip"))
     assert all(kojima_form.fullmatch(e.input) for e in held_flips[:50])
     assert all(kojima_form.fullmatch(e.input) for e in flips if e.meta["wording"] == "kojima")
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from s2d_jax import distributed, mesh as mesh_lib
 from s2d_jax.artifacts import atomic_dir
 from s2d_jax.errors import S2DError
+from s2d_jax.model import hub
 from s2d_jax.model.config import ModelConfig
 from s2d_jax.model.layout import hf_layout
 from s2d_jax.model.sources import open_checkpoint
@@ -42,10 +43,11 @@ def _per_layer(cfg: ModelConfig, key: tuple) -> list[tuple]:
 
 
 def load_model(path: str, dtype: str = "float32", mesh=None, compute_dtype: str | None = None,
-               scan_layers: bool = False) -> Transformer:
-    """The model at `path` with parameters in `dtype`, placed on `mesh` by the logical-axis rules if given;
-    `scan_layers` stacks the layers' parameters for `lax.scan`."""
-    path = os.fspath(path)
+               scan_layers: bool = False, revision: str = "") -> Transformer:
+    """The model at `path` (an HF directory, a `.gguf` file, or a hub id such as `org/name` at `revision`) with
+    parameters in `dtype`, placed on `mesh` by the logical-axis rules if given; `scan_layers` stacks the layers'
+    parameters for `lax.scan`."""
+    path = hub.resolve(path, revision)
     source = open_checkpoint(path)
     cfg = source.config.replace(param_dtype=dtype, dtype=compute_dtype or dtype, scan_layers=scan_layers)
     layout = hf_layout(cfg)

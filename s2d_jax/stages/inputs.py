@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
+from s2d_jax import datasets
 from s2d_jax.errors import S2DError
 from s2d_jax.system2.tasks import get_task, tfds_source
 
@@ -14,7 +15,7 @@ def _examples(task, path: str, n: int, offset: int, seed: int, size: int, group:
                                          label_field=t.label_field, limit=n + offset if n else 0)
     elif path:
         task.configure(t, split="heldout" if group == "eval" else "train")
-        examples = task.load(path)
+        examples = task.load(datasets.resolve(path))
     elif hasattr(task, "generate") and n > 0:
         examples = task.generate(n, seed=seed, words=t.words, **{task.size_arg: size})
     else:

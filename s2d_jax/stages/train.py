@@ -7,6 +7,7 @@ import os
 
 from ml_collections import ConfigDict
 
+from s2d_jax import datasets
 from s2d_jax.build import build_mesh, build_model, build_tokenizer
 from s2d_jax.errors import S2DError
 from s2d_jax.model import lora, save_hf
@@ -27,7 +28,7 @@ def train(config: ConfigDict, workdir: str) -> str:
     if os.path.exists(out):
         log.info("%s is complete; skipping train", out)
         return out
-    data = config.train.data or os.path.join(workdir, "distill.jsonl")
+    data = datasets.resolve(config.train.data) if config.train.data else os.path.join(workdir, "distill.jsonl")
     if not os.path.exists(data):
         raise S2DError(f"{data}: no such file (run `s2d filter` first, or set 'train.data')")
     mesh = build_mesh(config)

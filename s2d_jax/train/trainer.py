@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from s2d_jax import distributed, faults, mesh as mesh_lib
+from s2d_jax import datasets, distributed, faults, mesh as mesh_lib
 from s2d_jax.artifacts import writing
 from s2d_jax.errors import S2DError
 from s2d_jax.flops import flops_per_token, matmul_peak
@@ -154,7 +154,7 @@ class Trainer:
                            f"model.dtype=float32 with model.compute_dtype={model.cfg.param_dtype}, or LoRA "
                            f"(train.lora_rank > 0)")
         self.model = model
-        path = t.data or os.path.join(workdir, "distill.jsonl")
+        path = datasets.resolve(t.data) if t.data else os.path.join(workdir, "distill.jsonl")
         self.encoded = data_lib.load_pairs(path, tokenizer, max_len=t.max_len, chat=chat, too_long=t.too_long)
         self.data = data_lib.dataset(self.encoded.examples, rows=self.micro_rows * t.grad_accum,
                                      max_len=t.max_len, seed=t.seed, pack=t.pack)

@@ -16,23 +16,25 @@ import functools
 import os
 import re
 
+from s2d_jax import datasets
 from s2d_jax.artifacts import read_jsonl
 from s2d_jax.errors import S2DError
 from s2d_jax.system2.filters import MIRROR
 from s2d_jax.system2.tasks.base import Example, Task
 
 SWAP_SUFFIX = ":swap"
-DEFAULT_PROMPTS = "../shared/data/mt_bench/judge_prompts.jsonl"
+DEFAULT_PROMPTS = "data:mt_bench/judge_prompts.jsonl"  # a registry name (s2d_jax.datasets), or a path
 _SWAPPED = {"answer_a": "answer_b", "answer_b": "answer_a", "answer_a_1": "answer_b_1", "answer_b_1": "answer_a_1",
             "answer_a_2": "answer_b_2", "answer_b_2": "answer_a_2"}
 
 
 @functools.cache
 def judge_prompts(path: str) -> dict[str, dict]:
-    """FastChat's judge prompts by name (`pair-v2`, ...), from `judge_prompts.jsonl`."""
-    if not os.path.exists(path):
+    """FastChat's judge prompts by name (`pair-v2`, ...), from `judge_prompts.jsonl` (a path or a data name)."""
+    local = datasets.resolve(path)
+    if not os.path.exists(local):
         raise S2DError(f"{path}: no such file (MT-bench's judge_prompts.jsonl; config key 'task.judge_prompts')")
-    rows = read_jsonl(path, ("name", "system_prompt", "prompt_template"))
+    rows = read_jsonl(local, ("name", "system_prompt", "prompt_template"))
     return {r["name"]: r for r in rows}
 
 

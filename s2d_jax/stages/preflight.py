@@ -1,0 +1,57 @@
+"""Before any work: every file a stage will read is resolved (data names fetched or found in the cache and
+verified, hub ids downloaded, paths checked), so a missing file stops `s2d run` in its first seconds, not after
+hours of rollouts."""
+
+from __future__ import annotations
+
+import os
+
+from ml_collections import ConfigDict
+
+from s2d_jax import datasets
+from s2d_jax.errors import S2DError
+from s2d_jax.model import hub
+from s2d_jax.system2.tasks import TASKS, tfds_source
+from s2d_jax.system2.tasks.judge import PairwiseJudge
+from s2d_jax.tokenizer import BYTES, SYLLABLES
+
+# the stages that read data and the model (convert reads only the model; plan, pretrain and report neither)
+READERS = ("generate", "filter", "train", "eval", "run", "convert")
+
+
+def preflight(config: ConfigDict, stage: str) -> None:
+    """Resolve what `stage` will read; one error naming the key for the first thing that is missing."""
+    if stage not in READERS:
+        return
+    if stage != "convert":
+        for key, value in data_keys(config):
+            _check(key, value)
+    m = config.model
+    if m.path:
+        local = hub.resolve(m.path, m.revision)
+        if not os.path.exists(local):
+            raise S2DError(f"config key 'model.path': {m.path}: no such file or directory (expected a Hugging Face "
+                           f"model directory, a .gguf file or a hub id such as org/name)")
+    if config.tokenizer and config.tokenizer not in (BYTES, SYLLABLES) and config.tokenizer != m.path:
+        if not os.path.exists(hub.resolve(config.tokenizer)):
+            raise S2DError(f"config key 'tokenizer': {config.tokenizer}: no such file or directory")
+
+
+def data_keys(config: ConfigDict) -> list[tuple[str, str]]:
+    """(key, value) of every data file or directory the config names."""
+    out = [(k, v) for k, v in (("task.path", config.task.path), ("eval.path", config.eval.path),
+                                ("train.data", config.train.data)) if v and not v.startswith(tfds_source.PREFIX)]
+    judging = [TASKS.get(name) for name in (config.task.name, config.eval.task)]
+    if any(t is not None and issubclass(t, PairwiseJudge) for t in judging):
+        out.append(("task.judge_prompts", config.task.judge_prompts))
+    return out
+
+
+def _check(key: str, value: str) -> str:
+    try:
+        local = datasets.resolve(value)
+    except S2DError as e:
+        raise S2DError(f"config key {key!r}: {e}") from None
+    if not os.path.exists(local):
+        raise S2DError(f"config key {key!r}: {value}: no such file or directory")
+    return local
