@@ -1,5 +1,5 @@
 """BSM's solve stage with and without shared-prefix prefill: SmolLM2-135M-Instruct scores MT-bench answer pairs
-(the human-judged pairs of `../shared/data/mt_bench`) on five criteria, one call per criterion, all calls of a pair
+(the human-judged pairs of MT-bench, `data:mt_bench`) on five criteria, one call per criterion, all calls of a pair
 sharing everything before the criterion. With `Job.shared_prefix` that head is prefilled once per refill;
 without, once per call. Prints wall time, prompt tokens prefilled, generated tokens/s, the speed-up, and the share
 of outputs identical between the two (greedy: they differ only where float rounding of the two prefills flips a
@@ -16,6 +16,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import s2d_jax  # noqa: E402
+from s2d_jax import datasets  # noqa: E402
 from s2d_jax.sampling import Job  # noqa: E402
 from s2d_jax.system2.programs import BSM_SOLVE, PARAMS  # noqa: E402
 from s2d_jax.system2.tasks import get_task  # noqa: E402
@@ -26,7 +27,7 @@ CRITERIA = ["Relevance: does the response address the user's question?",
             "Helpfulness: does the response help the user?",
             "Depth: does the response go into detail where the question needs it?",
             "Clarity: is the response clear and well organised?"]
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "mt_bench")
+DATA = "data:mt_bench"  # fetched by name (S2D_DATA_MIRROR for a local copy)
 
 
 def run(sampler, pairs, shared: bool, new: int):
@@ -50,7 +51,7 @@ def main():
     ap.add_argument("--data", default=DATA)
     args = ap.parse_args()
     model, tok, _ = load_models("", "float32", with_torch=False)
-    examples = get_task("mt_bench_judge").load(args.data)
+    examples = get_task("mt_bench_judge").load(datasets.resolve(args.data))
     pairs = [{k: e.meta[k] for k in ("question", "response_a", "response_b")} for e in examples[:args.pairs]]
     print(f"SmolLM2-135M-Instruct fp32, {args.pairs} MT-bench pairs x {len(CRITERIA)} criteria, greedy, <= {args.new} "
           f"new tokens, {args.slots} slots; prompts {min(len(tok(BSM_SOLVE.format(**PARAMS, **m, item='x')).input_ids) for m in pairs)}-"

@@ -209,7 +209,8 @@ def fetch_file(f: File) -> str:
     mirror = os.environ.get("S2D_DATA_MIRROR")
     how = (f"S2D_DATA_MIRROR={mirror} lacks it or could not serve it" if mirror else
            "set S2D_DATA_MIRROR to a directory or http(s) URL holding it (or copy it to that path)")
-    raise S2DError(f"{f.path}: cannot fetch ({'; '.join(failures)}); {how} [cache: {target}]")
+    tried = "; ".join(failures) or "S2D_DATA_OFFLINE is set and there is no mirror"
+    raise S2DError(f"{f.path}: cannot fetch ({tried}); {how} [cache: {target}]")
 
 
 def _sources(f: File):

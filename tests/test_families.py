@@ -1,6 +1,7 @@
 """Every family against transformers on padded batches; the newer families (Qwen3, Gemma 2, Gemma 3, Phi-3)
 sharded, scanned and with windowed caches; GGUF files as llama.cpp writes them, Llama 3's `rope_freqs` included."""
 
+import json
 import math
 
 import jax
@@ -11,7 +12,7 @@ from flax import nnx
 
 import s2d_jax
 from s2d_jax.model import KVCache, load_model
-from conftest import FAMILIES, assert_sharded_forward_equals_one_device, make_hf_model, torch_logits
+from conftest import FAMILIES, TINY, assert_sharded_forward_equals_one_device, make_hf_model, torch_logits
 
 NEW = ["qwen3", "gemma2", "gemma3", "phi3"]
 LENGTHS = (5, 17, 70)  # 70 is past phi3's original context (64): that row takes LongRoPE's long factors
@@ -201,3 +202,31 @@ def test_unsupported_families_are_one_line(tmp_path, model_type, says):
     with pytest.raises(s2d_jax.S2DError) as e:
         load_model(str(tmp_path))
     assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_gemma3_vision_language_checkpoint_loads_its_text_decoder(tmp_path):
+    """Gemma 3 4B-27B ship as `gemma3` vision-language checkpoints (`language_model.*` tensors, a `text_config`
+    holding only what differs from the defaults): read as their `gemma3_text` decoder, logits equal to
+    transformers' model on text input; the vision tower is not read."""
+    import torch
+    import transformers
+
+    text = dict(TINY, num_key_value_heads=1, head_dim=32, num_hidden_layers=3, sliding_window=4,
+                query_pre_attn_scalar=20, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    image_token_index=263, boi_token_index=261, eoi_token_index=262)
+    torch.manual_seed(0)
+    ref = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.25)
+    ref.save_pretrained(tmp_path)
+    stored = json.loads((tmp_path / "config.json").read_text())
+    assert stored["model_type"] == "gemma3" and "vision_config" in stored
+    model = load_model(str(tmp_path))
+    assert model.cfg.model_type == "gemma3_text" and model.cfg.num_layers == 3 and model.cfg.tie_embeddings
+    ids = np.random.RandomState(0).randint(0, 260, (2, 12))
+    np.testing.assert_allclose(np.asarray(model(ids)), torch_logits(ref, ids), atol=1e-4, rtol=1e-4)
+

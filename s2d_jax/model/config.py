@@ -123,6 +123,8 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json", **overrides) -> "ModelConfig":
         """Read the fields of an HF config dict (as `config.json` holds it, or `PretrainedConfig.to_dict()`)."""
         model_type = hf.get("model_type")
+        if model_type == "gemma3" and isinstance(hf.get("text_config"), dict):  # Gemma 3 4B-27B: its text decoder
+            hf, model_type = _gemma3_text_config(hf), "gemma3_text"
         if model_type not in SUPPORTED_MODEL_TYPES:
             vision = " (a vision-language checkpoint; only text decoders are supported)" if model_type == "gemma3" else ""
             raise S2DError(f"{source}: model_type {model_type!r} is not supported{vision} "
@@ -264,6 +266,15 @@ class ModelConfig:
 
     def layer_type(self, layer: int) -> str:
         return self.layer_types[layer] if self.layer_types else SLIDING if self.sliding_window else FULL
+
+
+def _gemma3_text_config(hf: dict) -> dict:
+    """The text decoder's config of a Gemma 3 vision-language checkpoint, its defaults filled in as transformers
+    fills them (hub configs keep only what differs from Gemma3TextConfig's defaults)."""
+    from transformers import Gemma3Config
+
+    text = Gemma3Config(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")}).text_config
+    return {**text.to_dict(), "model_type": "gemma3_text"}
 
 
 def _rope_scaling(rope: dict, hf: dict, source: str) -> tuple | None:

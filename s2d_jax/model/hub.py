@@ -75,6 +75,9 @@ def _download(path: str, revision: str, config_only: bool) -> str:
     except errors.RepositoryNotFoundError:
         raise S2DError(f"{where}: not a local path, and no model {repo!r} on the Hugging Face hub (a private one "
                        f"needs HF_TOKEN)") from None
+    except getattr(errors, "IncompleteSnapshotError", ()):
+        raise S2DError(f"{where}: its copy in the hub cache is incomplete and the hub cannot be reached; rerun "
+                       f"where it can (`hf download {repo}`)") from None
     except errors.LocalEntryNotFoundError:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         why = ("HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached")

@@ -15,13 +15,31 @@ from s2d_jax.errors import S2DError
 from s2d_jax.model.config import ModelConfig
 from s2d_jax.model.layout import hf_layout
 
+# A vision-language checkpoint's text decoder (Gemma 3 4B-27B): its tensors under these prefixes, in the layout
+# hub checkpoints use and in transformers' own; the vision tower and projector are not read.
+TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                 ("language_model.lm_head.", "lm_head."))
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def text_name(name: str) -> str | None:
+    """The text decoder's HF name for a stored tensor name (None for a vision tensor)."""
+    if name.startswith(VISION_PREFIXES):
+        return None
+    for prefix, plain in TEXT_PREFIXES:
+        if name.startswith(prefix):
+            return plain + name[len(prefix):]
+    return name
+
+
 class SafetensorsSource:
-    """An HF directory: `config.json` plus one `model.safetensors` or shards listed in their index."""
+    """An HF directory: `config.json` plus one `model.safetensors` or shards listed in their index. A Gemma 3
+    vision-language checkpoint is read as its text decoder (`gemma3_text`)."""
 
     def __init__(self, path: str):
         from safetensors import safe_open
 
-        self.path, self.where = path, {}
+        self.path, self.where, self.stored = path, {}, {}
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if not files:
             pickles = [os.path.basename(f) for f in glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt"))]
@@ -36,16 +54,17 @@ class SafetensorsSource:
                 raise S2DError(f"{f}: not a readable safetensors file ({e})") from None
             self._handles[f] = handle
             for name in handle.keys():
-                self.where[name] = f
+                if (text := text_name(name)) is not None:
+                    self.where[text], self.stored[text] = f, name
 
     def names(self) -> set[str]:
         return set(self.where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self.where[name]].get_slice(name).get_shape())
+        return tuple(self._handles[self.where[name]].get_slice(self.stored[name]).get_shape())
 
     def get(self, name: str) -> np.ndarray:
-        return self._handles[self.where[name]].get_tensor(name)
+        return self._handles[self.where[name]].get_tensor(self.stored[name])
 
     def describe(self, name: str) -> str:
         return self.where[name]

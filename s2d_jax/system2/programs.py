@@ -88,7 +88,7 @@ def parse_stage_tokens(text: str) -> dict[str, int]:
 # Branch-Solve-Merge as an LLM judge (Saha et al. 2023, sec. 3): branch into an evaluation plan of described
 # criteria, solve = score both responses on one criterion (one call per criterion), merge = combine the per-criterion
 # evaluations into the verdict. Written from the paper's description of each module (its exact prompt texts are not
-# in ../shared); the merge's verdict format is MT-bench's, as the task's parser reads it.
+# public); the merge's verdict format is MT-bench's, as the task's parser reads it.
 BSM_BRANCH = (
     "We want to evaluate the quality of the responses provided by two AI assistants to the user question displayed "
     "below. Your task is to propose an evaluation plan that can be executed to compare the two responses. The "
