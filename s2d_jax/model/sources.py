@@ -267,4 +267,6 @@ def read_config(path: str) -> ModelConfig:
 
 @functools.lru_cache(maxsize=16)
 def _read_config(path: str, mtime_ns: int, size: int) -> ModelConfig:
+    if os.path.isdir(path):  # config.json alone: shapes need no weights (a plan fetches nothing else)
+        return ModelConfig.from_file(os.path.join(path, "config.json"))
     return open_checkpoint(path).config
