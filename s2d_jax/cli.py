@@ -100,50 +100,49 @@ def main(argv: list[str] | None = None) -> int:
             handler.removeFilter(quiet)
 
 
-def _report(argv: list[str]) -> int:
-    """`s2d report WORKDIR ...`: the runs' eval.json side by side (and the paper's numbers) in DIR/comparison.md."""
-    from s2d_jax.report import write_comparison
-
-    p = _Parser(prog="s2d report", usage="s2d report WORKDIR [WORKDIR ...] [--out DIR]")
-    p.add_argument("workdirs", nargs="+")
-    p.add_argument("--out", default=os.path.join("runs", "comparison"))
+def _one_line(usage: str, body) -> int:
+    """Run a command that takes no config: bad arguments and bad input are one line and exit 2."""
     try:
-        args = p.parse_args(argv)
-        md, png = write_comparison(args.workdirs, args.out)
+        body()
     except _BadArguments as e:
-        print(f"s2d: error: {e} (usage: {USAGE})", file=sys.stderr)
+        print(f"s2d: error: {e} (usage: {usage})", file=sys.stderr)
         return 2
     except S2DError as e:
         print(f"s2d: error: {e}", file=sys.stderr)
         return 2
-    print(open(md).read(), end="")
-    logging.getLogger("s2d").info("wrote %s, %s", md, png)
     return 0
+
+
+def _report(argv: list[str]) -> int:
+    """`s2d report WORKDIR ...`: the runs' eval.json side by side (and the paper's numbers) in DIR/comparison.md."""
+    from s2d_jax.report import write_comparison
+
+    def body():
+        p = _Parser(prog="s2d report", usage="s2d report WORKDIR [WORKDIR ...] [--out DIR]")
+        p.add_argument("workdirs", nargs="+")
+        p.add_argument("--out", default=os.path.join("runs", "comparison"))
+        args = p.parse_args(argv)
+        md, png = write_comparison(args.workdirs, args.out)
+        print(open(md).read(), end="")
+        logging.getLogger("s2d").info("wrote %s, %s", md, png)
+
+    return _one_line(USAGE, body)
 
 
 def _data(argv: list[str]) -> int:
     """`s2d data list` (name, licence, size, cached) and `s2d data fetch [NAME ...]` (into $S2D_DATA)."""
     from s2d_jax import datasets
 
-    p = _Parser(prog="s2d data", usage=DATA_USAGE)
-    p.add_argument("action", choices=["list", "fetch"])
-    p.add_argument("names", nargs="*")
-    try:
+    def body():
+        p = _Parser(prog="s2d data", usage=DATA_USAGE)
+        p.add_argument("action", choices=["list", "fetch"])
+        p.add_argument("names", nargs="*")
         args = p.parse_args(argv)
-        if args.action == "list":
-            if args.names:
-                raise _BadArguments("'s2d data list' takes no names")
-            print(datasets.table(), end="")
-        else:
-            for path in datasets.fetch(args.names):
-                print(path)
-    except _BadArguments as e:
-        print(f"s2d: error: {e} (usage: {DATA_USAGE})", file=sys.stderr)
-        return 2
-    except S2DError as e:
-        print(f"s2d: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        if args.action == "list" and args.names:
+            raise _BadArguments("'s2d data list' takes no names")
+        print(datasets.table() if args.action == "list" else "\n".join(datasets.fetch(args.names)))
+
+    return _one_line(DATA_USAGE, body)
 
 
 class _TracebacksToLog(logging.Filter):

@@ -289,7 +289,7 @@ def table() -> str:
         rows.append((d.name, d.licence, _human(d.size), state, d.source))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
-    return "\n".join(lines) + f"\n\ncache: {data_dir()}  mirror: {os.environ.get('S2D_DATA_MIRROR') or '(none)'}\n"
+    return "\n".join(lines) + f"\n\ncache: {data_dir()}  mirror: {os.environ.get('S2D_DATA_MIRROR') or '(none)'}"
 
 
 def _human(size: int) -> str:
