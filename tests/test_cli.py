@@ -66,7 +66,7 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path):
     assert "Traceback" not in out.stderr
     out = _run(["convert", "--config", "configs/tiny.py", "--workdir", str(tmp_path),
                 "--config.model.path=/no/such/model"])
-    assert out.returncode == 2 and "s2d: error: /no/such/model: no such file or directory" in out.stderr
+    assert out.returncode == 2 and "s2d: error: config key 'model.path': /no/such/model: no such file or directory" in out.stderr
     assert _run(["nostage", "--config", "configs/tiny.py"]).returncode == 2
 
 

@@ -131,7 +131,7 @@ def test_bad_rollout_line_names_file_and_line(tmp_path):
                          "s2a)"),
     ("program.stage_tokens=answer=9,think=3", "key 'program.stage_tokens': program 'rar2' has no stage 'think' "
                                               "(stages: rephrase, answer)"),
-    ("task.path=/no/such.json", "/no/such.json: no such file"),
+    ("task.path=/no/such.json", "config key 'task.path': /no/such.json: no such file or directory"),
 ])
 def test_bad_config_values_are_one_line_errors(tmp_path, override, message, capsys):
     assert _generate(tmp_path, f"--config.{override}") == 2
