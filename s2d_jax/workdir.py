@@ -30,6 +30,8 @@ KEPT = "config.json"
 # other values (another mesh or host count, a bigger batch on device, other logging or checkpoint cadence).
 FREE = ("mesh", "plan", "model.attention", "generate.max_batch", "generate.chunk", "train.checkpoint_every",
         "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.peak_flops")
+# A key that may grow on a kept workdir: training continues from its last checkpoint (the kept config is updated)
+GROWS = "train.steps"
 
 
 def prepare(workdir: str) -> str:
@@ -90,9 +92,29 @@ def keep_config(config: ConfigDict, workdir: str) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise S2DError(f"{path}: the workdir's kept config is not valid JSON ({e}); use another --workdir") from None
     key = _first_difference(_results(kept), _results(current))
+    if key == GROWS and _first_difference(_results(_with(kept, GROWS, _get(current, GROWS))), _results(current)) is None:
+        if _get(current, GROWS) < _get(kept, GROWS):
+            raise S2DError(f"{path}: {GROWS} may only grow on a workdir ({_get(kept, GROWS)} there, "
+                           f"{_get(current, GROWS)} now); use another --workdir to train fewer steps")
+        log.info("%s grows from %d to %d: training continues from the last checkpoint", GROWS, _get(kept, GROWS),
+                 _get(current, GROWS))
+        if distributed.primary():
+            write_atomic(path, json.dumps(_with(kept, GROWS, _get(current, GROWS)), indent=2) + "\n")
+        return
     if key:
         raise S2DError(f"{path}: this workdir was made with a different config (key {key!r}: {_get(kept, key)!r} "
                        f"there, {_get(current, key)!r} now); use another --workdir")
+
+
+def _with(config: dict, dotted: str, value) -> dict:
+    """A copy of `config` with `dotted` set to `value`."""
+    out = json.loads(json.dumps(config))
+    *parents, leaf = dotted.split(".")
+    node = out
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return out
 
 
 def _results(config: dict) -> dict:

@@ -290,6 +290,28 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp
     assert all(np.array_equal(ours[k], ref[k]) for k in ref)  # steps 111-120 retrained from checkpoint 110
 
 
+def test_train_steps_may_grow_on_a_finished_workdir(tmp_path, capsys):
+    """6 steps, then 10 on the same workdir, equals 10 in one run, bitwise (a constant schedule: the steps already
+    taken had the learning rates a 10-step run gives them); the export and what was evaluated on it are retired and
+    written again; shrinking is refused."""
+    args = ["--config.train.schedule=constant", "--config.train.batch_size=2", "--config.train.log_every=1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for workdir in (one, two):
+        workdir.mkdir()
+        _pairs(workdir / "pairs.jsonl")
+    assert _train_cli(one, *args, "--config.train.steps=10") == 0
+    assert _train_cli(two, *args, "--config.train.steps=6") == 0
+    (two / "eval.json").write_text("{}")  # as an eval of the 6-step model would have left it
+    assert _train_cli(two, *args, "--config.train.steps=10") == 0
+    ours, ref = _params(two), _params(one)
+    assert ours.keys() == ref.keys() and all(np.array_equal(ours[k], ref[k]) for k in ref)
+    assert [json.loads(line)["step"] for line in open(two / "metrics.jsonl")] == list(range(1, 11))
+    assert json.load(open(two / "config.json"))["train"]["steps"] == 10 and not (two / "eval.json").exists()
+    capsys.readouterr()
+    assert _train_cli(two, *args, "--config.train.steps=8") == 2
+    assert "train.steps may only grow on a workdir (10 there, 8 now)" in capsys.readouterr().err
+
+
 def test_train_stage_errors(tmp_path, capsys):
     assert main(["train", *TINY, "--workdir", str(tmp_path)]) == 2
     assert "distill.jsonl: no such file (run `s2d filter` first" in capsys.readouterr().err

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 from ml_collections import ConfigDict
 
-from s2d_jax import datasets
+from s2d_jax import datasets, distributed
 from s2d_jax.build import build_mesh, build_model, build_tokenizer
 from s2d_jax.errors import S2DError
 from s2d_jax.model import lora, save_hf
@@ -25,7 +26,7 @@ def train(config: ConfigDict, workdir: str) -> str:
     from s2d_jax.train import Trainer
 
     out = os.path.join(workdir, "model")
-    if os.path.exists(out):
+    if os.path.exists(out) and not _grown(config, workdir):
         log.info("%s is complete; skipping train", out)
         return out
     data = datasets.resolve(config.train.data) if config.train.data else os.path.join(workdir, "distill.jsonl")
@@ -49,3 +50,25 @@ def train(config: ConfigDict, workdir: str) -> str:
     save_hf(model, out, tokenizer=tok)
     log.info("wrote %s", out)
     return out
+
+
+def _grown(config: ConfigDict, workdir: str) -> bool:
+    """Whether `train.steps` grew past the finished run's last checkpoint (the workdir's kept config allows it):
+    then the export and what was evaluated on it are retired (eval.json first: it marks eval complete), and
+    training continues from that checkpoint."""
+    from s2d_jax.train.checkpoint import latest_step
+
+    trained = latest_step(config.train.checkpoint_dir or os.path.join(workdir, "checkpoints"))
+    if trained is None or trained >= config.train.steps:
+        return False
+    log.info("model/ was trained for %d steps; train.steps is %d: continuing from checkpoint %d", trained,
+             config.train.steps, trained)
+    if distributed.primary():
+        for name in ("eval.json", "report.md", "report.png", "report_flops.png", "adapter", "model"):
+            path = os.path.join(workdir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    distributed.barrier(f"retire {workdir}/model")
+    return True

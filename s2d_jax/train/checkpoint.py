@@ -24,6 +24,15 @@ from s2d_jax.errors import S2DError
 log = logging.getLogger("s2d.checkpoint")
 
 
+def latest_step(directory: str) -> int | None:
+    """The last finalised step in a checkpoint directory (local or gs://), without opening a manager; None if none."""
+    path = epath.Path(directory)
+    if not path.exists():
+        return None
+    steps = [int(p.name) for p in path.iterdir() if p.name.isdigit()]  # unfinished saves carry a temporary suffix
+    return max(steps, default=None)
+
+
 class Checkpoints:
     def __init__(self, directory: str, keep: int = 3, use_async: bool = True):
         self.directory = directory if "://" in directory else os.path.abspath(directory)
