@@ -161,8 +161,8 @@ class _TracebacksToLog(logging.Filter):
 
 
 def _run(args, overrides: list[str], workdir: str) -> int:
+    from s2d_jax import stopping
     from s2d_jax.stages import STAGES
-    from s2d_jax.train import Preempted
 
     try:
         from s2d_jax import distributed, workdir as workdir_lib
@@ -177,10 +177,14 @@ def _run(args, overrides: list[str], workdir: str) -> int:
         config = load_config(args.config, overrides)
         with workdir_lib.claim(config, workdir, keep=args.stage != "plan"):
             preflight(config, args.stage)
-            STAGES[args.stage](config, workdir)
-    except Preempted as e:
-        print(f"s2d: {e}", file=sys.stderr)
-        return 143  # 128 + SIGTERM, as a scheduler expects of a preempted job
+            with stopping.on_signals():
+                STAGES[args.stage](config, workdir)
+                if (signum := stopping.received()) is not None:  # it came as the stage finished: all is complete
+                    raise stopping.Stopped(signum, f"as `{args.stage}` completed; its artifacts are complete")
+    except stopping.Stopped as e:  # complete artifacts and partial files are kept; 143 / 130 as schedulers expect
+        where = "" if e.where else f" during `{args.stage}` (its unfinished part is dropped)"
+        print(f"s2d: {e}{where}; rerun to resume", file=sys.stderr)
+        return e.code
     except S2DError as e:
         print(f"s2d: error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,8 @@
 
 `S2D_FAULT=POINT:N[:SIGNAL]` sends this process SIGNAL (default SIGKILL) the N-th time it passes POINT:
 `rollout-chunk` (a chunk of rollouts is on disk), `train-step` (an optimizer step is done and, when due, logged
-and checkpointed). Unset, a point costs one dictionary lookup.
+and checkpointed), `decode-chunk` (the rollout engine is about to decode its next chunk of steps), `filter` (the
+filter has decided, before it writes). Unset, a point costs one dictionary lookup.
 """
 
 from __future__ import annotations

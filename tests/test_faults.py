@@ -111,3 +111,62 @@ def test_an_export_on_a_full_disk(tmp_path):
     assert not (tmp_path / "converted").exists() and not [n for n in os.listdir(tmp_path) if "converted" in n]
     assert main(["convert", *TINY, "--workdir", str(tmp_path), "--config.tokenizer=bytes"]) == 0
     assert load_model(str(tmp_path / "converted")).cfg.num_layers == 2
+
+
+# ------------------------------------------------------------------------------------------ signals on every stage
+
+
+@pytest.mark.parametrize("fault, code, says", [
+    ("rollout-chunk:1:SIGTERM", 143, "s2d: stopped by SIGTERM after 2 of 6 inputs; rerun to resume"),  # chunk kept
+    ("decode-chunk:2:SIGINT", 130, "s2d: stopped by SIGINT after 0 of 6 inputs; rerun to resume"),  # chunk dropped
+])
+def test_a_signal_mid_generate_stops_cleanly_and_resumes(reference, tmp_path, fault, code, says):
+    proc = _spawn("generate", tmp_path, "--config.generate.chunk=2", fault=fault)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == code and _one_line(err) == says, err
+    partial = tmp_path / "rollouts.jsonl.partial"
+    kept = partial.read_text().splitlines() if partial.exists() else []
+    assert not (tmp_path / "rollouts.jsonl").exists() and len(kept) == (8 if code == 143 else 0)
+    assert main(["generate", *TINY, "--workdir", str(tmp_path)]) == 0
+    assert (tmp_path / "rollouts.jsonl").read_text() == reference
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A complete tiny run (every stage's artifact)."""
+    workdir = tmp_path_factory.mktemp("run")
+    assert main(["run", *TINY, "--workdir", str(workdir)]) == 0
+    return workdir
+
+
+def _copy_until(finished, tmp_path, *stages_undone):
+    import shutil
+
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
+    for name in stages_undone:
+        path = tmp_path / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def test_a_signal_mid_filter_lets_it_finish_and_says_so(finished, tmp_path):
+    _copy_until(finished, tmp_path, "distill.jsonl", "filter_report.json")
+    proc = _spawn("filter", tmp_path, fault="filter:1:SIGTERM")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err
+    assert _one_line(err) == ("s2d: stopped by SIGTERM as `filter` completed; its artifacts are complete; rerun to "
+                              "resume")
+    assert (tmp_path / "distill.jsonl").read_text() == (finished / "distill.jsonl").read_text()
+
+
+def test_a_signal_mid_eval_drops_it_and_a_rerun_evaluates_alike(finished, tmp_path):
+    _copy_until(finished, tmp_path, "eval.json", "report.md", "report.png")
+    proc = _spawn("eval", tmp_path, fault="decode-chunk:2:SIGTERM")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err
+    assert _one_line(err) == ("s2d: stopped by SIGTERM during `eval` (its unfinished part is dropped); rerun to "
+                              "resume")
+    assert not (tmp_path / "eval.json").exists()
+    assert main(["eval", *TINY, "--workdir", str(tmp_path)]) == 0
+    untimed = lambda path: {system: {k: v for k, v in row.items() if "seconds" not in k}
+                            for system, row in json.load(open(path)).items() if isinstance(row, dict)}
+    assert untimed(tmp_path / "eval.json") == untimed(finished / "eval.json")

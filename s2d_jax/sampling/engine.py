@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from s2d_jax import mesh as mesh_lib
+from s2d_jax import faults, stopping
 from s2d_jax.distributed import fetch
 from s2d_jax.model.transformer import KVCache
 from s2d_jax.sampling import cache as cache_lib
@@ -186,6 +187,8 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
             slots, width = resize(slots, cache_lib.layer_sizes(cfg, target)), target
 
     while queue or any(o is not None for o in owner):
+        stopping.check()  # SIGTERM / SIGINT: every host stops here alike (s2d_jax/stopping.py)
+        faults.point("decode-chunk")
         free = [r for r in range(n_slots) if owner[r] is None]
         if queue and (len(free) == n_slots or continuous and free):
             taken, room = [], len(free)

@@ -9,6 +9,7 @@ import os
 
 from ml_collections import ConfigDict
 
+from s2d_jax import faults
 from s2d_jax.artifacts import write_atomic
 from s2d_jax.build import build_mesh, build_model, build_tokenizer
 from s2d_jax.errors import S2DError
@@ -76,6 +77,7 @@ def filter(config: ConfigDict, workdir: str) -> str:  # noqa: A001 (the stage's 
                "answer", **report.to_dict(), "truncation": stage_truncation([r for g in grouped.values() for r in g])}
     if config.generate.adaptive != "off":
         summary["adaptive"] = adaptive_report(config, [grouped[k] for k in keys])
+    faults.point("filter")
     write_atomic(os.path.join(workdir, "filter_report.json"), json.dumps(summary, indent=2) + "\n")
     write_atomic(out, "".join(line + "\n" for line in lines))
     log.info("kept %d of %d inputs (%.0f%%); drops: %s", report.kept, report.total, 100 * report.kept_fraction,

@@ -11,7 +11,7 @@ import re
 from ml_collections import ConfigDict
 
 from s2d_jax import distributed
-from s2d_jax import faults
+from s2d_jax import faults, stopping
 from s2d_jax.artifacts import complete_lines, read_jsonl, writing
 from s2d_jax.build import build_mesh, build_model, build_tokenizer
 from s2d_jax.errors import S2DError
@@ -67,8 +67,24 @@ def generate(config: ConfigDict, workdir: str) -> str:
     mesh = build_mesh(config)
     sampler = Sampler(build_model(config, mesh, workdir), build_tokenizer(config, workdir), mesh=mesh,
                       max_batch=g.max_batch)
-    sampling = dict(temperature=g.temperature, top_k=g.top_k or None, top_p=g.top_p if g.top_p < 1 else None)
     owned = {e.id for e, m in zip(examples, mine) if m}
+    progress = {"finished": len(examples) - len(todo), "total": len(examples)}  # inputs with rollouts on disk
+    try:
+        _rollouts(config, task, program, todo, sampler, plan, owned, done, partial, progress)
+    except stopping.Stopped as e:  # from the engine, mid-chunk: that chunk is dropped, the ones before are kept
+        raise stopping.Stopped(e.signum, e.where or f"after {progress['finished']} of {len(examples)} inputs") \
+            from None
+    os.replace(partial, out)
+    log.info("wrote %s", out)
+    distributed.barrier(f"generate {workdir}")  # `filter` may run next, on any host, and reads every shard
+    return out
+
+
+def _rollouts(config, task, program, todo, sampler, plan, owned, done, partial, progress: dict) -> None:
+    """Rollouts of the `todo` inputs, chunk by chunk, each appended to `partial` and synced before the next; a stop
+    asked for by a signal ends it after a chunk (`progress` counts the inputs done, alike on every host)."""
+    g = config.generate
+    sampling = dict(temperature=g.temperature, top_k=g.top_k or None, top_p=g.top_p if g.top_p < 1 else None)
     for start in range(0, len(todo), g.chunk):
         chunk = todo[start:start + g.chunk]
         for first, count in plan.waves():  # all n samples at once, or a few at a time (vote-aware sampling)
@@ -85,12 +101,10 @@ def generate(config: ConfigDict, workdir: str) -> str:
                         done[(rec["id"], rec["sample"])] = rec["answer"]
                 f.flush()
                 os.fsync(f.fileno())
-        log.info("rollouts: %d / %d inputs", len(examples) - len(todo) + start + len(chunk), len(examples))
+        progress["finished"] += len(chunk)
+        log.info("rollouts: %d / %d inputs", progress["finished"], progress["total"])
         faults.point("rollout-chunk")
-    os.replace(partial, out)
-    log.info("wrote %s", out)
-    distributed.barrier(f"generate {workdir}")  # `filter` may run next, on any host, and reads every shard
-    return out
+        stopping.check(f"after {progress['finished']} of {progress['total']} inputs")
 
 
 class Waves:

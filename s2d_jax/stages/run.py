@@ -8,6 +8,7 @@ import os
 
 from ml_collections import ConfigDict
 
+from s2d_jax import stopping
 from s2d_jax.build import toy_base
 from s2d_jax.stages.eval import evaluate_stage, nothing_kept
 from s2d_jax.stages.filter import filter
@@ -28,4 +29,5 @@ def run(config: ConfigDict, workdir: str) -> str:
             log.warning("the filter kept no input: skipping train; the report says so")
             continue
         stage(config, workdir)
+        stopping.check(f"after {stage.__name__.replace('evaluate_stage', 'eval')}")
     return os.path.join(workdir, "report.md")

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from collections.abc import Callable
 
@@ -35,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from s2d_jax import datasets, distributed, faults, mesh as mesh_lib
+from s2d_jax import datasets, distributed, faults, mesh as mesh_lib, stopping
 from s2d_jax.artifacts import writing
 from s2d_jax.errors import S2DError
 from s2d_jax.flops import flops_per_token, matmul_peak
@@ -50,9 +49,7 @@ log = logging.getLogger("s2d.train")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-class Preempted(S2DError):
-    """SIGTERM arrived; a checkpoint of the last finished step was saved."""
-
+Preempted = stopping.Stopped  # SIGTERM or SIGINT arrived; a checkpoint of the last finished step was saved
 
 def learning_rate_schedule(t: ConfigDict) -> optax.Schedule:
     """Linear warmup from 0 to `learning_rate`, then cosine / linear decay to `end_lr_ratio` of it, or constant."""
@@ -184,7 +181,6 @@ class Trainer:
                              donate_argnums=(0, 1), out_shardings=(self.param_shardings, self.opt_shardings, None))
         self.checkpoints = Checkpoints(t.checkpoint_dir or os.path.join(workdir, "checkpoints"),
                                        keep=t.keep_checkpoints)
-        self._stop_requested = False
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -200,16 +196,15 @@ class Trainer:
         last: dict = {}
         tokens = 0
         window_start = time.perf_counter()
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", disable=jax.process_index() != 0)
         try:
-            with self._mesh():
+            with stopping.on_signals(), self._mesh():
                 while step < t.steps:
-                    if self._stopping():
+                    if (signum := stopping.requested()) is not None:  # agreed: every host stops after this step
                         self._save(step, iterator, force=True)
                         self.checkpoints.wait()
-                        raise Preempted(f"stopped by SIGTERM after step {step}; checkpoint saved to "
-                                        f"{self.checkpoints.directory} (rerun the same command to resume)")
+                        raise stopping.Stopped(signum, f"after step {step}; checkpoint saved to "
+                                                       f"{self.checkpoints.directory}")
                     batch = next(iterator)
                     tokens += int(np.count_nonzero(batch["segment_ids"]))
                     self.params, self.opt_state, m = self._step(self.params, self.opt_state, self._global(batch),
@@ -229,13 +224,15 @@ class Trainer:
                     if step % t.checkpoint_every == 0 or step == t.steps:
                         self._save(step, iterator)
                     if self.eval_fn and t.eval_every and step % t.eval_every == 0:
-                        row = {"step": step, **{f"eval/{k}": v for k, v in self.eval_fn(self.current_model()).items()}}
+                        try:
+                            row = {"step": step, **{f"eval/{k}": v
+                                                    for k, v in self.eval_fn(self.current_model()).items()}}
+                        except stopping.Stopped:  # a signal during the check: the loop's top saves, then stops
+                            continue
                         _write_metrics(metrics_path, writer, row)
                     faults.point("train-step")
         finally:
             bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
             self.checkpoints.wait()
             if writer is not None:
                 writer.close()
@@ -246,14 +243,6 @@ class Trainer:
         return nnx.merge(self.graphdef, self.params, *(() if self.frozen is None else (self.frozen,)))
 
     # ------------------------------------------------------------------------------------------ helpers
-
-    def _stopping(self) -> bool:
-        """Whether SIGTERM reached any host: all hosts stop after the same step, or their collectives would hang."""
-        return bool(distributed.agree([self._stop_requested])[0])
-
-    def _on_sigterm(self, signum, frame):
-        log.warning("SIGTERM: saving a checkpoint after the current step, then stopping")
-        self._stop_requested = True
 
     def _mesh(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
@@ -295,12 +284,6 @@ class Trainer:
         iterator.set_state(data_state)
         log.info("resumed from %s/%d", self.checkpoints.directory, step)
         return step, step
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _tensorboard(logdir: str):
