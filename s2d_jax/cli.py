@@ -161,9 +161,10 @@ class _TracebacksToLog(logging.Filter):
 
 
 def _run(args, overrides: list[str], workdir: str) -> int:
-    from s2d_jax import stopping
+    from s2d_jax import memory, stopping
     from s2d_jax.stages import STAGES
 
+    config = None
     try:
         from s2d_jax import distributed, workdir as workdir_lib
         from s2d_jax.config import load_config
@@ -185,6 +186,9 @@ def _run(args, overrides: list[str], workdir: str) -> int:
         where = "" if e.where else f" during `{args.stage}` (its unfinished part is dropped)"
         print(f"s2d: {e}{where}; rerun to resume", file=sys.stderr)
         return e.code
+    except memory.OutOfMemory as e:
+        print(f"s2d: error: {memory.explain(config, e)}", file=sys.stderr)
+        return 2
     except S2DError as e:
         print(f"s2d: error: {e}", file=sys.stderr)
         return 2
@@ -201,6 +205,11 @@ def _run(args, overrides: list[str], workdir: str) -> int:
     except Exception as e:  # a bug: one line here, the traceback in the workdir (or on screen with --debug)
         if args.debug:
             raise
+        if memory.exhausted(e) and config is not None:  # where no program was named: still the plan's advice
+            oom = memory.OutOfMemory(f"`{args.stage}` stage", "see the traceback in the error log", str(e)[:200],
+                                     isinstance(e, MemoryError))
+            print(f"s2d: error: {memory.explain(config, oom)}; details in {_log_error(workdir)}", file=sys.stderr)
+            return 2
         print(f"s2d: internal error: {type(e).__name__}: {e}; details in {_log_error(workdir)}", file=sys.stderr)
         return 1
     return 0

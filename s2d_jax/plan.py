@@ -22,6 +22,7 @@ from ml_collections import ConfigDict
 
 from s2d_jax import mesh as mesh_lib
 from s2d_jax.errors import S2DError
+from s2d_jax.memory import REMEDIES
 from s2d_jax.model import PRESETS, Transformer, hub, read_config
 from s2d_jax.model.transformer import cache_slots
 from s2d_jax.sampling.cache import CACHE_AXES, bucket
@@ -120,13 +121,10 @@ def plan(config: ConfigDict, mesh) -> dict:
 def advice(p: dict, config: ConfigDict) -> list[str]:
     limit = p["device_gb"] * GB
     out = []
-    if p["train_total"] > limit:
-        out.append(f"train needs {p['train_total'] / GB:.2f} GB per device, over {p['device_gb']} GB: raise mesh.fsdp "
-                   f"(shards parameters and optimizer state), set train.remat=full, lower train.batch_size or raise "
-                   f"train.grad_accum, or train LoRA adapters (train.lora_rank > 0) on a frozen base")
-    if p["generate_total"] > limit:
-        out.append(f"generate needs {p['generate_total'] / GB:.2f} GB per device, over {p['device_gb']} GB: lower "
-                   f"generate.max_batch, use a bfloat16 cache (model.compute_dtype=bfloat16), or raise mesh.tensor")
+    for kind in ("train", "generate"):
+        if p[f"{kind}_total"] > limit:
+            out.append(f"{kind} needs {p[f'{kind}_total'] / GB:.2f} GB per device, over {p['device_gb']} GB: "
+                       f"{REMEDIES[kind]}")
     return out
 
 

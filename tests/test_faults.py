@@ -170,3 +170,36 @@ def test_a_signal_mid_eval_drops_it_and_a_rerun_evaluates_alike(finished, tmp_pa
     untimed = lambda path: {system: {k: v for k, v in row.items() if "seconds" not in k}
                             for system, row in json.load(open(path)).items() if isinstance(row, dict)}
     assert untimed(tmp_path / "eval.json") == untimed(finished / "eval.json")
+
+
+# ------------------------------------------------------------------------------------------ out of memory
+
+
+def test_a_config_that_cannot_fit_is_refused_before_any_work(tmp_path, capsys):
+    """The issue's example: the smollm2-135m shape at 16,384 rows x 1,024 tokens per step."""
+    assert main(["train", *TINY, "--workdir", str(tmp_path), "--config.model.preset=smollm2-135m",
+                 "--config.train.batch_size=16384", "--config.train.max_len=1024"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("s2d: error: train needs ") and " GB per device by `s2d plan`, and the " in line
+    assert "set train.remat=full" in line and "train.lora_rank > 0" in line
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_xla_running_out_of_memory_names_the_program_its_shapes_and_the_plans_advice():
+    import jax
+    import jax.numpy as jnp
+
+    from s2d_jax import memory
+    from s2d_jax.config import load_config
+
+    with pytest.raises(memory.OutOfMemory) as e:
+        with memory.program("decode", lambda: "64 slots x 4096 cache positions, 16 steps"):
+            jax.block_until_ready(jax.jit(lambda: jnp.ones((1 << 37,), jnp.float32))())  # 512 GiB
+    assert str(e.value).startswith("out of device memory in the decode (64 slots x 4096 cache positions, 16 steps): "
+                                   "RESOURCE_EXHAUSTED")
+    config = load_config("configs/tiny.py", ["mesh.data=-1"])
+    line = memory.explain(config, e.value)
+    assert "`s2d plan` for this config on 8 devices: generate needs " in line and "lower generate.max_batch" in line
+    with pytest.raises(memory.OutOfMemory, match=r"^out of host memory in the train step \(rows\): "):
+        with memory.program("train step", lambda: "rows"):
+            raise MemoryError("Unable to allocate 64.0 MiB for an array")

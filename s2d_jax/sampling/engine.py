@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from s2d_jax import mesh as mesh_lib
-from s2d_jax import faults, stopping
+from s2d_jax import faults, memory, stopping
 from s2d_jax.distributed import fetch
 from s2d_jax.model.transformer import KVCache
 from s2d_jax.sampling import cache as cache_lib
@@ -215,7 +215,10 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
                 p_len = _prefill_len(sampler, group)
                 live = [owner[r][2] + count[r] for r in range(n_slots) if owner[r] is not None]
                 fit(max(live + [p_len + 1]))
-                logits, new = (_prefill_shared if group[0].prefix else _prefill)(sampler, group, p_len)
+                with memory.program("prefill", lambda: f"{len(group)} prompts x {p_len} tokens, {n_slots} slots x "
+                                                       f"{width} cache positions"):
+                    logits, new = (_prefill_shared if group[0].prefix else _prefill)(sampler, group, p_len)
+                    jax.block_until_ready(logits)
                 src = np.zeros(n_slots, np.int32)
                 dest = np.full(n_slots, n_slots, np.int32)
                 positions, budget = np.zeros(n_slots, np.int32), np.zeros(n_slots, np.int32)
@@ -233,9 +236,10 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
         fit(max(owner[r][2] + count[r] + 1 for r in active))
         room = [width - owner[r][2] - count[r] for r in active if owner[r][2] + owner[r][3] > width]
         steps = min([chunk] + room)
-        slots = decode(sampler.graphdef, sampler.state, slots, jnp.int32(steps), method=method,
-                       eos_ids=sampler.eos_ids, pad_id=sampler.pad_id, logprobs=want_logprobs)
-        done, new_count = np.array(fetch(slots.done)), fetch(slots.count).astype(np.int64)
+        with memory.program("decode", lambda: f"{n_slots} slots x {width} cache positions, {steps} steps"):
+            slots = decode(sampler.graphdef, sampler.state, slots, jnp.int32(steps), method=method,
+                           eos_ids=sampler.eos_ids, pad_id=sampler.pad_id, logprobs=want_logprobs)
+            done, new_count = np.array(fetch(slots.done)), fetch(slots.count).astype(np.int64)
         ran = int((new_count - count)[active].max(initial=0))
         stats["steps"] += ran
         stats["rows"] += ran * n_slots

@@ -8,7 +8,7 @@ import os
 
 from ml_collections import ConfigDict
 
-from s2d_jax import datasets
+from s2d_jax import datasets, memory
 from s2d_jax.errors import S2DError
 from s2d_jax.model import hub
 from s2d_jax.system2.tasks import TASKS, tfds_source
@@ -35,6 +35,7 @@ def preflight(config: ConfigDict, stage: str) -> None:
     if config.tokenizer and config.tokenizer not in (BYTES, SYLLABLES) and config.tokenizer != m.path:
         if not os.path.exists(hub.resolve(config.tokenizer)):
             raise S2DError(f"config key 'tokenizer': {config.tokenizer}: no such file or directory")
+    memory.check_fits(config, stage)
 
 
 def data_keys(config: ConfigDict) -> list[tuple[str, str]]:

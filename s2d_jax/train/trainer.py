@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from s2d_jax import datasets, distributed, faults, mesh as mesh_lib, stopping
+from s2d_jax import datasets, distributed, faults, memory, mesh as mesh_lib, stopping
 from s2d_jax.artifacts import writing
 from s2d_jax.errors import S2DError
 from s2d_jax.flops import flops_per_token, matmul_peak
@@ -205,10 +205,13 @@ class Trainer:
                         self.checkpoints.wait()
                         raise stopping.Stopped(signum, f"after step {step}; checkpoint saved to "
                                                        f"{self.checkpoints.directory}")
-                    batch = next(iterator)
-                    tokens += int(np.count_nonzero(batch["segment_ids"]))
-                    self.params, self.opt_state, m = self._step(self.params, self.opt_state, self._global(batch),
-                                                                self.frozen)
+                    with memory.program("train step", self._shapes):
+                        batch = next(iterator)
+                        tokens += int(np.count_nonzero(batch["segment_ids"]))
+                        self.params, self.opt_state, m = self._step(self.params, self.opt_state,
+                                                                    self._global(batch), self.frozen)
+                        if step == 0 or step % t.log_every == t.log_every - 1:  # an error surfaces in its step
+                            jax.block_until_ready(m)
                     step += 1
                     bar.update(1)
                     if step % t.log_every == 0 or step == t.steps:
@@ -243,6 +246,11 @@ class Trainer:
         return nnx.merge(self.graphdef, self.params, *(() if self.frozen is None else (self.frozen,)))
 
     # ------------------------------------------------------------------------------------------ helpers
+
+    def _shapes(self) -> str:
+        t = self.t
+        return (f"{self.micro_rows} rows x {t.max_len} tokens per micro-step, {t.grad_accum} micro-step(s), "
+                f"{self.model.cfg.num_params / 1e6:.0f}M parameters, {jax.device_count()} devices")
 
     def _mesh(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
