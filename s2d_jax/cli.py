@@ -65,6 +65,10 @@ def _split_overrides(rest: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from s2d_jax import supervise
+
+    if supervise.wanted(argv) and argv[:1] not in (["report"], ["data"]):  # on a cluster: a lost host is one line
+        return supervise.run(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for chatty in ("jax", "absl"):  # not the TPU-probe and per-file checkpoint chatter
         logging.getLogger(chatty).setLevel(logging.WARNING)
@@ -161,21 +165,20 @@ class _TracebacksToLog(logging.Filter):
 
 
 def _run(args, overrides: list[str], workdir: str) -> int:
-    from s2d_jax import memory, stopping
+    from s2d_jax import memory, stopping, supervise
     from s2d_jax.stages import STAGES
 
     config = None
     try:
         from s2d_jax import distributed, workdir as workdir_lib
         from s2d_jax.config import load_config
-
-        if distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
-                                  auto=args.distributed) and not distributed.primary():
-            logging.getLogger("s2d").setLevel(logging.WARNING)  # one host narrates
-
         from s2d_jax.stages.preflight import preflight
 
         config = load_config(args.config, overrides)
+        if distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                                  auto=args.distributed, heartbeat_timeout=config.cluster.heartbeat_timeout_s) \
+                and not distributed.primary():
+            logging.getLogger("s2d").setLevel(logging.WARNING)  # one host narrates
         with workdir_lib.claim(config, workdir, keep=args.stage != "plan"):
             preflight(config, args.stage)
             with stopping.on_signals():
@@ -205,6 +208,8 @@ def _run(args, overrides: list[str], workdir: str) -> int:
     except Exception as e:  # a bug: one line here, the traceback in the workdir (or on screen with --debug)
         if args.debug:
             raise
+        if supervise.collective_failed(e):  # a lost host: the coordination service ends this process (supervise.py)
+            supervise.await_abort(_log_error(workdir), config)
         if memory.exhausted(e) and config is not None:  # where no program was named: still the plan's advice
             oom = memory.OutOfMemory(f"`{args.stage}` stage", "see the traceback in the error log", str(e)[:200],
                                      isinstance(e, MemoryError))

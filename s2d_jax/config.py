@@ -49,6 +49,8 @@ def schema() -> dict:
         },
         "tokenizer": "",  # "" = model.path; a path or hub id; "bytes" = the built-in byte tokenizer
         "mesh": {"data": _(-1, mesh_size()), "fsdp": _(1, mesh_size()), "tensor": _(1, mesh_size())},
+        # several hosts: a host that sends no heartbeat for this long is lost, and the others stop (one line each)
+        "cluster": {"heartbeat_timeout_s": _(20, at_least(2))},
         "convert": {"output": ""},  # "" = WORKDIR/converted
         "task": {
             "name": "",  # s2d_jax.system2.tasks.TASKS

@@ -20,7 +20,8 @@ log = logging.getLogger("s2d")
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, auto: bool = False, timeout: int = 300) -> bool:
+               process_id: int | None = None, auto: bool = False, timeout: int = 300,
+               heartbeat_timeout: int = 100) -> bool:
     """Join the cluster before anything touches a device. Explicit flags win; `auto` (or a multi-task Slurm step)
     lets `jax.distributed.initialize` detect the cluster itself (Cloud TPU pod slices, Slurm, Open MPI, GKE).
     Returns whether the runtime was initialised (a plain single-process run does nothing)."""
@@ -35,7 +36,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise S2DError(f"--process_id {process_id}: expected 0 <= process_id < --num_processes {num_processes}")
     try:
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id, initialization_timeout=timeout)
+                                   process_id=process_id, initialization_timeout=timeout,
+                                   heartbeat_timeout_seconds=heartbeat_timeout)
     except (RuntimeError, ValueError) as e:
         raise S2DError(f"jax.distributed.initialize failed: {str(e).strip().splitlines()[0]}") from None
     log.info("process %d of %d; %d local / %d global devices", jax.process_index(), jax.process_count(),

@@ -31,16 +31,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cluster(stage: str, workdir, overrides: list[str], processes: int = 2, devices: int = 4) -> None:
-    """Run `s2d STAGE` as `processes` local processes of one cluster and wait for all of them."""
+def _cluster(stage: str, workdir, overrides: list[str], processes: int = 2, devices: int = 4,
+             faults: dict | None = None, expect: int | None = 0) -> list[tuple[int, str]]:
+    """Run `s2d STAGE` as `processes` local processes of one cluster and wait for all of them; `faults` gives a
+    process an S2D_FAULT (s2d_jax/faults.py). Returns each process's (exit status, output)."""
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu"}
     args = [sys.executable, "-m", "s2d_jax.cli", stage, "--config", "configs/tiny.py", "--workdir", str(workdir),
             *(f"--config.{o}" for o in overrides), "--coordinator_address", f"127.0.0.1:{port}",
             "--num_processes", str(processes)]
-    procs = [subprocess.Popen([*args, "--process_id", str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+    procs = [subprocess.Popen([*args, "--process_id", str(i)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**env, **({"S2D_FAULT": faults[i]} if faults and i in faults else {})})
+             for i in range(processes)]
     outputs = []
     try:
         for p in procs:
@@ -49,7 +53,9 @@ def _cluster(stage: str, workdir, overrides: list[str], processes: int = 2, devi
         for p in procs:
             p.kill()
     for i, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"process {i} of `s2d {stage}` exited {p.returncode}:\n{out[-3000:]}"
+        assert expect is None or p.returncode == expect, \
+            f"process {i} of `s2d {stage}` exited {p.returncode}:\n{out[-3000:]}"
+    return [(p.returncode, out) for p, out in zip(procs, outputs)]
 
 
 def _pairs(path) -> str:
@@ -168,3 +174,45 @@ def test_two_hosts_run_the_whole_loop_like_one(tmp_path):
     trained = _params(tmp_path / "two")
     for k, v in _params(tmp_path / "one").items():
         np.testing.assert_allclose(trained[k], v, rtol=0, atol=1e-4, err_msg=k)
+
+
+# ------------------------------------------------------------------------------------------ a lost host
+
+LOST = ["cluster.heartbeat_timeout_s=10"]
+
+
+def _survivor_says_host_1_was_lost(results) -> None:
+    (code, out), (dead, _) = results
+    assert dead == 128 + 9  # host 1's worker was SIGKILLed (its supervisor says so)
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert code == 75 and lines[-1].startswith("s2d: error: host 1 of the cluster was lost (no heartbeat); this "
+                                               "host stopped; complete artifacts are kept: rerun the same command "
+                                               "on all hosts to resume"), out[-3000:]
+    assert "Check failure" not in out and "@     0x" not in out and "Traceback" not in out
+    assert sum(line.startswith("s2d:") for line in lines) == 1
+
+
+def test_a_lost_host_mid_generate_ends_the_other_in_one_line_and_a_rerun_resumes(tmp_path):
+    """Host 1's worker is killed after its first chunk of rollouts; host 0 stops within the heartbeat timeout with
+    one line naming host 1 and no native dump; both rerun and end with the one-process rollouts."""
+    overrides = [*GENERATE, *LOST, "task.n=12", "generate.chunk=2"]
+    _survivor_says_host_1_was_lost(_cluster("generate", tmp_path / "two", overrides,
+                                            faults={1: "rollout-chunk:1"}, expect=None))
+    assert "heartbeat" in (tmp_path / "two" / "s2d-error.log").read_text()  # the details, kept
+    _cluster("generate", tmp_path / "two", overrides)
+    assert main(["generate", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "one"),
+                 *(f"--config.{o}" for o in overrides)]) == 0
+    config = load_config("configs/tiny.py", overrides)
+    assert read_rollouts(config, str(tmp_path / "two")) == read_rollouts(config, str(tmp_path / "one"))
+
+
+def test_a_lost_host_mid_train_ends_the_other_in_one_line_and_a_rerun_resumes_bitwise(tmp_path):
+    data = _pairs(tmp_path / "pairs.jsonl")
+    overrides = [*TRAIN, *LOST, f"train.data={data}", "train.steps=6", "train.checkpoint_every=1"]
+    _survivor_says_host_1_was_lost(_cluster("train", tmp_path / "killed", overrides, faults={1: "train-step:4"},
+                                            expect=None))
+    assert not (tmp_path / "killed" / "model").exists()
+    _cluster("train", tmp_path / "killed", overrides)
+    _cluster("train", tmp_path / "straight", overrides)
+    resumed, straight = _params(tmp_path / "killed"), _params(tmp_path / "straight")
+    assert resumed.keys() == straight.keys() and all(np.array_equal(resumed[k], straight[k]) for k in straight)
