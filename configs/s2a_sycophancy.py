@@ -1,8 +1,8 @@
 """Paper experiment: System 2 Attention on SycophancyEval TriviaQA (questions with the user's opinion attached),
 USC over 20 samples. 8B instruct model, bfloat16 compute, LoRA rank 16, FSDP over a v5e-8 host or one 80 GB
 GPU.
-Set MODEL or pass --config.model.path=... `data:sycophancy_eval` holds 1,000 TriviaQA questions (x 4 templates = 4,000 inputs):
-the first 3,000 are the unlabelled pool, the last 1,000 the held-out split."""
+MODEL is a hub id (or pass --config.model.path=...). `data:sycophancy_eval` holds 1,000 TriviaQA questions (x 4
+templates = 4,000 inputs): the first 3,000 are the unlabelled pool, the last 1,000 the held-out split."""
 
 from ml_collections import ConfigDict
 

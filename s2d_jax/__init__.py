@@ -1,6 +1,6 @@
 """s2d_jax: System 2 distillation of language models in JAX.
 
-    model = s2d_jax.load_model(path)          # HF directory or .gguf file
+    model = s2d_jax.load_model(path)          # HF directory, .gguf file, or hub id ("org/name")
     tok = s2d_jax.load_tokenizer(path)
     logits = model(input_ids)                 # int32 [B, T] -> float32 [B, T, vocab]
     s2d_jax.save_hf(model, out_dir)

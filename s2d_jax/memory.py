@@ -67,8 +67,8 @@ def check_fits(config: ConfigDict, stage: str) -> None:
     for kind in kinds:
         need = p[kind + "_total"]
         if need > CERTAIN * limit:
-            raise S2DError(f"{kind} needs {need / GB:.2f} GB per device by `s2d plan`, and the {p['devices']} device(s) "
-                           f"here hold {limit / GB:.2f} GB each; {REMEDIES[kind]}")
+            raise S2DError(f"{kind} needs {need / GB:.2f} GB per device by `s2d plan`, and the {p['devices']} "
+                           f"device(s) here hold {limit / GB:.2f} GB each; {REMEDIES[kind]}")
         if need > limit:
             log.warning("%s needs %.2f GB per device by `s2d plan`, over the %.2f GB each device here holds: it may "
                         "run out of memory (%s)", kind, need / GB, limit / GB, REMEDIES[kind])

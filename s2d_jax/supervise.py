@@ -33,8 +33,9 @@ def wanted(argv: list[str]) -> bool:
 def run(argv: list[str]) -> int:
     """Run `s2d ARGV` as a supervised child; return the exit status to leave with."""
     log_path = _error_log(argv)
+    # its own session: a Ctrl-C or a scheduler's signal to our process group reaches it once, passed on by us
     child = subprocess.Popen([sys.executable, "-m", "s2d_jax.cli", *argv], env={**os.environ, ENV: "1"},
-                             stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+                             stderr=subprocess.PIPE, preexec_fn=_die_with_parent, start_new_session=True)
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda signum, frame: child.send_signal(signum))
     native, in_dump, pending = [], False, ""

@@ -92,14 +92,15 @@ def keep_config(config: ConfigDict, workdir: str) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise S2DError(f"{path}: the workdir's kept config is not valid JSON ({e}); use another --workdir") from None
     key = _first_difference(_results(kept), _results(current))
-    if key == GROWS and _first_difference(_results(_with(kept, GROWS, _get(current, GROWS))), _results(current)) is None:
+    grown = _with(kept, GROWS, _get(current, GROWS))
+    if key == GROWS and _first_difference(_results(grown), _results(current)) is None:
         if _get(current, GROWS) < _get(kept, GROWS):
             raise S2DError(f"{path}: {GROWS} may only grow on a workdir ({_get(kept, GROWS)} there, "
                            f"{_get(current, GROWS)} now); use another --workdir to train fewer steps")
         log.info("%s grows from %d to %d: training continues from the last checkpoint", GROWS, _get(kept, GROWS),
                  _get(current, GROWS))
         if distributed.primary():
-            write_atomic(path, json.dumps(_with(kept, GROWS, _get(current, GROWS)), indent=2) + "\n")
+            write_atomic(path, json.dumps(grown, indent=2) + "\n")
         return
     if key:
         raise S2DError(f"{path}: this workdir was made with a different config (key {key!r}: {_get(kept, key)!r} "
