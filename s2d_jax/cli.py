@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if supervise.wanted(argv) and argv[:1] not in (["report"], ["data"]):  # on a cluster: a lost host is one line
         return supervise.run(argv)
+    if os.environ.get(supervise.ENV):
+        supervise.die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for chatty in ("jax", "absl"):  # not the TPU-probe and per-file checkpoint chatter
         logging.getLogger(chatty).setLevel(logging.WARNING)

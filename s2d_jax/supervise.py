@@ -34,8 +34,8 @@ def run(argv: list[str]) -> int:
     """Run `s2d ARGV` as a supervised child; return the exit status to leave with."""
     log_path = _error_log(argv)
     # its own session: a Ctrl-C or a scheduler's signal to our process group reaches it once, passed on by us
-    child = subprocess.Popen([sys.executable, "-m", "s2d_jax.cli", *argv], env={**os.environ, ENV: "1"},
-                             stderr=subprocess.PIPE, preexec_fn=_die_with_parent, start_new_session=True)
+    child = subprocess.Popen([sys.executable, "-m", "s2d_jax.cli", *argv], env={**os.environ, ENV: str(os.getpid())},
+                             stderr=subprocess.PIPE, start_new_session=True)
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda signum, frame: child.send_signal(signum))
     native, in_dump, pending = [], False, ""
@@ -93,14 +93,17 @@ def await_abort(log_path: str, config) -> None:
     os._exit(HOST_LOST)
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: be killed when the supervising parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+def die_with_parent() -> None:
+    """In the supervised child, first thing: be killed when the supervisor dies (Linux prctl PR_SET_PDEATHSIG),
+    or leave at once if it already has."""
     import ctypes
 
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
+    if os.environ.get(ENV, "").isdigit() and os.getppid() != int(os.environ[ENV]):
+        os._exit(1)
 
 
 def _error_log(argv: list[str]) -> str:

@@ -200,8 +200,10 @@ DATA = [(case, [*TRAIN, f"--config.train.data={{bad}}/{name}", *extra], says) fo
 WORKDIRS = [
     ("workdir is a file", ["generate", *TINY, "--workdir", "{bad}/empty.jsonl"], "exists and is not a directory"),
     ("workdir under a file", ["generate", *TINY, "--workdir", "{bad}/empty.jsonl/sub"], "cannot create the workdir"),
-    ("kept config differs", ["train", *TINY, "--workdir", "{complete}", "--config.train.steps=13"],
-     "this workdir was made with a different config (key 'train.steps': 12 there, 13 now)"),
+    ("kept config differs", ["train", *TINY, "--workdir", "{complete}", "--config.train.learning_rate=0.5"],
+     "this workdir was made with a different config (key 'train.learning_rate': 0.003 there, 0.5 now)"),
+    ("train.steps shrinks", ["train", *TINY, "--workdir", "{complete}", "--config.train.steps=11"],
+     "train.steps may only grow on a workdir (12 there, 11 now); use another --workdir to train fewer steps"),
     ("kept config differs in a stage's key", ["generate", *TINY, "--workdir", "{complete}", "--config.seed=1"],
      "(key 'seed': 0 there, 1 now); use another --workdir"),
 ]
