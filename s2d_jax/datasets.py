@@ -194,7 +194,7 @@ def fetch_file(f: File) -> str:
     for url, downloader in _sources(f):
         try:
             _retrieve(f, url, downloader, target)
-        except (OSError, ImportError) as e:  # unreachable, absent, refused: try the next source
+        except OSError as e:  # unreachable, absent, refused (requests errors are OSErrors): try the next source
             failures.append(f"{url}: {_reason(e)}")
             continue
         except ValueError as e:  # pooch's checksum mismatch: the bad download was deleted
