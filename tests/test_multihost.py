@@ -1,6 +1,7 @@
 """Multi-host on localhost: two `s2d` processes with 4 fake CPU devices each form one 8-device cluster through
 `jax.distributed` (gloo collectives), and must give what one process with 8 devices gives."""
 
+import concurrent.futures
 import json
 import os
 import socket
@@ -45,13 +46,15 @@ def _cluster(stage: str, workdir, overrides: list[str], processes: int = 2, devi
                               stderr=subprocess.STDOUT, text=True,
                               env={**env, **({"S2D_FAULT": faults[i]} if faults and i in faults else {})})
              for i in range(processes)]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT)[0])
-    finally:
-        for p in procs:
-            p.kill()
+    # read every process's output at once: a host whose pipe nobody reads would block on a full pipe, and the cluster
+    # with it
+    with concurrent.futures.ThreadPoolExecutor(processes) as pool:
+        reads = [pool.submit(p.communicate, timeout=TIMEOUT) for p in procs]
+        try:
+            outputs = [r.result()[0] for r in reads]
+        finally:
+            for p in procs:
+                p.kill()
     for i, (p, out) in enumerate(zip(procs, outputs)):
         assert expect is None or p.returncode == expect, \
             f"process {i} of `s2d {stage}` exited {p.returncode}:\n{out[-3000:]}"
