@@ -48,6 +48,15 @@ def _parser(stages) -> argparse.ArgumentParser:
     return p
 
 
+def _workdir(argv: list[str]) -> str:
+    """WORKDIR as the command line names it, or runs/<config name> (read without importing the stages)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", default="s2d")
+    p.add_argument("--workdir", default=None)
+    args, _ = p.parse_known_args(argv)
+    return args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+
+
 def _split_overrides(rest: list[str]) -> tuple[list[str], list[str]]:
     overrides, unknown, i = [], [], 0
     while i < len(rest):
@@ -68,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from s2d_jax import supervise
 
     if supervise.wanted(argv) and argv[:1] not in (["report"], ["data"]):  # on a cluster: a lost host is one line
-        return supervise.run(argv)
+        return supervise.run(argv, os.path.join(_workdir(argv), ERROR_LOG))
     if os.environ.get(supervise.ENV):
         supervise.die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -90,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except _BadArguments as e:
         print(f"s2d: error: {e} (usage: {USAGE})", file=sys.stderr)
         return 2
-    workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    workdir = _workdir(argv)
     hooks = (threading.excepthook, sys.unraisablehook)
     quiet = _TracebacksToLog(workdir)
     if not args.debug:  # tracebacks of background threads and libraries' logs go to the error log, not the screen

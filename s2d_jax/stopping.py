@@ -17,7 +17,7 @@ from s2d_jax.errors import S2DError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _received: list[int] = []
-_installed = [False]
+_installed = False  # whether our handlers are in place (nested blocks leave them)
 
 
 class Stopped(S2DError):
@@ -36,18 +36,19 @@ def name(signum: int) -> str:
 @contextlib.contextmanager
 def on_signals():
     """SIGTERM and SIGINT request a stop while the block runs (main thread only; nested blocks share one)."""
-    if _installed[0] or threading.current_thread() is not threading.main_thread():
+    global _installed
+    if _installed or threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.signal(s, _request) for s in SIGNALS}
-    _installed[0] = True
+    _installed = True
     _received.clear()
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        _installed[0] = False
+        _installed = False
 
 
 def _request(signum, frame) -> None:

@@ -30,9 +30,8 @@ def wanted(argv: list[str]) -> bool:
     return (cluster or slurm) and not os.environ.get(ENV)
 
 
-def run(argv: list[str]) -> int:
-    """Run `s2d ARGV` as a supervised child; return the exit status to leave with."""
-    log_path = _error_log(argv)
+def run(argv: list[str], log_path: str) -> int:
+    """Run `s2d ARGV` as a supervised child (its native log to `log_path`); return the exit status to leave with."""
     # its own session: a Ctrl-C or a scheduler's signal to our process group reaches it once, passed on by us
     child = subprocess.Popen([sys.executable, "-m", "s2d_jax.cli", *argv], env={**os.environ, ENV: str(os.getpid())},
                              stderr=subprocess.PIPE, start_new_session=True)
@@ -104,17 +103,3 @@ def die_with_parent() -> None:
         pass
     if os.environ.get(ENV, "").isdigit() and os.getppid() != int(os.environ[ENV]):
         os._exit(1)
-
-
-def _error_log(argv: list[str]) -> str:
-    """WORKDIR/s2d-error.log, the workdir as the command line names it (or its default)."""
-    workdir = config = None
-    for i, a in enumerate(argv):
-        for flag in ("--workdir", "--config"):
-            if a == flag and i + 1 < len(argv):
-                workdir, config = (argv[i + 1], config) if flag == "--workdir" else (workdir, argv[i + 1])
-            elif a.startswith(flag + "="):
-                value = a.split("=", 1)[1]
-                workdir, config = (value, config) if flag == "--workdir" else (workdir, value)
-    workdir = workdir or os.path.join("runs", os.path.splitext(os.path.basename(config or "s2d"))[0])
-    return os.path.join(workdir, "s2d-error.log")

@@ -48,11 +48,10 @@ def data_keys(config: ConfigDict) -> list[tuple[str, str]]:
     return out
 
 
-def _check(key: str, value: str) -> str:
+def _check(key: str, value: str) -> None:
     try:
         local = datasets.resolve(value)
     except S2DError as e:
         raise S2DError(f"config key {key!r}: {e}") from None
     if not os.path.exists(local):
         raise S2DError(f"config key {key!r}: {value}: no such file or directory")
-    return local

@@ -22,12 +22,12 @@ log = logging.getLogger("s2d")
 def run(config: ConfigDict, workdir: str) -> str:
     """Stage `run`: [pretrain ->] generate -> filter -> train -> eval, skipping each stage whose artifact is
     complete, so a killed run reruns from where it stopped."""
-    stages = ((pretrain,) if toy_base(config, workdir) else ()) + (
-        generate, filter, train, evaluate_stage)
-    for stage in stages:
+    stages = ((("pretrain", pretrain),) if toy_base(config, workdir) else ()) + (
+        ("generate", generate), ("filter", filter), ("train", train), ("eval", evaluate_stage))
+    for name, stage in stages:
         if stage is train and nothing_kept(workdir) and not config.train.data:
             log.warning("the filter kept no input: skipping train; the report says so")
             continue
         stage(config, workdir)
-        stopping.check(f"after {stage.__name__.replace('evaluate_stage', 'eval')}")
+        stopping.check(f"after {name}")
     return os.path.join(workdir, "report.md")
