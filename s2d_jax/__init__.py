@@ -7,6 +7,18 @@
     mesh = s2d_jax.make_mesh(data=-1, fsdp=1, tensor=1)
 """
 
+import glob as _glob
+import importlib.util as _util
+import os as _os
+
+# libtpu (installed to compile for TPUs ahead of time, `s2d plan`) makes JAX probe for a TPU at start and print
+# libtpu's complaints where there is none. No TPU here (no /dev/accel*, no /dev/vfio/N) and no GPU plugin: keep JAX
+# on the CPU, as it would end up anyway. Set JAX_PLATFORMS to choose otherwise.
+if ("JAX_PLATFORMS" not in _os.environ and _util.find_spec("libtpu") is not None
+        and not _glob.glob("/dev/accel*") and not _glob.glob("/dev/vfio/[0-9]*")
+        and not any(_util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))):
+    _os.environ["JAX_PLATFORMS"] = "cpu"
+
 from s2d_jax.errors import S2DError
 from s2d_jax.mesh import make_mesh
 from s2d_jax.model import ModelConfig, Transformer, init_model, load_model, save_hf

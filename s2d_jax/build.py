@@ -57,13 +57,13 @@ def build_model(config: ConfigDict, mesh=None, workdir: str | None = None, base:
     if path:
         model = load_model(path, dtype=dtype, compute_dtype=compute, mesh=mesh, scan_layers=m.scan_layers,
                            revision=m.revision if path == m.path else "")
-        model.cfg = model.cfg.replace(attention=m.attention)
+        model.cfg = model.cfg.replace(attention=m.attention, splash_block=m.splash_block)
         return model
     if m.preset not in PRESETS:
         raise S2DError(f"config key 'model.preset': {m.preset!r} is not a preset (presets: {', '.join(PRESETS)}); "
                        f"or set 'model.path' to a checkpoint")
     cfg = PRESETS[m.preset].replace(param_dtype=dtype, dtype=compute, scan_layers=m.scan_layers,
-                                    attention=m.attention)
+                                    attention=m.attention, splash_block=m.splash_block)
     if tokenizer is not None:
         cfg = cfg.replace(vocab_size=max(cfg.vocab_size, -(-len(tokenizer) // 64) * 64),
                           eos_token_ids=(tokenizer.eos_token_id,))

@@ -46,6 +46,7 @@ def schema() -> dict:
             "compute_dtype": _("", one_of("", *DTYPES)),
             "scan_layers": False,  # stack the layers and run them under lax.scan (compile time flat in depth)
             "attention": _("auto", one_of(*IMPLEMENTATIONS)),  # kernel: s2d_jax/model/attention.py
+            "splash_block": _(0, at_least(0)),  # the splash kernel's tile on TPU; 0 = by length (512/256/128)
         },
         "tokenizer": "",  # "" = model.path; a path or hub id; "bytes" = the built-in byte tokenizer
         "mesh": {"data": _(-1, mesh_size()), "fsdp": _(1, mesh_size()), "tensor": _(1, mesh_size())},
@@ -148,6 +149,9 @@ def schema() -> dict:
         "plan": {  # `s2d plan`
             "device_gb": _(16.0, above(0.0)),  # memory per device to fit in (TPU v5e: 16, v5p: 95, H100: 80)
             "devices": _(0, at_least(0)),  # plan for this many devices (8 for a v5e-8 host, from a laptop); 0 = here
+            # compile every device program for this accelerator type ahead of time (v5e-8, v5p-64, ...: s2d_jax/aot.py)
+            # and report XLA's figures beside the estimate; "" = the estimate only
+            "topology": "",
         },
         "eval": {
             "task": "",  # "" = task.name (e.g. distil on oasst2_judge, evaluate on mt_bench_judge)

@@ -25,7 +25,7 @@ from s2d_jax.errors import S2DError
 from s2d_jax.memory import REMEDIES
 from s2d_jax.model import PRESETS, Transformer, hub, read_config
 from s2d_jax.model.transformer import cache_slots
-from s2d_jax.sampling.cache import CACHE_AXES, bucket
+from s2d_jax.sampling.cache import CACHE_AXES, LIVE_BUCKET, bucket
 from s2d_jax.system2.programs import get_program
 
 GB = 1 << 30
@@ -43,7 +43,8 @@ def model_config(config: ConfigDict):
     if base is None:
         raise S2DError(f"config key 'model.preset': {m.preset!r} is not a preset and 'model.path' is empty")
     compute = m.compute_dtype or m.dtype
-    return base.replace(param_dtype=m.dtype, dtype=compute, remat=config.train.remat, scan_layers=m.scan_layers)
+    return base.replace(param_dtype=m.dtype, dtype=compute, remat=config.train.remat, scan_layers=m.scan_layers,
+                        attention=m.attention, splash_block=m.splash_block)
 
 
 def shard_bytes(shape, dtype, axes, mesh) -> int:
@@ -59,6 +60,23 @@ def shard_bytes(shape, dtype, axes, mesh) -> int:
 def _state_bytes(state, mesh, dtype=None) -> int:
     return sum(shard_bytes(v.shape, dtype or v.dtype, mesh_lib.param_axes(v), mesh)
                for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def sampler_shapes(config: ConfigDict, cfg, row_multiple: int) -> dict:
+    """The sampler's largest shapes, as the engine would meet them: `slots` (generate.max_batch, rounded up to a
+    multiple of the data shards), the largest prompt bucket (the longest task input, assumed <= train.max_len),
+    the largest stage budget, the cache `width` they reach (in LIVE_BUCKET steps, within the context) and the
+    prefill `rows` of a full insert (each prompt takes `generate.samples` slots; a power of two over the shards)."""
+    g, p = config.generate, config.program
+    ctx = cfg.max_position_embeddings
+    budget = max(get_program(p.name).budgets(p.max_new_tokens, p.stage_tokens).values()) if p.name else (
+        p.max_new_tokens or 256)
+    slots = -(-g.max_batch // row_multiple) * row_multiple
+    prompt = max(min(bucket(config.train.max_len, 32), ctx - budget), 1)
+    width = min(-(-(prompt + budget) // LIVE_BUCKET) * LIVE_BUCKET, ctx)
+    rows = bucket(-(-slots // g.samples), 1)
+    rows = -(-rows // row_multiple) * row_multiple
+    return {"slots": slots, "prompt": prompt, "budget": budget, "width": width, "rows": rows}
 
 
 def activation_bytes(cfg, rows: int, length: int, chunk: int, tensor: int = 1) -> int:
@@ -97,15 +115,10 @@ def plan(config: ConfigDict, mesh) -> dict:
     else:
         params = trained = _state_bytes(base_state, mesh)
     rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
-    # sampler: weights in the compute dtype; the largest batch, the prompt bucket of the longest task input
-    # (assumed <= train.max_len) + the budget
-    sample_params = _state_bytes(base_state, mesh, cfg.dtype)
-    p = config.program
-    new = max(get_program(p.name).budgets(p.max_new_tokens, p.stage_tokens).values()) if p.name else (
-        p.max_new_tokens or 256)  # the largest stage budget
-    length = min(bucket(t.max_len, 32) + bucket(new, 16), cfg.max_position_embeddings)
-    rows = max(g.max_batch, rows_split)
-    kv_shape = (rows, cfg.num_kv_heads, length, cfg.head_dim)
+    sample_params = _state_bytes(base_state, mesh, cfg.dtype)  # the sampler's weights: in the compute dtype
+    s = sampler_shapes(config, cfg, rows_split)
+    kv_shape = (s["slots"], cfg.num_kv_heads, s["width"], cfg.head_dim)
+    length = s["width"]
     kv = 2 * sum(shard_bytes(kv_shape[:2] + (cache_slots(cfg, n, length),) + kv_shape[3:], cfg.dtype, CACHE_AXES,
                              mesh) for n in range(cfg.num_layers))  # sliding layers hold a ring of their window
     micro_rows = max(t.batch_size // t.grad_accum // rows_split, 1)

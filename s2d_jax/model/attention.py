@@ -51,7 +51,8 @@ def allowed(mask: Mask, window: int | None, kv_segments=None, kv_slots=None) -> 
 
 def choose(q_len: int, dtype, right_padded: bool, backend: str | None = None, cached: bool = False,
            softcap: float | None = None) -> str:
-    """The implementation `auto` picks for `q_len` queries in `dtype` on `backend` (default: JAX's); `cached`:
+    """The implementation `auto` picks for `q_len` queries in `dtype` on `backend` (the platform the program is
+    built for; default: JAX's, but a program compiled ahead of time for a TPU from a CPU names "tpu"); `cached`:
     the keys are a KV cache (slots not aligned with the queries), which only the portable paths express; cuDNN's
     kernel has no soft-capping."""
     backend = backend or jax.default_backend()
@@ -66,12 +67,14 @@ def choose(q_len: int, dtype, right_padded: bool, backend: str | None = None, ca
 
 def attention(q, k, v, mask: Mask, *, window: int | None = None, impl: str = "auto", right_padded: bool = False,
               cached: bool = False, block: int = BLOCK, scale: float | None = None,
-              softcap: float | None = None) -> jax.Array:
+              softcap: float | None = None, platform: str = "", splash_block: int = 0) -> jax.Array:
     """`q: [B, K, G, T, hd]` (G query heads per kv head), `k, v: [B, K, S, hd]` -> `[B, K, G, T, hd]` in q's
     dtype. Scores and the softmax are float32. With `cached` keys, a kernel that needs aligned slots (cuDNN,
-    splash) gives way to what `auto` picks, as cuDNN does for soft-capping."""
+    splash) gives way to what `auto` picks, as cuDNN does for soft-capping. `platform`: the one the program is
+    built for ("" = JAX's backend here)."""
+    platform = platform or jax.default_backend()
     if impl == "auto" or cached and impl in ("cudnn", "splash") or softcap and impl == "cudnn":
-        impl = choose(q.shape[3], q.dtype, right_padded, cached=cached, softcap=softcap)
+        impl = choose(q.shape[3], q.dtype, right_padded, platform, cached=cached, softcap=softcap)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     softcap = float(softcap) if softcap else None
     if impl == "reference":
@@ -81,7 +84,7 @@ def attention(q, k, v, mask: Mask, *, window: int | None = None, impl: str = "au
     if impl == "cudnn":
         return _cudnn(q, k, v, mask, window, scale)
     if impl == "splash":
-        return _splash(q, k, v, mask, window, scale, softcap)
+        return _splash(q, k, v, mask, window, scale, softcap, platform, splash_block)
     raise ValueError(f"attention implementation {impl!r}: expected one of {', '.join(IMPLEMENTATIONS)}")
 
 
@@ -199,16 +202,30 @@ def _cudnn(q, k, v, mask: Mask, window, scale):
     return out.transpose(0, 2, 1, 3).reshape(b, kh, g, t, hd)
 
 
-def _splash(q, k, v, mask: Mask, window, scale, softcap):
+def splash_blocks(q_len: int, kv_len: int, block: int = 0):
+    """The splash kernel's tiles for (padded) lengths: `block` everywhere when given, else for each length the
+    largest of 512 / 256 / 128 that divides it. 512 is MaxText's default on v5e, v5p and v6e: large tiles keep
+    the MXU busy between the kernel's grid steps; 128 is the smallest the lane dimension takes."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    fit = lambda n: block or next(b for b in (512, 256, 128) if n % b == 0)
+    bq, bkv = fit(q_len), fit(kv_len)
+    return sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+                         block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+
+
+def _splash(q, k, v, mask: Mask, window, scale, softcap, platform: str, block: int = 0):
     """Pallas splash attention (TPU): one MQA kernel per (row, kv head) over its G query heads; segment ids carry
     padding and packing, the static mask causality and the window. Without a cache only (query i at key slot i);
-    lengths are padded to a multiple of 128. Off TPU the same kernel runs in Pallas' interpreter (tests)."""
+    lengths are padded to a multiple of 128 (of `block` when set). Off TPU the same kernel runs in Pallas'
+    interpreter (tests); for a TPU it lowers through Mosaic, also ahead of time from a CPU (`s2d plan`)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     b, kh, g, t, hd = q.shape
     s = k.shape[2]
-    tp, sp = -(-t // 128) * 128, -(-s // 128) * 128
+    unit = block or 128
+    tp, sp = -(-t // unit) * unit, -(-s // unit) * unit
     if (tp, sp) != (t, s):
         q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, tp - t), (0, 0)))
         k = jnp.pad(k, ((0, 0), (0, 0), (0, sp - s), (0, 0)))
@@ -220,7 +237,8 @@ def _splash(q, k, v, mask: Mask, window, scale, softcap):
     shape = (tp, sp)
     one = sm.LocalMask(shape, (window - 1, 0), 0) if window else sm.CausalMask(shape)
     kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([one] * g), attn_logits_soft_cap=softcap,
-                                              interpret=jax.default_backend() != "tpu")
+                                              block_sizes=splash_blocks(tp, sp, block),
+                                              interpret=platform != "tpu")
     scaled = (q * jnp.asarray(scale, q.dtype))
 
     def one_row(qb, kb, vb, qs, ks):  # qb [K, G, T, hd], kb [K, S, hd]
@@ -228,6 +246,15 @@ def _splash(q, k, v, mask: Mask, window, scale, softcap):
         heads = jax.vmap(lambda qh, kk, vv: kernel(qh, kk, vv, segment_ids=ids))
         return heads(qb, kb.astype(q.dtype), vb.astype(q.dtype))
 
-    out = jax.vmap(one_row)(scaled, k, v, qseg, kseg)
-    return out[:, :, :, :t]
+    run = jax.vmap(one_row)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:  # XLA cannot partition a Mosaic kernel: each device runs it on its rows and kv heads
+        from s2d_jax.mesh import partition_spec
+
+        spec = lambda x, axes: partition_spec(axes[:x.ndim], x.shape, mesh)
+        heads = ("batch", "kv_heads", None, None, None)
+        run = jax.shard_map(run, mesh=mesh, out_specs=spec(scaled, heads), check_vma=False,
+                            in_specs=(spec(scaled, heads), spec(k, heads), spec(v, heads), spec(qseg, heads[::4]),
+                                      spec(kseg, heads[::4])))
+    return run(scaled, k, v, qseg, kseg)[:, :, :, :t]
 

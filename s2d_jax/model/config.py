@@ -69,6 +69,8 @@ class ModelConfig:
     remat: str = "none"  # training only: none | full | dots (rematerialise each layer in the backward pass)
     scan_layers: bool = False  # parameters stacked [layers, ...] and run under lax.scan (flat compile time)
     attention: str = "auto"  # auto (by backend) | reference | blockwise | cudnn | splash: see attention.py
+    splash_block: int = 0  # the splash kernel's tile (0: by length, attention.splash_blocks)
+    platform: str = ""  # the platform programs are built for ("" = JAX's backend here; `s2d plan` for a TPU: "tpu")
     lora_rank: int = 0  # > 0: LoRA adapters on lora_targets (added by lora.add, which sets these three)
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()

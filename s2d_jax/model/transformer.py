@@ -201,7 +201,8 @@ class Attention(nnx.Module):
         out = attention_lib.attention(q, keys.astype(dt), values.astype(dt), mask, window=window, impl=impl,
                                       right_padded=right_padded, cached=cache_kv is not None,
                                       scale=cfg.query_scale ** -0.5 if cfg.query_scale else None,
-                                      softcap=cfg.attn_softcap)
+                                      softcap=cfg.attn_softcap, platform=cfg.platform,
+                                      splash_block=cfg.splash_block)
         proj = jnp.einsum("bkgth,kghd->btd", out, self.o[...].astype(dt))
         if self.lora_o is not None:
             proj = proj + self.lora_o(jnp.moveaxis(out, 3, 1))

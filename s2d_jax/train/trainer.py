@@ -112,6 +112,24 @@ def train_step(graphdef, tx: optax.GradientTransformation, params, opt_state, ba
     return params, opt_state, metrics
 
 
+def batch_sharding(mesh, micro_rows: int) -> NamedSharding:
+    """A step's batch `[micro_steps, rows, len]`: rows over the data axes."""
+    return NamedSharding(mesh, P(None, mesh_lib.partition_spec(("batch",), (micro_rows,), mesh)[0], None))
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, params, param_shardings, mesh):
+    """AdamW's moments laid out like their parameters (propagation would replicate them); scalars replicated."""
+    return optax.tree_map_params(tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params), param_shardings,
+                                 transform_non_params=lambda _: NamedSharding(mesh, P()))
+
+
+def step_program(graphdef, tx: optax.GradientTransformation, t: ConfigDict, param_shardings, opt_shardings):
+    """The jitted train step as the trainer runs it (and `s2d plan` compiles it ahead of time for a target):
+    params and optimizer state donated, laid out as given."""
+    return jax.jit(functools.partial(train_step, graphdef, tx, chunk=t.loss_chunk, right_padded=not t.pack),
+                   donate_argnums=(0, 1), out_shardings=(param_shardings, opt_shardings, None))
+
+
 @dataclasses.dataclass
 class TrainResult:
     step: int
@@ -165,20 +183,15 @@ class Trainer:
             self.batch_sharding = None
         else:
             self.param_shardings = mesh_lib.state_shardings(state, mesh).to_pure_dict()
-            self.batch_sharding = NamedSharding(mesh, P(None, mesh_lib.partition_spec(("batch",), (self.micro_rows,),
-                                                                                       mesh)[0], None))
+            self.batch_sharding = batch_sharding(mesh, self.micro_rows)
         init = jax.jit(self.tx.init)
-        if mesh is not None:  # AdamW's moments laid out like their parameters (propagation would replicate them)
-            opt_shardings = optax.tree_map_params(
-                self.tx, lambda _, sharding: sharding, jax.eval_shape(self.tx.init, self.params),
-                self.param_shardings, transform_non_params=lambda _: NamedSharding(mesh, P()))
-            init = jax.jit(self.tx.init, out_shardings=opt_shardings)
+        if mesh is not None:
+            init = jax.jit(self.tx.init, out_shardings=optimizer_shardings(self.tx, self.params, self.param_shardings,
+                                                                          mesh))
         with self._mesh():
             self.opt_state = init(self.params)
         self.opt_shardings = jax.tree.map(lambda x: x.sharding, self.opt_state)
-        self._step = jax.jit(functools.partial(train_step, self.graphdef, self.tx, chunk=t.loss_chunk,
-                                               right_padded=not t.pack),
-                             donate_argnums=(0, 1), out_shardings=(self.param_shardings, self.opt_shardings, None))
+        self._step = step_program(self.graphdef, self.tx, t, self.param_shardings, self.opt_shardings)
         self.checkpoints = Checkpoints(t.checkpoint_dir or os.path.join(workdir, "checkpoints"),
                                        keep=t.keep_checkpoints)
 

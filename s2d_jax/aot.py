@@ -1,0 +1,194 @@
+"""Compiled for an accelerator this machine does not have: `s2d plan` with `plan.topology` (e.g. `v5e-8`).
+
+With libtpu (from the package index) XLA compiles for a Cloud TPU topology without a TPU
+(`jax.experimental.topologies.get_topology_desc`), as MaxText's `train_compile.py` does. Each device program of the
+configured run is built as the stages build it, on abstract arrays (no weights read, nothing allocated), over the
+target's chips laid out as the configured mesh: the train step (`trainer.step_program`: micro-batch, accumulation,
+LoRA or full, remat, loss chunk, the attention `auto` picks on the target) and the sampler's prefill, insert and
+decode chunk at their largest shapes. XLA's memory analysis gives each program's peak per chip; its cost analysis
+(FLOPs, bytes) and the chip's peaks give a roofline time: an estimate, never a measurement. XLA counts a loop's
+body once, so costs are taken from unscanned copies of 1 and 2 layer periods and extrapolated to the depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from ml_collections import ConfigDict
+
+from s2d_jax import aot_programs as programs, mesh as mesh_lib
+from s2d_jax.errors import S2DError
+
+GB = 1 << 30
+PROGRAMS = ("train_step", "prefill", "insert", "decode")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """An accelerator type as Google spells it, and what a roofline needs of one chip."""
+
+    name: str
+    topology: str  # get_topology_desc's name
+    host_bounds: tuple[int, int, int]  # chips per host along each axis
+    chips: int
+    chip_config: str  # "megacore": v4 / v5p, one device per chip of two cores
+    hbm_gb: float  # HBM per chip (GiB)
+    bf16_flops: float  # peak dense bf16 FLOP/s per chip
+    hbm_bytes_s: float  # HBM bandwidth per chip (bytes/s)
+    platform: str = "tpu"
+
+    @property
+    def hosts(self) -> int:
+        return self.chips // math.prod(self.host_bounds)
+
+
+# Per chip, from Google's Cloud TPU system architecture pages (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e):
+# HBM, peak bf16 and HBM bandwidth. Topology names and host bounds as MaxText's accelerator_to_spec_map.py (v5e-8
+# and v6e-8 as the single 8-chip host Google sells as v5litepod-8 / v6e-8). Slices up to 64 chips (no wraparound).
+_CHIPS = {"v4": ("megacore", 32, 275e12, 1228e9), "v5e": ("default", 16, 197e12, 819e9),
+          "v5p": ("megacore", 95, 459e12, 2765e9), "v6e": ("default", 32, 918e12, 1640e9)}
+_SLICES = [("v4-8", "v4:2x2x1", 4), ("v4-16", "v4:2x2x2", 8), ("v4-32", "v4:2x2x4", 16), ("v4-64", "v4:2x4x4", 32),
+           ("v5e-1", "v5e:1x1", 1), ("v5e-4", "v5e:2x2", 4), ("v5e-8", "v5e:2x4", 8), ("v5e-16", "v5e:4x4", 16),
+           ("v5e-32", "v5e:4x8", 32), ("v5e-64", "v5e:8x8", 64), ("v5p-8", "v5:2x2x1", 4), ("v5p-16", "v5:2x2x2", 8),
+           ("v5p-32", "v5:2x2x4", 16), ("v5p-64", "v5:2x4x4", 32), ("v6e-1", "v6e:1x1", 1), ("v6e-4", "v6e:2x2", 4),
+           ("v6e-8", "v6e:2x4", 8), ("v6e-16", "v6e:4x4", 16), ("v6e-32", "v6e:4x8", 32), ("v6e-64", "v6e:8x8", 64)]
+TARGETS = {name: Target(name, topo, (1, 1, 1) if chips == 1 else (2, 4, 1) if chips == 8 and name[:3] in ("v5e", "v6e")
+                        else (2, 2, 1), chips, *_CHIPS[name.split("-")[0]])
+           for name, topo, chips in _SLICES}
+ALIASES = {f"v5litepod-{n.split('-')[1]}": n for n in TARGETS if n.startswith("v5e")}
+
+
+def target(name: str) -> Target:
+    found = TARGETS.get(ALIASES.get(name, name))
+    if found is None:
+        raise S2DError(f"config key 'plan.topology': {name!r} is not a known accelerator type (known: "
+                       f"{', '.join(TARGETS)}; v5litepod-N = v5e-N)")
+    return found
+
+
+def devices(t: Target) -> list:
+    """The target's devices, for compiling only. libtpu is told it is not on a TPU VM, so it probes nothing."""
+    if t.platform == "tpu" and importlib.util.find_spec("libtpu") is None:
+        raise S2DError(f"config key 'plan.topology': compiling for {t.name} needs libtpu (pip install "
+                       f"'s2d-jax[tpu]', or libtpu alone)")
+    if jax.default_backend() != "tpu":  # keep libtpu from asking a metadata server for a TPU that is not here
+        for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_ID", "0"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                           ("TPU_ACCELERATOR_TYPE", t.name.replace("v5e", "v5litepod"))):
+            os.environ.setdefault(key, value)
+    from jax.experimental import topologies
+
+    try:
+        return topologies.get_topology_desc(platform=t.platform, topology_name=t.topology,
+                                            chip_config_name=t.chip_config, chips_per_host_bounds=t.host_bounds,
+                                            num_slices=1).devices
+    except Exception as e:  # libtpu's own message, whatever its type
+        raise S2DError(f"config key 'plan.topology': {t.name}: the compiler would not load the topology: "
+                       f"{_first_line(e)}") from None
+
+
+def compile_all(config: ConfigDict, t: Target) -> dict:
+    """Per program: XLA's bytes per chip (arguments, temporaries, outputs, aliases, peak), compile seconds, the
+    collectives in its HLO by kind, FLOPs and bytes per call (extrapolated to the depth) and a roofline time (a
+    train step: all its micro-steps; a decode call: one step of every slot)."""
+    from s2d_jax import plan as plan_lib
+
+    m = config.mesh
+    mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices(t))
+    programs = Programs(config, mesh, t)
+    cfg = plan_lib.model_config(config).replace(platform=t.platform)
+    return {name: programs.figures(name, cfg) for name in PROGRAMS}
+
+
+class Programs:
+    """The run's device programs for a target, each compiled once per model shape."""
+
+    def __init__(self, config: ConfigDict, mesh, t: Target):
+        self.config, self.mesh, self.t = config, mesh, t
+        self._compiled: dict = {}
+
+    def figures(self, name: str, cfg) -> dict:
+        start = time.perf_counter()
+        compiled = self.compiled(name, cfg)
+        seconds = time.perf_counter() - start
+        mem = compiled.memory_analysis()
+        fig = {"arguments": mem.argument_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
+               "outputs": mem.output_size_in_bytes, "aliases": mem.alias_size_in_bytes}
+        fig["peak"] = fig["arguments"] + fig["outputs"] + fig["temporaries"] - fig["aliases"]
+        fig["compile_s"] = round(seconds, 2)
+        fig["collectives"] = collectives(compiled.as_text())
+        fig["device_kind"] = self.mesh.devices.flat[0].device_kind
+        flops, bytes_ = self.costs(name, cfg)
+        repeat = self.config.train.grad_accum if name == "train_step" else 1  # micro-steps: a loop XLA counts once
+        fig["flops"], fig["bytes_accessed"] = flops * repeat, bytes_ * repeat
+        fig["roofline_s"] = max(fig["flops"] / self.t.bf16_flops, fig["bytes_accessed"] / self.t.hbm_bytes_s)
+        return fig
+
+    def compiled(self, name: str, cfg):
+        key = (name, cfg)
+        if key not in self._compiled:
+            try:
+                fn, args, kwargs = getattr(programs, name)(self, cfg)
+                with jax.set_mesh(self.mesh):  # (only tracing: an eager op here would run on the absent chips)
+                    self._compiled[key] = fn.lower(*args, **kwargs).compile()
+            except S2DError:
+                raise
+            except Exception as e:  # a kernel that does not lower, a tile the chip cannot take: one line
+                if os.environ.get("S2D_AOT_DEBUG"):
+                    raise
+                raise S2DError(f"the {name.replace('_', ' ')} does not compile for {self.t.name} "
+                               f"({cfg.num_layers} layers): {_first_line(e)}") from None
+        return self._compiled[key]
+
+    def outputs(self, name: str, cfg):
+        """A program's outputs as abstract arrays laid out as it lays them out (the next program's inputs)."""
+        compiled = self.compiled(name, cfg)
+        infos, tree = jax.tree.flatten(compiled.out_info, is_leaf=lambda x: hasattr(x, "shape"))
+        return tree.unflatten([jax.ShapeDtypeStruct(i.shape, i.dtype, sharding=s)
+                               for i, s in zip(infos, jax.tree.leaves(compiled.output_shardings))])
+
+    def costs(self, name: str, cfg) -> tuple[float, float]:
+        """FLOPs and bytes accessed per chip at the full depth, from unscanned copies of one and two periods of
+        layers (XLA's cost analysis counts a loop body once; the period is 2 where local and global layers
+        alternate)."""
+        p = period(cfg)
+        short = lambda n: cfg.replace(num_layers=n, scan_layers=False,
+                                      layer_types=cfg.layer_types[:n] if cfg.layer_types else cfg.layer_types)
+        one, two = (_cost(self.compiled(name, short(n))) for n in (p, 2 * p))
+        depth = cfg.num_layers / p
+        return tuple(a + (depth - 1) * (b - a) for a, b in zip(one, two))
+
+
+def _cost(compiled) -> tuple[float, float]:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def period(cfg) -> int:
+    """The smallest run of layers that repeats (1; 2 for Gemma 2's local/global; 6 for Gemma 3's 5:1)."""
+    kinds = [cfg.layer_type(n) for n in range(cfg.num_layers)]
+    return next(p for p in range(1, len(kinds) + 1) if all(k == kinds[n % p] for n, k in enumerate(kinds)))
+
+
+def collectives(hlo: str) -> dict[str, int]:
+    """Collective ops in an optimised HLO module, by kind (async pairs counted once, at their start)."""
+    found = {}
+    for kind in COLLECTIVES:
+        n = len(re.findall(rf"= [^=]*? {kind}(?:-start)?\(", hlo))
+        if n:
+            found[kind] = n
+    return found
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
