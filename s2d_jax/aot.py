@@ -108,6 +108,27 @@ def compile_all(config: ConfigDict, t: Target) -> dict:
     return {name: programs.figures(name, cfg) for name in PROGRAMS}
 
 
+def plan_figures(config: ConfigDict, t: Target, p: dict) -> dict:
+    """What `s2d plan` adds for a target: the target, every program's compiled figures, the compiled peak of
+    training and of generation per chip (generation: the largest of the prefill with the slots held, the insert
+    with the weights held, and the decode chunk), and roofline times."""
+    from s2d_jax import plan as plan_lib
+
+    c = compile_all(config, t)
+    slots = max(c["decode"]["arguments"] - p["generate_params"], 0)  # the decode call's other arguments
+    generate = max(c["prefill"]["peak"] + slots, c["insert"]["peak"] + p["generate_params"], c["decode"]["peak"])
+    tr = config.train
+    s = plan_lib.sampler_shapes(config, plan_lib.model_config(config), p["mesh"]["data"] * p["mesh"]["fsdp"])
+    train_s, decode_s = c["train_step"]["roofline_s"], c["decode"]["roofline_s"]
+    return {"target": {"name": t.name, "chips": t.chips, "hosts": t.hosts, "device_kind": c["decode"]["device_kind"],
+                       "hbm_gb": t.hbm_gb, "bf16_flops": t.bf16_flops, "hbm_bytes_s": t.hbm_bytes_s},
+            "device_gb": t.hbm_gb, "compiled": c, "train_compiled": c["train_step"]["peak"],
+            "generate_compiled": generate,
+            "roofline_estimate": {"train_step_s": train_s, "train_tokens_per_s": tr.batch_size * tr.max_len / train_s,
+                                  "prefill_s": c["prefill"]["roofline_s"], "decode_step_s": decode_s,
+                                  "decode_slots": s["slots"], "decode_tokens_per_s": s["slots"] / decode_s}}
+
+
 class Programs:
     """The run's device programs for a target, each compiled once per model shape."""
 
@@ -144,8 +165,13 @@ class Programs:
             except Exception as e:  # a kernel that does not lower, a tile the chip cannot take: one line
                 if os.environ.get("S2D_AOT_DEBUG"):
                     raise
+                line = _first_line(e)
+                if "RESOURCE_EXHAUSTED" in line or "out of memory" in line.lower():
+                    from s2d_jax.memory import REMEDIES
+
+                    line += f"; {REMEDIES['train' if name == 'train_step' else 'generate']}"
                 raise S2DError(f"the {name.replace('_', ' ')} does not compile for {self.t.name} "
-                               f"({cfg.num_layers} layers): {_first_line(e)}") from None
+                               f"({cfg.num_layers} layers): {line}") from None
         return self._compiled[key]
 
     def outputs(self, name: str, cfg):

@@ -95,7 +95,7 @@ def insert(programs, cfg):
     index = _rows((n,), jnp.int32, mesh)
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), n))
     keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=index.sharding)
-    return engine.insert, (programs.outputs("empty", cfg), logits, cache, index, index, index, index, keys), {
+    return engine.insert, (programs.outputs("empty", cfg), logits, cache, index, index, index, keys), {
         "pad_id": 0}
 
 

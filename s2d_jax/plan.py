@@ -132,11 +132,14 @@ def plan(config: ConfigDict, mesh) -> dict:
 
 
 def advice(p: dict, config: ConfigDict) -> list[str]:
+    """What does not fit `device_gb` per device: by the estimate, or by XLA where the programs were compiled."""
     limit = p["device_gb"] * GB
     out = []
     for kind in ("train", "generate"):
-        if p[f"{kind}_total"] > limit:
-            out.append(f"{kind} needs {p[f'{kind}_total'] / GB:.2f} GB per device, over {p['device_gb']} GB: "
+        need = p.get(f"{kind}_compiled", p[f"{kind}_total"])
+        if need > limit:
+            how = f"compiled for {p['target']['name']}" if f"{kind}_compiled" in p else "by the estimate"
+            out.append(f"{kind} needs {need / GB:.2f} GB per device ({how}), over {p['device_gb']} GB: "
                        f"{REMEDIES[kind]}")
     return out
 
@@ -148,4 +151,28 @@ def report(p: dict) -> str:
     for key in ("params", "grads", "optimizer", "activations_estimate", "train_total", "generate_params", "kv_cache",
                 "generate_total"):
         lines.append(f"  {key:<21} {p[key] / GB:10.4f} GB")
+    if "compiled" in p:
+        lines += compiled_report(p)
     return "\n".join(lines)
+
+
+def compiled_report(p: dict) -> list[str]:
+    t, e = p["target"], p["roofline_estimate"]
+    lines = [f"compiled for {t['name']} ({t['chips']} x {t['device_kind']}, {t['hbm_gb']:g} GB each, "
+             f"{t['hosts']} host{'s' * (t['hosts'] > 1)}); XLA's figures per chip, GB:",
+             f"  {'program':<11} {'arguments':>9} {'temps':>8} {'outputs':>8} {'aliased':>8} {'peak':>8} "
+             f"{'compile s':>9}  collectives"]
+    for name, c in p["compiled"].items():
+        ops = ", ".join(f"{k} {v}" for k, v in c["collectives"].items()) or "none"
+        lines.append(f"  {name:<11} " + " ".join(f"{c[k] / GB:{w}.3f}" for k, w in (
+            ("arguments", 9), ("temporaries", 8), ("outputs", 8), ("aliases", 8), ("peak", 8)))
+            + f" {c['compile_s']:9.1f}  {ops}")
+    for kind in ("train", "generate"):
+        est, comp = p[f"{kind}_total"], p[f"{kind}_compiled"]
+        lines.append(f"  {kind:<8} estimate {est / GB:7.2f} GB, compiled {comp / GB:7.2f} GB "
+                     f"(estimate / compiled {est / comp:.2f})")
+    lines.append(f"roofline estimate from XLA's FLOPs and bytes (not a measurement): train step "
+                 f"{e['train_step_s']:.3f} s ({e['train_tokens_per_s']:,.0f} tokens/s), decode step "
+                 f"{e['decode_step_s'] * 1e3:.2f} ms ({e['decode_tokens_per_s']:,.0f} tokens/s at "
+                 f"{e['decode_slots']} slots), prefill {e['prefill_s'] * 1e3:.1f} ms")
+    return lines

@@ -83,20 +83,26 @@ def empty(shape: Shape, sizes: tuple[int, ...]) -> Slots:
 
 
 @functools.partial(jax.jit, static_argnames=("pad_id",), donate_argnames=("slots",))
-def insert(slots: Slots, logits, cache: KVCache, src, dest, positions, budget, keys, pad_id: int) -> Slots:
-    """Slots `dest[r]` (>= slot count: no slot) take prefilled row `src[r]`: its cache row (padded to the slots'
-    sizes with empty slots), next-token logits, position, budget and key; their step count and tokens start
-    afresh. The prefill's cache has only its prompt's slots, so one prefill compile serves every cache width."""
+def insert(slots: Slots, logits, cache: KVCache, rows, positions, budget, keys, pad_id: int) -> Slots:
+    """Slot `r` takes prefilled row `rows[r]` (-1: it keeps what it holds): its cache row (padded to the slots'
+    sizes with empty slots), next-token logits, and `positions[r]`, `budget[r]`, `keys[r]`; its step count and
+    tokens start afresh. The prefill's cache has only its prompt's slots, so one prefill compile serves every cache
+    width. A gather from the prefill's few rows and a select per slot, not a scatter into the slots: XLA meets a
+    scatter into row-sharded slots by gathering every slot's cache onto every device (`s2d plan` for an 8B model
+    on a v5e-8: 4 GB of temporaries)."""
     TRACES[0] += 1
-    put = lambda old, new: old.at[dest].set(new, mode="drop")
+    take, src = rows >= 0, jnp.maximum(rows, 0)
+    pick = lambda old, new: jnp.where(take.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
     c = slots.cache
     cache = cache_lib.resize(cache, (c.valid.shape[1],) + tuple(k.shape[2] for k in c.k))
-    rows = lambda old, new: tuple(put(o, n[src]) for o, n in zip(old, new))
+    layers = lambda old, new: tuple(pick(o, n[src]) for o, n in zip(old, new))
     index = cache.index[src] if cache.index.ndim else jnp.broadcast_to(cache.index, src.shape)
-    new = KVCache(rows(c.k, cache.k), rows(c.v, cache.v), put(c.valid, cache.valid[src]), put(c.index, index))
-    return Slots(put(slots.done, False), put(slots.count, 0), put(slots.budget, budget), put(slots.logits, logits[src]),
-                 put(slots.positions, positions), put(slots.tokens, pad_id), put(slots.logprobs, 0.0),
-                 put(slots.keys, keys), cache_lib.constrain(new))
+    new = KVCache(layers(c.k, cache.k), layers(c.v, cache.v), pick(c.valid, cache.valid[src]), pick(c.index, index))
+    key_data = jax.random.key_data
+    return Slots(pick(slots.done, False), pick(slots.count, 0), pick(slots.budget, budget),
+                 pick(slots.logits, logits[src]), pick(slots.positions, positions), pick(slots.tokens, pad_id),
+                 pick(slots.logprobs, 0.0), jax.random.wrap_key_data(pick(key_data(slots.keys), key_data(keys))),
+                 cache_lib.constrain(new))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "method", "eos_ids", "pad_id", "logprobs"),
@@ -219,18 +225,15 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
                                                        f"{width} cache positions"):
                     logits, new = (_prefill_shared if group[0].prefix else _prefill)(sampler, group, p_len)
                     jax.block_until_ready(logits)
-                src = np.zeros(n_slots, np.int32)
-                dest = np.full(n_slots, n_slots, np.int32)
+                rows = np.full(n_slots, -1, np.int32)  # slot -> its prefilled row (-1: keeps what it holds)
                 positions, budget = np.zeros(n_slots, np.int32), np.zeros(n_slots, np.int32)
                 keys = np.zeros((n_slots,) + group[0].keys.shape[1:], group[0].keys.dtype)
-                k = 0
                 for u, q in enumerate(group):
                     for j in range(q.count):
                         r = free.pop(0)
-                        src[k], dest[k], positions[k], budget[k], keys[k] = u, r, len(q.ids), q.budget, q.keys[j]
+                        rows[r], positions[r], budget[r], keys[r] = u, len(q.ids), q.budget, q.keys[j]
                         owner[r], count[r] = (q.prompt, q.first + j, p_len, q.budget), 0
-                        k += 1
-                slots = insert(slots, logits, new, put(src), put(dest), put(positions), put(budget),
+                slots = insert(slots, logits, new, put(rows), put(positions), put(budget),
                                jax.random.wrap_key_data(put(keys)), pad_id=sampler.pad_id)
         active = [r for r in range(n_slots) if owner[r] is not None]
         fit(max(owner[r][2] + count[r] + 1 for r in active))

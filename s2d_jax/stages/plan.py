@@ -1,4 +1,5 @@
-"""Stage `plan`: per-device memory of the configured run, from shapes alone (see `s2d_jax.plan`)."""
+"""Stage `plan`: per-device memory of the configured run, from shapes alone (see `s2d_jax.plan`); with
+`plan.topology`, every device program compiled for that accelerator type too (see `s2d_jax.aot`)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,19 @@ from s2d_jax.errors import S2DError
 
 def plan_stage(config: ConfigDict, workdir: str) -> str:
     """Stage `plan`: per-device bytes of parameters, optimizer state, activations (estimated) and KV cache for the
-    configured mesh, written to `plan.json`; an error with advice when they do not fit `plan.device_gb`."""
+    configured mesh, and with `plan.topology` XLA's compiled figures for that target, written to `plan.json`; an
+    error with advice when they do not fit."""
     from s2d_jax import plan as plan_lib
 
-    p = plan_lib.plan(config, plan_lib.mesh_shape(config.mesh, config.plan.devices or len(mesh_devices(config))))
+    target = None
+    if config.plan.topology:
+        from s2d_jax import aot
+
+        target = aot.target(config.plan.topology)
+    devices = target.chips if target else config.plan.devices or len(mesh_devices(config))
+    p = plan_lib.plan(config, plan_lib.mesh_shape(config.mesh, devices))
+    if target:
+        p.update(aot.plan_figures(config, target, p))
     out = os.path.join(workdir, "plan.json")
     write_atomic(out, json.dumps(p, indent=2) + "\n")
     print(plan_lib.report(p))

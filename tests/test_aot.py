@@ -1,0 +1,125 @@
+"""`s2d plan` with `plan.topology`: every device program compiled for a Cloud TPU (v5e-8) on this CPU, through
+libtpu, at small shapes: the train step (LoRA and full), the sampler's prefill, insert and decode, with the splash
+kernel lowered through Mosaic, for Llama and for Gemma 2 (soft-capping, sliding windows)."""
+
+import json
+
+import pytest
+
+from s2d_jax import aot
+from s2d_jax.cli import main
+from s2d_jax.config import load_config
+from s2d_jax.errors import S2DError
+
+GB = 1 << 30
+MARGIN = 0.25  # the plan's estimate against XLA:TPU's compiled peak (README: "Compiled for the TPU")
+# a small run: 4 layers, 8 slots, prompts of 128, rows of 256; one data shard per chip (fsdp over the 8 chips)
+SMALL = ["model.path=", "mesh.data=1", "mesh.fsdp=-1", "train.batch_size=8", "train.max_len=256",
+         "generate.max_batch=8", "generate.samples=2", "program.max_new_tokens=64", "model.attention=splash"]
+
+
+def _gemma2(tmp_path):
+    """A small Gemma 2 config.json (local and global layers alternate, soft-capped scores and logits)."""
+    config = {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], "vocab_size": 512, "hidden_size": 256,
+              "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128,
+              "intermediate_size": 512, "max_position_embeddings": 2048, "sliding_window": 128,
+              "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 128,
+              "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+              "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
+    (tmp_path / "gemma2").mkdir()
+    (tmp_path / "gemma2" / "config.json").write_text(json.dumps(config))
+    return str(tmp_path / "gemma2")
+
+
+def _llama(tmp_path):
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 256,
+              "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128,
+              "intermediate_size": 512, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+              "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(config))
+    return str(tmp_path / "llama")
+
+
+@pytest.mark.parametrize("family,lora", [("llama", 8), ("llama", 0), ("gemma2", 8), ("gemma2", 0)])
+def test_plan_compiles_every_program_for_a_v5e_8(tmp_path, capsys, family, lora):
+    path = (_llama if family == "llama" else _gemma2)(tmp_path)
+    args = ["plan", "--config", "configs/rar2_last_letters.py", "--workdir", str(tmp_path / "run"),
+            *(f"--config.{a}" for a in SMALL), f"--config.model.path={path}", f"--config.train.lora_rank={lora}",
+            "--config.plan.topology=v5e-8"]
+    assert main(args) == 0
+    p = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert p["target"]["name"] == "v5e-8" and p["devices"] == 8 and p["device_gb"] == 16
+    for name in aot.PROGRAMS:
+        c = p["compiled"][name]
+        assert c["device_kind"].startswith("TPU v5") and c["peak"] > 0 and c["flops"] > 0 and c["roofline_s"] > 0
+    # fsdp over 8 chips: the step gathers weights and reduces gradients; Mosaic ran (the splash kernel's custom call)
+    assert {"all-gather", "reduce-scatter"} <= set(p["compiled"]["train_step"]["collectives"]) or \
+        {"all-gather", "all-reduce"} <= set(p["compiled"]["train_step"]["collectives"])
+    for kind in ("train", "generate"):
+        assert abs(p[f"{kind}_total"] / p[f"{kind}_compiled"] - 1) <= MARGIN, (kind, p[f"{kind}_total"],
+                                                                               p[f"{kind}_compiled"])
+    e = p["roofline_estimate"]
+    assert e["train_tokens_per_s"] > 0 and e["decode_tokens_per_s"] > 0
+    out = capsys.readouterr().out
+    assert "compiled for v5e-8" in out and "roofline estimate" in out and "train_step" in out
+
+
+def test_splash_lowers_through_mosaic_for_the_tpu(tmp_path):
+    """The train step's HLO for the TPU holds the Mosaic kernel (not the interpreter's loops), forward and backward,
+    with Gemma 2's window and soft-cap."""
+    config = load_config("configs/rar2_last_letters.py", [*SMALL, f"model.path={_gemma2(tmp_path)}",
+                                                          "train.lora_rank=8"])
+    import jax
+
+    t = aot.target("v5e-8")
+    m = config.mesh
+    from s2d_jax import mesh as mesh_lib, plan as plan_lib
+
+    programs = aot.Programs(config, mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=aot.devices(t)), t)
+    cfg = plan_lib.model_config(config).replace(platform="tpu")
+    hlo = programs.compiled("train_step", cfg).as_text()
+    assert hlo.count('custom_call_target="tpu_custom_call"') >= 3  # forward, dq, dkv kernels
+    assert jax.default_backend() == "cpu"  # all of it from this CPU
+
+
+def test_a_tile_the_chip_cannot_take_is_one_line(tmp_path, capsys):
+    args = ["plan", "--config", "configs/rar2_last_letters.py", "--workdir", str(tmp_path),
+            *(f"--config.{a}" for a in SMALL), f"--config.model.path={_llama(tmp_path)}",
+            "--config.plan.topology=v5e-8", "--config.model.splash_block=64"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not compile for v5e-8" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "plan.json").exists()  # nothing half-written
+
+
+def test_an_unknown_topology_is_one_line(tmp_path, capsys):
+    with pytest.raises(S2DError, match="'v5e-7' is not a known accelerator type"):
+        aot.target("v5e-7")
+    assert aot.target("v5litepod-8") is aot.TARGETS["v5e-8"]
+    assert main(["plan", "--config", "configs/tiny.py", "--workdir", str(tmp_path),
+                 "--config.plan.topology=tpu-v9"]) == 2
+    assert "plan.topology" in capsys.readouterr().err
+
+
+def test_targets_table():
+    t = aot.TARGETS
+    assert (t["v5e-8"].chips, t["v5e-8"].hosts, t["v5e-16"].hosts) == (8, 1, 4)
+    assert (t["v5p-64"].chips, t["v5p-64"].hosts, t["v5p-64"].hbm_gb) == (32, 8, 95)  # 64 TensorCores, 32 chips
+    assert t["v6e-8"].bf16_flops > t["v5p-8"].bf16_flops > t["v5e-8"].bf16_flops
+
+
+def test_collectives_are_counted_by_kind():
+    hlo = """
+  %all-gather-start = (f32[8]{0}, f32[64]{0}) all-gather-start(f32[8]{0} %p), replica_groups={}
+  %all-gather-done = f32[64]{0} all-gather-done(%all-gather-start)
+  %ar = f32[8]{0} all-reduce(f32[8]{0} %x), to_apply=%add
+  %rs.1 = f32[1]{0} reduce-scatter(f32[8]{0} %y), dimensions={0}
+"""
+    assert aot.collectives(hlo) == {"all-reduce": 1, "all-gather": 1, "reduce-scatter": 1}
+
+
+def test_period_of_layers():
+    from s2d_jax.model import PRESETS
+
+    assert aot.period(PRESETS["llama3-8b"]) == 1 and aot.period(PRESETS["gemma3-1b"]) == 6
