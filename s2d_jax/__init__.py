@@ -11,12 +11,12 @@ import glob as _glob
 import importlib.util as _util
 import os as _os
 
-# libtpu (installed to compile for TPUs ahead of time, `s2d plan`) makes JAX probe for a TPU at start and print
-# libtpu's complaints where there is none. No TPU here (no /dev/accel*, no /dev/vfio/N) and no GPU plugin: keep JAX
-# on the CPU, as it would end up anyway. Set JAX_PLATFORMS to choose otherwise.
-if ("JAX_PLATFORMS" not in _os.environ and _util.find_spec("libtpu") is not None
-        and not _glob.glob("/dev/accel*") and not _glob.glob("/dev/vfio/[0-9]*")
-        and not any(_util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))):
+# libtpu and the CUDA plugin (installed to compile for TPUs and GPUs ahead of time, `s2d plan`) make JAX probe for
+# their chips at start and print their complaints where there are none. Neither chip here (no /dev/accel*, no
+# /dev/vfio/N, no /dev/nvidia0): keep JAX on the CPU, as it would end up anyway. Set JAX_PLATFORMS to choose.
+if ("JAX_PLATFORMS" not in _os.environ
+        and any(_util.find_spec(name) for name in ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin"))
+        and not _glob.glob("/dev/accel*") and not _glob.glob("/dev/vfio/[0-9]*") and not _os.path.exists("/dev/nvidia0")):
     _os.environ["JAX_PLATFORMS"] = "cpu"
 
 from s2d_jax.errors import S2DError

@@ -45,6 +45,7 @@ class Target:
     bf16_flops: float  # peak dense bf16 FLOP/s per chip
     hbm_bytes_s: float  # HBM bandwidth per chip (bytes/s)
     platform: str = "tpu"
+    spec: str = ""  # a GPU's target description (XLA's GpuTargetConfigProto, text)
 
     @property
     def hosts(self) -> int:
@@ -67,6 +68,26 @@ TARGETS = {name: Target(name, topo, (1, 1, 1) if chips == 1 else (2, 4, 1) if ch
 ALIASES = {f"v5litepod-{n.split('-')[1]}": n for n in TARGETS if n.startswith("v5e")}
 
 
+def _gpu_spec(name: str, memory: int, bandwidth: float) -> str:
+    """XLA's target description of a Hopper GPU: the values of XLA's own h100_sxm.txtpb (xla/tools/hlo_opt/
+    gpu_specs, Apache-2.0), with this card's memory and bandwidth, and the cuDNN version to compile for."""
+    return ("gpu_device_info { threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152 "
+            "shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128 "
+            "block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535 "
+            f"memory_bandwidth: {int(bandwidth)} l2_cache_size: 52428800 clock_rate_ghz: 1.98 "
+            f"device_memory_size: {memory} shared_memory_per_block_optin: 232448 "
+            "cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536 } "
+            f'platform_name: "CUDA" dnn_version_info {{ major: 9 minor: 8 }} device_description_str: "{name}"')
+
+
+# One GPU each (a mesh over one card), with the CUDA plugin (`jax[cuda13]`; on a machine without a GPU,
+# `jax-cuda13-plugin` alone): NVIDIA's H100 SXM and H200 data sheets (dense bf16 989 TFLOP/s; 3.35 / 4.8 TB/s).
+for _name, _desc, _gb, _bw in (("h100-80gb", "NVIDIA H100 80GB HBM3", 80, 3.35e12),
+                               ("h200", "NVIDIA H200", 141, 4.8e12)):
+    TARGETS[_name] = Target(_name, "1x1x1", (1, 1, 1), 1, "", _gb, 989e12, _bw, platform="cuda",
+                            spec=_gpu_spec(_desc, _gb * 10**9, _bw))
+
+
 def target(name: str) -> Target:
     found = TARGETS.get(ALIASES.get(name, name))
     if found is None:
@@ -80,9 +101,21 @@ def devices(t: Target) -> list:
     if t.platform == "tpu" and importlib.util.find_spec("libtpu") is None:
         raise S2DError(f"config key 'plan.topology': compiling for {t.name} needs libtpu (pip install "
                        f"'s2d-jax[tpu]', or libtpu alone)")
+    if t.platform == "cuda":
+        if not any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)):
+            raise S2DError(f"config key 'plan.topology': compiling for {t.name} needs JAX's CUDA plugin (pip "
+                           f"install 's2d-jax[cuda]'; without a GPU, jax-cuda13-plugin alone)")
+        from jax.experimental import topologies
+
+        try:
+            return topologies.get_topology_desc("", platform="cuda", topology=t.topology, target_config=t.spec).devices
+        except Exception as e:
+            raise S2DError(f"config key 'plan.topology': {t.name}: the CUDA compiler would not load the target: "
+                           f"{_first_line(e)}") from None
     if jax.default_backend() != "tpu":  # keep libtpu from asking a metadata server for a TPU that is not here
         for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_ID", "0"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                           ("TPU_ACCELERATOR_TYPE", t.name.replace("v5e", "v5litepod"))):
+                           ("TPU_ACCELERATOR_TYPE", t.name.replace("v5e", "v5litepod")),
+                           ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):  # compiling only: several plans at once
             os.environ.setdefault(key, value)
     from jax.experimental import topologies
 
@@ -105,7 +138,12 @@ def compile_all(config: ConfigDict, t: Target) -> dict:
     mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices(t))
     programs = Programs(config, mesh, t)
     cfg = plan_lib.model_config(config).replace(platform=t.platform)
-    return {name: programs.figures(name, cfg) for name in PROGRAMS}
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # no machine here could load these executables
+    try:
+        return {name: programs.figures(name, cfg) for name in PROGRAMS}
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
 
 
 def plan_figures(config: ConfigDict, t: Target, p: dict) -> dict:
@@ -120,13 +158,14 @@ def plan_figures(config: ConfigDict, t: Target, p: dict) -> dict:
     tr = config.train
     s = plan_lib.sampler_shapes(config, plan_lib.model_config(config), p["mesh"]["data"] * p["mesh"]["fsdp"])
     train_s, decode_s = c["train_step"]["roofline_s"], c["decode"]["roofline_s"]
+    roofline = None if train_s is None else {
+        "train_step_s": train_s, "train_tokens_per_s": tr.batch_size * tr.max_len / train_s,
+        "prefill_s": c["prefill"]["roofline_s"], "decode_step_s": decode_s, "decode_slots": s["slots"],
+        "decode_tokens_per_s": s["slots"] / decode_s}
     return {"target": {"name": t.name, "chips": t.chips, "hosts": t.hosts, "device_kind": c["decode"]["device_kind"],
                        "hbm_gb": t.hbm_gb, "bf16_flops": t.bf16_flops, "hbm_bytes_s": t.hbm_bytes_s},
             "device_gb": t.hbm_gb, "compiled": c, "train_compiled": c["train_step"]["peak"],
-            "generate_compiled": generate,
-            "roofline_estimate": {"train_step_s": train_s, "train_tokens_per_s": tr.batch_size * tr.max_len / train_s,
-                                  "prefill_s": c["prefill"]["roofline_s"], "decode_step_s": decode_s,
-                                  "decode_slots": s["slots"], "decode_tokens_per_s": s["slots"] / decode_s}}
+            "generate_compiled": generate, "roofline_estimate": roofline}
 
 
 class Programs:
@@ -147,10 +186,12 @@ class Programs:
         fig["compile_s"] = round(seconds, 2)
         fig["collectives"] = collectives(compiled.as_text())
         fig["device_kind"] = self.mesh.devices.flat[0].device_kind
-        flops, bytes_ = self.costs(name, cfg)
-        repeat = self.config.train.grad_accum if name == "train_step" else 1  # micro-steps: a loop XLA counts once
-        fig["flops"], fig["bytes_accessed"] = flops * repeat, bytes_ * repeat
-        fig["roofline_s"] = max(fig["flops"] / self.t.bf16_flops, fig["bytes_accessed"] / self.t.hbm_bytes_s)
+        costs = self.costs(name, cfg)
+        fig["flops"] = fig["bytes_accessed"] = fig["roofline_s"] = None
+        if costs:
+            repeat = self.config.train.grad_accum if name == "train_step" else 1  # micro-steps: a loop counted once
+            fig["flops"], fig["bytes_accessed"] = costs[0] * repeat, costs[1] * repeat
+            fig["roofline_s"] = max(fig["flops"] / self.t.bf16_flops, fig["bytes_accessed"] / self.t.hbm_bytes_s)
         return fig
 
     def compiled(self, name: str, cfg):
@@ -188,15 +229,19 @@ class Programs:
         p = period(cfg)
         short = lambda n: cfg.replace(num_layers=n, scan_layers=False,
                                       layer_types=cfg.layer_types[:n] if cfg.layer_types else cfg.layer_types)
-        one, two = (_cost(self.compiled(name, short(n))) for n in (p, 2 * p))
+        one, two = (self.cost(name, short(n)) for n in (p, 2 * p))
+        if one is None or two is None:
+            return None
         depth = cfg.num_layers / p
         return tuple(a + (depth - 1) * (b - a) for a, b in zip(one, two))
 
 
-def _cost(compiled) -> tuple[float, float]:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    def cost(self, name: str, cfg) -> tuple[float, float] | None:
+        """FLOPs and bytes accessed of one compiled program, by the target compiler's analysis (XLA:GPU compiled
+        without a GPU has none: None)."""
+        cost = self.compiled(name, cfg).cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+        return (float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))) if cost else None
 
 
 def period(cfg) -> int:

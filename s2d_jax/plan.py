@@ -79,6 +79,21 @@ def sampler_shapes(config: ConfigDict, cfg, row_multiple: int) -> dict:
     return {"slots": slots, "prompt": prompt, "budget": budget, "width": width, "rows": rows}
 
 
+def sampler_transient(cfg, s: dict, mesh) -> int:
+    """Estimated working set of the sampler's programs on one device beyond weights and the slots' cache: with
+    FSDP, one layer's weights gathered; then the larger of a decode step's logits (float32, and their softmax) over
+    the slots and a full insert's prefill (its new cache rows and a layer's activations)."""
+    b = np.dtype(cfg.dtype).itemsize
+    tensor, shards = mesh.shape["tensor"], mesh.shape["data"] * mesh.shape["fsdp"]
+    embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_embeddings else 2)
+    gathered = (cfg.num_params - embed) // cfg.num_layers * b // tensor if mesh.shape["fsdp"] > 1 else 0
+    decode = 2 * -(-s["slots"] // shards) * cfg.vocab_size * 4 // tensor
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * b // tensor
+    layer = (2 * cfg.hidden_size + 2 * cfg.intermediate_size) * b // tensor
+    prefill = -(-s["rows"] // shards) * (s["prompt"] * (kv + layer) + cfg.vocab_size * 4)
+    return gathered + max(decode, prefill)
+
+
 def activation_bytes(cfg, rows: int, length: int, chunk: int, tensor: int = 1) -> int:
     """Estimated peak bytes of a train step's activations on one device for `rows` x `length` tokens: what the
     backward pass keeps per layer, one layer's transient working set, one loss chunk's logits, and the
@@ -128,7 +143,8 @@ def plan(config: ConfigDict, mesh) -> dict:
             "lora_rank": t.lora_rank, "params": params, "grads": trained, "optimizer": 2 * trained,
             "activations_estimate": activations, "train_total": train_total, "kv_cache": kv,
             "kv_cache_shape": list(kv_shape), "generate_params": sample_params,
-            "generate_total": sample_params + kv, "device_gb": config.plan.device_gb}
+            "sampler_transient": (transient := sampler_transient(cfg, s, mesh)),
+            "generate_total": sample_params + kv + transient, "device_gb": config.plan.device_gb}
 
 
 def advice(p: dict, config: ConfigDict) -> list[str]:
@@ -149,7 +165,7 @@ def report(p: dict) -> str:
     if p["lora_rank"]:
         lines[0] += f" (LoRA rank {p['lora_rank']}: frozen base + float32 adapters)"
     for key in ("params", "grads", "optimizer", "activations_estimate", "train_total", "generate_params", "kv_cache",
-                "generate_total"):
+                "sampler_transient", "generate_total"):
         lines.append(f"  {key:<21} {p[key] / GB:10.4f} GB")
     if "compiled" in p:
         lines += compiled_report(p)
@@ -171,6 +187,8 @@ def compiled_report(p: dict) -> list[str]:
         est, comp = p[f"{kind}_total"], p[f"{kind}_compiled"]
         lines.append(f"  {kind:<8} estimate {est / GB:7.2f} GB, compiled {comp / GB:7.2f} GB "
                      f"(estimate / compiled {est / comp:.2f})")
+    if e is None:
+        return lines + ["roofline: none (XLA compiled for this GPU without one gives no cost analysis)"]
     lines.append(f"roofline estimate from XLA's FLOPs and bytes (not a measurement): train step "
                  f"{e['train_step_s']:.3f} s ({e['train_tokens_per_s']:,.0f} tokens/s), decode step "
                  f"{e['decode_step_s'] * 1e3:.2f} ms ({e['decode_tokens_per_s']:,.0f} tokens/s at "

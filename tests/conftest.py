@@ -21,6 +21,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers: each 
 
 import pathlib
 
+import s2d_jax  # noqa: F401  (first: with libtpu and the CUDA plugin installed and no chip, JAX stays on the CPU)
 import numpy as np
 import pytest
 

@@ -55,7 +55,7 @@ def choose(q_len: int, dtype, right_padded: bool, backend: str | None = None, ca
     built for; default: JAX's, but a program compiled ahead of time for a TPU from a CPU names "tpu"); `cached`:
     the keys are a KV cache (slots not aligned with the queries), which only the portable paths express; cuDNN's
     kernel has no soft-capping."""
-    backend = backend or jax.default_backend()
+    backend = {"cuda": "gpu", "rocm": "gpu"}.get(backend, backend) or jax.default_backend()
     if q_len <= 16 or cached:
         return "reference"  # decoding: a few queries, scores are [T, S] with T tiny
     if backend == "gpu" and right_padded and not softcap and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
