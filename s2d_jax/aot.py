@@ -184,7 +184,9 @@ class Programs:
                "outputs": mem.output_size_in_bytes, "aliases": mem.alias_size_in_bytes}
         fig["peak"] = fig["arguments"] + fig["outputs"] + fig["temporaries"] - fig["aliases"]
         fig["compile_s"] = round(seconds, 2)
-        fig["collectives"] = collectives(compiled.as_text())
+        hlo = compiled.as_text()
+        fig["collectives"] = collectives(hlo)
+        fig["kernels"] = kernels(hlo)
         fig["device_kind"] = self.mesh.devices.flat[0].device_kind
         costs = self.costs(name, cfg)
         fig["flops"] = fig["bytes_accessed"] = fig["roofline_s"] = None
@@ -257,6 +259,14 @@ def collectives(hlo: str) -> dict[str, int]:
         n = len(re.findall(rf"= [^=]*? {kind}(?:-start)?\(", hlo))
         if n:
             found[kind] = n
+    return found
+
+
+def kernels(hlo: str) -> dict[str, int]:
+    """Custom calls in an optimised HLO module by target: Mosaic kernels (`tpu_custom_call`), cuDNN's, ..."""
+    found: dict[str, int] = {}
+    for target in re.findall(r'custom_call_target="([^"]+)"', hlo):
+        found[target] = found.get(target, 0) + 1
     return found
 
 

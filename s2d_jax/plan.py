@@ -79,14 +79,20 @@ def sampler_shapes(config: ConfigDict, cfg, row_multiple: int) -> dict:
     return {"slots": slots, "prompt": prompt, "budget": budget, "width": width, "rows": rows}
 
 
+def gathered_head(cfg, tensor: int, fsdp: int) -> int:
+    """The output head (vocab x embed, compute dtype) as FSDP gathers it whole for the logits; 0 without FSDP."""
+    return cfg.vocab_size * cfg.hidden_size * np.dtype(cfg.dtype).itemsize // tensor if fsdp > 1 else 0
+
+
 def sampler_transient(cfg, s: dict, mesh) -> int:
     """Estimated working set of the sampler's programs on one device beyond weights and the slots' cache: with
-    FSDP, one layer's weights gathered; then the larger of a decode step's logits (float32, and their softmax) over
-    the slots and a full insert's prefill (its new cache rows and a layer's activations)."""
+    FSDP, one layer's weights and the output head gathered; then the larger of a decode step's logits (float32,
+    and their softmax) over the slots and a full insert's prefill (its new cache rows and a layer's activations)."""
     b = np.dtype(cfg.dtype).itemsize
     tensor, shards = mesh.shape["tensor"], mesh.shape["data"] * mesh.shape["fsdp"]
     embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_embeddings else 2)
     gathered = (cfg.num_params - embed) // cfg.num_layers * b // tensor if mesh.shape["fsdp"] > 1 else 0
+    gathered += gathered_head(cfg, tensor, mesh.shape["fsdp"])
     decode = 2 * -(-s["slots"] // shards) * cfg.vocab_size * 4 // tensor
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * b // tensor
     layer = (2 * cfg.hidden_size + 2 * cfg.intermediate_size) * b // tensor
@@ -94,13 +100,15 @@ def sampler_transient(cfg, s: dict, mesh) -> int:
     return gathered + max(decode, prefill)
 
 
-def activation_bytes(cfg, rows: int, length: int, chunk: int, tensor: int = 1) -> int:
+def activation_bytes(cfg, rows: int, length: int, chunk: int, tensor: int = 1, fsdp: int = 1) -> int:
     """Estimated peak bytes of a train step's activations on one device for `rows` x `length` tokens: what the
     backward pass keeps per layer, one layer's transient working set, one loss chunk's logits, and the
-    blockwise attention's score blocks. Per token and layer the step keeps, in the compute dtype, the layer input,
-    the two norm outputs, q/k/v (before and after RoPE), the attention output, the MLP's gate/up/product and the
-    residual sums (about 6d + 2(h + 2k)hd + 2h hd + 4i values) and a float32 log-sum-exp per head; `dots` remat
-    keeps only the matmul outputs, `full` only the layer input (and recomputes one layer at a time)."""
+    blockwise attention's score blocks; with FSDP, the output head gathered whole for the loss. Per token and
+    layer the step keeps, in the compute dtype, the layer input, the two norm outputs, q/k/v (before and after
+    RoPE), the attention output, the MLP's gate/up/product and the residual sums (about 6d + 2(h + 2k)hd + 2h hd +
+    4i values) and a float32 log-sum-exp per head; `dots` remat keeps only the matmul outputs, `full` only the
+    layer input (and recomputes one layer at a time). Checked against XLA:TPU's compiled peaks (`s2d plan` with
+    `plan.topology`): the gathered head (1 GB at 8B) was what the estimate missed."""
     from s2d_jax.model.attention import BLOCK
 
     d, h, k, hd, i = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
@@ -109,8 +117,9 @@ def activation_bytes(cfg, rows: int, length: int, chunk: int, tensor: int = 1) -
     layer = (6 * d + 2 * (h + 2 * k) * hd + 2 * h * hd + 4 * i) * b // tensor + 4 * h
     saved = {"none": layer, "dots": ((h + 2 * k) * hd + 2 * i + 2 * d) * b // tensor, "full": d * b}[cfg.remat]
     scores = 3 * rows * h * length * min(BLOCK, length) * 4 // tensor  # s, p, ds of one key block, float32
-    logits = 4 * rows * (chunk or length) * cfg.vocab_size * 4 // tensor  # logits, probs, one-hot, dlogits
-    transient = max(tokens * layer + scores, logits + tokens * d * 4)
+    logits = 2 * rows * (chunk or length) * cfg.vocab_size * 4 // tensor  # a chunk's logits and their gradient
+    head = gathered_head(cfg, tensor, fsdp)
+    transient = max(tokens * layer + scores, logits + head + tokens * d * 4)
     return tokens * cfg.num_layers * saved + tokens * d * (b + 4) + transient
 
 
@@ -137,7 +146,7 @@ def plan(config: ConfigDict, mesh) -> dict:
     kv = 2 * sum(shard_bytes(kv_shape[:2] + (cache_slots(cfg, n, length),) + kv_shape[3:], cfg.dtype, CACHE_AXES,
                              mesh) for n in range(cfg.num_layers))  # sliding layers hold a ring of their window
     micro_rows = max(t.batch_size // t.grad_accum // rows_split, 1)
-    activations = activation_bytes(cfg, micro_rows, t.max_len, t.loss_chunk, mesh.shape["tensor"])
+    activations = activation_bytes(cfg, micro_rows, t.max_len, t.loss_chunk, mesh.shape["tensor"], mesh.shape["fsdp"])
     train_total = params + trained * 3 + activations  # weights, gradients, two AdamW moments (float32 masters)
     return {"mesh": dict(mesh.shape), "devices": mesh.size, "num_params": cfg.num_params,
             "lora_rank": t.lora_rank, "params": params, "grads": trained, "optimizer": 2 * trained,

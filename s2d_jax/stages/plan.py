@@ -27,6 +27,9 @@ def plan_stage(config: ConfigDict, workdir: str) -> str:
     devices = target.chips if target else config.plan.devices or len(mesh_devices(config))
     p = plan_lib.plan(config, plan_lib.mesh_shape(config.mesh, devices))
     if target:
+        from s2d_jax.train.trainer import check_rows
+
+        check_rows(config.train, p["mesh"]["data"] * p["mesh"]["fsdp"])  # as the trainer would refuse it
         p.update(aot.plan_figures(config, target, p))
     out = os.path.join(workdir, "plan.json")
     write_atomic(out, json.dumps(p, indent=2) + "\n")

@@ -112,6 +112,15 @@ def train_step(graphdef, tx: optax.GradientTransformation, params, opt_state, ba
     return params, opt_state, metrics
 
 
+def check_rows(t: ConfigDict, shards: int) -> int:
+    """The rows of a micro-step, which must split evenly over the mesh's `shards` data shards."""
+    rows = t.batch_size // t.grad_accum
+    if rows % shards:
+        raise S2DError(f"config key 'train.batch_size': {t.batch_size} rows / grad_accum {t.grad_accum} = {rows} "
+                       f"per micro-step, not a multiple of the {shards} data shards")
+    return rows
+
+
 def batch_sharding(mesh, micro_rows: int) -> NamedSharding:
     """A step's batch `[micro_steps, rows, len]`: rows over the data axes."""
     return NamedSharding(mesh, P(None, mesh_lib.partition_spec(("batch",), (micro_rows,), mesh)[0], None))
@@ -153,11 +162,7 @@ class Trainer:
                            f"train.grad_accum={t.grad_accum}")
         if t.too_long not in ("drop", "error"):
             raise S2DError(f"config key 'train.too_long': {t.too_long!r} is not one of drop, error")
-        self.micro_rows = t.batch_size // t.grad_accum
-        rows_multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-        if self.micro_rows % rows_multiple:
-            raise S2DError(f"config key 'train.batch_size': {t.batch_size} rows / grad_accum {t.grad_accum} = "
-                           f"{self.micro_rows} per micro-step, not a multiple of the {rows_multiple} data shards")
+        self.micro_rows = check_rows(t, 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"])
         if model.cfg.remat != t.remat:  # only the top module's forward reads it; static, so set before splitting
             model.cfg = model.cfg.replace(remat=t.remat)
         if t.lora_rank:
