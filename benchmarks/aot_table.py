@@ -40,13 +40,14 @@ def row(out: str, config: str, target: str) -> str:
     if not os.path.exists(path):
         err = os.path.join(workdir, "err.txt")
         lines = open(err).read().strip().splitlines() if os.path.exists(err) else []
-        return f"| {name} | {target} | {(lines or ['not run'])[-1].removeprefix('s2d: error: ')[:200]} ||||||"
+        return f"| {name} | {target} | {(lines or ['not run'])[-1].removeprefix('s2d: error: ')[:170]}... ||||||"
     p = json.load(open(path))
     p.update(_estimate(config, p["devices"]))  # today's estimate (cheap: shapes only), beside XLA's figures
     c, e = p["compiled"], p["roofline_estimate"]
     compile_s = sum(x["compile_s"] for x in c.values())
-    cells = [f"{p['train_compiled'] / GB:.2f} ({p['train_total'] / GB:.2f})",
-             f"{p['generate_compiled'] / GB:.2f} ({p['generate_total'] / GB:.2f})"]
+    over = lambda kind: " **over HBM**" if p[f"{kind}_compiled"] > p["device_gb"] * GB else ""
+    cells = [f"{p['train_compiled'] / GB:.2f} ({p['train_total'] / GB:.2f}){over('train')}",
+             f"{p['generate_compiled'] / GB:.2f} ({p['generate_total'] / GB:.2f}){over('generate')}"]
     if e:
         cells += [f"{e['train_step_s']:.3f}", f"{e['train_tokens_per_s']:,.0f}",
                   f"{e['decode_tokens_per_s']:,.0f} ({e['decode_slots']})"]
