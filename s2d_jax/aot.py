@@ -138,12 +138,16 @@ def compile_all(config: ConfigDict, t: Target) -> dict:
     mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices(t))
     programs = Programs(config, mesh, t)
     cfg = plan_lib.model_config(config).replace(platform=t.platform)
+    from jax.experimental.compilation_cache import compilation_cache
+
     cache = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)  # no machine here could load these executables
+    compilation_cache.reset_cache()  # (JAX decides whether to use its cache once, and keeps the answer)
     try:
         return {name: programs.figures(name, cfg) for name in PROGRAMS}
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
+        compilation_cache.reset_cache()
 
 
 def plan_figures(config: ConfigDict, t: Target, p: dict) -> dict:
