@@ -20,11 +20,9 @@ import re
 import time
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 from ml_collections import ConfigDict
 
-from s2d_jax import aot_programs as programs, mesh as mesh_lib
+from s2d_jax import aot_programs, mesh as mesh_lib
 from s2d_jax.errors import S2DError
 
 GB = 1 << 30
@@ -136,7 +134,7 @@ def compile_all(config: ConfigDict, t: Target) -> dict:
 
     m = config.mesh
     mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices(t))
-    programs = Programs(config, mesh, t)
+    run = Programs(config, mesh, t)
     cfg = plan_lib.model_config(config).replace(platform=t.platform)
     from jax.experimental.compilation_cache import compilation_cache
 
@@ -144,7 +142,7 @@ def compile_all(config: ConfigDict, t: Target) -> dict:
     jax.config.update("jax_enable_compilation_cache", False)  # no machine here could load these executables
     compilation_cache.reset_cache()  # (JAX decides whether to use its cache once, and keeps the answer)
     try:
-        return {name: programs.figures(name, cfg) for name in PROGRAMS}
+        return {name: run.figures(name, cfg) for name in PROGRAMS}
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
         compilation_cache.reset_cache()
@@ -204,7 +202,7 @@ class Programs:
         key = (name, cfg)
         if key not in self._compiled:
             try:
-                fn, args, kwargs = getattr(programs, name)(self, cfg)
+                fn, args, kwargs = getattr(aot_programs, name)(self, cfg)
                 with jax.set_mesh(self.mesh):  # (only tracing: an eager op here would run on the absent chips)
                     self._compiled[key] = fn.lower(*args, **kwargs).compile()
             except S2DError:

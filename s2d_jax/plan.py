@@ -6,8 +6,9 @@ compute dtype and only the float32 adapters have gradients and moments. The KV c
 largest batch (`generate.max_batch` rows, the longest prompt bucket plus the largest stage budget). Training
 activations are an estimate from what our step saves for the backward pass (below): attention is blockwise/flash
 (no `[T, T]` scores kept) and the loss is chunked (one chunk's logits at a time). Checked against XLA's memory
-analysis of the compiled step (`tests/test_plan.py`). The plan fails early, with advice, when a total exceeds
-`plan.device_gb`.
+analysis of the compiled step (`tests/test_plan.py`) and calibrated on XLA:TPU's compiled peaks of the paper
+configs at 8B (`s2d plan` with `plan.topology`, `s2d_jax/aot.py`; README, "Compiled for the TPU"). The plan fails
+early, with advice, when a total exceeds `plan.device_gb`.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def plan(config: ConfigDict, mesh) -> dict:
     from s2d_jax.model import lora
 
     cfg = model_config(config)
-    t, g = config.train, config.generate
+    t = config.train
     def build():
         model = Transformer(cfg, rngs=nnx.Rngs(0))
         return lora.add(model, t.lora_rank, t.lora_alpha, t.lora_targets) if t.lora_rank else model
