@@ -126,7 +126,7 @@ def devices(t: Target) -> list:
                        f"{_first_line(e)}") from None
 
 
-def compile_all(config: ConfigDict, t: Target) -> dict:
+def compile_all(config: ConfigDict, t: Target, cfg=None) -> dict:
     """Per program: XLA's bytes per chip (arguments, temporaries, outputs, aliases, peak), compile seconds, the
     collectives in its HLO by kind, FLOPs and bytes per call (extrapolated to the depth) and a roofline time (a
     train step: all its micro-steps; a decode call: one step of every slot)."""
@@ -135,7 +135,7 @@ def compile_all(config: ConfigDict, t: Target) -> dict:
     m = config.mesh
     mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices(t))
     run = Programs(config, mesh, t)
-    cfg = plan_lib.model_config(config).replace(platform=t.platform)
+    cfg = (cfg or plan_lib.model_config(config)).replace(platform=t.platform)
     from jax.experimental.compilation_cache import compilation_cache
 
     cache = jax.config.jax_enable_compilation_cache
@@ -154,11 +154,12 @@ def plan_figures(config: ConfigDict, t: Target, p: dict) -> dict:
     with the weights held, and the decode chunk), and roofline times."""
     from s2d_jax import plan as plan_lib
 
-    c = compile_all(config, t)
+    cfg = plan_lib.model_config(config)  # (reads the model's config.json: once)
+    c = compile_all(config, t, cfg)
     slots = max(c["decode"]["arguments"] - p["generate_params"], 0)  # the decode call's other arguments
     generate = max(c["prefill"]["peak"] + slots, c["insert"]["peak"] + p["generate_params"], c["decode"]["peak"])
     tr = config.train
-    s = plan_lib.sampler_shapes(config, plan_lib.model_config(config), p["mesh"]["data"] * p["mesh"]["fsdp"])
+    s = plan_lib.sampler_shapes(config, cfg, p["mesh"]["data"] * p["mesh"]["fsdp"])
     train_s, decode_s = c["train_step"]["roofline_s"], c["decode"]["roofline_s"]
     roofline = None if train_s is None else {
         "train_step_s": train_s, "train_tokens_per_s": tr.batch_size * tr.max_len / train_s,
