@@ -16,6 +16,7 @@ from s2d_jax.model import lora as lora_lib
 from s2d_jax.model.transformer import Transformer
 from s2d_jax.sampling import cache as cache_lib, engine
 from s2d_jax.sampling.select import make_method
+from s2d_jax.train import data as data_lib
 
 
 def _abstract(tree, shardings):
@@ -53,7 +54,7 @@ def train_step(programs, cfg):
     micro = t.batch_size // t.grad_accum
     shape, rows = (t.grad_accum, micro, t.max_len), batch_sharding(mesh, micro)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32, sharding=rows)
-             for k in ("inputs", "targets", "weights", "segment_ids", "positions")}
+             for k in (*data_lib.FIELDS, "segment_ids", "positions")}
     step = step_program(graphdef, tx, t, param_shardings, opt_shardings)
     return step, (params, opt_state, batch, None if frozen is None else _split(frozen, mesh)), {}
 
