@@ -1,6 +1,8 @@
 """Sampler throughput: ours vs transformers' `generate` (torch, KV cache), same device, same prompts.
 
-Default: SmolLM2-135M-Instruct (its GGUF), fp32, 32 chat prompts, 128 new greedy tokens, batch 8 / 32 / 64. With
+Default: SmolLM2-135M-Instruct (its GGUF), fp32, the same 64 chat prompts (the chat template on both sides),
+128 new greedy tokens, batch 8 / 32 / 64; the share of rows whose tokens are identical on both sides is printed,
+and where our call's seconds went (decode steps, prefill, inserts, cache resizes, compiles, host). With
 `--preset NAME` (e.g. smollm2-135m, llama3.2-1b): random weights at that shape and a word-level tokenizer over
 its vocabulary (every word one token), so any accelerator can run it offline; `--dtype bfloat16` on both sides.
 Prints tokens/s, the ratio, MFU (achieved FLOP/s over a matmul peak measured in this run) for prefill and decode,
@@ -23,12 +25,13 @@ import s2d_jax
 from s2d_jax.assets import fetch_smollm2
 from s2d_jax.flops import flops_per_token, matmul_peak
 from s2d_jax.sampling.cache import prefill as _prefill
+from s2d_jax.sampling.clock import PHASES
 from s2d_jax.tokenizer import chat_prompt
 
 QUESTIONS = [f"Q{i}: " + q for i, q in enumerate([
     "What is the capital of France?", "Explain photosynthesis briefly.", "Write a haiku about the sea.",
     "List three prime numbers.", "What does a CPU do?", "Give me a tip for learning to cook.",
-    "Why is the sky blue?", "Translate 'good morning' into Spanish."] * 4)]
+    "Why is the sky blue?", "Translate 'good morning' into Spanish."] * 8)]  # 64 distinct prompts
 
 
 def word_tokenizer(vocab: int):
@@ -99,6 +102,8 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--preset", default="", help="random weights at this preset's shape (default: the SmolLM2 GGUF)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--prompts", type=int, default=64, help="chat prompts per call (every batch runs the same)")
+    ap.add_argument("--cache-dtype", default="", help="the KV cache's dtype (default: the model's compute dtype)")
     ap.add_argument("--skip-torch", action="store_true")
     args = ap.parse_args()
     model, tok, torch_model = load_models(args.preset, args.dtype, not args.skip_torch)
@@ -113,69 +118,81 @@ def main():
     if args.preset:
         rng = np.random.default_rng(0)
         questions = [" ".join(f"w{i}" for i in rng.integers(1, cfg.vocab_size - 1, rng.integers(20, 60)))
-                     for _ in range(64)]
+                     for _ in range(args.prompts)]
     else:
         questions = QUESTIONS
-    print(f"{'batch':>5} {'ours tok/s':>10} {'hf tok/s':>9} {'ratio':>6} {'decode MFU':>10} {'prefill MFU':>11}"
-          + (f" {'roofline tok/s':>14} {'of roofline':>11}" if roof else ""))
+    print(f"{'batch':>5} {'ours tok/s':>10} {'hf tok/s':>9} {'ratio':>6} {'same tokens':>11} {'decode MFU':>10} "
+          f"{'prefill MFU':>11}" + (f" {'roofline tok/s':>14} {'of roofline':>11}" if roof else "")
+          + "  the call's seconds: " + " ".join(PHASES))
+    prompts = questions[:args.prompts]
     for batch in map(int, args.batches.split(",")):
-        prompts = (questions * 4)[:max(batch, 32)]
-        sampler = s2d_jax.Sampler(model, tok, max_batch=batch)
-        sampler.generate(prompts[:batch], max_new_tokens=args.new, progress=False)  # compile
+        sampler = s2d_jax.Sampler(model, tok, max_batch=batch, cache_dtype=args.cache_dtype or None)
+        sampler.generate(prompts, max_new_tokens=args.new, progress=False, chat=True)  # every shape compiled
         t = time.perf_counter()
-        out = sampler.generate(prompts, max_new_tokens=args.new, progress=False)
+        out = sampler.generate(prompts, max_new_tokens=args.new, progress=False, chat=True)
         ours_s = time.perf_counter() - t
+        breakdown = sampler.last_stats
         ours_tokens = sum(s.num_tokens for (s,) in out)
-        # prefill alone, for its MFU
-        ids = [tok(chat_prompt(tok, p), add_special_tokens=False).input_ids for p in prompts[:batch]]
-        plen = max(32, 1 << (max(map(len, ids)) - 1).bit_length())
-        tokens = np.zeros((batch, plen), np.int32)
-        segs = np.ones((batch, plen), np.int32)
-        pos = np.tile(np.arange(plen, dtype=np.int32), (batch, 1))
-        run = lambda: jax.block_until_ready(_prefill(sampler.graphdef, sampler.state, tokens, pos, segs,
-                                                     max_len=plen + args.new))
-        run()
-        t = time.perf_counter()
-        run()
-        prefill_s = time.perf_counter() - t
-        prefill_flops = (flops_per_token(cfg, plen / 2, head=False) * batch * plen
-                         + 2 * cfg.vocab_size * cfg.hidden_size * batch)
-        prefill_mfu = prefill_flops / prefill_s / peak  # logits only at each prompt's last position
+        ids = [tok(chat_prompt(tok, p), add_special_tokens=False).input_ids for p in prompts]
+        prefill_mfu = _prefill_mfu(sampler, ids[:batch], args.new, peak)
         mean_ctx = np.mean([len(i) for i in ids]) + args.new / 2
         decode_mfu = flops_per_token(cfg, mean_ctx) * ours_tokens / ours_s / peak
-        hf_rate = float("nan")
+        hf_rate, same = float("nan"), float("nan")
         if torch_model is not None:
-            import torch
-
-            device = torch_model.device
-            tok.padding_side = "left"
-            warm = tok([chat_prompt(tok, p) for p in prompts[:batch]], return_tensors="pt", padding=True,
-                       add_special_tokens=False).to(device)
-            with torch.no_grad():  # warm up (CUDA context, kernels), as ours was compiled first
-                torch_model.generate(**warm, max_new_tokens=args.new, do_sample=False, pad_token_id=tok.pad_token_id)
-            hf_tokens, t = 0, time.perf_counter()
-            for b in range(0, len(prompts), batch):
-                enc = tok([chat_prompt(tok, p) for p in prompts[b:b + batch]], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(device)
-                with torch.no_grad():
-                    gen = torch_model.generate(**enc, max_new_tokens=args.new, do_sample=False,
-                                               pad_token_id=tok.pad_token_id)[:, enc.input_ids.shape[1]:]
-                for row in gen.tolist():
-                    hf_tokens += next((k + 1 for k, x in enumerate(row) if x in sampler.eos_ids), len(row))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            hf_rate = hf_tokens / (time.perf_counter() - t)
+            hf_rows, hf_s = _transformers(torch_model, tok, prompts, batch, args.new, sampler.eos_ids)
+            hf_rate = sum(map(len, hf_rows)) / hf_s
+            same = np.mean([s.token_ids == row for (s,), row in zip(out, hf_rows)])
         rate = ours_tokens / ours_s
-        line = (f"{batch:>5} {rate:>10.0f} {hf_rate:>9.0f} {rate / hf_rate:>6.2f} {decode_mfu:>10.1%} "
+        line = (f"{batch:>5} {rate:>10.0f} {hf_rate:>9.0f} {rate / hf_rate:>6.2f} {same:>11.1%} {decode_mfu:>10.1%} "
                 f"{prefill_mfu:>11.1%}")
         if roof:  # a decode step reads every weight and the live KV cache once
-            itemsize = np.dtype(cfg.dtype).itemsize
-            weights = cfg.num_params * itemsize
-            kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize * batch * mean_ctx
+            weights = cfg.num_params * np.dtype(cfg.dtype).itemsize
+            kv = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(sampler.cache_dtype).itemsize
+                  * batch * mean_ctx)
             ceiling = batch * roof / 2 / (weights + kv)  # the copy counted bytes read + written
             line += f" {ceiling:>14.0f} {rate / ceiling:>11.1%}"
-        print(line)
+        sec = breakdown["seconds"]
+        print(line + "  " + " ".join(f"{k} {sec[k]:.2f} ({sec[k] / breakdown['wall_s']:.0%})" for k in PHASES)
+              + f"; {breakdown['steps']} steps, {breakdown['compiles']} compiles")
 
+
+def _prefill_mfu(sampler, ids, new: int, peak: float) -> float:
+    """Prefill alone at the call's first batch: achieved matmul FLOP/s over the peak."""
+    batch, cfg = len(ids), sampler.model.cfg
+    plen = max(32, 1 << (max(map(len, ids)) - 1).bit_length())
+    tokens = np.zeros((batch, plen), np.int32)
+    segs = np.ones((batch, plen), np.int32)
+    pos = np.tile(np.arange(plen, dtype=np.int32), (batch, 1))
+    run = lambda: jax.block_until_ready(_prefill(sampler.graphdef, sampler.state, tokens, pos, segs,
+                                                 max_len=plen + new))
+    run()
+    t = time.perf_counter()
+    run()
+    prefill_s = time.perf_counter() - t
+    flops = flops_per_token(cfg, plen / 2, head=False) * batch * plen + 2 * cfg.vocab_size * cfg.hidden_size * batch
+    return flops / prefill_s / peak  # logits only at each prompt's last position
+
+
+def _transformers(torch_model, tok, prompts, batch: int, new: int, eos_ids) -> tuple[list[list[int]], float]:
+    """transformers' greedy `generate` over `prompts` in static batches of `batch` (chat template, left padding):
+    each row's tokens up to its EOS, and the seconds (after a warm-up batch)."""
+    import torch
+
+    device = torch_model.device
+    tok.padding_side = "left"
+    encode = lambda ps: tok([chat_prompt(tok, p) for p in ps], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+    run = lambda enc: torch_model.generate(**enc, max_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        run(encode(prompts[:batch]))  # warm up (CUDA context, kernels), as ours was compiled first
+        rows, t = [], time.perf_counter()
+        for b in range(0, len(prompts), batch):
+            enc = encode(prompts[b:b + batch])
+            for row in run(enc)[:, enc.input_ids.shape[1]:].tolist():
+                rows.append(row[:next((k + 1 for k, x in enumerate(row) if x in eos_ids), len(row))])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return rows, time.perf_counter() - t
 
 if __name__ == "__main__":
     main()

@@ -178,7 +178,9 @@ class Attention(nnx.Module):
                  right_padded=False):
         cfg, dt = self.cfg, x.dtype
         g = cfg.group_size
-        qkv = jnp.einsum("btd,dkch->bkcth", x, self.qkv[...].astype(dt))
+        # projections in the weights' own layout, heads moved after: XLA:CPU otherwise transposes every weight on
+        # every decode step (a third of a SmolLM2 step, benchmarks/decode_step.py)
+        qkv = jnp.moveaxis(jnp.einsum("btd,dkch->btkch", x, self.qkv[...].astype(dt)), 1, 3)
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...].astype(dt)[None, :, :, None, :]
         if self.lora_qkv is not None:  # [B, T, K, G + 2, hd] -> [B, K, G + 2, T, hd]
@@ -203,9 +205,11 @@ class Attention(nnx.Module):
                                       scale=cfg.query_scale ** -0.5 if cfg.query_scale else None,
                                       softcap=cfg.attn_softcap, platform=cfg.platform,
                                       splash_block=cfg.splash_block)
-        proj = jnp.einsum("bkgth,kghd->btd", out, self.o[...].astype(dt))
+        out = jnp.moveaxis(out, 3, 1)  # [B, T, K, G, hd]; one contraction dim (XLA:CPU transposes the weight else)
+        w = self.o[...].astype(dt)
+        proj = jnp.einsum("btf,fd->btd", out.reshape(out.shape[:2] + (-1,)), w.reshape(-1, w.shape[-1]))
         if self.lora_o is not None:
-            proj = proj + self.lora_o(jnp.moveaxis(out, 3, 1))
+            proj = proj + self.lora_o(out)
         if self.o_bias is not None:
             proj = proj + self.o_bias[...].astype(dt)
         return proj, (keys, values) if cache_kv is not None else (k, v)

@@ -2,7 +2,8 @@
 
 The cache is `KVCache` (model/transformer.py): per layer `[rows, kv_heads, slots, head_dim]`, rows over the data
 axes and kv heads over `tensor` (CACHE_AXES, constrained explicitly). It holds only the slots that can hold
-tokens yet (prompt bucket + a few LIVE_BUCKETs), resized between decode calls, so attention reads no empty slots.
+tokens yet (prompt bucket + a few LIVE_BUCKETs; past GEOMETRIC slots, four widths per octave), resized between decode
+calls, so attention reads no empty slots. The bucket functions here bound every shape the engine compiles.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from s2d_jax import mesh as mesh_lib
 from s2d_jax.model.transformer import KVCache, cache_slots
 
 CACHE_AXES = ("batch", "kv_heads", None, None)
-LIVE_BUCKET = 128  # the cache holds a multiple of LIVE_BUCKET slots (past the prompt), stepped between decode calls
+LIVE_BUCKET = 128  # the cache's width steps, up to GEOMETRIC slots; past it four steps per octave
+GEOMETRIC = 1024
 TRACES = [0]  # jit traces of the sampler's device functions, process-wide: tests count compilations with it
 
 
@@ -28,27 +30,62 @@ def bucket(x: int, smallest: int) -> int:
     return max(smallest, 1 << math.ceil(math.log2(max(x, 1))))
 
 
+def quarter_octave(x: int, smallest: int) -> int:
+    """`x` rounded up to four steps per octave past `smallest` (a power of two; 33 -> 40, 1,025 -> 1,280): a
+    prompt pads by under a quarter, and a context of C tokens has about 4 log2(C / smallest) such shapes."""
+    if x <= smallest:
+        return smallest
+    step = max(1, (1 << (math.ceil(math.log2(x)) - 1)) // 4)
+    return -(-x // step) * step
+
+
+def length_bucket(x: int, smallest: int) -> int:
+    """A prompt's padded length: four buckets per octave past `smallest` (at least 32, or a power of two below)."""
+    return quarter_octave(x, bucket(smallest, 1))
+
+
+def width_bucket(x: int) -> int:
+    """The cache width holding `x` slots: LIVE_BUCKET steps up to GEOMETRIC, then four per octave (a 128k context
+    has 36 widths, not 1,000)."""
+    return -(-x // LIVE_BUCKET) * LIVE_BUCKET if x <= GEOMETRIC else quarter_octave(x, GEOMETRIC)
+
+
+def row_chunks(rows: int, multiple: int = 1) -> list[int]:
+    """Prefill row counts for `rows` prompts: powers of two times `multiple` (the mesh's row divisor), largest
+    first, padded up only where that wastes at most a quarter (7 -> [8], 5 -> [4, 1], 6 -> [4, 2]): a prefill's cost
+    is its rows, so padding 5 prompts to 8 paid 60% more."""
+    units, out = -(-rows // multiple), []
+    while units:
+        up = bucket(units, 1)
+        if up - units <= units // 4:
+            out.append(up)
+            break
+        out.append(up // 2)
+        units -= up // 2
+    return [u * multiple for u in out]
+
+
 def constrain(cache: KVCache) -> KVCache:
     return cache._replace(k=tuple(mesh_lib.constrain(k, CACHE_AXES) for k in cache.k),
                           v=tuple(mesh_lib.constrain(v, CACHE_AXES) for v in cache.v))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
-def prefill(graphdef, state, tokens, positions, segments, max_len: int):
-    """Prefill `[B, P]` left-padded prompts; return next-token logits and a cache of `max_len` slots (the engine
-    copies each row into as many slots as its prompt has samples)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "dtype"))
+def prefill(graphdef, state, tokens, positions, segments, max_len: int, dtype: str | None = None):
+    """Prefill `[B, P]` left-padded prompts; return next-token logits and a cache of `max_len` slots in `dtype`
+    (default: the compute dtype; the engine copies each row into as many slots as its prompt has samples)."""
     TRACES[0] += 1
     model = nnx.merge(graphdef, state)
     hidden, kvs = model.forward(tokens, positions, segment_ids=segments)
     logits = model.logits(hidden[:, -1])  # left padding: every prompt ends at the last column
-    cache = KVCache.from_prefill(model.cfg, kvs, segments != 0, max_len, jnp.dtype(model.cfg.dtype),
+    cache = KVCache.from_prefill(model.cfg, kvs, segments != 0, max_len, jnp.dtype(dtype or model.cfg.dtype),
                                  lambda x: mesh_lib.constrain(x, CACHE_AXES))
     return logits, cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "dtype"))
 def prefill_shared(graphdef, state, prefix, prefix_positions, prefix_segments, owner, tokens, positions, segments,
-                   last):
+                   last, dtype: str | None = None):
     """Prefill prompts that share prefixes: each distinct prefix once (`[U, Lp]`, left-padded), then every
     prompt's suffix (`[R, Ls]`, right-padded) against a copy of its prefix's (`owner[r]`) cache rows. Returns the
     logits at each suffix's last token (`last[r]`) and a cache of `Lp + Ls` slots in which each row's tokens are
@@ -56,7 +93,7 @@ def prefill_shared(graphdef, state, prefix, prefix_positions, prefix_segments, o
     advance together as in a plain prefill (sliding windows count slots)."""
     TRACES[0] += 1
     model = nnx.merge(graphdef, state)
-    cfg, dtype = model.cfg, jnp.dtype(model.cfg.dtype)
+    cfg, dtype = model.cfg, jnp.dtype(dtype or model.cfg.dtype)
     _, kvs = model.forward(prefix, prefix_positions, segment_ids=prefix_segments)
     width = prefix.shape[1] + tokens.shape[1]
     grow = lambda x: mesh_lib.constrain(jnp.pad(x[owner].astype(dtype), ((0, 0), (0, 0), (0, tokens.shape[1]),

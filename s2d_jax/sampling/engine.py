@@ -11,8 +11,9 @@ PRNG key. The host loop (`generate`) alternates two device calls:
 Between them the host retires finished slots (and rows that produced a stop string) and, with `continuous`, fills
 the freed slots at once; without it (static batches), only once every slot is free. A sample's token at step t is
 drawn with its own key folded with t, and its row never reads another row: results do not depend on which slot it
-had, its neighbours, the slot count or the device count. Every shape is bucketed (slots, prompt length, the live
-cache width in LIVE_BUCKET steps, prefill rows in powers of two), so compiles are bounded.
+had, its neighbours, the slot count or the device count. Every shape is bucketed (slots; prompt lengths four per
+octave; the live cache width in LIVE_BUCKET steps, four per octave past GEOMETRIC; prefill rows in power-of-two
+chunks: cache.py), so compiles are bounded.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from s2d_jax import faults, memory, stopping
 from s2d_jax.distributed import fetch
 from s2d_jax.model.transformer import KVCache
 from s2d_jax.sampling import cache as cache_lib
-from s2d_jax.sampling.cache import LIVE_BUCKET, TRACES, bucket
+from s2d_jax.sampling.clock import Clock
+from s2d_jax.sampling.cache import TRACES, bucket, length_bucket, quarter_octave
 
 CHUNK = 16  # decode steps between host visits (retire, refill, stop strings)
 
@@ -171,26 +173,31 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
              chunk: int = CHUNK) -> dict:
     """Run the requests of `queue` through `sampler.slots` slots; call `on_sample(prompt, sample index, tokens,
     logprobs)` as each sample finishes (it may append requests to `queue`). Returns counts for benchmarks: decode
-    steps, rows decoded, rows that were live."""
+    steps, rows decoded, rows that were live, and where the call's seconds went (clock.Clock.report)."""
     cfg = sampler.model.cfg
     ctx = cfg.max_position_embeddings
     n_slots = sampler.slots
     shape = Shape(n_slots, bucket(max(q.budget for q in queue), 16), cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size,
-                  str(jnp.dtype(cfg.dtype)), sampler.pad_id)
+                  str(sampler.cache_dtype), sampler.pad_id)
     put = sampler._put
     owner: list[tuple[int, int, int, int] | None] = [None] * n_slots  # (prompt, sample, prompt bucket, budget)
     count = np.zeros(n_slots, np.int64)
-    width = LIVE_BUCKET
-    slots = empty(shape, cache_lib.layer_sizes(cfg, width))
+    width = cache_lib.LIVE_BUCKET
+    clock = Clock()
+    with clock("resize") as out:
+        slots = empty(shape, cache_lib.layer_sizes(cfg, width))
+        out.append(slots)
     stats = {"steps": 0, "rows": 0, "live_rows": 0}
 
     def fit(need: int):
         """Resize the cache to the bucket of `need` slots (grow or, once long rows are gone, shrink)."""
         nonlocal slots, width
-        target = -(-need // LIVE_BUCKET) * LIVE_BUCKET
+        target = cache_lib.width_bucket(need)
         target = target if need > ctx else min(target, ctx)  # (a shared-prefix layout may pass the context)
         if target != width:
-            slots, width = resize(slots, cache_lib.layer_sizes(cfg, target)), target
+            with clock("resize") as out:
+                slots, width = resize(slots, cache_lib.layer_sizes(cfg, target)), target
+                out.append(slots)
 
     while queue or any(o is not None for o in owner):
         stopping.check()  # SIGTERM / SIGINT: every host stops here alike (s2d_jax/stopping.py)
@@ -212,19 +219,21 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
                     break
             if max(q.budget for q in taken) > shape.max_new:  # a later stage with a larger budget
                 shape = dataclasses.replace(shape, max_new=bucket(max(q.budget for q in taken), 16))
-                slots = widen(slots, shape.max_new)
+                with clock("resize") as out:
+                    slots = widen(slots, shape.max_new)
+                    out.append(slots)
             # prompts with a shared prefix take the two-pass prefill, always (alone too): a prompt's numbers
             # never depend on its neighbours
-            for group in ([q for q in taken if not q.prefix], [q for q in taken if q.prefix]):
-                if not group:
-                    continue
+            plain, shared = [q for q in taken if not q.prefix], [q for q in taken if q.prefix]
+            for group, num in _chunks(plain, sampler.row_multiple) + ([(shared, None)] if shared else []):
                 p_len = _prefill_len(sampler, group)
                 live = [owner[r][2] + count[r] for r in range(n_slots) if owner[r] is not None]
                 fit(max(live + [p_len + 1]))
                 with memory.program("prefill", lambda: f"{len(group)} prompts x {p_len} tokens, {n_slots} slots x "
-                                                       f"{width} cache positions"):
-                    logits, new = (_prefill_shared if group[0].prefix else _prefill)(sampler, group, p_len)
-                    jax.block_until_ready(logits)
+                                                       f"{width} cache positions"), clock("prefill") as out:
+                    logits, new = (_prefill_shared(sampler, group, p_len) if group[0].prefix
+                                   else _prefill(sampler, group, p_len, num))
+                    out.append(logits)
                 rows = np.full(n_slots, -1, np.int32)  # slot -> its prefilled row (-1: keeps what it holds)
                 positions, budget = np.zeros(n_slots, np.int32), np.zeros(n_slots, np.int32)
                 keys = np.zeros((n_slots,) + group[0].keys.shape[1:], group[0].keys.dtype)
@@ -233,13 +242,16 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
                         r = free.pop(0)
                         rows[r], positions[r], budget[r], keys[r] = u, len(q.ids), q.budget, q.keys[j]
                         owner[r], count[r] = (q.prompt, q.first + j, p_len, q.budget), 0
-                slots = insert(slots, logits, new, put(rows), put(positions), put(budget),
-                               jax.random.wrap_key_data(put(keys)), pad_id=sampler.pad_id)
+                with clock("insert") as out:
+                    slots = insert(slots, logits, new, put(rows), put(positions), put(budget),
+                                   jax.random.wrap_key_data(put(keys)), pad_id=sampler.pad_id)
+                    out.append(slots)
         active = [r for r in range(n_slots) if owner[r] is not None]
         fit(max(owner[r][2] + count[r] + 1 for r in active))
         room = [width - owner[r][2] - count[r] for r in active if owner[r][2] + owner[r][3] > width]
         steps = min([chunk] + room)
-        with memory.program("decode", lambda: f"{n_slots} slots x {width} cache positions, {steps} steps"):
+        with memory.program("decode", lambda: f"{n_slots} slots x {width} cache positions, {steps} steps"), \
+                clock("decode"):
             slots = decode(sampler.graphdef, sampler.state, slots, jnp.int32(steps), method=method,
                            eos_ids=sampler.eos_ids, pad_id=sampler.pad_id, logprobs=want_logprobs)
             done, new_count = np.array(fetch(slots.done)), fetch(slots.count).astype(np.int64)
@@ -262,7 +274,7 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
                 prompt, sample = owner[r][:2]
                 on_sample(prompt, sample, tokens[r, :count[r]], None if lps is None else lps[r, :count[r]])
                 owner[r] = None
-    return stats
+    return stats | clock.report()
 
 
 def _prefill_len(sampler, group: list[Request]) -> int:
@@ -271,7 +283,7 @@ def _prefill_len(sampler, group: list[Request]) -> int:
     if group[0].prefix:
         return sum(_shared_widths(sampler, group))
     longest = max(len(q.ids) for q in group)
-    return max(min(bucket(longest, sampler.min_prompt_bucket), _room(sampler, group)), longest)
+    return max(min(length_bucket(longest, sampler.min_prompt_bucket), _room(sampler, group)), longest)
 
 
 def _room(sampler, group: list[Request]) -> int:
@@ -283,17 +295,27 @@ def _shared_widths(sampler, group: list[Request]) -> tuple[int, int]:
     where they fit, as a plain prefill's are (a width past it would make every decode width a new shape)."""
     room = _room(sampler, group)
     prefix, suffix = max(q.prefix for q in group), max(len(q.ids) - q.prefix for q in group)
-    s = bucket(suffix, 16)
-    p = max(min(bucket(prefix, sampler.min_prompt_bucket), room - s), prefix)
+    s = quarter_octave(suffix, 16)
+    p = max(min(length_bucket(prefix, sampler.min_prompt_bucket), room - s), prefix)
     return p, max(min(s, room - p), suffix)
 
 
-def _padded(sampler, rows: list[list[int]], width: int, left: bool, first: int = 0):
-    """`rows` padded to `width` columns (on the left or right) as tokens, positions (from `first[r]`) and segments;
-    the row count bucketed to a power of two that divides over the mesh's data axes (fillers: one dummy token)."""
-    num = bucket(len(rows), 1)
-    while num % sampler.row_multiple:
-        num += 1
+def _chunks(group: list[Request], multiple: int) -> list[tuple[list[Request], int]]:
+    """`group` (longest prompts first) in prefills of `cache.row_chunks` rows: (requests, padded rows) each."""
+    out, at = [], 0
+    for num in cache_lib.row_chunks(len(group), multiple) if group else []:
+        out.append((group[at:at + num], num))
+        at += num
+    return out
+
+
+def _padded(sampler, rows: list[list[int]], width: int, left: bool, first: int = 0, num: int | None = None):
+    """`rows` padded to `width` columns (on the left or right) as tokens, positions (from `first[r]`) and segments,
+    and to `num` rows (default: a power of two that divides over the mesh's data axes; fillers: one dummy token)."""
+    if num is None:
+        num = bucket(len(rows), 1)
+        while num % sampler.row_multiple:
+            num += 1
     tokens = np.full((num, width), sampler.pad_id, np.int32)
     positions, segments = np.zeros((num, width), np.int32), np.zeros((num, width), np.int32)
     first = np.broadcast_to(first, (len(rows),))
@@ -305,11 +327,11 @@ def _padded(sampler, rows: list[list[int]], width: int, left: bool, first: int =
     return tuple(map(sampler._put, (tokens, positions, segments)))
 
 
-def _prefill(sampler, group: list[Request], p_len: int):
-    """Logits and a cache of the prompt's slots for `group` (left-padded to `p_len`)."""
+def _prefill(sampler, group: list[Request], p_len: int, num: int):
+    """Logits and a cache of the prompt's slots for `group` (left-padded to `p_len`, `num` rows)."""
     sampler.prefill_rows += len(group)
-    return cache_lib.prefill(sampler.graphdef, sampler.state, *_padded(sampler, [q.ids for q in group], p_len, True),
-                             max_len=p_len)
+    tokens = _padded(sampler, [q.ids for q in group], p_len, True, num=num)
+    return cache_lib.prefill(sampler.graphdef, sampler.state, *tokens, max_len=p_len, dtype=str(sampler.cache_dtype))
 
 
 def _prefill_shared(sampler, group: list[Request], p_len: int):
@@ -324,4 +346,4 @@ def _prefill_shared(sampler, group: list[Request], p_len: int):
     last = np.array([len(q.ids) - q.prefix - 1 for q in group] + [0] * (num - len(group)), np.int32)
     sampler.prefill_rows += len(heads)
     return cache_lib.prefill_shared(sampler.graphdef, sampler.state, *prefix, sampler._put(owner), *suffix,
-                                    sampler._put(last))
+                                    sampler._put(last), dtype=str(sampler.cache_dtype))

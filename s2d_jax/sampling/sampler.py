@@ -77,12 +77,14 @@ class Sampler:
         return TRACES[0]
 
     def __init__(self, model: Transformer, tokenizer, mesh=None, max_batch: int = 32, min_prompt_bucket: int = 32,
-                 continuous: bool = True):
+                 continuous: bool = True, cache_dtype: str | None = None):
         """`max_batch`: the engine's slots (rows decoded together); `continuous`: refill a slot as soon as its
-        sample is done (else static batches: refill once every slot is free)."""
+        sample is done (else static batches: refill once every slot is free); `cache_dtype`: the KV cache's
+        (default: the model's compute dtype; bfloat16 halves a float32 model's cache reads per step)."""
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         self.max_batch, self.min_prompt_bucket, self.continuous = max_batch, min_prompt_bucket, continuous
         self.graphdef, self.state = nnx.split(model)
+        self.cache_dtype = jnp.dtype(cache_dtype or model.cfg.dtype)
         eos = set(model.cfg.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
