@@ -181,11 +181,12 @@ def _run(args, overrides: list[str], workdir: str) -> int:
 
     config = None
     try:
-        from s2d_jax import distributed, workdir as workdir_lib
+        from s2d_jax import compile_cache, distributed, workdir as workdir_lib
         from s2d_jax.config import load_config
         from s2d_jax.stages.preflight import preflight
 
         config = load_config(args.config, overrides)
+        compile_cache.enable(config.compile.cache_dir)
         if distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
                                   auto=args.distributed, heartbeat_timeout=config.cluster.heartbeat_timeout_s) \
                 and not distributed.primary():

@@ -94,6 +94,15 @@ def schema() -> dict:
             "adaptive": _("off", one_of(*ADAPTIVE_RULES)),
             "adaptive_wave": _(2, at_least(1)),
             "adaptive_confidence": _(0.95, between(0.5, 1.0, high_open=True)),
+            # the KV cache's dtype while sampling ("" = the compute dtype); bfloat16 halves a float32 model's cache
+            "cache_dtype": _("", one_of("", *DTYPES)),
+        },
+        "compile": {  # s2d_jax/compile_cache.py
+            # JAX's persistent compilation cache: "" = $S2D_XLA_CACHE, else ~/.cache/s2d_jax/xla; "off"; a path
+            # (a bucket path shared by a pod's hosts)
+            "cache_dir": "",
+            # compile the engine's programs for the generate stage's known prompts before its rollouts start
+            "warmup": True,
         },
         "filter": {
             # majority (vote) | order_swap (pairwise judging, both orders) | usc (the model picks the most consistent

@@ -57,11 +57,11 @@ def _scores(task, examples, answers, cost: dict, seconds: float) -> dict:
 
 
 def system1(model, tokenizer, task, examples, *, prompt=None, chat: bool = True, max_new_tokens: int = 32,
-            mesh=None, max_batch: int = 32) -> dict:
+            mesh=None, max_batch: int = 32, cache_dtype: str | None = None) -> dict:
     """The model answering each input directly (greedy); `prompt(example)` is System 1's prompt."""
     start = time.perf_counter()
     prompt = prompt or task.system1_prompt
-    sampler = Sampler(model, tokenizer, mesh=mesh, max_batch=max_batch)
+    sampler = Sampler(model, tokenizer, mesh=mesh, max_batch=max_batch, cache_dtype=cache_dtype)
     outs = sampler.generate([prompt(e) for e in examples], max_new_tokens=max_new_tokens, chat=chat,
                             progress=False)
     answers = [task.parse(s.text) for (s,) in outs]
@@ -72,12 +72,12 @@ def system1(model, tokenizer, task, examples, *, prompt=None, chat: bool = True,
 
 def system2(program, model, tokenizer, task, examples, *, samples: int = 1, chat: bool = True, seed: int = 0,
             mesh=None, max_batch: int = 32, budgets=None, params=None, select: str = "majority",
-            **sampling) -> dict:
+            cache_dtype: str | None = None, **sampling) -> dict:
     """The System 2 program on each input: greedy with one sample; with several, the majority answer is scored
     (or, with `select="usc"`, the sample the model picks as most consistent: USC's call is counted) and maj@k
     reported. Costs count every sample."""
     start = time.perf_counter()
-    sampler = Sampler(model, tokenizer, mesh=mesh, max_batch=max_batch)
+    sampler = Sampler(model, tokenizer, mesh=mesh, max_batch=max_batch, cache_dtype=cache_dtype)
     if samples == 1:
         sampling = {"temperature": 0.0}
     records = run_program(program, examples, sampler, samples, parse=task.parse, seed=seed, chat=chat,

@@ -202,3 +202,69 @@ def test_pipelined_programs_give_the_records_of_stage_by_stage_calls(ragged, nam
     expected = _stage_by_stage(program, examples, Sampler(model, tok, max_batch=32), 3, 2, budgets, **sampling)
     assert [[s["output"] for s in r["stages"]] for r in records] == expected
     assert [(r["id"], r["sample"]) for r in records] == [(e.id, j) for e in examples for j in range(3)]
+
+
+def test_bucketed_shapes_are_few_and_pad_by_under_a_quarter():
+    """Counted, not timed: a 128k context has 49 prompt lengths and 36 cache widths (it had ~1,000 widths);
+    prefill rows come in power-of-two chunks (times the mesh's row divisor) that pad by at most a quarter."""
+    from s2d_jax.sampling.cache import length_bucket, row_chunks, width_bucket
+
+    context = 1 << 17
+    lengths = {length_bucket(n, 32) for n in range(1, context + 1)}
+    widths = {width_bucket(n) for n in range(1, context + 1)}
+    assert len(lengths) == 49 and len(widths) == 36
+    assert all(length_bucket(n, 32) <= max(32, 1.25 * n) for n in range(1, 5000))
+    assert all(width_bucket(n) <= max(n + 127, 1.25 * n) for n in range(1, 5000))
+    for multiple in (1, 2, 4):
+        for rows in range(1, 130):
+            chunks = row_chunks(rows, multiple)
+            units = [c // multiple for c in chunks]
+            assert all(c % multiple == 0 and u & (u - 1) == 0 for c, u in zip(chunks, units))
+            assert units == sorted(units, reverse=True) and len(chunks) <= rows.bit_length()
+            assert rows <= sum(chunks) <= max(1.25 * -(-rows // multiple), 1) * multiple
+    assert row_chunks(5) == [4, 1] and row_chunks(7) == [8] and row_chunks(6, 2) == [4, 2]
+
+
+def test_five_prompts_prefill_five_rows_not_eight(ragged):
+    model, tok = ragged
+    sampler = Sampler(model, tok, max_batch=8)
+    prompts = [p.ljust(20, ".") for p in PROMPTS[:5]]  # one length bucket
+    sampler.generate(prompts, max_new_tokens=4, progress=False)
+    assert sampler.prefill_rows == 5 and sampler.prefill_padded == 5 * 32  # [4, 1]: no filler rows
+
+
+def test_warmup_leaves_the_run_nothing_to_compile_and_changes_no_sample():
+    """A model no other test compiled for (its own EOS set); budgets long enough to grow the cache, ragged ends
+    so the tail shrinks the slots: after the warm-up the run traces nothing, and the samples are the ones a
+    cold sampler (and one without the tail) draws."""
+    cfg = PRESETS["tiny"].replace(eos_token_ids=tuple(range(90, 104)))
+    model, tok = init_model(cfg, seed=2), byte_tokenizer()
+    kw = dict(temperature=1.0, max_new_tokens=150, seed=4, progress=False)  # the last 2 rows end alone
+    warm = Sampler(model, tok, max_batch=8, warmup=True)
+    out = warm.generate(PROMPTS, **kw)
+    assert warm.last_warmup["programs"] > 5 and warm.last_stats["traces"] == 0
+    assert warm.last_stats["seconds"]["compile"] == 0.0
+    cold = Sampler(model, tok, max_batch=8, tail=False)
+    assert _ids(cold.generate(PROMPTS, **kw)) == _ids(out)
+    assert warm.last_stats["rows"] < cold.last_stats["rows"]  # the tail decoded in fewer rows
+    assert warm.last_stats["live_rows"] == cold.last_stats["live_rows"]
+
+
+def test_the_tail_shrinks_to_a_quarter_of_the_slots_at_a_time():
+    from s2d_jax.sampling.engine import tail_slots
+
+    assert [tail_slots(32, live, 1) for live in (1, 2, 3, 8, 9, 32)] == [2, 2, 8, 8, 32, 32]
+    assert tail_slots(16, 1, 4) == 4 and tail_slots(8, 1, 4) == 8  # a multiple of the mesh's rows
+    assert tail_slots(6, 1, 1) == 6
+
+
+def test_a_bfloat16_cache_keeps_greedy_outputs_close_to_float32(ragged):
+    """`generate.cache_dtype=bfloat16` on a float32 model: keys and values are rounded once, as written; the
+    greedy tokens may differ where two logits are within bf16's rounding, so it is measured, not required equal."""
+    model, tok = ragged
+    f32 = Sampler(model, tok, max_batch=4).generate(PROMPTS, max_new_tokens=16, progress=False)
+    bf16 = Sampler(model, tok, max_batch=4, cache_dtype="bfloat16")
+    out = bf16.generate(PROMPTS, max_new_tokens=16, progress=False)
+    assert str(bf16.cache_dtype) == "bfloat16"
+    same = np.mean([a.token_ids[:4] == b.token_ids[:4] for (a,), (b,) in zip(f32, out)])
+    assert same >= 0.75

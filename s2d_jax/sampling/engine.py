@@ -147,6 +147,30 @@ def resize(slots: Slots, sizes: tuple[int, ...]) -> Slots:
     return slots._replace(cache=cache_lib.resize(slots.cache, sizes))
 
 
+TAIL = 4  # the tail's slot shapes: a quarter of the slots, a sixteenth, ...
+
+
+def tail_slots(slots: int, live: int, multiple: int) -> int:
+    """The slot count `live` rows decode in once nothing is queued: `slots / TAIL^k` (a multiple of `multiple`,
+    the mesh's row divisor) for the largest k that still holds them; `slots` itself when none does."""
+    while slots % (TAIL * multiple) == 0 and live <= slots // TAIL:
+        slots //= TAIL
+    return slots
+
+
+@jax.jit
+def reslot(slots: Slots, idx) -> Slots:
+    """Slot r of the result is slot `idx[r]` (-1: an empty one): the tail's smaller slot shape, and back."""
+    TRACES[0] += 1
+    src, empty_row = jnp.maximum(idx, 0), idx < 0
+    take = lambda x: x[src]
+    cache = slots.cache
+    new = KVCache(tuple(map(take, cache.k)), tuple(map(take, cache.v)), take(cache.valid) & ~empty_row[:, None],
+                  take(cache.index))
+    return Slots(_rows(take(slots.done) | empty_row), *(_rows(take(x)) for x in slots[1:7]), take(slots.keys),
+                 cache_lib.constrain(new))
+
+
 @functools.partial(jax.jit, static_argnames=("max_new",))
 def widen(slots: Slots, max_new: int) -> Slots:
     """Room for `max_new` tokens per slot."""
@@ -173,7 +197,7 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
              chunk: int = CHUNK) -> dict:
     """Run the requests of `queue` through `sampler.slots` slots; call `on_sample(prompt, sample index, tokens,
     logprobs)` as each sample finishes (it may append requests to `queue`). Returns counts for benchmarks: decode
-    steps, rows decoded, rows that were live, and where the call's seconds went (clock.Clock.report)."""
+    steps, rows decoded, rows that were live, where the call's seconds went (clock.Clock.report) and its jit traces."""
     cfg = sampler.model.cfg
     ctx = cfg.max_position_embeddings
     n_slots = sampler.slots
@@ -183,7 +207,7 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
     owner: list[tuple[int, int, int, int] | None] = [None] * n_slots  # (prompt, sample, prompt bucket, budget)
     count = np.zeros(n_slots, np.int64)
     width = cache_lib.LIVE_BUCKET
-    clock = Clock()
+    clock, traces = Clock(), TRACES[0]
     with clock("resize") as out:
         slots = empty(shape, cache_lib.layer_sizes(cfg, width))
         out.append(slots)
@@ -202,6 +226,13 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
     while queue or any(o is not None for o in owner):
         stopping.check()  # SIGTERM / SIGINT: every host stops here alike (s2d_jax/stopping.py)
         faults.point("decode-chunk")
+        if queue and n_slots < sampler.slots:  # new requests after a tail: every slot back
+            idx = np.concatenate([np.arange(n_slots), np.full(sampler.slots - n_slots, -1)])
+            with clock("resize") as out:
+                slots = reslot(slots, sampler._put(idx.astype(np.int32)))
+                out.append(slots)
+            owner, count, n_slots = owner + [None] * (sampler.slots - n_slots), np.pad(count, (0, len(idx) - n_slots)), \
+                sampler.slots
         free = [r for r in range(n_slots) if owner[r] is None]
         if queue and (len(free) == n_slots or continuous and free):
             taken, room = [], len(free)
@@ -247,6 +278,14 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
                                    jax.random.wrap_key_data(put(keys)), pad_id=sampler.pad_id)
                     out.append(slots)
         active = [r for r in range(n_slots) if owner[r] is not None]
+        smaller = tail_slots(n_slots, len(active), sampler.row_multiple) if sampler.tail and not queue else n_slots
+        if smaller < n_slots:  # the tail: the last live rows decode in a smaller slot shape
+            idx = np.array(active + [r for r in range(n_slots) if owner[r] is None][:smaller - len(active)], np.int32)
+            with clock("resize") as out:
+                slots = reslot(slots, sampler._put(idx))
+                out.append(slots)
+            owner, count, n_slots = [owner[r] for r in idx], count[idx], smaller
+            active = list(range(len(active)))
         fit(max(owner[r][2] + count[r] + 1 for r in active))
         room = [width - owner[r][2] - count[r] for r in active if owner[r][2] + owner[r][3] > width]
         steps = min([chunk] + room)
@@ -274,7 +313,7 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
                 prompt, sample = owner[r][:2]
                 on_sample(prompt, sample, tokens[r, :count[r]], None if lps is None else lps[r, :count[r]])
                 owner[r] = None
-    return stats | clock.report()
+    return stats | clock.report() | {"traces": TRACES[0] - traces}
 
 
 def _prefill_len(sampler, group: list[Request]) -> int:
@@ -324,6 +363,7 @@ def _padded(sampler, rows: list[list[int]], width: int, left: bool, first: int =
         tokens[r, at], positions[r, at], segments[r, at] = row, first[r] + np.arange(len(row)), 1
     segments[len(rows):, -1 if left else 0] = 1
     sampler.prefill_tokens += sum(map(len, rows))
+    sampler.prefill_padded += num * width
     return tuple(map(sampler._put, (tokens, positions, segments)))
 
 

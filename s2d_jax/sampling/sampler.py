@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from s2d_jax import distributed, mesh as mesh_lib
 from s2d_jax.errors import S2DError
 from s2d_jax.model.transformer import Transformer
-from s2d_jax.sampling import engine
+from s2d_jax.sampling import engine, warmup as warmup_lib
 from s2d_jax.sampling.cache import TRACES, sample_keys
 from s2d_jax.sampling.select import make_method
 from s2d_jax.tokenizer import chat_prompt
@@ -77,10 +77,12 @@ class Sampler:
         return TRACES[0]
 
     def __init__(self, model: Transformer, tokenizer, mesh=None, max_batch: int = 32, min_prompt_bucket: int = 32,
-                 continuous: bool = True, cache_dtype: str | None = None):
+                 continuous: bool = True, cache_dtype: str | None = None, warmup: bool = False, tail: bool = True):
         """`max_batch`: the engine's slots (rows decoded together); `continuous`: refill a slot as soon as its
         sample is done (else static batches: refill once every slot is free); `cache_dtype`: the KV cache's
-        (default: the model's compute dtype; bfloat16 halves a float32 model's cache reads per step)."""
+        (default: the model's compute dtype; bfloat16 halves a float32 model's cache reads per step); `warmup`:
+        before a call's work, compile every program its queued prompts can meet (sampling/warmup.py); `tail`: once
+        nothing is queued and few rows are live, decode them in a smaller slot shape (engine.tail_slots)."""
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         self.max_batch, self.min_prompt_bucket, self.continuous = max_batch, min_prompt_bucket, continuous
         self.graphdef, self.state = nnx.split(model)
@@ -92,7 +94,10 @@ class Sampler:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or (0,))[0]
         self.prefill_rows = 0  # prompt rows prefilled so far (n samples of a prompt share one, as do shared prefixes)
         self.prefill_tokens = 0  # prompt tokens prefilled so far
+        self.prefill_padded = 0  # token positions prefilled so far, padding included
         self.last_stats: dict = {}  # the last call's engine counts: decode steps, rows decoded, rows live
+        self.warmup, self._warm, self.tail = warmup, set(), tail  # programs the warm-up ran already
+        self.last_warmup = {"programs": 0, "seconds": 0.0}
         self.row_multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self.slots = -(-max_batch // self.row_multiple) * self.row_multiple  # rows divide evenly over the mesh
 
@@ -169,6 +174,11 @@ class Sampler:
         if not queue:
             return bar.close()
         with self._mesh_context():
+            if self.warmup:
+                t = time.perf_counter()
+                ran = warmup_lib.warmup(self, queue, method, logprobs, self._warm)
+                self.last_warmup = {"programs": ran, "seconds": time.perf_counter() - t}
+                counts["start"] = time.perf_counter()
             self.last_stats = engine.generate(self, queue, method, stop, logprobs, self.continuous, on_sample)
         bar.close()
 

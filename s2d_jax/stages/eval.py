@@ -41,7 +41,7 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
     mesh, tok = build_mesh(config), build_tokenizer(config, workdir)
     e, g = config.eval, config.generate
     budget = e.max_new_tokens or task.answer_tokens
-    common = dict(chat=config.program.chat, mesh=mesh, max_batch=g.max_batch)
+    common = dict(chat=config.program.chat, mesh=mesh, max_batch=g.max_batch, cache_dtype=g.cache_dtype or None)
     args = program_args(config, task)
     one = dict(prompt=lambda x: system1_prompt(config, task, x), max_new_tokens=budget, **common)
     two = dict(samples=e.samples, seed=config.seed, budgets=args["budgets"], params=args["params"],

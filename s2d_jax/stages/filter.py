@@ -89,7 +89,7 @@ def _usc_decisions(config: ConfigDict, groups: list[list[dict]], workdir: str):
     """USC: one greedy sampler call per input asks the model for the most consistent of its N final outputs."""
     mesh = build_mesh(config)
     sampler = Sampler(build_model(config, mesh, workdir), build_tokenizer(config, workdir), mesh=mesh,
-                      max_batch=config.generate.max_batch)
+                      max_batch=config.generate.max_batch, cache_dtype=config.generate.cache_dtype or None)
     picks = usc_select(sampler, groups, config.program.chat, progress=True)
     return [usc(pick, [r["answer"] for r in rows]) for (pick, _), rows in zip(picks, groups)]
 

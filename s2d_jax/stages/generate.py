@@ -15,7 +15,7 @@ from s2d_jax import faults, stopping
 from s2d_jax.artifacts import complete_lines, read_jsonl, writing
 from s2d_jax.build import build_mesh, build_model, build_tokenizer
 from s2d_jax.errors import S2DError
-from s2d_jax.sampling import Sampler
+from s2d_jax.sampling import Sampler, clock
 from s2d_jax.stages.inputs import load_inputs, program_args
 from s2d_jax.system2.adaptive import samples_needed
 from s2d_jax.system2.programs import get_program, run_program
@@ -66,7 +66,8 @@ def generate(config: ConfigDict, workdir: str) -> str:
         log.info("resuming: %d of %d inputs already have their rollouts", len(examples) - len(todo), len(examples))
     mesh = build_mesh(config)
     sampler = Sampler(build_model(config, mesh, workdir), build_tokenizer(config, workdir), mesh=mesh,
-                      max_batch=g.max_batch)
+                      max_batch=g.max_batch, cache_dtype=g.cache_dtype or None, warmup=config.compile.warmup)
+    compiled = clock.totals()
     owned = {e.id for e, m in zip(examples, mine) if m}
     progress = {"finished": len(examples) - len(todo), "total": len(examples)}  # inputs with rollouts on disk
     try:
@@ -75,7 +76,10 @@ def generate(config: ConfigDict, workdir: str) -> str:
         raise stopping.Stopped(e.signum, e.where or f"after {progress['finished']} of {len(examples)} inputs") \
             from None
     os.replace(partial, out)
-    log.info("wrote %s", out)
+    now = clock.totals()
+    log.info("wrote %s (compiles: %d, %.1f s with tracing; %d programs loaded from the persistent cache)", out,
+             now["compiles"] - compiled["compiles"], now["compile_s"] - compiled["compile_s"],
+             now["cache_hits"] - compiled["cache_hits"])
     distributed.barrier(f"generate {workdir}")  # `filter` may run next, on any host, and reads every shard
     return out
 

@@ -1,0 +1,52 @@
+"""Compile once: `s2d` keeps XLA's programs in a persistent cache that fresh processes load, two at a time too."""
+
+import json
+import os
+import subprocess
+import sys
+
+from s2d_jax import compile_cache
+
+SCRIPT = """
+import json, sys
+import s2d_jax
+from s2d_jax import compile_cache
+from s2d_jax.model import PRESETS, init_model
+from s2d_jax.sampling import Sampler, clock
+from s2d_jax.tokenizer import byte_tokenizer
+compile_cache.enable(sys.argv[1])
+cfg = PRESETS["tiny"].replace(eos_token_ids=(7,))
+sampler = Sampler(init_model(cfg, seed=0), byte_tokenizer(), max_batch=4)
+out = sampler.generate(["a prompt", "another one"], n=2, temperature=1.0, max_new_tokens=20, progress=False)
+print(json.dumps({**clock.totals(), "tokens": [[s.token_ids for s in row] for row in out]}))
+"""
+
+
+def _start(path):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _result(proc) -> dict:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_two_processes_fill_the_cache_together_and_a_third_loads_it(tmp_path):
+    first = [_result(p) for p in [_start(tmp_path / "xla"), _start(tmp_path / "xla")]]  # at once, one directory
+    third = _result(_start(tmp_path / "xla"))
+    assert first[0]["tokens"] == first[1]["tokens"] == third["tokens"]
+    assert third["cache_hits"] >= 3  # prefill, insert, decode at least
+    assert third["compiles"] < min(f["compiles"] for f in first)
+    assert any(name.endswith("-cache") for name in os.listdir(tmp_path / "xla"))
+
+
+def test_the_cache_directory_setting(monkeypatch):
+    monkeypatch.delenv(compile_cache.ENV, raising=False)
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    assert compile_cache.directory("off") == ""
+    assert compile_cache.directory("") == os.path.expanduser(os.path.join("~", ".cache", "s2d_jax", "xla"))
+    monkeypatch.setenv(compile_cache.ENV, "/somewhere/xla")
+    assert compile_cache.directory("") == "/somewhere/xla"
+    assert compile_cache.directory("gs://bucket/xla") == "gs://bucket/xla"
