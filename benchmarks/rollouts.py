@@ -11,8 +11,10 @@ sampled a token over rows the decode steps ran) and decode MFU (matmul FLOPs of 
 matmul peak measured in this run). With the engine's records it also gives what vote-aware sampling would draw
 (`generate.adaptive`, waves of 2: the samples are keyed, so an adaptive run draws exactly these samples' prefix):
 samples and tokens per input, and the share of inputs whose kept answer differs from the full-N vote.
-A warm-up pass on a few inputs runs first on every side; shapes it did not meet compile inside the timed run (their count
-is printed: the engine's shapes are bucketed, so the count does not grow with the workload).
+A warm-up pass on a few inputs runs first on every side, and the engine's own warm-up (`Sampler(warmup=True)`)
+compiles every shape stage 1's prompts can meet; XLA compiles inside the timed run are counted and printed (a
+later stage's prompts are not known ahead: theirs compile when met), with the share of the engine's call spent in
+decode steps.
 
     .venv/bin/python benchmarks/rollouts.py                       # 64 flips x 8 samples, 256 tokens (the issue's)
     .venv/bin/python benchmarks/rollouts.py --inputs 16 --samples 4 --new 128 --programs cot   # a short CPU run
@@ -42,17 +44,18 @@ TEMPERATURE = 0.7
 
 
 def ours(model, tok, program, examples, args, continuous: bool):
-    sampler = s2d_jax.Sampler(model, tok, max_batch=args.slots, continuous=continuous)
+    """The engine's records, wall seconds, useful rows, XLA compiles in the timed run and its decode share."""
+    sampler = s2d_jax.Sampler(model, tok, max_batch=args.slots, continuous=continuous, warmup=True)
     budgets = {s.name: args.new for s in program.stages}
     run = lambda ex: run_program(program, ex, sampler, args.samples, parse=get_task("coin_flip").parse, seed=0,
                                  budgets=budgets, progress=False, temperature=TEMPERATURE)
     run(examples[:max(1, args.slots // args.samples)])  # compile
-    traces = s2d_jax.Sampler.traces()
     t = time.perf_counter()
-    records = run(examples)
+    records = run(examples)  # the warm-up (every shape of stage 1's prompts) is in it, outside the engine's clock
     wall = time.perf_counter() - t
     stats = sampler.last_stats
-    return records, wall, stats["live_rows"] / max(stats["rows"], 1), s2d_jax.Sampler.traces() - traces
+    return (records, wall, stats["live_rows"] / max(stats["rows"], 1), stats["compiles"],
+            stats["seconds"]["decode"] / stats["wall_s"])
 
 
 def transformers_run(torch_model, tok, program, examples, args):
@@ -129,7 +132,7 @@ def main():
           f"({os.cpu_count()} threads), matmul peak {peak / 1e12:.2f} TFLOP/s; {args.inputs} coin flips x "
           f"{args.samples} samples, T={TEMPERATURE}, <= {args.new} tokens per stage, {args.slots} slots / batch rows")
     print(f"{'program':>7} {'system':>18} {'wall s':>8} {'samples/s':>9} {'tokens/s':>9} {'vs hf':>6} "
-          f"{'useful rows':>11} {'decode MFU':>10} {'compiles':>8}")
+          f"{'useful rows':>11} {'decode MFU':>10} {'compiles':>8} {'decode share':>12}")
     for name in args.programs.split(","):
         program = get_program(name)
         rows, hf_rate = [], None
@@ -137,17 +140,18 @@ def main():
             transformers_run(torch_model, tok, program, examples[:max(1, args.slots // args.samples)], args)  # warm up
             tokens, count, wall, useful = transformers_run(torch_model, tok, program, examples, args)
             hf_rate = tokens / wall
-            rows.append(("transformers", wall, count, tokens, useful, 0, 0))
+            rows.append(("transformers", wall, count, tokens, useful, 0, 0, None))
         for label, continuous in (("engine, static", False), ("engine", True)):
-            records, wall, useful, compiles = ours(model, tok, program, examples, args, continuous)
+            records, wall, useful, compiles, share = ours(model, tok, program, examples, args, continuous)
             tokens = sum(r["num_tokens"] for r in records)
             context = np.mean([r["prompt_tokens"] / len(program.stages) for r in records]) + args.new / 2
-            rows.append((label, wall, len(records), tokens, useful, flops_per_token(model.cfg, context), compiles))
-        for label, wall, count, tokens, useful, flops, compiles in rows:
+            rows.append((label, wall, len(records), tokens, useful, flops_per_token(model.cfg, context), compiles,
+                         share))
+        for label, wall, count, tokens, useful, flops, compiles, share in rows:
             ratio = f"{tokens / wall / hf_rate:6.2f}" if hf_rate else f"{'-':>6}"
             mfu = f"{flops * tokens / wall / peak:10.1%}" if flops else f"{'-':>10}"
             print(f"{name:>7} {label:>18} {wall:8.1f} {count / wall:9.2f} {tokens / wall:9.1f} {ratio} "
-                  f"{useful:11.1%} {mfu} {compiles:8d}")
+                  f"{useful:11.1%} {mfu} {compiles:8d} {f'{share:.1%}' if share is not None else '-':>12}")
         for rule in ("decided", "beta"):
             used, tokens, changed = adaptive(records, args.samples, rule)
             full = sum(r["num_tokens"] for r in records) / args.inputs
