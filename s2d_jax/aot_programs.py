@@ -74,18 +74,23 @@ def prefill(programs, cfg):
     """A full insert's prefill: `rows` prompts left-padded to the largest prompt bucket (`cache.prefill`)."""
     _, graphdef, state, s = _sampler(programs, cfg)
     ids = _rows((s["rows"], s["prompt"]), jnp.int32, programs.mesh)
-    return cache_lib.prefill, (graphdef, state, ids, ids, ids), {"max_len": s["prompt"]}
+    return cache_lib.prefill, (graphdef, state, ids, ids, ids), {"max_len": s["prompt"],
+                                                                 "dtype": _cache_dtype(programs, cfg)}
 
 
-def _shape(cfg, s) -> engine.Shape:
+def _cache_dtype(programs, cfg) -> str:
+    return str(jnp.dtype(programs.config.generate.cache_dtype or cfg.dtype))
+
+
+def _shape(programs, cfg, s) -> engine.Shape:
     return engine.Shape(s["slots"], cache_lib.bucket(s["budget"], 16), cfg.num_kv_heads, cfg.head_dim,
-                        cfg.vocab_size, str(jnp.dtype(cfg.dtype)), 0)
+                        cfg.vocab_size, _cache_dtype(programs, cfg), 0)
 
 
 def empty(programs, cfg):
     """The engine's slots at the widest cache the run reaches (`engine.empty`)."""
     cfg, _, _, s = _sampler(programs, cfg)
-    return engine.empty, (_shape(cfg, s), cache_lib.layer_sizes(cfg, s["width"])), {}
+    return engine.empty, (_shape(programs, cfg, s), cache_lib.layer_sizes(cfg, s["width"])), {}
 
 
 def insert(programs, cfg):

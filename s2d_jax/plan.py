@@ -26,7 +26,7 @@ from s2d_jax.errors import S2DError
 from s2d_jax.memory import REMEDIES
 from s2d_jax.model import PRESETS, Transformer, hub, read_config
 from s2d_jax.model.transformer import cache_slots
-from s2d_jax.sampling.cache import CACHE_AXES, LIVE_BUCKET, bucket
+from s2d_jax.sampling.cache import CACHE_AXES, length_bucket, row_chunks, width_bucket
 from s2d_jax.system2.programs import get_program
 
 GB = 1 << 30
@@ -66,17 +66,16 @@ def _state_bytes(state, mesh, dtype=None) -> int:
 def sampler_shapes(config: ConfigDict, cfg, row_multiple: int) -> dict:
     """The sampler's largest shapes, as the engine would meet them: `slots` (generate.max_batch, rounded up to a
     multiple of the data shards), the largest prompt bucket (the longest task input, assumed <= train.max_len),
-    the largest stage budget, the cache `width` they reach (in LIVE_BUCKET steps, within the context) and the
-    prefill `rows` of a full insert (each prompt takes `generate.samples` slots; a power of two over the shards)."""
+    the largest stage budget, the cache `width` they reach (cache.width_bucket, within the context) and the
+    prefill `rows` of a full insert's largest chunk (each prompt takes `generate.samples` slots; cache.row_chunks)."""
     g, p = config.generate, config.program
     ctx = cfg.max_position_embeddings
     budget = max(get_program(p.name).budgets(p.max_new_tokens, p.stage_tokens).values()) if p.name else (
         p.max_new_tokens or 256)
     slots = -(-g.max_batch // row_multiple) * row_multiple
-    prompt = max(min(bucket(config.train.max_len, 32), ctx - budget), 1)
-    width = min(-(-(prompt + budget) // LIVE_BUCKET) * LIVE_BUCKET, ctx)
-    rows = bucket(-(-slots // g.samples), 1)
-    rows = -(-rows // row_multiple) * row_multiple
+    prompt = max(min(length_bucket(config.train.max_len, 32), ctx - budget), 1)
+    width = min(width_bucket(prompt + budget), ctx)
+    rows = row_chunks(-(-slots // g.samples), row_multiple)[0]
     return {"slots": slots, "prompt": prompt, "budget": budget, "width": width, "rows": rows}
 
 
@@ -144,7 +143,8 @@ def plan(config: ConfigDict, mesh) -> dict:
     s = sampler_shapes(config, cfg, rows_split)
     kv_shape = (s["slots"], cfg.num_kv_heads, s["width"], cfg.head_dim)
     length = s["width"]
-    kv = 2 * sum(shard_bytes(kv_shape[:2] + (cache_slots(cfg, n, length),) + kv_shape[3:], cfg.dtype, CACHE_AXES,
+    kv_dtype = config.generate.cache_dtype or cfg.dtype
+    kv = 2 * sum(shard_bytes(kv_shape[:2] + (cache_slots(cfg, n, length),) + kv_shape[3:], kv_dtype, CACHE_AXES,
                              mesh) for n in range(cfg.num_layers))  # sliding layers hold a ring of their window
     micro_rows = max(t.batch_size // t.grad_accum // rows_split, 1)
     activations = activation_bytes(cfg, micro_rows, t.max_len, t.loss_chunk, mesh.shape["tensor"], mesh.shape["fsdp"])

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from s2d_jax import distributed, mesh as mesh_lib
+from s2d_jax import distributed, memory, mesh as mesh_lib
 from s2d_jax.errors import S2DError
 from s2d_jax.model.transformer import Transformer
 from s2d_jax.sampling import engine, warmup as warmup_lib
@@ -176,7 +176,9 @@ class Sampler:
         with self._mesh_context():
             if self.warmup:
                 t = time.perf_counter()
-                ran = warmup_lib.warmup(self, queue, method, logprobs, self._warm)
+                with memory.program("warm-up", lambda: f"{self.slots} slots, the engine's programs for "
+                                                       f"{len(queue)} queued prompts"):
+                    ran = warmup_lib.warmup(self, queue, method, logprobs, self._warm)
                 self.last_warmup = {"programs": ran, "seconds": time.perf_counter() - t}
                 counts["start"] = time.perf_counter()
             self.last_stats = engine.generate(self, queue, method, stop, logprobs, self.continuous, on_sample)
