@@ -1,6 +1,7 @@
 """Prefill padding: token positions the engine prefills against the prompt tokens it needs, on long prompts, with
-the engine's bucketing now (lengths four per octave, rows in power-of-two chunks) and before (lengths and rows
-padded up to powers of two), in one run on the same prompts and the same engine (the old rules swapped in).
+the engine's bucketing now (lengths four per octave, rows in power-of-two chunks, chunks halved where ragged) and
+before (one prefill per fill, lengths and rows padded up to powers of two), in one run on the same prompts and the
+same engine (the old rules swapped in).
 
 Workloads (SmolLM2-135M-Instruct's tokenizer and chat template, one new token per call so prefill is the work):
 - RaR's second stage on generated coin flips: "(original) question (rephrased) ...": the rephrasing is stood in
@@ -43,17 +44,16 @@ class Before:
     """The engine's bucketing before: prompt lengths and prefill rows padded up to powers of two."""
 
     def __enter__(self):
-        self.saved = engine.length_bucket, cache_lib.row_chunks
+        self.saved = engine.length_bucket, engine._chunks
         engine.length_bucket = cache_lib.bucket
 
-        def padded_up(rows, multiple=1):
-            num = cache_lib.bucket(rows, 1)
-            return [-(-num // multiple) * multiple]
+        def one_chunk(sampler, group, multiple):  # every prompt of a fill in one prefill, rows padded up
+            return [(group, -(-cache_lib.bucket(len(group), 1) // multiple) * multiple)] if group else []
 
-        cache_lib.row_chunks = padded_up
+        engine._chunks = one_chunk
 
     def __exit__(self, *exc):
-        engine.length_bucket, cache_lib.row_chunks = self.saved
+        engine.length_bucket, engine._chunks = self.saved
 
 
 def measure(sampler, prompts: list[str]) -> tuple[int, int, float]:
@@ -71,10 +71,12 @@ def main():
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("--data", default=DATA)
+    ap.add_argument("--programs", default="rar,bsm")
     args = ap.parse_args()
     model, tok, _ = load_models("", "float32", with_torch=False)
     sampler = s2d_jax.Sampler(model, tok, max_batch=args.slots)
     workloads = {"RaR answer": rar_prompts(args.inputs), "BSM solve": bsm_prompts(args.pairs, args.data)}
+    workloads = {k: v for k, v in workloads.items() if k.split()[0].lower() in args.programs.split(",")}
     print(f"SmolLM2-135M-Instruct fp32, {args.slots} slots, chat template, 1 new token per call")
     print(f"{'workload':>10} {'calls':>5} {'bucketing':>9} {'prompt tokens':>13} {'prefilled':>9} {'overhead':>8} "
           f"{'prefill s':>9}")
