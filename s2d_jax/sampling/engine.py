@@ -231,8 +231,8 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
             with clock("resize") as out:
                 slots = reslot(slots, sampler._put(idx.astype(np.int32)))
                 out.append(slots)
-            owner, count, n_slots = owner + [None] * (sampler.slots - n_slots), np.pad(count, (0, len(idx) - n_slots)), \
-                sampler.slots
+            owner, count = owner + [None] * (len(idx) - n_slots), np.pad(count, (0, len(idx) - n_slots))
+            n_slots = len(idx)
         free = [r for r in range(n_slots) if owner[r] is None]
         if queue and (len(free) == n_slots or continuous and free):
             taken, room = [], len(free)

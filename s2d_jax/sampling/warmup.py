@@ -78,10 +78,10 @@ def warmup(sampler, queue, method, want_logprobs: bool, seen: set) -> int:
                                       eos_ids=sampler.eos_ids, pad_id=sampler.pad_id, logprobs=want_logprobs)
             elif kind == "resize":
                 jax.block_until_ready(engine.resize(slots, sizes(at[0])))
-            elif kind == "tail":  # into a tail shape (from every larger one), decode there, and back
-                for big in [shape.slots] + [m for m in tails if m > at[0]]:
-                    small = engine.reslot(slots if big == shape.slots else engine.reslot(slots, _idx(put, big)),
-                                          _idx(put, at[0]))
+            elif kind == "tail":  # into a tail shape (from the full one and every larger tail), decode, and back
+                for big in [m for m in tails if m > at[0]]:
+                    engine.reslot(engine.reslot(slots, _idx(put, big)), _idx(put, at[0]))
+                small = engine.reslot(slots, _idx(put, at[0]))
                 small = engine.decode(sampler.graphdef, sampler.state, small, jnp.int32(0), method=method,
                                       eos_ids=sampler.eos_ids, pad_id=sampler.pad_id, logprobs=want_logprobs)
                 jax.block_until_ready(engine.reslot(small, _idx(put, at[0], shape.slots)))
@@ -94,5 +94,5 @@ def warmup(sampler, queue, method, want_logprobs: bool, seen: set) -> int:
             seen.add(key(w, kind, *at))
             ran += 1
         jax.block_until_ready(slots)
-    sampler.prefill_rows, sampler.prefill_tokens, sampler.prefill_padded = counts  # the counts are the work's, not the warm-up's
+    sampler.prefill_rows, sampler.prefill_tokens, sampler.prefill_padded = counts  # the work's counts, not these
     return ran
