@@ -178,8 +178,7 @@ class Attention(nnx.Module):
                  right_padded=False):
         cfg, dt = self.cfg, x.dtype
         g = cfg.group_size
-        # projections in the weights' own layout, heads moved after: XLA:CPU otherwise transposes every weight on
-        # every decode step (a third of a SmolLM2 step, benchmarks/decode_step.py)
+        # in the weights' own layout, heads moved after: else XLA:CPU transposes the weights every decode step
         qkv = jnp.moveaxis(jnp.einsum("btd,dkch->btkch", x, self.qkv[...].astype(dt)), 1, 3)
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...].astype(dt)[None, :, :, None, :]
@@ -205,8 +204,7 @@ class Attention(nnx.Module):
                                       scale=cfg.query_scale ** -0.5 if cfg.query_scale else None,
                                       softcap=cfg.attn_softcap, platform=cfg.platform,
                                       splash_block=cfg.splash_block)
-        out = jnp.moveaxis(out, 3, 1)  # [B, T, K, G, hd]; one contraction dim (XLA:CPU transposes the weight else)
-        w = self.o[...].astype(dt)
+        out, w = jnp.moveaxis(out, 3, 1), self.o[...].astype(dt)  # [B, T, K, G, hd]; one contraction dim (as above)
         proj = jnp.einsum("btf,fd->btd", out.reshape(out.shape[:2] + (-1,)), w.reshape(-1, w.shape[-1]))
         if self.lora_o is not None:
             proj = proj + self.lora_o(out)
