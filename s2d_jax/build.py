@@ -7,7 +7,7 @@ import os
 
 from ml_collections import ConfigDict
 
-from s2d_jax import mesh as mesh_lib
+from s2d_jax import mesh as mesh_lib, rounds
 from s2d_jax.errors import S2DError
 from s2d_jax.model import PRESETS, init_model, load_model
 from s2d_jax.tokenizer import SYLLABLES, load_tokenizer
@@ -36,8 +36,11 @@ def build_mesh(config: ConfigDict):
 
 
 def toy_base(config: ConfigDict, workdir: str | None) -> str | None:
-    """WORKDIR/base when the run pretrains its own toy base model (`pretrain.steps` > 0 and no `model.path`)."""
-    return os.path.join(workdir or ".", "base") if config.pretrain.steps > 0 and not config.model.path else None
+    """WORKDIR/base when the run pretrains its own toy base model (`pretrain.steps` > 0 and no `model.path`); a
+    round's directory finds it in its workdir."""
+    if config.pretrain.steps > 0 and not config.model.path:
+        return os.path.join(rounds.root(workdir) or ".", "base")
+    return None
 
 
 def build_model(config: ConfigDict, mesh=None, workdir: str | None = None, base: bool = True, tokenizer=None,
@@ -83,3 +86,28 @@ def build_tokenizer(config: ConfigDict, workdir: str | None = None):
     if not path:
         raise S2DError("config key 'tokenizer': empty, and 'model.path' is empty too (set one, or 'bytes')")
     return load_tokenizer(path, revision=config.model.revision if path == config.model.path else "")
+
+
+def build_system1(config: ConfigDict, mesh=None, workdir: str | None = None):
+    """(model, tokenizer) of the round's System 1: the base model, or in round R > 1 round R-1's distilled one."""
+    return build_model(config, mesh, workdir, path=rounds.system1_path(workdir)), build_tokenizer(config, workdir)
+
+
+def build_system2(config: ConfigDict, mesh=None, workdir: str | None = None):
+    """(model, tokenizer) that runs the System 2 program: the `teacher` when the config names one, else the base
+    model (its own teacher). Its tokenizer may differ from the student's: what passes between them is text."""
+    t = config.teacher
+    if not (t.path or t.preset):
+        return build_model(config, mesh, workdir), build_tokenizer(config, workdir)
+    m = config.model
+    dtype = t.dtype or m.compute_dtype or m.dtype
+    if t.path:
+        model = load_model(t.path, dtype=dtype, compute_dtype=dtype, mesh=mesh, scan_layers=m.scan_layers,
+                           revision=t.revision)
+        model.cfg = model.cfg.replace(attention=m.attention, splash_block=m.splash_block)
+    else:
+        model = init_model(PRESETS[t.preset].replace(param_dtype=dtype, dtype=dtype, scan_layers=m.scan_layers,
+                                                     attention=m.attention, splash_block=m.splash_block),
+                           seed=config.seed, mesh=mesh)
+    name = t.tokenizer or t.path
+    return model, load_tokenizer(name, revision=t.revision if name == t.path else "")

@@ -14,9 +14,10 @@ from __future__ import annotations
 import collections
 import time
 
+from s2d_jax import routing
 from s2d_jax.flops import flops_per_token
 from s2d_jax.sampling import Sampler
-from s2d_jax.system2.filters import usc_select
+from s2d_jax.system2.filters import majority, usc_select
 from s2d_jax.system2.programs import run_program, stage_truncation
 
 
@@ -47,13 +48,19 @@ def add_cost(a: dict, b: dict) -> dict:
     return {k: a[k] + b[k] for k in a}
 
 
-def _scores(task, examples, answers, cost: dict, seconds: float) -> dict:
+def _scores(task, examples, answers, cost: dict, seconds: float, per_input: list[dict] | None = None) -> dict:
+    """A system's scores; `per_input` (each input's cost) adds `per_input` rows (id, answer, correct, cost) that
+    the routed system and `eval_inputs.jsonl` are made of."""
     n = len(examples)
-    correct = sum(task.score(a, e) for a, e in zip(answers, examples))
+    correct = [bool(task.score(a, e)) for a, e in zip(answers, examples)]
     per = {k: v / n for k, v in cost.items()}
     top = collections.Counter("(none)" if a is None else str(a) for a in answers).most_common(5)
-    return {"accuracy": correct / n, "mean_tokens": per["generated_tokens"], **per, "n": n, "seconds": seconds / n,
-            "seconds_total": seconds, "answers": dict(top), **task.metrics(examples, answers)}
+    out = {"accuracy": sum(correct) / n, "mean_tokens": per["generated_tokens"], **per, "n": n, "seconds": seconds / n,
+           "seconds_total": seconds, "answers": dict(top), **task.metrics(examples, answers)}
+    if per_input is not None:
+        out["per_input"] = [{"id": e.id, "answer": a, "correct": c, **cost}
+                            for e, a, c, cost in zip(examples, answers, correct, per_input)]
+    return out
 
 
 def system1(model, tokenizer, task, examples, *, prompt=None, chat: bool = True, max_new_tokens: int = 32,
@@ -64,9 +71,48 @@ def system1(model, tokenizer, task, examples, *, prompt=None, chat: bool = True,
     sampler = Sampler(model, tokenizer, mesh=mesh, max_batch=max_batch, cache_dtype=cache_dtype)
     outs = sampler.generate([prompt(e) for e in examples], max_new_tokens=max_new_tokens, chat=chat,
                             progress=False)
-    answers = [task.parse(s.text) for (s,) in outs]
-    out = _scores(task, examples, answers, calls_cost([s for (s,) in outs], model.cfg), time.perf_counter() - start)
-    out["truncated"] = sum(s.finish_reason == "length" for (s,) in outs) / len(outs)
+    samples = [s for (s,) in outs]
+    answers = [task.parse(s.text) for s in samples]
+    costs = [calls_cost([s], model.cfg) for s in samples]
+    out = _scores(task, examples, answers, calls_cost(samples, model.cfg), time.perf_counter() - start, costs)
+    out["truncated"] = sum(s.finish_reason == "length" for s in samples) / len(samples)
+    return out
+
+
+def router(model, tokenizer, task, examples, *, method: str, samples: int = 4, temperature: float = 0.7,
+           seed: int = 0, prompt=None, chat: bool = True, max_new_tokens: int = 32, mesh=None, max_batch: int = 32,
+           cache_dtype: str | None = None) -> tuple[list[dict], float]:
+    """System 1 asked for its answer and its confidence in it (no labels read): per input `id`, `answer`,
+    `confidence` and the cost of asking; and the wall seconds. `agreement`: `samples` samples, the answer their
+    majority, the confidence the share giving it; `logprob`: the greedy answer and its per-token probability.
+    Samples are keyed by the input's id, so an input gets the same ones whatever else is in the call."""
+    start = time.perf_counter()
+    prompt = prompt or task.system1_prompt
+    sampler = Sampler(model, tokenizer, mesh=mesh, max_batch=max_batch, cache_dtype=cache_dtype)
+    prompts = [prompt(e) for e in examples]
+    if method == "agreement":
+        outs = sampler.generate(prompts, n=samples, temperature=temperature, seed=seed, max_new_tokens=max_new_tokens,
+                                chat=chat, progress=False, prompt_keys=[routing.input_key(e.id) for e in examples])
+    else:
+        outs = sampler.generate(prompts, max_new_tokens=max_new_tokens, chat=chat, progress=False, logprobs=True)
+    rows = []
+    for e, group in zip(examples, outs):
+        if method == "agreement":
+            answer, confidence = routing.agreement([task.parse(s.text) for s in group])
+        else:
+            answer, confidence = task.parse(group[0].text), routing.token_probability(group[0].logprobs)
+        rows.append({"id": e.id, "answer": answer, "confidence": confidence, **calls_cost(group, model.cfg)})
+    return rows, time.perf_counter() - start
+
+
+def routed_system1(model, tokenizer, task, examples, **router_args) -> dict:
+    """The router's System 1 scored on labelled inputs: its answers' accuracy and cost, with per-input rows
+    (`confidence` included) for `routing.routed`."""
+    rows, seconds = router(model, tokenizer, task, examples, **router_args)
+    out = _scores(task, examples, [r["answer"] for r in rows], {k: sum(r[k] for r in rows) for k in routing.COSTS},
+                  seconds, [{k: r[k] for k in routing.COSTS} for r in rows])
+    for row, r in zip(out["per_input"], rows):
+        row["confidence"] = r["confidence"]
     return out
 
 
@@ -85,30 +131,23 @@ def system2(program, model, tokenizer, task, examples, *, samples: int = 1, chat
     per_input = [records[i * samples:(i + 1) * samples] for i in range(len(examples))]
     answers = [[r["answer"] for r in rs] for rs in per_input]
     cfg = model.cfg
-    cost = rollout_cost(records, cfg)
-    chosen = [_majority(a) for a in answers]
+    costs = [rollout_cost(rs, cfg) for rs in per_input]
+    chosen = [majority(a) for a in answers]
     if select == "usc" and samples > 1:
         picks = usc_select(sampler, per_input, chat)
         chosen = [a[pick] if pick is not None else None for (pick, _), a in zip(picks, answers)]
-        cost = add_cost(cost, calls_cost([s for _, s in picks], cfg))
-    out = _scores(task, examples, chosen, cost, time.perf_counter() - start)
+        costs = [add_cost(c, calls_cost([s], cfg)) for c, (_, s) in zip(costs, picks)]
+    total = {k: sum(c[k] for c in costs) for k in costs[0]}
+    out = _scores(task, examples, chosen, total, time.perf_counter() - start, costs)
     out["truncation"] = stage_truncation(records)
     if samples > 1:
         out.update(maj_at_k(task, examples, answers))
     return out
 
 
-def _majority(answers):
-    counts = collections.Counter(a for a in answers if a is not None)
-    if not counts:
-        return None
-    top = max(counts.values())
-    return next(a for a in answers if a is not None and counts[a] == top)  # ties: the answer seen first
-
-
 def maj_at_k(task, examples, sample_answers, ks=(1, 5, 10)) -> dict:
     """maj@k: accuracy of the majority answer over each input's first k samples (ties: the answer seen first),
     for every k in `ks` up to the number of samples."""
     n = min(len(a) for a in sample_answers)
-    return {f"maj@{k}": sum(task.score(_majority(answers[:k]), e) for e, answers in zip(examples, sample_answers))
+    return {f"maj@{k}": sum(task.score(majority(answers[:k]), e) for e, answers in zip(examples, sample_answers))
             / len(examples) for k in ks if k <= n}

@@ -13,11 +13,13 @@ from s2d_jax.artifacts import write_atomic
 from s2d_jax.errors import S2DError
 
 SYSTEMS = (("system1", "System 1 (base, direct)"), ("system2", "System 2 (program)"),
-           ("distilled", "Distilled System 1"))
+           ("distilled", "Distilled System 1"), ("routed", "Routed (System 1 where sure, else System 2)"))
+COLORS = {"system1": "tab:blue", "system2": "tab:orange", "distilled": "tab:green", "routed": "tab:red"}
 COST = (("accuracy", "accuracy (%)"), ("generated_tokens", "generated tokens / input"),
         ("prompt_tokens", "prompt tokens / input"), ("flops", "FLOPs / input"), ("seconds", "seconds / input"),
         ("n", "n"))
-NOT_EXTRA = {k for k, _ in COST} | {"mean_tokens", "seconds_total", "truncation", "truncated", "name", "answers"}
+NOT_EXTRA = {k for k, _ in COST} | {"mean_tokens", "seconds_total", "truncation", "truncated", "name", "answers",
+                                   "escalated", "escalated_n", "method", "system1", "threshold"}
 PAPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_results.json")  # the paper's table
 
 
@@ -32,10 +34,22 @@ def _fmt(key: str, value) -> str:
     return str(value)
 
 
+def system_label(results: dict, name: str, default: str) -> str:
+    """A system's label: System 1 names its model in a later round (the previous round's distilled one), System 2
+    its teacher."""
+    model = results.get("meta", {}).get("models", {}).get(name)
+    if name == "system1" and model and model != "base":
+        return f"System 1 ({model}, direct)"
+    if name == "system2" and model and model != "base":
+        return f"System 2 (program, {model})"
+    return default
+
+
 def _rows(results: dict):
     """(label, row or None, present) for each system, then the reference row a task gives (GPT-4 on MT-bench)."""
-    for name, label in SYSTEMS:
-        yield label, results.get(name), name in results
+    for name, default in SYSTEMS:
+        if name != "routed" or results.get(name):
+            yield system_label(results, name, default), results.get(name), name in results
     ref = results.get("reference")
     if ref:
         yield f"Reference: {ref.get('name', 'reference')}", ref, True
@@ -61,6 +75,7 @@ def markdown(results: dict) -> str:
         lines += ["", f"Distilled System 1 vs System 2: {100 * (d['accuracy'] - s2['accuracy']):+.1f} points at "
                       f"{_tokens(d) / max(_tokens(s2), 1e-9):.3f}x its generated tokens per input; "
                       f"vs System 1: {100 * (d['accuracy'] - s1['accuracy']):+.1f} points."]
+    lines += routed_lines(results)
     if meta.get("system1_tokens"):
         said = meta.get("system1_instruction", "(none)")
         lines += ["", "System 1 (base and distilled) is prompted with "
@@ -111,6 +126,28 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def routed_lines(results: dict) -> list[str]:
+    """What the router did: on the unlabelled pool (escalated, skipped) and on the held-out inputs (the routed
+    system against System 2)."""
+    lines = []
+    pool = results.get("route")
+    if pool:
+        lines += ["", f"Router on the unlabelled pool (System 1 = {pool['system1']}, `{pool['method']}` >= "
+                      f"{pool['threshold']:g}): escalated {pool['escalated']} of {pool['inputs']} inputs "
+                      f"({100 * pool['escalated_share']:.1f}%) to System 2; {pool['skipped']} answered by System 1 "
+                      f"and not distilled again."]
+    r, s2 = results.get("routed"), results.get("system2")
+    if r and s2:
+        lines += [f"Routed system on the held-out inputs (System 1 = {r['system1']}, `{r['method']}` >= "
+                  f"{r['threshold']:g}): {100 * r['escalated']:.1f}% escalated; accuracy "
+                  f"{100 * (r['accuracy'] - s2['accuracy']):+.1f} points against System 2 at "
+                  f"{_tokens(r) / max(_tokens(s2), 1e-9):.3f}x its generated tokens and "
+                  f"{r['flops'] / max(s2['flops'], 1e-9):.3f}x its FLOPs per input (System 1's samples counted for "
+                  f"every input, System 2's calls for the escalated ones; seconds apportion System 2's by FLOPs). "
+                  f"The sweep over thresholds is the curve in `report.png`."]
+    return lines
+
+
 def _tokens(row: dict) -> float:
     return row.get("generated_tokens", row.get("mean_tokens", 0.0))
 
@@ -125,12 +162,18 @@ def plot(results_by_run: dict[str, dict], path: str, x: str = "generated_tokens"
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     markers = "osD^vP*X"
     for k, (run, results) in enumerate(results_by_run.items()):
-        for (name, label), color in zip(SYSTEMS, ("tab:blue", "tab:orange", "tab:green")):
-            row = results.get(name)
+        curve = results.get("sweep")
+        if curve:
+            points = sorted(curve, key=lambda p: p[x])
+            ax.plot([p[x] for p in points], [100 * p["accuracy"] for p in points], color=COLORS["routed"],
+                    alpha=0.5, marker=".", label="routed, over thresholds" + (f" ({run})" if run else ""), zorder=2)
+        for name, default in SYSTEMS:
+            row, color = results.get(name), COLORS[name]
             if row is None:
                 continue
             value = row[x] if x != "generated_tokens" else _tokens(row)
-            tag = f"{label} ({run})" if len(results_by_run) > 1 else label
+            name_label = system_label(results, name, default)
+            tag = f"{name_label} ({run})" if len(results_by_run) > 1 else name_label
             ax.scatter([value], [100 * row["accuracy"]], s=80, color=color, marker=markers[k % len(markers)],
                        label=tag, zorder=3)
             ax.annotate(f"{100 * row['accuracy']:.1f}%", (value, 100 * row["accuracy"]),

@@ -1,4 +1,5 @@
-"""Stage `eval`: System 1, System 2 and the distilled System 1 on the held-out split; `eval.json` and the report."""
+"""Stage `eval`: System 1, System 2 and the distilled System 1 on the held-out split, and with a router the routed
+system and its accuracy-against-cost sweep; `eval.json`, `eval_inputs.jsonl` and the report."""
 
 from __future__ import annotations
 
@@ -10,19 +11,28 @@ import os
 
 from ml_collections import ConfigDict
 
-from s2d_jax import distributed
+from s2d_jax import distributed, routing, rounds
 from s2d_jax.artifacts import read_jsonl, write_atomic
-from s2d_jax.build import build_mesh, build_model, build_tokenizer
+from s2d_jax.build import build_mesh, build_model, build_system1, build_system2, build_tokenizer
 from s2d_jax.errors import S2DError
 from s2d_jax.stages.inputs import load_eval_inputs, program_args, system1_instruction, system1_prompt, with_swapped
+from s2d_jax.stages.route import model_name, router_args
+from s2d_jax.stages.train import nothing_to_train
 from s2d_jax.system2.programs import get_program
 
 log = logging.getLogger("s2d")
+PER_INPUT = "eval_inputs.jsonl"
+SYSTEMS = ("system1", "system2", "distilled", "router")
+KIND = {"system1": "direct", "distilled": "direct", "system2": "program", "router": "router"}  # what a row measures
 
 
 def evaluate_stage(config: ConfigDict, workdir: str) -> str:
-    """Stage `eval`: System 1 (the base model, direct), System 2 (the program) and the distilled System 1 (`model/`)
-    on the held-out split; writes `eval.json`, then `report.md` and `report.png`."""
+    """Stage `eval`: System 1 (the base model, or in a later round the previous round's distilled one; direct),
+    System 2 (the program, run by the teacher if there is one) and the distilled System 1 (`model/`) on the
+    held-out split; with `route.method`, the routed system at `route.threshold` and at every threshold of the sweep
+    (System 1 there is the distilled model: the system this round leaves). Writes `eval.json`, `eval_inputs.jsonl`
+    (each input's answers, correctness and cost per system), then `report.md` and `report.png`. A system an earlier
+    round already scored (the same model on the same inputs) is read from that round, not run again."""
     from s2d_jax import evaluate
     from s2d_jax.report import write_report
 
@@ -31,8 +41,8 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
         log.info("%s is complete; skipping eval", out)
         return out
     distilled_dir = os.path.join(workdir, "model")
-    kept_none = nothing_kept(workdir)
-    if not os.path.exists(distilled_dir) and not kept_none:
+    trained = os.path.exists(distilled_dir)
+    if not trained and not nothing_to_train(config, workdir):
         raise S2DError(f"{distilled_dir}: no such directory (run `s2d train` first)")
     task, examples = load_eval_inputs(config)
     if task.swap(examples[0]) is not None:  # judging: both orders, for position inconsistency
@@ -49,52 +59,115 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
                top_k=g.top_k or None, top_p=g.top_p if g.top_p < 1 else None, **common)
     variants = {name: [dataclasses.replace(x, input=task.VARIANTS[name](x.input)) for x in examples]
                 for name in e.variants}
-    base = build_model(config, mesh, workdir)
-    instruction = system1_instruction(config)
+    t = config.teacher
+    models = {"system1": model_name(workdir), "system2": f"teacher {t.path or t.preset}" if t.path or t.preset
+              else "base", "distilled": os.path.relpath(distilled_dir, rounds.root(workdir)) if trained else None}
+    models["router"] = models["distilled"] or models["system1"]
+    info = rounds.info(workdir) or {}
     results = {"meta": {"task": task.name, "program": program.name, "model": config.model.path or config.model.preset,
-                        "eval_inputs": len(examples), "system1_instruction": instruction or "(none)",
+                        "eval_inputs": len(examples), "system1_instruction": system1_instruction(config) or "(none)",
                         "system1_tokens": budget, "system2_budgets": args["budgets"], "samples": e.samples,
-                        "variants": list(e.variants)}}
-    log.info("eval: System 1 (base) on %d inputs", len(examples))
-    results["system1"] = _with_variants(functools.partial(evaluate.system1, base, tok, task, **one), examples,
-                                        variants)
-    log.info("eval: System 2 (%s)", program.name)
-    results["system2"] = _with_variants(functools.partial(evaluate.system2, program, base, tok, task, **two),
-                                        examples, variants)
-    del base
-    if kept_none:  # an honest report of a run whose filter kept nothing: there is no distilled model
+                        "variants": list(e.variants), "models": models, **({"round": info["round"]} if info else {})}}
+    earlier = _earlier_results(workdir)
+
+    def score(name: str, build, run) -> None:
+        """`results[name]`: read from an earlier round that scored the same model, else run."""
+        found = earlier.get((KIND[name], models[name]))
+        if found is not None:
+            log.info("eval: %s (%s) as scored in an earlier round", name, models[name])
+            results[name] = found
+            return
+        model, tokenizer = build()
+        log.info("eval: %s (%s) on %d inputs", name, models[name], len(examples))
+        results[name] = run(model, tokenizer)
+
+    score("system1", lambda: build_system1(config, mesh, workdir), lambda m, k: _with_variants(
+        functools.partial(evaluate.system1, m, k, task, **one), examples, variants))
+    score("system2", lambda: build_system2(config, mesh, workdir), lambda m, k: _with_variants(
+        functools.partial(evaluate.system2, program, m, k, task, **two), examples, variants))
+    if trained:
+        score("distilled", lambda: (build_model(config, mesh, path=distilled_dir), tok), lambda m, k: _with_variants(
+            functools.partial(evaluate.system1, m, k, task, **one), examples, variants))
+    else:  # an honest report of a round whose filter kept nothing: there is no distilled model
         results["distilled"] = None
         results["meta"]["note"] = ("No input passed the self-consistency filter, so nothing was distilled: the "
                                    "base model's System 2 answers never agreed often enough (see the filter line).")
-    else:
-        distilled = build_model(config, mesh, path=distilled_dir)
-        log.info("eval: distilled System 1")
-        results["distilled"] = _with_variants(functools.partial(evaluate.system1, distilled, tok, task, **one),
-                                              examples, variants)
+    if config.route.method != "none":
+        router_model = (lambda: (build_model(config, mesh, path=distilled_dir), tok)) if trained else \
+            (lambda: build_system1(config, mesh, workdir))
+        score("router", router_model, lambda m, k: evaluate.routed_system1(m, k, task, examples,
+                                                                          **router_args(config, task, mesh)))
+        _routed(config, results)
     reference = task.reference(examples)
     if reference:
         results["reference"] = reference
-    report_path = os.path.join(workdir, "filter_report.json")
-    if os.path.exists(report_path):
-        with open(report_path) as f:
-            results["filter"] = json.load(f)
+    _attach_artifacts(results, workdir)
+    per_input = _per_input(results, examples)
+    if distributed.primary():  # on several hosts, one writes (each host timed its own share of the work)
+        write_atomic(os.path.join(workdir, PER_INPUT), "".join(json.dumps(r, default=str) + "\n" for r in per_input))
+        write_report(results, workdir)
+        write_atomic(out, json.dumps(results, indent=2, default=str) + "\n")
+    distributed.barrier(f"eval {workdir}")
+    for name in ("system1", "system2", "distilled", "routed"):
+        r = results.get(name, False)
+        if r is None:
+            log.warning("%-9s none: the filter kept no input, nothing was distilled", name)
+        elif r:
+            log.info("%-9s accuracy %5.1f%%  generated tokens / input %7.1f  FLOPs / input %.3g  s / input %.2f%s",
+                     name, 100 * r["accuracy"], r["generated_tokens"], r["flops"], r["seconds"],
+                     f"  escalated {100 * r['escalated']:.0f}%" if "escalated" in r else "")
+    log.info("wrote %s, %s, %s", out, os.path.join(workdir, "report.md"), os.path.join(workdir, "report.png"))
+    return out
+
+
+def _routed(config: ConfigDict, results: dict) -> None:
+    """The routed system at `route.threshold` and the sweep, from the router's and System 2's per-input rows."""
+    one, two = results["router"], results["system2"]
+    seconds = (one["seconds_total"], two["seconds_total"])
+    results["routed"] = {**routing.routed(one["per_input"], two["per_input"], config.route.threshold, seconds),
+                         "method": config.route.method, "system1": results["meta"]["models"]["router"]}
+    results["sweep"] = routing.sweep(one["per_input"], two["per_input"], routing.thresholds(config.route), seconds)
+
+
+def _per_input(results: dict, examples) -> list[dict]:
+    """eval_inputs.jsonl's rows: each input's label and every system's answer, correctness and cost; the per-input
+    lists leave the systems' rows in eval.json."""
+    rows = [{"id": x.id, "label": x.label} for x in examples]
+    for name in SYSTEMS:
+        for row, r in zip(rows, (results.get(name) or {}).pop("per_input", None) or ()):
+            row[name] = {k: v for k, v in r.items() if k != "id"}
+    return rows
+
+
+def _earlier_results(workdir: str) -> dict:
+    """(kind, model name) -> its scores (with per-input rows) in an earlier round of this workdir's loop."""
+    info = rounds.info(workdir)
+    found = {}
+    for r in range(1, info["round"]) if info else ():
+        where = rounds.round_dir(rounds.root(workdir), r)
+        path = os.path.join(where, "eval.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            results = json.load(f)
+        per_input = read_jsonl(os.path.join(where, PER_INPUT), ("id",))
+        for name, model in results["meta"].get("models", {}).items():
+            if model and results.get(name):
+                found[(KIND[name], model)] = {**results[name], "per_input": [{"id": p["id"], **p[name]} for p in per_input]}
+    return found
+
+
+def _attach_artifacts(results: dict, workdir: str) -> None:
+    """What the report says beside the scores: the router's and the filter's reports, training's last row."""
+    for key, name in (("route", "route_report.json"), ("filter", "filter_report.json")):
+        path = os.path.join(workdir, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                results[key] = json.load(f)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(metrics_path):
         rows = [r for r in read_jsonl(metrics_path) if "loss" in r]
         results["train"] = rows[-1] if rows else None
-    if distributed.primary():  # on several hosts, one writes (each host timed its own share of the work)
-        write_report(results, workdir)
-        write_atomic(out, json.dumps(results, indent=2) + "\n")
-    distributed.barrier(f"eval {workdir}")
-    for name in ("system1", "system2", "distilled"):
-        r = results[name]
-        if r is None:
-            log.warning("%-9s none: the filter kept no input, nothing was distilled", name)
-            continue
-        log.info("%-9s accuracy %5.1f%%  generated tokens / input %7.1f  FLOPs / input %.3g  s / input %.2f", name,
-                 100 * r["accuracy"], r["generated_tokens"], r["flops"], r["seconds"])
-    log.info("wrote %s, %s, %s", out, os.path.join(workdir, "report.md"), os.path.join(workdir, "report.png"))
-    return out
 
 
 def _with_variants(run, examples, variants: dict) -> dict:

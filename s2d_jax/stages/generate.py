@@ -12,8 +12,8 @@ from ml_collections import ConfigDict
 
 from s2d_jax import distributed
 from s2d_jax import faults, stopping
-from s2d_jax.artifacts import complete_lines, read_jsonl, writing
-from s2d_jax.build import build_mesh, build_model, build_tokenizer
+from s2d_jax.artifacts import complete_lines, read_jsonl, write_atomic, writing
+from s2d_jax.build import build_mesh, build_system2
 from s2d_jax.errors import S2DError
 from s2d_jax.sampling import Sampler, clock
 from s2d_jax.stages.inputs import load_inputs, program_args
@@ -43,7 +43,13 @@ def generate(config: ConfigDict, workdir: str) -> str:
         log.info("%s is complete (written by one host); skipping generate", rollout_path(workdir))
         return rollout_path(workdir)
     out = rollout_path(workdir, me, count)
-    task, examples = load_inputs(config)
+    task, examples = load_inputs(config, workdir)
+    if not examples:  # the router answered every input with System 1: nothing for System 2 to do
+        if distributed.primary() and not os.path.exists(rollout_path(workdir)):
+            write_atomic(rollout_path(workdir), "")
+        log.info("the router escalated no input: %s is empty", rollout_path(workdir))
+        distributed.barrier(f"generate {workdir}")
+        return rollout_path(workdir)
     mine = [i % count == me for i in range(len(examples))]
     g = config.generate
     partial = out + ".partial"
@@ -65,8 +71,8 @@ def generate(config: ConfigDict, workdir: str) -> str:
     if len(todo) < len(examples):
         log.info("resuming: %d of %d inputs already have their rollouts", len(examples) - len(todo), len(examples))
     mesh = build_mesh(config)
-    sampler = Sampler(build_model(config, mesh, workdir), build_tokenizer(config, workdir), mesh=mesh,
-                      max_batch=g.max_batch, cache_dtype=g.cache_dtype or None, warmup=config.compile.warmup)
+    sampler = Sampler(*build_system2(config, mesh, workdir), mesh=mesh, max_batch=g.max_batch,
+                      cache_dtype=g.cache_dtype or None, warmup=config.compile.warmup)
     compiled = clock.totals()
     owned = {e.id for e, m in zip(examples, mine) if m}
     progress = {"finished": len(examples) - len(todo), "total": len(examples)}  # inputs with rollouts on disk
@@ -165,7 +171,7 @@ def read_rollouts(config: ConfigDict, workdir: str) -> list[dict]:
     if absent or len(shards) != count:
         raise S2DError(f"{os.path.join(workdir, (absent or shards)[0])}: the shards of {count} hosts are not all "
                        f"complete (expected {', '.join(expected)}; rerun `s2d generate` on {count} hosts)")
-    task, examples = load_inputs(config)
+    task, examples = load_inputs(config, workdir)
     order = {e.id: k for k, e in enumerate(examples)}
     rows, seen = [], set()
     for name in expected:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 from ml_collections import ConfigDict
 
 from s2d_jax import datasets
+from s2d_jax.artifacts import read_jsonl
 from s2d_jax.errors import S2DError
 from s2d_jax.system2.tasks import get_task, tfds_source
+
+ROUTED = "route.jsonl"  # the router's decisions on the pool (stages/route.py)
 
 
 def _examples(task, path: str, n: int, offset: int, seed: int, size: int, group: str, t: ConfigDict):
@@ -17,7 +22,7 @@ def _examples(task, path: str, n: int, offset: int, seed: int, size: int, group:
         task.configure(t, split="heldout" if group == "eval" else "train")
         examples = task.load(datasets.resolve(path))
     elif hasattr(task, "generate") and n > 0:
-        examples = task.generate(n, seed=seed, words=t.words, **{task.size_arg: size})
+        examples = _generated(task, n + offset, seed, size, t)
     else:
         raise S2DError(f"config key '{group}.path': empty, and task {task.name!r} cannot be generated without "
                        f"'{group}.n' > 0")
@@ -27,13 +32,37 @@ def _examples(task, path: str, n: int, offset: int, seed: int, size: int, group:
     return examples
 
 
-def load_inputs(config: ConfigDict):
+def _generated(task, n: int, seed: int, size: int, t: ConfigDict):
+    """`n` synthetic inputs of `size` words (people), or with `task.size_max` of size..size_max in turn (input i has
+    size + i mod k), so every slice of the pool holds each size alike."""
+    sizes = list(range(size, max(t.size_max, size) + 1))
+    per_size = [task.generate(-(-(n - k) // len(sizes)), seed=seed, words=t.words, **{task.size_arg: s})
+                for k, s in enumerate(sizes)]
+    return [per_size[i % len(sizes)][i // len(sizes)] for i in range(n)]
+
+
+def load_inputs(config: ConfigDict, workdir: str | None = None):
     """The task and its unlabelled input pool (labels are kept on the examples but never used to distil), each
-    input followed by its swapped twin when the filter compares verdicts in both orders (`order_swap`)."""
+    input followed by its swapped twin when the filter compares verdicts in both orders (`order_swap`). With
+    `workdir` holding the router's `route.jsonl`, only the inputs it escalated to System 2."""
     task = get_task(config.task.name)
     t = config.task
     examples = _examples(task, t.path, t.n, t.offset, t.seed, t.size, "task", t)
+    routed = os.path.join(workdir, ROUTED) if workdir else None
+    if routed and os.path.exists(routed):
+        up = {r["id"] for r in read_jsonl(routed, ("id", "escalated"), empty_ok=True) if r["escalated"]}
+        examples = [e for e in examples if e.id in up]
+        if not examples:
+            return task, []
     return task, with_swapped(task, examples) if config.filter.name == "order_swap" else examples
+
+
+def pool_size(config: ConfigDict) -> int:
+    """How many unlabelled inputs the pool holds (without swapped twins)."""
+    t = config.task
+    if t.n and not t.path:
+        return t.n
+    return len(_examples(get_task(t.name), t.path, t.n, t.offset, t.seed, t.size, "task", t))
 
 
 def with_swapped(task, examples):

@@ -16,13 +16,17 @@ from s2d_jax.system2.tasks.judge import PairwiseJudge
 from s2d_jax.tokenizer import BYTES, SYLLABLES
 
 # the stages that read data and the model (convert reads only the model; plan, pretrain and report neither)
-READERS = ("generate", "filter", "train", "eval", "run", "convert")
+READERS = ("route", "generate", "filter", "train", "eval", "run", "convert")
+ROUND_STAGES = ("route", "generate", "filter", "train", "eval")  # with loop.rounds > 1, run by `s2d run` per round
 
 
 def preflight(config: ConfigDict, stage: str) -> None:
     """Resolve what `stage` will read; one error naming the key for the first thing that is missing."""
     if stage not in READERS:
         return
+    if stage in ROUND_STAGES and config.loop.rounds > 1:
+        raise S2DError(f"config key 'loop.rounds': {config.loop.rounds} rounds run with `s2d run` (each in "
+                       f"WORKDIR/rounds/R/); `s2d {stage}` alone runs in a one-round workdir")
     if stage != "convert":
         for key, value in data_keys(config):
             _check(key, value)
@@ -35,6 +39,13 @@ def preflight(config: ConfigDict, stage: str) -> None:
     if config.tokenizer and config.tokenizer not in (BYTES, SYLLABLES) and config.tokenizer != m.path:
         if not os.path.exists(hub.resolve(config.tokenizer)):
             raise S2DError(f"config key 'tokenizer': {config.tokenizer}: no such file or directory")
+    t = config.teacher
+    for key, value in (("teacher.path", t.path), ("teacher.tokenizer", t.tokenizer)):
+        if value and value != BYTES and value != (t.path if key == "teacher.tokenizer" else None) and stage in (
+                "generate", "filter", "eval", "run"):
+            if not os.path.exists(hub.resolve(value, t.revision if value == t.path else "")):
+                raise S2DError(f"config key {key!r}: {value}: no such file or directory (expected a Hugging Face "
+                               f"model directory, a .gguf file or a hub id such as org/name)")
     memory.check_fits(config, stage)
 
 

@@ -1,33 +1,111 @@
-"""Stage `run`: every stage in order, each skipped when its artifact is complete (the workdir's guards, its lock
-and kept config, are taken by the command line: `s2d_jax.workdir.claim`)."""
+"""Stage `run`: every stage in order, each skipped when its artifact is complete; with `loop.rounds` > 1, round
+after round in WORKDIR/rounds/R/, then the rounds' report (the workdir's guards, its lock and kept config, are
+taken by the command line: `s2d_jax.workdir.claim`)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 from ml_collections import ConfigDict
 
-from s2d_jax import stopping
+from s2d_jax import distributed, rounds, stopping
+from s2d_jax.artifacts import read_jsonl, write_atomic
 from s2d_jax.build import toy_base
-from s2d_jax.stages.eval import evaluate_stage, nothing_kept
+from s2d_jax.errors import S2DError
+from s2d_jax.stages.eval import evaluate_stage
 from s2d_jax.stages.filter import filter
 from s2d_jax.stages.generate import generate
+from s2d_jax.stages.inputs import pool_size
 from s2d_jax.stages.pretrain import pretrain
-from s2d_jax.stages.train import train
+from s2d_jax.stages.route import route
+from s2d_jax.stages.train import nothing_to_train, train
 
 log = logging.getLogger("s2d")
 
 
 def run(config: ConfigDict, workdir: str) -> str:
-    """Stage `run`: [pretrain ->] generate -> filter -> train -> eval, skipping each stage whose artifact is
-    complete, so a killed run reruns from where it stopped."""
-    stages = ((("pretrain", pretrain),) if toy_base(config, workdir) else ()) + (
-        ("generate", generate), ("filter", filter), ("train", train), ("eval", evaluate_stage))
-    for name, stage in stages:
-        if stage is train and nothing_kept(workdir) and not config.train.data:
+    """Stage `run`: [pretrain ->] [route ->] generate -> filter -> train -> eval, skipping each stage whose artifact
+    is complete, so a killed run reruns from where it stopped; with `loop.rounds` > 1 those stages once per round
+    (`run_rounds`)."""
+    if toy_base(config, workdir):
+        pretrain(config, workdir)
+        stopping.check("after pretrain")
+    if config.loop.rounds > 1:
+        return run_rounds(config, workdir)
+    _stages(config, workdir)
+    return os.path.join(workdir, "report.md")
+
+
+def _stages(config: ConfigDict, workdir: str) -> None:
+    for name, stage in (("route", route), ("generate", generate), ("filter", filter), ("pool", _pool),
+                        ("train", train), ("eval", evaluate_stage)):
+        if stage is train and nothing_to_train(config, workdir):
             log.warning("the filter kept no input: skipping train; the report says so")
             continue
         stage(config, workdir)
         stopping.check(f"after {name}")
-    return os.path.join(workdir, "report.md")
+
+
+def run_rounds(config: ConfigDict, workdir: str) -> str:
+    """Relegation, round after round: round R's pool is the R-th of `loop.rounds` consecutive slices of the
+    unlabelled inputs (new inputs arrive as the system learns); its System 1, which answers what it is confident on
+    and escalates the rest to System 2, is round R-1's distilled model. A rerun resumes at the first incomplete
+    stage of the first incomplete round. Then `rounds.json`, `report.md` and `rounds.png` in the workdir."""
+    from s2d_jax.report_rounds import write_rounds_report
+
+    total, count = pool_size(config), config.loop.rounds
+    if total < count:
+        raise S2DError(f"config key 'loop.rounds': {count} rounds need at least {count} unlabelled inputs (the pool "
+                       f"has {total}; each round takes the next slice of it)")
+    for r in range(1, count + 1):
+        where = rounds.round_dir(workdir, r)
+        if distributed.primary():
+            os.makedirs(where, exist_ok=True)
+            if rounds.info(where) is None:
+                last = _last_model(workdir, r)
+                rounds.write_info(where, r, count, system1=last, init=last if config.loop.init == "previous" else "")
+        distributed.barrier(f"round {r} of {workdir}")
+        log.info("round %d of %d (System 1: %s)", r, count, (rounds.info(where) or {}).get("system1") or "base")
+        _stages(round_config(config, r, total), where)
+    return write_rounds_report(config, workdir)
+
+
+def round_config(config: ConfigDict, r: int, total: int) -> ConfigDict:
+    """Round r's config: the pool's r-th slice (`task.offset`, `task.n`), and its own checkpoint directory when one
+    is configured (a round's checkpoints never resume another's)."""
+    out = ConfigDict(config.to_dict())
+    start, end = (r - 1) * total // config.loop.rounds, r * total // config.loop.rounds
+    out.task.offset, out.task.n = config.task.offset + start, end - start
+    if config.train.checkpoint_dir:
+        out.train.checkpoint_dir = config.train.checkpoint_dir.rstrip("/") + f"/rounds/{r}"
+    out.lock()
+    return out
+
+
+def _last_model(workdir: str, r: int) -> str:
+    """The latest distilled model of rounds before r (relative to the workdir), "" = none: the base."""
+    for k in range(r - 1, 0, -1):
+        if os.path.exists(os.path.join(rounds.round_dir(workdir, k), "model")):
+            return os.path.join("rounds", str(k), "model")
+    return ""
+
+
+def _pool(config: ConfigDict, workdir: str) -> None:
+    """In a round with `loop.accumulate`: `train.jsonl`, every round's kept examples so far (an input kept in
+    several rounds once, as its latest round kept it), what `train` fine-tunes on."""
+    info = rounds.info(workdir)
+    out = os.path.join(workdir, "train.jsonl")
+    if not info or not config.loop.accumulate or os.path.exists(out):
+        return
+    kept: dict[str, dict] = {}
+    for r in range(1, info["round"] + 1):
+        path = os.path.join(rounds.round_dir(rounds.root(workdir), r), "distill.jsonl")
+        for row in read_jsonl(path, ("id", "prompt", "target"), empty_ok=True):
+            kept.pop(row["id"], None)
+            kept[row["id"]] = row
+    if distributed.primary():
+        write_atomic(out, "".join(json.dumps(row) + "\n" for row in kept.values()))
+    distributed.barrier(f"pool {workdir}")
+    log.info("round %d trains on %d kept examples (this round's and earlier rounds')", info["round"], len(kept))

@@ -8,7 +8,7 @@ import shutil
 
 from ml_collections import ConfigDict
 
-from s2d_jax import datasets, distributed
+from s2d_jax import datasets, distributed, rounds
 from s2d_jax.build import build_mesh, build_model, build_tokenizer
 from s2d_jax.errors import S2DError
 from s2d_jax.model import lora, save_hf
@@ -29,11 +29,12 @@ def train(config: ConfigDict, workdir: str) -> str:
     if os.path.exists(out) and not _grown(config, workdir):
         log.info("%s is complete; skipping train", out)
         return out
-    data = datasets.resolve(config.train.data) if config.train.data else os.path.join(workdir, "distill.jsonl")
+    data = train_data(config, workdir)
     if not os.path.exists(data):
         raise S2DError(f"{data}: no such file (run `s2d filter` first, or set 'train.data')")
     mesh = build_mesh(config)
-    model, tok = build_model(config, mesh, workdir, trainable=True), build_tokenizer(config, workdir)
+    model = build_model(config, mesh, workdir, trainable=True, path=rounds.init_path(workdir))
+    tok = build_tokenizer(config, workdir)
     eval_fn = None
     if config.train.eval_every:
         task, examples = load_eval_inputs(config)
@@ -41,7 +42,8 @@ def train(config: ConfigDict, workdir: str) -> str:
                                              prompt=lambda x: system1_prompt(config, task, x),
                                              max_new_tokens=config.eval.max_new_tokens or task.answer_tokens,
                                              mesh=mesh, max_batch=config.generate.max_batch)
-    result = Trainer(model, tok, config, workdir, mesh=mesh, chat=config.program.chat, eval_fn=eval_fn).fit()
+    result = Trainer(model, tok, config, workdir, mesh=mesh, chat=config.program.chat, eval_fn=eval_fn,
+                     data=data).fit()
     log.info("trained %d steps: %s", result.step, {k: round(v, 4) for k, v in result.metrics.items()})
     if config.train.lora_rank:
         adapter = os.path.join(workdir, "adapter")  # one left by a run killed before model/ is replaced
@@ -72,3 +74,18 @@ def _grown(config: ConfigDict, workdir: str) -> bool:
                 os.remove(path)
     distributed.barrier(f"retire {workdir}/model")
     return True
+
+
+def train_data(config: ConfigDict, workdir: str) -> str:
+    """What `train` fine-tunes on: `train.data`, or in a round with `loop.accumulate` every round's kept examples
+    so far (`train.jsonl`, written by the loop), else the workdir's own `distill.jsonl`."""
+    if config.train.data:
+        return datasets.resolve(config.train.data)
+    pooled = os.path.join(workdir, "train.jsonl")
+    return pooled if os.path.exists(pooled) else os.path.join(workdir, "distill.jsonl")
+
+
+def nothing_to_train(config: ConfigDict, workdir: str) -> bool:
+    """True when the training set is there and empty (the filter, and in a loop every round so far, kept nothing)."""
+    path = train_data(config, workdir)
+    return os.path.exists(path) and os.path.getsize(path) == 0

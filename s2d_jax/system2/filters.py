@@ -37,6 +37,16 @@ def vote(answers: Sequence[Hashable | None], min_share: float = 0.0, total: int 
     return Decision(ranked[0][0], share, sample=list(answers).index(ranked[0][0]))
 
 
+def majority(answers: Sequence[Hashable | None]) -> Hashable | None:
+    """The most frequent parsed answer (ties: the one seen first); None when nothing parsed. Unlike `vote`, never
+    withholds an answer: what a system answers, not what it may be distilled on."""
+    counts = collections.Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    top = max(counts.values())
+    return next(a for a in answers if a is not None and counts[a] == top)
+
+
 def first_sample(answers: Sequence[Hashable | None]) -> Decision:
     """No filter (the paper's ablation): the first sample's answer, whatever the others say; dropped only when it
     did not parse. The share is still reported."""

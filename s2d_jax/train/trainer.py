@@ -147,11 +147,12 @@ class TrainResult:
 
 
 class Trainer:
-    """Fine-tune `model` (in place) on the pairs of `config.train.data`, writing to `workdir`:
-    `checkpoints/`, `metrics.jsonl` and `tensorboard/`. `fit()` resumes from the latest checkpoint there."""
+    """Fine-tune `model` (in place) on the pairs of `data` (default `config.train.data`, else
+    WORKDIR/distill.jsonl), writing to `workdir`: `checkpoints/`, `metrics.jsonl` and `tensorboard/`. `fit()`
+    resumes from the latest checkpoint there."""
 
     def __init__(self, model: Transformer, tokenizer, config: ConfigDict, workdir: str, mesh=None,
-                 chat: bool = True, eval_fn: Callable[[Transformer], dict] | None = None):
+                 chat: bool = True, eval_fn: Callable[[Transformer], dict] | None = None, data: str | None = None):
         t = config.train
         self.t, self.workdir, self.mesh, self.eval_fn = t, workdir, mesh, eval_fn
         if t.steps < 1 or t.batch_size < 1 or t.grad_accum < 1 or t.max_len < 2:
@@ -174,7 +175,7 @@ class Trainer:
                            f"model.dtype=float32 with model.compute_dtype={model.cfg.param_dtype}, or LoRA "
                            f"(train.lora_rank > 0)")
         self.model = model
-        path = datasets.resolve(t.data) if t.data else os.path.join(workdir, "distill.jsonl")
+        path = data or (datasets.resolve(t.data) if t.data else os.path.join(workdir, "distill.jsonl"))
         self.encoded = data_lib.load_pairs(path, tokenizer, max_len=t.max_len, chat=chat, too_long=t.too_long)
         self.data = data_lib.dataset(self.encoded.examples, rows=self.micro_rows * t.grad_accum,
                                      max_len=t.max_len, seed=t.seed, pack=t.pack)
