@@ -1,0 +1,236 @@
+"""Relegation: the router's decisions, the routed system's cost and its sweep, rounds end to end (killed and
+resumed), a teacher that is not the student, and bad route / loop / teacher values."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from s2d_jax import routing
+from s2d_jax.cli import main
+from s2d_jax.config import load_config
+
+TINY = ["--config", "configs/tiny.py"]
+ROUNDS = [*TINY, "--config.route.method=agreement", "--config.loop.rounds=2", "--config.task.n=8",
+          "--config.generate.chunk=2", "--config.route.thresholds=(0.0,0.3,0.6,0.8,1.0)"]
+ARTIFACTS = ("route.jsonl", "route_report.json", "rollouts.jsonl", "distill.jsonl", "train.jsonl", "eval_inputs.jsonl")
+TIMED = ("seconds", "seconds_total", "router_seconds", "tokens_per_s", "mfu")
+
+
+def _untimed(value):
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if k not in TIMED}
+    if isinstance(value, list):
+        return [_untimed(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------------------ the router
+
+
+def test_agreement_and_token_probability_on_constructed_answers():
+    assert routing.agreement(["ab", "ab", "cd", None]) == ("ab", 0.5)  # unparsed samples count in the share
+    assert routing.agreement(["cd", "ab", "ab", "cd"]) == ("cd", 0.5)  # a tie keeps the answer seen first
+    assert routing.agreement([None, None]) == (None, 0.0)
+    assert routing.agreement(["x"] * 4) == ("x", 1.0)
+    assert routing.token_probability([math.log(0.5)] * 3) == pytest.approx(0.5)
+    assert routing.token_probability([0.0, 0.0]) == 1.0 and routing.token_probability([]) == 0.0
+
+
+@pytest.mark.parametrize("confidence, threshold, up", [
+    (0.0, 0.0, False), (1.0, 0.0, False),  # threshold 0: System 1 always answers
+    (1.0, 1.0, False), (0.999, 1.0, True),  # threshold 1: only a unanimous (or certain) System 1 answers
+    (0.75, 0.75, False), (0.7499, 0.75, True),  # the threshold itself is confident
+])
+def test_routing_decisions_at_the_edges(confidence, threshold, up):
+    assert routing.escalated(confidence, threshold) is up
+
+
+def _rows():
+    one = [dict(id=str(i), correct=c, confidence=conf, generated_tokens=4, prompt_tokens=10, flops=100.0)
+           for i, (c, conf) in enumerate([(True, 1.0), (False, 0.5), (True, 0.75), (False, 0.25)])]
+    two = [dict(id=str(i), correct=c, generated_tokens=30 + i, prompt_tokens=50, flops=1000.0 + i)
+           for i, c in enumerate([False, True, True, True])]
+    return one, two
+
+
+def test_routed_cost_counts_every_system1_sample_and_only_escalated_system2_calls():
+    one, two = _rows()
+    r = routing.routed(one, two, 0.75, seconds=(2.0, 40.0))
+    # escalated: inputs 1 (0.5) and 3 (0.25); System 1 answers 0 and 2
+    assert r["escalated_n"] == 2 and r["escalated"] == 0.5
+    assert r["accuracy"] == (1 + 1 + 1 + 1) / 4  # S1 right on 0 and 2, S2 right on 1 and 3
+    assert r["generated_tokens"] == (4 * 4 + 31 + 33) / 4
+    assert r["prompt_tokens"] == (4 * 10 + 2 * 50) / 4
+    assert r["flops"] == pytest.approx((400 + 1001 + 1003) / 4)
+    assert r["seconds_total"] == pytest.approx(2.0 + 40.0 * (1001 + 1003) / sum(x["flops"] for x in two))
+    never, always = routing.routed(one, two, 0.0), routing.routed(one, two, 1.01 - 0.01 + 1e-9)
+    assert never["escalated"] == 0 and never["accuracy"] == 0.5 and never["generated_tokens"] == 4
+    assert always["escalated"] == 1 and always["accuracy"] == 0.75  # System 2's accuracy, both costs
+    assert always["generated_tokens"] == 4 + sum(x["generated_tokens"] for x in two) / 4
+    with pytest.raises(ValueError):
+        routing.routed(one, two[::-1], 0.5)
+
+
+def test_sweep_thresholds_include_the_operating_point():
+    c = load_config("configs/tiny.py", ["route.threshold=0.33"])
+    assert routing.thresholds(c.route) == sorted(set(routing.GRID) | {0.33})
+    c = load_config("configs/tiny.py", ["route.thresholds=(1.0,0.5)"])
+    assert routing.thresholds(c.route) == [0.5, 0.75, 1.0]
+
+
+def test_a_mixed_size_pool_takes_every_size_in_turn():
+    from s2d_jax.stages.inputs import load_inputs, pool_size
+
+    c = load_config("configs/demo.py", ["task.size=1", "task.size_max=3", "task.n=7", "task.offset=2"])
+    _, examples = load_inputs(c)
+    assert [len(e.meta["words"]) for e in examples] == [3, 1, 2, 3, 1, 2, 3] and pool_size(c) == 7
+    whole = load_inputs(load_config("configs/demo.py", ["task.size=1", "task.size_max=3", "task.n=9"]))[1]
+    assert [e.id for e in examples] == [e.id for e in whole[2:]]  # an offset is a slice of the same pool
+
+
+# ------------------------------------------------------------------------------------------ rounds
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("rounds")
+    assert main(["run", *ROUNDS, "--workdir", str(workdir)]) == 0
+    return workdir
+
+
+def test_rounds_write_each_round_and_the_rounds_report(reference):
+    one, two = reference / "rounds" / "1", reference / "rounds" / "2"
+    for name in ARTIFACTS + ("eval.json", "report.md", "round.json"):
+        assert (one / name).exists() and (two / name).exists(), name
+    assert json.load(open(one / "round.json"))["system1"] == ""  # round 1: the base model
+    trained = (one / "model").exists()
+    assert json.load(open(two / "round.json"))["system1"] == ("rounds/1/model" if trained else "")
+    pools = [[json.loads(x)["id"] for x in open(d / "route.jsonl")] for d in (one, two)]
+    assert len(pools[0]) == len(pools[1]) == 4 and not set(pools[0]) & set(pools[1])  # consecutive slices
+    kept = [x for d in (one, two) for x in open(d / "distill.jsonl")]
+    assert sorted(open(two / "train.jsonl")) == sorted(kept)  # loop.accumulate: both rounds' kept examples
+    rows = json.load(open(reference / "rounds.json"))
+    assert [r["round"] for r in rows] == [1, 2]
+    for row, d in zip(rows, (one, two)):
+        route = json.load(open(d / "route_report.json"))
+        assert row["escalated"] == route["escalated"] and row["pool"] == 4
+        escalated = {json.loads(x)["id"] for x in open(d / "route.jsonl") if json.loads(x)["escalated"]}
+        assert {json.loads(x)["id"] for x in open(d / "rollouts.jsonl")} == escalated  # only they saw System 2
+    results = json.load(open(two / "eval.json"))
+    assert results["meta"]["models"]["system1"] == ("rounds/1/model" if trained else "base")
+    assert results["routed"]["system1"] == "rounds/2/model"
+    assert results["system2"] == _without_per_input(json.load(open(one / "eval.json"))["system2"])  # reused
+    report = (reference / "report.md").read_text()
+    assert "| round | System 1 | pool escalated |" in report and (reference / "rounds.png").exists()
+
+
+def _without_per_input(row):
+    return {k: v for k, v in row.items() if k != "per_input"}
+
+
+def test_the_sweep_equals_one_routed_eval_per_threshold(reference):
+    """Each sweep point is what routing for real gives: System 1's samples on every input, then System 2 run on the
+    escalated inputs alone (fresh calls), scored and costed."""
+    from s2d_jax import evaluate
+    from s2d_jax.build import build_model, build_system2, build_tokenizer
+    from s2d_jax.stages.inputs import load_eval_inputs, program_args
+    from s2d_jax.stages.route import router_args
+    from s2d_jax.system2.programs import get_program
+
+    config = load_config("configs/tiny.py", [a.split("--config.")[1] for a in ROUNDS[2:]])
+    where = str(reference / "rounds" / "2")
+    results = json.load(open(os.path.join(where, "eval.json")))
+    task, examples = load_eval_inputs(config)
+    student = build_model(config, path=os.path.join(where, "model")), build_tokenizer(config, where)
+    teacher = build_system2(config, None, where)
+    args = program_args(config, task)
+    rows, _ = evaluate.router(*student, task, examples, **router_args(config, task, None))
+    assert [p["threshold"] for p in results["sweep"]] == [0.0, 0.3, 0.6, 0.75, 0.8, 1.0]  # with route.threshold
+    for point in results["sweep"]:
+        up = [routing.escalated(r["confidence"], point["threshold"]) for r in rows]
+        sent = [e for e, u in zip(examples, up) if u]
+        two = evaluate.system2(get_program("cot"), *teacher, task, sent, samples=1, budgets=args["budgets"],
+                               params=args["params"], chat=config.program.chat)["per_input"] if sent else []
+        answers = iter(two)
+        correct = sum(bool(task.score(next(answers)["answer"] if u else r["answer"], e))
+                      for e, r, u in zip(examples, rows, up))
+        tokens = sum(r["generated_tokens"] for r in rows) + sum(t["generated_tokens"] for t in two)
+        flops = sum(r["flops"] for r in rows) + sum(t["flops"] for t in two)
+        assert point["escalated_n"] == sum(up)
+        assert point["accuracy"] == correct / len(examples)
+        assert point["generated_tokens"] == tokens / len(examples)
+        assert point["flops"] == pytest.approx(flops / len(examples))
+
+
+def test_rounds_killed_mid_round_resume_to_the_same_artifacts(reference, tmp_path):
+    first = json.load(open(reference / "rounds" / "1" / "route_report.json"))["escalated"]
+    second = json.load(open(reference / "rounds" / "2" / "route_report.json"))["escalated"]
+    assert second >= 1  # round 2 has rollouts to kill in
+    env = dict(os.environ, JAX_PLATFORMS="cpu", S2D_FAULT=f"rollout-chunk:{-(-first // 2) + 1}")
+    proc = subprocess.run([sys.executable, "-m", "s2d_jax.cli", "run", *ROUNDS, "--workdir", str(tmp_path)],
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (tmp_path / "rounds" / "1" / "eval.json").exists()  # round 1 complete, round 2 mid-generate
+    assert (tmp_path / "rounds" / "2" / "route.jsonl").exists()
+    assert not (tmp_path / "rounds" / "2" / "rollouts.jsonl").exists() and not (tmp_path / "rounds.json").exists()
+    assert main(["run", *ROUNDS, "--workdir", str(tmp_path)]) == 0
+    for r in ("1", "2"):
+        for name in ARTIFACTS:
+            if name.endswith(".jsonl"):
+                assert (tmp_path / "rounds" / r / name).read_text() == (reference / "rounds" / r / name).read_text()
+        for name in ("route_report.json", "eval.json"):
+            assert _untimed(json.load(open(tmp_path / "rounds" / r / name))) == _untimed(
+                json.load(open(reference / "rounds" / r / name))), name
+    assert _untimed(json.load(open(tmp_path / "rounds.json"))) == _untimed(json.load(open(reference / "rounds.json")))
+
+
+def test_a_teacher_with_another_tokenizer_and_size_end_to_end(tmp_path, smollm2_gguf):
+    """SmolLM2-135M (its BPE tokenizer and chat template) writes the rollouts; the 2-layer byte-level student is
+    trained on their text."""
+    from s2d_jax.sampling import Sampler  # noqa: F401  (the teacher's prompts as its tokenizer counts them)
+    from s2d_jax.tokenizer import chat_prompt, load_tokenizer
+
+    args = ["run", *TINY, "--workdir", str(tmp_path), f"--config.teacher.path={smollm2_gguf}",
+            "--config.filter.name=none", "--config.program.max_new_tokens=24", "--config.task.n=4",
+            "--config.eval.n=4"]
+    assert main(args) == 0
+    teacher = load_tokenizer(smollm2_gguf)
+    rows = [json.loads(x) for x in open(tmp_path / "rollouts.jsonl")]
+    first = rows[0]["stages"][0]
+    assert first["prompt_tokens"] == len(teacher(chat_prompt(teacher, first["prompt"]),
+                                                 add_special_tokens=False).input_ids)
+    assert first["prompt_tokens"] < len(first["prompt"].encode())  # not the student's byte tokens
+    kept = [json.loads(x) for x in open(tmp_path / "distill.jsonl")]
+    assert kept and (tmp_path / "model").exists()  # the student trained on the teacher's answers, as text
+    results = json.load(open(tmp_path / "eval.json"))
+    assert results["meta"]["models"]["system2"] == f"teacher {smollm2_gguf}"
+    assert results["system2"]["flops"] > 50 * results["system1"]["flops"]  # counted at the teacher's size
+    assert "System 2 (program, teacher" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("stage, overrides, message", [
+    ("run", ["route.method=votes"], "key 'route.method' = 'votes' is not allowed (expected one of 'none', "
+                                    "'agreement', 'logprob')"),
+    ("run", ["route.threshold=1.5"], "key 'route.threshold' = 1.5 is not allowed (expected [0.0, 1.0])"),
+    ("run", ["route.thresholds=(0.5,2)"], "key 'route.thresholds': 2 is not a threshold"),
+    ("run", ["route.samples=1"], "key 'route.samples' = 1 is not allowed (expected >= 2)"),
+    ("run", ["loop.rounds=0"], "key 'loop.rounds' = 0 is not allowed (expected >= 1)"),
+    ("run", ["loop.init=last"], "key 'loop.init' = 'last' is not allowed (expected one of 'base', 'previous')"),
+    ("run", ["loop.rounds=7"], "config key 'loop.rounds': 7 rounds need at least 7 unlabelled inputs (the pool has 6"),
+    ("generate", ["loop.rounds=2"], "config key 'loop.rounds': 2 rounds run with `s2d run`"),
+    ("run", ["teacher.path=/no/teacher"], "config key 'teacher.path': /no/teacher: no such file or directory"),
+    ("run", ["teacher.preset=huge", "teacher.tokenizer=bytes"], "key 'teacher.preset': 'huge' is not a preset"),
+    ("run", ["teacher.preset=tiny"], "key 'teacher.tokenizer': a preset teacher needs a tokenizer"),
+])
+def test_bad_route_loop_and_teacher_values_are_one_line_errors(tmp_path, stage, overrides, message, capsys):
+    code = main([stage, *TINY, "--workdir", str(tmp_path), "--config.pretrain.steps=0",
+                 *[f"--config.{o}" for o in overrides]])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "rounds")
