@@ -7,6 +7,7 @@ System 1 greedy and direct, System 2 greedy through the program. Prints one mark
 
     .venv/bin/python benchmarks/system1_vs_system2.py                      # the README's grid, 200 inputs each
     .venv/bin/python benchmarks/system1_vs_system2.py --n 50 --settings last_letters:1:cot
+    .venv/bin/python benchmarks/system1_vs_system2.py --set program.system1_format=false   # System 1: bare input
 """
 
 import argparse
@@ -36,6 +37,8 @@ def main():
     p.add_argument("--model", default="", help="model.path (default: the config's SmolLM2 GGUF)")
     p.add_argument("--tokens", type=int, default=128, help="System 2 budget per stage")
     p.add_argument("--json", default="", help="also write the rows here")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every setting (e.g. program.system1_format=false: the bare input)")
     a = p.parse_args()
     rows = []
     model = tok = mesh = None
@@ -46,7 +49,7 @@ def main():
         task_name, size, program = setting.split(":")
         overrides = [f"task.name={task_name}", f"task.size={size}", f"program.name={program}", "eval.path=",
                      f"eval.n={a.n}", "eval.variants=()", f"program.max_new_tokens={a.tokens}"]
-        config = load_config(CONFIG, overrides + ([f"model.path={a.model}"] if a.model else []))
+        config = load_config(CONFIG, overrides + ([f"model.path={a.model}"] if a.model else []) + a.set)
         if model is None:
             mesh = build_mesh(config)
             model, tok = build_model(config, mesh), build_tokenizer(config)

@@ -136,13 +136,14 @@ def compile_all(config: ConfigDict, t: Target, cfg=None) -> dict:
     mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices(t))
     run = Programs(config, mesh, t)
     cfg = (cfg or plan_lib.model_config(config)).replace(platform=t.platform)
+    sampler = plan_lib.model_config(config, system2=True).replace(platform=t.platform)  # the teacher, if any
     from jax.experimental.compilation_cache import compilation_cache
 
     cache = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)  # no machine here could load these executables
     compilation_cache.reset_cache()  # (JAX decides whether to use its cache once, and keeps the answer)
     try:
-        return {name: run.figures(name, cfg) for name in PROGRAMS}
+        return {name: run.figures(name, cfg if name == "train_step" else sampler) for name in PROGRAMS}
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
         compilation_cache.reset_cache()
@@ -159,7 +160,8 @@ def plan_figures(config: ConfigDict, t: Target, p: dict) -> dict:
     slots = max(c["decode"]["arguments"] - p["generate_params"], 0)  # the decode call's other arguments
     generate = max(c["prefill"]["peak"] + slots, c["insert"]["peak"] + p["generate_params"], c["decode"]["peak"])
     tr = config.train
-    s = plan_lib.sampler_shapes(config, cfg, p["mesh"]["data"] * p["mesh"]["fsdp"])
+    s = plan_lib.sampler_shapes(config, plan_lib.model_config(config, system2=True),
+                                p["mesh"]["data"] * p["mesh"]["fsdp"])
     train_s, decode_s = c["train_step"]["roofline_s"], c["decode"]["roofline_s"]
     roofline = None if train_s is None else {
         "train_step_s": train_s, "train_tokens_per_s": tr.batch_size * tr.max_len / train_s,

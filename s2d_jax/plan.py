@@ -38,14 +38,21 @@ def mesh_shape(m: ConfigDict, devices: int):
     return types.SimpleNamespace(shape=mesh_lib.mesh_sizes(m.data, m.fsdp, m.tensor, devices), size=devices)
 
 
-def model_config(config: ConfigDict):
-    m = config.model
-    base = read_config(hub.resolve(m.path, m.revision, config_only=True)) if m.path else PRESETS.get(m.preset)
+def model_config(config: ConfigDict, system2: bool = False):
+    """The student's model config (trained, System 1); with `system2`, the model that samples System 2's rollouts:
+    the `teacher` when there is one (in its own dtype), else the same model."""
+    m, t = config.model, config.teacher
+    teacher = system2 and bool(t.path or t.preset)
+    path, revision, preset, key = (t.path, t.revision, t.preset, "teacher") if teacher else (
+        m.path, m.revision, m.preset, "model")
+    base = read_config(hub.resolve(path, revision, config_only=True)) if path else PRESETS.get(preset)
     if base is None:
-        raise S2DError(f"config key 'model.preset': {m.preset!r} is not a preset and 'model.path' is empty")
+        raise S2DError(f"config key '{key}.preset': {preset!r} is not a preset and '{key}.path' is empty")
     compute = m.compute_dtype or m.dtype
-    return base.replace(param_dtype=m.dtype, dtype=compute, remat=config.train.remat, scan_layers=m.scan_layers,
-                        attention=m.attention, splash_block=m.splash_block)
+    dtypes = dict(param_dtype=t.dtype or compute, dtype=t.dtype or compute) if teacher else dict(
+        param_dtype=m.dtype, dtype=compute)
+    return base.replace(**dtypes, remat=config.train.remat, scan_layers=m.scan_layers, attention=m.attention,
+                        splash_block=m.splash_block)
 
 
 def shard_bytes(shape, dtype, axes, mesh) -> int:
@@ -128,6 +135,7 @@ def plan(config: ConfigDict, mesh) -> dict:
 
     cfg = model_config(config)
     t = config.train
+
     def build():
         model = Transformer(cfg, rngs=nnx.Rngs(0))
         return lora.add(model, t.lora_rank, t.lora_alpha, t.lora_targets) if t.lora_rank else model
@@ -139,21 +147,24 @@ def plan(config: ConfigDict, mesh) -> dict:
     else:
         params = trained = _state_bytes(base_state, mesh)
     rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
-    sample_params = _state_bytes(base_state, mesh, cfg.dtype)  # the sampler's weights: in the compute dtype
-    s = sampler_shapes(config, cfg, rows_split)
-    kv_shape = (s["slots"], cfg.num_kv_heads, s["width"], cfg.head_dim)
+    sampler = model_config(config, system2=True)  # what samples the rollouts: the teacher, if any
+    if sampler != cfg:
+        base_state = nnx.split(nnx.eval_shape(lambda: Transformer(sampler, rngs=nnx.Rngs(0))), nnx.Param, ...)[1]
+    sample_params = _state_bytes(base_state, mesh, sampler.dtype)  # the sampler's weights: in the compute dtype
+    s = sampler_shapes(config, sampler, rows_split)
+    kv_shape = (s["slots"], sampler.num_kv_heads, s["width"], sampler.head_dim)
     length = s["width"]
-    kv_dtype = config.generate.cache_dtype or cfg.dtype
-    kv = 2 * sum(shard_bytes(kv_shape[:2] + (cache_slots(cfg, n, length),) + kv_shape[3:], kv_dtype, CACHE_AXES,
-                             mesh) for n in range(cfg.num_layers))  # sliding layers hold a ring of their window
+    kv_dtype = config.generate.cache_dtype or sampler.dtype
+    kv = 2 * sum(shard_bytes(kv_shape[:2] + (cache_slots(sampler, n, length),) + kv_shape[3:], kv_dtype, CACHE_AXES,
+                             mesh) for n in range(sampler.num_layers))  # sliding layers hold a ring of their window
     micro_rows = max(t.batch_size // t.grad_accum // rows_split, 1)
     activations = activation_bytes(cfg, micro_rows, t.max_len, t.loss_chunk, mesh.shape["tensor"], mesh.shape["fsdp"])
     train_total = params + trained * 3 + activations  # weights, gradients, two AdamW moments (float32 masters)
     return {"mesh": dict(mesh.shape), "devices": mesh.size, "num_params": cfg.num_params,
-            "lora_rank": t.lora_rank, "params": params, "grads": trained, "optimizer": 2 * trained,
-            "activations_estimate": activations, "train_total": train_total, "kv_cache": kv,
-            "kv_cache_shape": list(kv_shape), "generate_params": sample_params,
-            "sampler_transient": (transient := sampler_transient(cfg, s, mesh)),
+            "generate_num_params": sampler.num_params, "lora_rank": t.lora_rank, "params": params,
+            "grads": trained, "optimizer": 2 * trained, "activations_estimate": activations, "train_total": train_total,
+            "kv_cache": kv, "kv_cache_shape": list(kv_shape), "generate_params": sample_params,
+            "sampler_transient": (transient := sampler_transient(sampler, s, mesh)),
             "generate_total": sample_params + kv + transient, "device_gb": config.plan.device_gb}
 
 
@@ -174,6 +185,8 @@ def report(p: dict) -> str:
     lines = [f"mesh {p['mesh']} ({p['devices']} devices), {p['num_params'] / 1e6:.1f}M parameters; per device:"]
     if p["lora_rank"]:
         lines[0] += f" (LoRA rank {p['lora_rank']}: frozen base + float32 adapters)"
+    if p["generate_num_params"] != p["num_params"]:
+        lines.append(f"  (generate's figures are the teacher's: {p['generate_num_params'] / 1e6:.1f}M parameters)")
     for key in ("params", "grads", "optimizer", "activations_estimate", "train_total", "generate_params", "kv_cache",
                 "sampler_transient", "generate_total"):
         lines.append(f"  {key:<21} {p[key] / GB:10.4f} GB")

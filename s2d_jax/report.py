@@ -180,11 +180,18 @@ def plot(results_by_run: dict[str, dict], path: str, x: str = "generated_tokens"
                         textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.set_xscale("symlog", linthresh=10) if x == "generated_tokens" else ax.set_xscale("log")
     ax.set_xlabel(("generated tokens" if x == "generated_tokens" else "forward FLOPs") + " per input (log)")
-    ax.set_ylabel("accuracy (%)")
+    save_percent_plot(fig, ax, "accuracy (%)", "Accuracy vs cost", path)
+
+
+def save_percent_plot(fig, ax, ylabel: str, title: str, path: str) -> None:
+    """Finish a plot whose y axis is a percentage and write it atomically (a PNG is never seen half-written)."""
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel(ylabel)
     ax.set_ylim(-5, 105)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=7)
-    ax.set_title("Accuracy vs cost", fontsize=10)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp)

@@ -10,7 +10,7 @@ from ml_collections import ConfigDict
 
 from s2d_jax import distributed, rounds
 from s2d_jax.artifacts import read_jsonl, write_atomic
-from s2d_jax.report import COLORS
+from s2d_jax.report import COLORS, save_percent_plot
 
 ACCURACY = ("system1", "system2", "distilled", "routed")
 
@@ -91,16 +91,7 @@ def plot(rows: list[dict], path: str) -> None:
                 marker="^", linestyle=":", color="tab:red", label="routed: held-out escalated (%)")
     ax.set_xticks(xs)
     ax.set_xlabel("round")
-    ax.set_ylabel("%")
-    ax.set_ylim(-5, 105)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize=7)
-    ax.set_title("Accuracy and escalated share over rounds", fontsize=10)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_percent_plot(fig, ax, "%", "Accuracy and escalated share over rounds", path)
 
 
 def write_rounds_report(config: ConfigDict, workdir: str) -> str:

@@ -234,3 +234,25 @@ def test_bad_route_loop_and_teacher_values_are_one_line_errors(tmp_path, stage, 
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not os.path.exists(tmp_path / "rounds")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in __import__("pathlib").Path("configs").glob("*.py")
+                                        if p.name not in ("smollm2.py",)))
+def test_every_shipped_config_takes_rounds_a_router_and_a_teacher(name):
+    """A user turns any config into relegation with keys alone: three rounds, the agreement router, a teacher."""
+    config = load_config(f"configs/{name}", ["loop.rounds=3", "route.method=agreement",
+                                             "teacher.path=meta-llama/Llama-3.1-70B-Instruct"])
+    assert config.loop.rounds == 3 and config.teacher.path.endswith("70B-Instruct")
+
+
+def test_the_plan_sizes_generation_for_the_teacher():
+    from s2d_jax import plan as plan_lib
+
+    student = load_config("configs/tiny.py")
+    taught = load_config("configs/tiny.py", ["teacher.preset=toy", "teacher.tokenizer=bytes"])
+    mesh = plan_lib.mesh_shape(student.mesh, 1)
+    alone, with_teacher = plan_lib.plan(student, mesh), plan_lib.plan(taught, mesh)
+    assert with_teacher["train_total"] == alone["train_total"]  # the student trains either way
+    assert with_teacher["generate_num_params"] > alone["generate_num_params"] == alone["num_params"]
+    assert with_teacher["generate_params"] > alone["generate_params"]
+    assert "the teacher's" in plan_lib.report(with_teacher)

@@ -10,6 +10,7 @@ import os
 
 from ml_collections import ConfigDict
 
+from s2d_jax import distributed
 from s2d_jax.artifacts import write_atomic
 from s2d_jax.build import build_mesh, build_system1
 from s2d_jax.routing import COSTS, escalated
@@ -46,8 +47,10 @@ def route(config: ConfigDict, workdir: str) -> str | None:
     report = {"method": r.method, "threshold": r.threshold, "system1": model_name(workdir), "inputs": len(rows),
               "escalated": up, "skipped": len(rows) - up, "escalated_share": up / max(len(rows), 1),
               "router": {k: sum(row[k] for row in rows) for k in COSTS}, "router_seconds": seconds}
-    write_atomic(os.path.join(workdir, REPORT), json.dumps(report, indent=2) + "\n")
-    write_atomic(out, "".join(json.dumps(row, default=str) + "\n" for row in rows))
+    if distributed.primary():  # every host computed every row (one global mesh); one writes
+        write_atomic(os.path.join(workdir, REPORT), json.dumps(report, indent=2) + "\n")
+        write_atomic(out, "".join(json.dumps(row, default=str) + "\n" for row in rows))
+    distributed.barrier(f"route {workdir}")  # generate, on every host, reads the decisions
     log.info("route: %d of %d inputs escalated to System 2 (%.0f%%); %d answered by System 1", up, len(rows),
              100 * report["escalated_share"], len(rows) - up)
     return out
