@@ -33,7 +33,7 @@ def _parser(stages) -> argparse.ArgumentParser:
         prog="s2d", usage=USAGE,
         description="System 2 distillation in JAX. Stages: " + ", ".join(stages) + ".",
         epilog="Any config key can be overridden: --config.model.path=/models/llama --config.seed=1. "
-               "Keys and defaults: s2d_jax/config.py.")
+               "Keys and defaults: s2d_jax/config_schema.py.")
     p.add_argument("stage", choices=list(stages), help="what to run")
     p.add_argument("--config", required=True, help="experiment config file (a .py with get_config())")
     p.add_argument("--workdir", default=None, help="where artifacts go (default: runs/<config name>)")

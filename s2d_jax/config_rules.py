@@ -1,4 +1,4 @@
-"""The rules a config value obeys, as the schema in `config.py` writes them: `_(default, rule)`, where a rule
+"""The rules a config value obeys, as the schema in `config_schema.py` writes them: `_(default, rule)`, where a rule
 returns None for an allowed value and else says what is allowed (`at_least(1)(0)` -> ">= 1")."""
 
 from __future__ import annotations

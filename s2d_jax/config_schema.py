@@ -99,6 +99,8 @@ def schema() -> dict:
             "cot_max_words": _(6, at_least(1)),  # step-by-step answers for lists of 1..this many words
             "direct_max_words": _(2, at_least(0)),  # direct answers only for lists of 1..this many words
             "direct_share": _(0.3, between(0.0, 1.0)),
+            # of the direct answers, this share are random-letter guesses for longer lists (System 1 unsure there)
+            "guess_share": _(0.0, between(0.0, 1.0)),
             "batch_size": _(16, at_least(1)),
             "learning_rate": _(1e-3, above(0.0)),
             "warmup_steps": _(50, at_least(0)),

@@ -91,9 +91,13 @@ def keep_config(config: ConfigDict, workdir: str) -> None:
             kept = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise S2DError(f"{path}: the workdir's kept config is not valid JSON ({e}); use another --workdir") from None
+    kept = _with_defaults(kept)  # a key added since the workdir was made counts at its default
     key = _first_difference(_results(kept), _results(current))
     grown = _with(kept, GROWS, _get(current, GROWS))
     if key == GROWS and _first_difference(_results(grown), _results(current)) is None:
+        if (_get(kept, "loop.rounds") or 1) > 1:
+            raise S2DError(f"{path}: {GROWS} may not change in a workdir of rounds (later rounds were routed and "
+                           f"trained from earlier rounds' models); use another --workdir")
         if _get(current, GROWS) < _get(kept, GROWS):
             raise S2DError(f"{path}: {GROWS} may only grow on a workdir ({_get(kept, GROWS)} there, "
                            f"{_get(current, GROWS)} now); use another --workdir to train fewer steps")
@@ -105,6 +109,17 @@ def keep_config(config: ConfigDict, workdir: str) -> None:
     if key:
         raise S2DError(f"{path}: this workdir was made with a different config (key {key!r}: {_get(kept, key)!r} "
                        f"there, {_get(current, key)!r} now); use another --workdir")
+
+
+def _with_defaults(kept: dict) -> dict:
+    """`kept` with every schema key it lacks at its default."""
+    from s2d_jax.config import defaults
+
+    def merge(base: dict, over: dict) -> dict:
+        return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                           for k, v in over.items()}}
+
+    return merge(json.loads(json.dumps(defaults().to_dict())), kept)
 
 
 def _with(config: dict, dotted: str, value) -> dict:

@@ -256,3 +256,22 @@ def test_the_plan_sizes_generation_for_the_teacher():
     assert with_teacher["generate_num_params"] > alone["generate_num_params"] == alone["num_params"]
     assert with_teacher["generate_params"] > alone["generate_params"]
     assert "the teacher's" in plan_lib.report(with_teacher)
+
+
+def test_a_workdir_made_before_these_keys_keeps_working_and_rounds_do_not_grow(tmp_path):
+    from s2d_jax.errors import S2DError
+    from s2d_jax.workdir import keep_config
+
+    keep_config(load_config("configs/tiny.py"), str(tmp_path))
+    kept = json.load(open(tmp_path / "config.json"))
+    for key in ("route", "loop", "teacher"):
+        del kept[key]
+    (tmp_path / "config.json").write_text(json.dumps(kept))
+    keep_config(load_config("configs/tiny.py"), str(tmp_path))  # absent keys count at their defaults
+    with pytest.raises(S2DError, match="key 'route.method': 'none' there, 'agreement' now"):
+        keep_config(load_config("configs/tiny.py", ["route.method=agreement"]), str(tmp_path))
+    rounds = tmp_path / "rounds"
+    rounds.mkdir()
+    keep_config(load_config("configs/tiny.py", ["loop.rounds=2"]), str(rounds))
+    with pytest.raises(S2DError, match="train.steps may not change in a workdir of rounds"):
+        keep_config(load_config("configs/tiny.py", ["loop.rounds=2", "train.steps=20"]), str(rounds))

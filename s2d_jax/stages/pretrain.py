@@ -43,7 +43,7 @@ def pretrain(config: ConfigDict, workdir: str) -> str:
     corpus = os.path.join(here, "corpus.jsonl")
     rows = task.corpus(p.corpus_size, p.seed, get_program(config.program.name).stages[0].template,
                        cot_max_words=p.cot_max_words, direct_max_words=p.direct_max_words,
-                       direct_share=p.direct_share)
+                       direct_share=p.direct_share, guess_share=p.guess_share)
     write_atomic(corpus, "".join(json.dumps(r) + "\n" for r in rows))
     if config.tokenizer == SYLLABLES:
         if not hasattr(task, "syllables"):

@@ -65,19 +65,25 @@ class LastLetters(Task):
         return normalise(found)
 
     def corpus(self, n: int, seed: int, step_prompt: str, cot_max_words: int = 6, direct_max_words: int = 2,
-               direct_share: float = 0.3) -> list[dict]:
+               direct_share: float = 0.3, guess_share: float = 0.0) -> list[dict]:
         """A synthetic instruction corpus for a toy base model (the CPU demo): step-by-step answers to
         `step_prompt` (a System 2 template with `{input}`) for lists of 1..cot_max_words words, and direct answers
         (System 1 prompt -> the letters) only for lists of 1..direct_max_words. Its System 2 then beats its System 1
-        on longer lists, which is what distillation can close."""
+        on longer lists, which is what distillation can close. `guess_share` of the direct answers are guesses for
+        longer lists (letters drawn at random): System 1 then guesses where it cannot answer, so its samples
+        disagree there, as a model unsure of an answer does (the relegation toy's router reads that)."""
         rng = random.Random(f"last_letters-corpus:{seed}")
         rows = []
         for _ in range(n):
             direct = rng.random() < direct_share
-            count = rng.randint(1, direct_max_words if direct else cot_max_words)
+            guess = direct and guess_share > 0 and direct_max_words < cot_max_words and rng.random() < guess_share
+            count = rng.randint(direct_max_words + 1, cot_max_words) if guess else rng.randint(
+                1, direct_max_words if direct else cot_max_words)
             words = made_up_names(rng, count, SYLLABLES, (2,))
             question = QUESTION.format(words=" ".join(words))
-            if direct:
+            if guess:
+                rows.append({"prompt": question, "target": "".join(rng.choice("aeiou") for _ in words)})
+            elif direct:
                 rows.append({"prompt": question, "target": "".join(w[-1] for w in words).lower()})
             else:
                 rows.append({"prompt": step_prompt.format(input=question), "target": self.trace(words)})
