@@ -37,6 +37,8 @@ def main():
     p.add_argument("--model", default="", help="model.path (default: the config's SmolLM2 GGUF)")
     p.add_argument("--tokens", type=int, default=128, help="System 2 budget per stage")
     p.add_argument("--json", default="", help="also write the rows here")
+    p.add_argument("--system1-only", action="store_true",
+                   help="score System 1 alone (System 2 does not read the overrides that change System 1's prompt)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every setting (e.g. program.system1_format=false: the bare input)")
     a = p.parse_args()
@@ -59,8 +61,9 @@ def main():
         common = dict(chat=config.program.chat, mesh=mesh, max_batch=config.generate.max_batch)
         one = evaluate.system1(model, tok, task, examples, prompt=lambda x: system1_prompt(config, task, x),
                                max_new_tokens=task.answer_tokens, **common)
-        two = evaluate.system2(get_program(program), model, tok, task, examples, samples=1,
-                               budgets=args["budgets"], params=args["params"], **common)
+        two = {"accuracy": float("nan"), "generated_tokens": float("nan"), "truncation": {}} if a.system1_only else \
+            evaluate.system2(get_program(program), model, tok, task, examples, samples=1, budgets=args["budgets"],
+                             params=args["params"], **common)
         seconds = time.perf_counter() - start
         cut = max(two["truncation"].values(), default=0.0)
         row = dict(task=task_name, size=int(size), program=program, n=len(examples), system1=one["accuracy"],

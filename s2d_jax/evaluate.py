@@ -37,11 +37,13 @@ def rollout_cost(records: list[dict], cfg) -> dict:
                          for r in records for i, s in enumerate(r["stages"]))}
 
 
-def calls_cost(samples, cfg) -> dict:
-    """Totals over single calls (`Sample`s): System 1's answers, USC's selections."""
+def calls_cost(samples, cfg, shared_prompt: bool = False) -> dict:
+    """Totals over calls (`Sample`s): System 1's answers, USC's selections; `shared_prompt`: the samples of one
+    prompt (the router's), billed per sample but computed once."""
     return {"generated_tokens": sum(s.num_tokens for s in samples),
             "prompt_tokens": sum(s.prompt_tokens for s in samples),
-            "flops": sum(call_flops(cfg, s.prompt_tokens, s.num_tokens) for s in samples)}
+            "flops": sum(call_flops(cfg, s.prompt_tokens, s.num_tokens, read_prompt=not shared_prompt or j == 0)
+                         for j, s in enumerate(samples))}
 
 
 def add_cost(a: dict, b: dict) -> dict:
@@ -101,7 +103,8 @@ def router(model, tokenizer, task, examples, *, method: str, samples: int = 4, t
             answer, confidence = routing.agreement([task.parse(s.text) for s in group])
         else:
             answer, confidence = task.parse(group[0].text), routing.token_probability(group[0].logprobs)
-        rows.append({"id": e.id, "answer": answer, "confidence": confidence, **calls_cost(group, model.cfg)})
+        rows.append({"id": e.id, "answer": answer, "confidence": confidence,
+                     **calls_cost(group, model.cfg, shared_prompt=True)})
     return rows, time.perf_counter() - start
 
 

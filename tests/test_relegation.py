@@ -4,7 +4,6 @@ resumed), a teacher that is not the student, and bad route / loop / teacher valu
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +74,19 @@ def test_routed_cost_counts_every_system1_sample_and_only_escalated_system2_call
     assert always["generated_tokens"] == 4 + sum(x["generated_tokens"] for x in two) / 4
     with pytest.raises(ValueError):
         routing.routed(one, two[::-1], 0.5)
+
+
+def test_the_routers_samples_of_one_prompt_compute_the_prompt_once():
+    from s2d_jax import evaluate
+    from s2d_jax.model.config import PRESETS
+    from s2d_jax.sampling.sampler import Sample
+
+    cfg = PRESETS["tiny"]
+    group = [Sample("ab", [], 3, "stop", prompt_tokens=40) for _ in range(4)]
+    shared, apart = evaluate.calls_cost(group, cfg, shared_prompt=True), evaluate.calls_cost(group, cfg)
+    assert shared["prompt_tokens"] == apart["prompt_tokens"] == 160  # billed per sample, as an API bills
+    assert shared["flops"] == pytest.approx(evaluate.call_flops(cfg, 40, 3)
+                                            + 3 * evaluate.call_flops(cfg, 40, 3, read_prompt=False))
 
 
 def test_sweep_thresholds_include_the_operating_point():
@@ -193,7 +205,6 @@ def test_rounds_killed_mid_round_resume_to_the_same_artifacts(reference, tmp_pat
 def test_a_teacher_with_another_tokenizer_and_size_end_to_end(tmp_path, smollm2_gguf):
     """SmolLM2-135M (its BPE tokenizer and chat template) writes the rollouts; the 2-layer byte-level student is
     trained on their text."""
-    from s2d_jax.sampling import Sampler  # noqa: F401  (the teacher's prompts as its tokenizer counts them)
     from s2d_jax.tokenizer import chat_prompt, load_tokenizer
 
     args = ["run", *TINY, "--workdir", str(tmp_path), f"--config.teacher.path={smollm2_gguf}",

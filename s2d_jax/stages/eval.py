@@ -153,7 +153,8 @@ def _earlier_results(workdir: str) -> dict:
         per_input = read_jsonl(os.path.join(where, PER_INPUT), ("id",))
         for name, model in results["meta"].get("models", {}).items():
             if model and results.get(name):
-                found[(KIND[name], model)] = {**results[name], "per_input": [{"id": p["id"], **p[name]} for p in per_input]}
+                rows = [{"id": p["id"], **p[name]} for p in per_input]
+                found[(KIND[name], model)] = {**results[name], "per_input": rows}
     return found
 
 
