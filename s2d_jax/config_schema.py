@@ -153,7 +153,8 @@ def schema() -> dict:
             "threshold": _(0.75, between(0.0, 1.0)),  # confident (System 1's answer stands) at confidence >= this
             "samples": _(4, at_least(2)),  # agreement: System 1 samples per input (their majority is its answer)
             "temperature": _(0.7, above(0.0)),  # agreement: those samples' temperature
-            "thresholds": (),  # eval's accuracy-against-cost sweep, from the same samples; () = 0, 0.05, ..., 1
+            # eval's accuracy-against-cost sweep, from the same samples; () = 0, 0.05, ..., 0.9, finer to 0.999, 1
+            "thresholds": (),
         },
         # rounds of relegation (s2d_jax/stages/loop.py): round r's System 1 is round r-1's distilled model
         "loop": {

@@ -17,7 +17,8 @@ from collections.abc import Hashable, Sequence
 from s2d_jax.system2.filters import majority, vote
 
 COSTS = ("generated_tokens", "prompt_tokens", "flops")
-GRID = tuple(round(0.05 * i, 2) for i in range(21))  # the default sweep: 0, 0.05, ..., 1
+# the default sweep: 0, 0.05, ..., 0.9, then finer towards 1, where a per-token probability's thresholds live
+GRID = tuple(round(0.05 * i, 2) for i in range(19)) + (0.92, 0.94, 0.96, 0.98, 0.99, 0.995, 0.999, 1.0)
 
 
 def input_key(input_id: str) -> int:
