@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from ml_collections import ConfigDict
 
@@ -21,8 +22,8 @@ def round_row(workdir: str, r: int) -> dict:
     load = lambda name: json.load(open(os.path.join(where, name))) if os.path.exists(os.path.join(where, name)) \
         else None
     results, pool, kept = load("eval.json"), load("route_report.json"), load("filter_report.json")
-    rollouts = read_jsonl(os.path.join(where, "rollouts.jsonl"), empty_ok=True) \
-        if os.path.exists(os.path.join(where, "rollouts.jsonl")) else []
+    rollouts = [x for name in sorted(os.listdir(where)) if re.fullmatch(r"rollouts(-\d{5}-of-\d{5})?\.jsonl", name)
+                for x in read_jsonl(os.path.join(where, name), empty_ok=True)]  # one file, or a shard per host
     escalated_inputs = len({x["id"] for x in rollouts})
     tokens = sum(x.get("num_tokens", 0) for x in rollouts)
     row = {"round": r, "system1_model": results["meta"]["models"]["system1"], "pool": pool["inputs"] if pool else
