@@ -180,6 +180,31 @@ def test_the_sweep_equals_one_routed_eval_per_threshold(reference):
         assert point["flops"] == pytest.approx(flops / len(examples))
 
 
+def test_the_logprob_router_reads_system1s_greedy_answer(reference):
+    """`logprob`: System 1's own greedy answer (as eval's System 1 row gives it) with its per-token probability."""
+    from s2d_jax import evaluate
+    from s2d_jax.build import build_model, build_tokenizer
+    from s2d_jax.sampling import Sampler
+    from s2d_jax.stages.inputs import load_eval_inputs, system1_prompt
+    from s2d_jax.stages.route import router_args
+
+    config = load_config("configs/tiny.py", [a.split("--config.")[1] for a in ROUNDS[2:]] + ["route.method=logprob"])
+    where = str(reference / "rounds" / "2")
+    task, examples = load_eval_inputs(config)
+    model, tok = build_model(config, path=os.path.join(where, "model")), build_tokenizer(config, where)
+    rows, _ = evaluate.router(model, tok, task, examples, **router_args(config, task, None))
+    greedy = evaluate.system1(model, tok, task, examples, prompt=lambda x: system1_prompt(config, task, x),
+                              max_new_tokens=config.eval.max_new_tokens, chat=config.program.chat)["per_input"]
+    assert [r["answer"] for r in rows] == [g["answer"] for g in greedy]
+    assert [r["generated_tokens"] for r in rows] == [g["generated_tokens"] for g in greedy]  # one call, no samples
+    outs = Sampler(model, tok).generate([system1_prompt(config, task, x) for x in examples], logprobs=True,
+                                        max_new_tokens=config.eval.max_new_tokens, chat=config.program.chat,
+                                        progress=False)
+    expected = [math.exp(sum(s.logprobs) / len(s.logprobs)) for (s,) in outs]
+    assert [r["confidence"] for r in rows] == pytest.approx(expected)
+    assert all(0 < r["confidence"] <= 1 for r in rows)
+
+
 def test_rounds_killed_mid_round_resume_to_the_same_artifacts(reference, tmp_path):
     first = json.load(open(reference / "rounds" / "1" / "route_report.json"))["escalated"]
     second = json.load(open(reference / "rounds" / "2" / "route_report.json"))["escalated"]
