@@ -247,13 +247,15 @@ def compare(workdirs: list[str], paper: str = PAPER) -> tuple[str, dict]:
         header.append(f"paper ({reference[paper_task]['model']}, {reference[paper_task]['metric']})")
     lines = ["# Runs side by side", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, label in SYSTEMS:
+        if not any(results.get(name) for results in runs.values()) and name not in reference.get(paper_task, {}):
+            continue  # a system no run has (the routed one, without a router)
         cells = [label]
         for results in runs.values():
             row = results.get(name)
             cells.append("" if row is None else f"{100 * row['accuracy']:.1f} / {_tokens(row):.1f} / "
                          f"{row.get('flops', 0):.3g} / {row.get('seconds', 0):.2f}")
         if paper_task:
-            cells.append(reference[paper_task][name][1])
+            cells.append(reference[paper_task].get(name, (None, ""))[1])
         lines.append("| " + " | ".join(cells) + " |")
     lines += [""] + [f"- {run}: {r.get('meta', {}).get('program')} on {r.get('meta', {}).get('task')}, model "
                      f"{r.get('meta', {}).get('model')}, filter {r.get('filter', {}).get('filter', '-')}"
