@@ -93,21 +93,23 @@ def build_system1(config: ConfigDict, mesh=None, workdir: str | None = None):
     return build_model(config, mesh, workdir, path=rounds.system1_path(workdir)), build_tokenizer(config, workdir)
 
 
+def teacher_config(config: ConfigDict) -> ConfigDict | None:
+    """The config with the `teacher` as its model (weights and compute in `teacher.dtype`, its own tokenizer), or
+    None without a teacher: what builds, plans and compiles the model that samples System 2."""
+    t = config.teacher
+    if not (t.path or t.preset):
+        return None
+    out = ConfigDict(config.to_dict())
+    dtype = t.dtype or config.model.compute_dtype or config.model.dtype
+    out.model.update(path=t.path, revision=t.revision, preset=t.preset, dtype=dtype, compute_dtype=dtype)
+    out.tokenizer = t.tokenizer
+    return out
+
+
 def build_system2(config: ConfigDict, mesh=None, workdir: str | None = None):
     """(model, tokenizer) that runs the System 2 program: the `teacher` when the config names one, else the base
     model (its own teacher). Its tokenizer may differ from the student's: what passes between them is text."""
-    t = config.teacher
-    if not (t.path or t.preset):
+    teacher = teacher_config(config)
+    if teacher is None:
         return build_model(config, mesh, workdir), build_tokenizer(config, workdir)
-    m = config.model
-    dtype = t.dtype or m.compute_dtype or m.dtype
-    if t.path:
-        model = load_model(t.path, dtype=dtype, compute_dtype=dtype, mesh=mesh, scan_layers=m.scan_layers,
-                           revision=t.revision)
-        model.cfg = model.cfg.replace(attention=m.attention, splash_block=m.splash_block)
-    else:
-        model = init_model(PRESETS[t.preset].replace(param_dtype=dtype, dtype=dtype, scan_layers=m.scan_layers,
-                                                     attention=m.attention, splash_block=m.splash_block),
-                           seed=config.seed, mesh=mesh)
-    name = t.tokenizer or t.path
-    return model, load_tokenizer(name, revision=t.revision if name == t.path else "")
+    return build_model(teacher, mesh, base=False), build_tokenizer(teacher)

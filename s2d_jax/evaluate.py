@@ -112,7 +112,7 @@ def routed_system1(model, tokenizer, task, examples, **router_args) -> dict:
     """The router's System 1 scored on labelled inputs: its answers' accuracy and cost, with per-input rows
     (`confidence` included) for `routing.routed`."""
     rows, seconds = router(model, tokenizer, task, examples, **router_args)
-    out = _scores(task, examples, [r["answer"] for r in rows], {k: sum(r[k] for r in rows) for k in routing.COSTS},
+    out = _scores(task, examples, [r["answer"] for r in rows], routing.total(rows),
                   seconds, [{k: r[k] for k in routing.COSTS} for r in rows])
     for row, r in zip(out["per_input"], rows):
         row["confidence"] = r["confidence"]
@@ -140,8 +140,7 @@ def system2(program, model, tokenizer, task, examples, *, samples: int = 1, chat
         picks = usc_select(sampler, per_input, chat)
         chosen = [a[pick] if pick is not None else None for (pick, _), a in zip(picks, answers)]
         costs = [add_cost(c, calls_cost([s], cfg)) for c, (_, s) in zip(costs, picks)]
-    total = {k: sum(c[k] for c in costs) for k in costs[0]}
-    out = _scores(task, examples, chosen, total, time.perf_counter() - start, costs)
+    out = _scores(task, examples, chosen, routing.total(costs), time.perf_counter() - start, costs)
     out["truncation"] = stage_truncation(records)
     if samples > 1:
         out.update(maj_at_k(task, examples, answers))

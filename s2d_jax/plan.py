@@ -41,18 +41,17 @@ def mesh_shape(m: ConfigDict, devices: int):
 def model_config(config: ConfigDict, system2: bool = False):
     """The student's model config (trained, System 1); with `system2`, the model that samples System 2's rollouts:
     the `teacher` when there is one (in its own dtype), else the same model."""
-    m, t = config.model, config.teacher
-    teacher = system2 and bool(t.path or t.preset)
-    path, revision, preset, key = (t.path, t.revision, t.preset, "teacher") if teacher else (
-        m.path, m.revision, m.preset, "model")
-    base = read_config(hub.resolve(path, revision, config_only=True)) if path else PRESETS.get(preset)
+    from s2d_jax.build import teacher_config
+
+    if system2 and (teacher := teacher_config(config)) is not None:
+        return model_config(teacher)
+    m = config.model
+    base = read_config(hub.resolve(m.path, m.revision, config_only=True)) if m.path else PRESETS.get(m.preset)
     if base is None:
-        raise S2DError(f"config key '{key}.preset': {preset!r} is not a preset and '{key}.path' is empty")
+        raise S2DError(f"config key 'model.preset': {m.preset!r} is not a preset and 'model.path' is empty")
     compute = m.compute_dtype or m.dtype
-    dtypes = dict(param_dtype=t.dtype or compute, dtype=t.dtype or compute) if teacher else dict(
-        param_dtype=m.dtype, dtype=compute)
-    return base.replace(**dtypes, remat=config.train.remat, scan_layers=m.scan_layers, attention=m.attention,
-                        splash_block=m.splash_block)
+    return base.replace(param_dtype=m.dtype, dtype=compute, remat=config.train.remat, scan_layers=m.scan_layers,
+                        attention=m.attention, splash_block=m.splash_block)
 
 
 def shard_bytes(shape, dtype, axes, mesh) -> int:

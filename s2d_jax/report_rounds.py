@@ -19,9 +19,8 @@ ACCURACY = ("system1", "system2", "distilled", "routed")
 def round_row(workdir: str, r: int) -> dict:
     """What round r did and how its systems scored."""
     where = rounds.round_dir(workdir, r)
-    load = lambda name: json.load(open(os.path.join(where, name))) if os.path.exists(os.path.join(where, name)) \
-        else None
-    results, pool, kept = load("eval.json"), load("route_report.json"), load("filter_report.json")
+    results, pool, kept = (_json(os.path.join(where, name)) for name in ("eval.json", "route_report.json",
+                                                                          "filter_report.json"))
     rollouts = [x for name in sorted(os.listdir(where)) if re.fullmatch(r"rollouts(-\d{5}-of-\d{5})?\.jsonl", name)
                 for x in read_jsonl(os.path.join(where, name), empty_ok=True)]  # one file, or a shard per host
     escalated_inputs = len({x["id"] for x in rollouts})
@@ -35,13 +34,20 @@ def round_row(workdir: str, r: int) -> dict:
     row["system2_tokens_saved"] = row["skipped"] * tokens / escalated_inputs if escalated_inputs else None
     row["router_tokens"] = pool["router"]["generated_tokens"] if pool else 0
     path = os.path.join(where, "train.jsonl")
-    row["train_examples"] = sum(1 for _ in open(path)) if os.path.exists(path) else row["kept"]
+    row["train_examples"] = len(read_jsonl(path, empty_ok=True)) if os.path.exists(path) else row["kept"]
     for name in ACCURACY:
         s = results.get(name)
         row[name] = None if not s else {k: s[k] for k in ("accuracy", "generated_tokens", "flops") if k in s}
         if s and "escalated" in s:
             row[name]["escalated"] = s["escalated"]
     return row
+
+
+def _json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def markdown(config: ConfigDict, rows: list[dict]) -> str:

@@ -21,6 +21,11 @@ COSTS = ("generated_tokens", "prompt_tokens", "flops")
 GRID = tuple(round(0.05 * i, 2) for i in range(19)) + (0.92, 0.94, 0.96, 0.98, 0.99, 0.995, 0.999, 1.0)
 
 
+def total(rows) -> dict:
+    """Each cost summed over per-input rows (or per-call costs)."""
+    return {k: sum(r[k] for r in rows) for k in COSTS}
+
+
 def input_key(input_id: str) -> int:
     """The sampling key of an input's System 1 samples: its id, not its place in a batch."""
     return zlib.crc32(f"route\x1f{input_id}".encode())
@@ -59,7 +64,8 @@ def routed(system1: list[dict], system2: list[dict], threshold: float, seconds: 
     n = len(system1)
     up = [escalated(one["confidence"], threshold) for one in system1]
     correct = sum(two["correct"] if e else one["correct"] for one, two, e in zip(system1, system2, up))
-    cost = {k: sum(r[k] for r in system1) + sum(r[k] for r, e in zip(system2, up) if e) for k in COSTS}
+    one, two = total(system1), total([r for r, e in zip(system2, up) if e])
+    cost = {k: one[k] + two[k] for k in COSTS}
     flops2 = sum(r["flops"] for r in system2)
     share2 = sum(r["flops"] for r, e in zip(system2, up) if e) / flops2 if flops2 else sum(up) / max(n, 1)
     wall = seconds[0] + seconds[1] * share2

@@ -189,7 +189,7 @@ class GGUFSource:
         `factor` and the ramp's line (`original / (high - low)`, `low / (high - low)`); any triple on that line
         gives the same frequencies, so `high - low = 3` (Llama 3's 1 and 4) is taken. The result is checked
         against the tensor."""
-        from s2d_jax.model.transformer import inverse_frequencies
+        from s2d_jax.model.rope import inverse_frequencies
 
         t = self._tensors["rope_freqs.weight"]
         divisors = np.asarray(t.data, np.float64).reshape(-1)

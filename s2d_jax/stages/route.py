@@ -10,10 +10,10 @@ import os
 
 from ml_collections import ConfigDict
 
-from s2d_jax import distributed
+from s2d_jax import distributed, rounds
 from s2d_jax.artifacts import write_atomic
 from s2d_jax.build import build_mesh, build_system1
-from s2d_jax.routing import COSTS, escalated
+from s2d_jax.routing import escalated, total
 from s2d_jax.stages.inputs import ROUTED, load_inputs, system1_prompt
 from s2d_jax.system2.tasks.judge import SWAP_SUFFIX
 
@@ -46,7 +46,7 @@ def route(config: ConfigDict, workdir: str) -> str | None:
     up = sum(row["escalated"] for row in rows)
     report = {"method": r.method, "threshold": r.threshold, "system1": model_name(workdir), "inputs": len(rows),
               "escalated": up, "skipped": len(rows) - up, "escalated_share": up / max(len(rows), 1),
-              "router": {k: sum(row[k] for row in rows) for k in COSTS}, "router_seconds": seconds}
+              "router": total(rows), "router_seconds": seconds}
     if distributed.primary():  # every host computed every row (one global mesh); one writes
         write_atomic(os.path.join(workdir, REPORT), json.dumps(report, indent=2) + "\n")
         write_atomic(out, "".join(json.dumps(row, default=str) + "\n" for row in rows))
@@ -66,7 +66,6 @@ def router_args(config: ConfigDict, task, mesh) -> dict:
 
 
 def model_name(workdir: str) -> str:
-    from s2d_jax import rounds
-
+    """This round's System 1 as the reports name it: "base", or its path in the workdir."""
     path = rounds.system1_path(workdir)
     return os.path.relpath(path, rounds.root(workdir)) if path else "base"
