@@ -101,7 +101,9 @@ def save_hf(model: Transformer, out_dir: str, tokenizer=None, max_shard_bytes: i
 
     model = lora.merged(model)  # with LoRA adapters: their updates added to the base weights
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and not overwrite:
+    # decided by all hosts together, before host 0 writes: a host arriving after host 0's rename would otherwise
+    # see the new directory, refuse, and leave host 0 waiting at the barrier below
+    if distributed.agree([os.path.exists(out_dir)])[0] and not overwrite:
         raise S2DError(f"{out_dir}: already exists; not overwriting it (pass overwrite=True, or choose another path)")
     if not distributed.primary():  # every host joins the gathers of `fetch`; the first host writes
         for _, var in nnx.to_flat_state(nnx.state(model)):
