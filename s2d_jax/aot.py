@@ -126,15 +126,18 @@ def devices(t: Target) -> list:
                        f"{_first_line(e)}") from None
 
 
-def compile_all(config: ConfigDict, t: Target, cfg=None) -> dict:
-    """Per program: XLA's bytes per chip (arguments, temporaries, outputs, aliases, peak), compile seconds, the
-    collectives in its HLO by kind, FLOPs and bytes per call (extrapolated to the depth) and a roofline time (a
-    train step: all its micro-steps; a decode call: one step of every slot)."""
+def compile_all(config: ConfigDict, t: Target, cfg=None, generate_mesh: dict | None = None,
+                prefill_buckets: tuple[int, ...] = ()) -> dict:
+    """Per program: the mesh it runs on (the sampler's: `generate_mesh`, default the training mesh), XLA's bytes
+    per chip (arguments, temporaries, outputs, aliases, peak), compile seconds, the collectives in its HLO by kind,
+    FLOPs and bytes per call (extrapolated to the depth) and a roofline time (a train step: all its micro-steps; a
+    decode call: one step of every slot); and `prefill@N`, the costs of a full insert's prefill at prompt bucket N."""
     from s2d_jax import plan as plan_lib
 
     m = config.mesh
-    mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices(t))
-    run = Programs(config, mesh, t)
+    chips = devices(t)
+    mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=chips)
+    run = Programs(config, mesh, t, mesh_lib.make_mesh(**generate_mesh, devices=chips) if generate_mesh else None)
     cfg = (cfg or plan_lib.model_config(config)).replace(platform=t.platform)
     sampler = plan_lib.model_config(config, system2=True).replace(platform=t.platform)  # the teacher, if any
     from jax.experimental.compilation_cache import compilation_cache
@@ -143,7 +146,9 @@ def compile_all(config: ConfigDict, t: Target, cfg=None) -> dict:
     jax.config.update("jax_enable_compilation_cache", False)  # no machine here could load these executables
     compilation_cache.reset_cache()  # (JAX decides whether to use its cache once, and keeps the answer)
     try:
-        return {name: run.figures(name, cfg if name == "train_step" else sampler) for name in PROGRAMS}
+        out = {name: run.figures(name, cfg if name == "train_step" else sampler) for name in PROGRAMS}
+        out.update({f"prefill@{n}": run.figures(f"prefill@{n}", sampler, memory=False) for n in prefill_buckets})
+        return out
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
         compilation_cache.reset_cache()
@@ -156,12 +161,17 @@ def plan_figures(config: ConfigDict, t: Target, p: dict) -> dict:
     from s2d_jax import plan as plan_lib
 
     cfg = plan_lib.model_config(config)  # (reads the model's config.json: once)
-    c = compile_all(config, t, cfg)
+    sampler = plan_lib.model_config(config, system2=True)
+    g = p["generate_mesh"]
+    s = plan_lib.sampler_shapes(config, sampler, g["data"] * g["fsdp"])
+    buckets = sorted({b for b in (1 << k for k in range(5, 20)) if b < s["prompt"]} | {s["prompt"]})
+    c = compile_all(config, t, cfg, g, tuple(buckets))
     slots = max(c["decode"]["arguments"] - p["generate_params"], 0)  # the decode call's other arguments
     generate = max(c["prefill"]["peak"] + slots, c["insert"]["peak"] + p["generate_params"], c["decode"]["peak"])
     tr = config.train
-    s = plan_lib.sampler_shapes(config, plan_lib.model_config(config, system2=True),
-                                p["mesh"]["data"] * p["mesh"]["fsdp"])
+    _decode_figures(c["decode"], p, t, s)
+    for n in buckets:
+        _prefill_figures(c[f"prefill@{n}"], p, t, s, n, sampler)
     train_s, decode_s = c["train_step"]["roofline_s"], c["decode"]["roofline_s"]
     roofline = None if train_s is None else {
         "train_step_s": train_s, "train_tokens_per_s": tr.batch_size * tr.max_len / train_s,
@@ -173,14 +183,59 @@ def plan_figures(config: ConfigDict, t: Target, p: dict) -> dict:
             "generate_compiled": generate, "roofline_estimate": roofline}
 
 
+def _decode_figures(fig: dict, p: dict, t: Target, s: dict) -> None:
+    """A decode step's `slots` (over all chips), `hbm_floor_s` (the bytes it must read per chip, the weights and
+    the live KV of every slot at the longest sequence the config reaches, over the chip's HBM bandwidth),
+    `tokens_per_s` (slots / roofline_s) and `floor_over_roofline` (1 = XLA's program reads only what it must)."""
+    fig["slots"] = s["slots"]
+    fig["hbm_floor_s"] = (p["generate_params"] + p["kv_live"]) / t.hbm_bytes_s
+    _rates(fig, s["slots"])
+
+
+def _prefill_figures(fig: dict, p: dict, t: Target, s: dict, prompt: int, cfg) -> None:
+    """A full insert's prefill at one prompt bucket: `rows`, `tokens` (rows x bucket), `hbm_floor_s` (the weights,
+    and its new KV written, per chip), `tokens_per_s` and the floor's share of XLA's roofline."""
+    g = p["generate_mesh"]
+    kv = p["kv_live"] / max(s["prompt"] + s["budget"], 1) * prompt * s["rows"] / s["slots"]  # per chip
+    fig.update(rows=s["rows"], tokens=s["rows"] * prompt)
+    fig["hbm_floor_s"] = (p["generate_params"] + kv) / t.hbm_bytes_s
+    fig["compute_floor_s"] = 2 * cfg.num_params * s["rows"] * prompt / (g["data"] * g["fsdp"] * g["tensor"]) \
+        / t.bf16_flops
+    _rates(fig, s["rows"] * prompt)
+
+
+def _rates(fig: dict, tokens: int) -> None:
+    r = fig.get("roofline_s")
+    fig["tokens_per_s"] = tokens / r if r else None
+    floor = max(fig["hbm_floor_s"], fig.get("compute_floor_s", 0.0))
+    fig["floor_over_roofline"] = floor / r if r else None
+
+
 class Programs:
     """The run's device programs for a target, each compiled once per model shape."""
 
-    def __init__(self, config: ConfigDict, mesh, t: Target):
+    def __init__(self, config: ConfigDict, mesh, t: Target, gen=None):
+        """`mesh`: the training mesh (the train step); `gen`: the generation mesh (the sampler's programs)."""
         self.config, self.mesh, self.t = config, mesh, t
+        self.gen = gen or mesh
         self._compiled: dict = {}
 
-    def figures(self, name: str, cfg) -> dict:
+    def mesh_for(self, name: str):
+        return self.mesh if name == "train_step" else self.gen
+
+    def figures(self, name: str, cfg, memory: bool = True) -> dict:
+        """A program's figures; without `memory`, its costs only (the full-depth program is not compiled)."""
+        mesh = self.mesh_for(name)
+        fig = {"mesh": dict(mesh.shape), "device_kind": mesh.devices.flat[0].device_kind}
+        costs = self.costs(name, cfg)
+        fig["flops"] = fig["bytes_accessed"] = fig["roofline_s"] = None
+        if costs:
+            repeat = self.config.train.grad_accum if name == "train_step" else 1  # micro-steps: a loop counted once
+            fig["flops"], fig["bytes_accessed"] = costs[0] * repeat, costs[1] * repeat
+            fig["roofline_s"] = max(fig["flops"] / self.t.bf16_flops, fig["bytes_accessed"] / self.t.hbm_bytes_s)
+        return {**self.memory(name, cfg), **fig} if memory else fig
+
+    def memory(self, name: str, cfg) -> dict:
         start = time.perf_counter()
         compiled = self.compiled(name, cfg)
         seconds = time.perf_counter() - start
@@ -192,21 +247,15 @@ class Programs:
         hlo = compiled.as_text()
         fig["collectives"] = collectives(hlo)
         fig["kernels"] = kernels(hlo)
-        fig["device_kind"] = self.mesh.devices.flat[0].device_kind
-        costs = self.costs(name, cfg)
-        fig["flops"] = fig["bytes_accessed"] = fig["roofline_s"] = None
-        if costs:
-            repeat = self.config.train.grad_accum if name == "train_step" else 1  # micro-steps: a loop counted once
-            fig["flops"], fig["bytes_accessed"] = costs[0] * repeat, costs[1] * repeat
-            fig["roofline_s"] = max(fig["flops"] / self.t.bf16_flops, fig["bytes_accessed"] / self.t.hbm_bytes_s)
         return fig
 
     def compiled(self, name: str, cfg):
         key = (name, cfg)
         if key not in self._compiled:
             try:
-                fn, args, kwargs = getattr(aot_programs, name)(self, cfg)
-                with jax.set_mesh(self.mesh):  # (only tracing: an eager op here would run on the absent chips)
+                program, _, bucket = name.partition("@")  # prefill@N: the prefill at prompt bucket N
+                fn, args, kwargs = getattr(aot_programs, program)(self, cfg, *([int(bucket)] if bucket else []))
+                with jax.set_mesh(self.mesh_for(name)):  # (only tracing: an eager op would run on the absent chips)
                     self._compiled[key] = fn.lower(*args, **kwargs).compile()
             except S2DError:
                 raise

@@ -63,18 +63,20 @@ def _sampler(programs, cfg):
     """The sampler's model (weights in the compute dtype, split as `Sampler` splits it) and its largest shapes."""
     from s2d_jax.plan import sampler_shapes
 
-    mesh = programs.mesh
+    mesh = programs.gen
     cfg = cfg.replace(param_dtype=cfg.dtype)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     state = _abstract(state, mesh_lib.state_shardings(state, mesh))
     return cfg, graphdef, state, sampler_shapes(programs.config, cfg, mesh.shape["data"] * mesh.shape["fsdp"])
 
 
-def prefill(programs, cfg):
-    """A full insert's prefill: `rows` prompts left-padded to the largest prompt bucket (`cache.prefill`)."""
+def prefill(programs, cfg, prompt: int = 0):
+    """A full insert's prefill: `rows` prompts left-padded to the largest prompt bucket, or to `prompt`
+    (`cache.prefill`)."""
     _, graphdef, state, s = _sampler(programs, cfg)
-    ids = _rows((s["rows"], s["prompt"]), jnp.int32, programs.mesh)
-    return cache_lib.prefill, (graphdef, state, ids, ids, ids), {"max_len": s["prompt"],
+    prompt = prompt or s["prompt"]
+    ids = _rows((s["rows"], prompt), jnp.int32, programs.gen)
+    return cache_lib.prefill, (graphdef, state, ids, ids, ids), {"max_len": prompt,
                                                                  "dtype": _cache_dtype(programs, cfg)}
 
 
@@ -97,7 +99,7 @@ def insert(programs, cfg):
     """The prefilled rows copied into every slot (`engine.insert`)."""
     _, _, _, s = _sampler(programs, cfg)
     logits, cache = programs.outputs("prefill", cfg)
-    n, mesh = s["slots"], programs.mesh
+    n, mesh = s["slots"], programs.gen
     index = _rows((n,), jnp.int32, mesh)
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), n))
     keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=index.sharding)

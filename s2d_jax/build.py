@@ -35,6 +35,50 @@ def build_mesh(config: ConfigDict):
     return None if mesh.size == 1 else mesh
 
 
+def generation_sizes(config: ConfigDict, devices: int, per_host: int, platform: str, device_bytes: float) -> dict:
+    """`generate.mesh` resolved for `devices` devices (`mesh.generation_sizes`), for every model that samples on it:
+    System 1 (route, eval) and the model that runs System 2 (the teacher, if any). Reads config.json only."""
+    from s2d_jax import plan as plan_lib
+
+    m, g = config.mesh, config.generate.mesh
+    cfgs = [plan_lib.model_config(config)]
+    if teacher_config(config) is not None:
+        cfgs.append(plan_lib.model_config(config, system2=True))
+    return mesh_lib.generation_sizes(dict(data=g.data, fsdp=g.fsdp, tensor=g.tensor),
+                                     dict(data=m.data, fsdp=m.fsdp, tensor=m.tensor), cfgs, devices, per_host,
+                                     platform, device_bytes)
+
+
+def generation_devices(config: ConfigDict) -> list:
+    """The devices the generation mesh uses: all of them, the first data x fsdp x tensor of a smaller
+    `generate.mesh`, or (unset, on CPU) the training mesh's."""
+    import jax
+
+    g = config.generate.mesh
+    if not any((g.data, g.fsdp, g.tensor)) and jax.default_backend() == "cpu":
+        return mesh_devices(config)
+    devices = jax.devices()
+    if -1 not in (g.data, g.fsdp, g.tensor) and 0 < g.data * g.fsdp * g.tensor < len(devices):
+        devices = devices[:g.data * g.fsdp * g.tensor]
+    return devices
+
+
+def build_generation_mesh(config: ConfigDict):
+    """The mesh the sampler decodes on (`generate.mesh`; None for a single device), checked before any weights
+    load. Unset, it is chosen for decoding on this platform; on CPU it is the training mesh."""
+    import jax
+
+    from s2d_jax.memory import device_bytes
+
+    devices = generation_devices(config)
+    sizes = generation_sizes(config, len(devices), min(jax.local_device_count(), len(devices)),
+                             jax.default_backend(), device_bytes())
+    mesh = mesh_lib.make_mesh(**sizes, devices=devices)
+    if mesh.size > 1:
+        log.info("generation mesh %s", sizes)
+    return None if mesh.size == 1 else mesh
+
+
 def toy_base(config: ConfigDict, workdir: str | None) -> str | None:
     """WORKDIR/base when the run pretrains its own toy base model (`pretrain.steps` > 0 and no `model.path`); a
     round's directory finds it in its workdir."""

@@ -33,5 +33,8 @@ def one_of(*choices):
     return lambda v: None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
 
 
-def mesh_size():
+def mesh_size(auto: bool = False):
+    """-1 (all remaining devices) or >= 1; with `auto`, 0 too (the generation mesh: chosen for decoding)."""
+    if auto:
+        return lambda v: None if v >= -1 else "0 (all three: chosen for decoding), -1 (all remaining devices) or >= 1"
     return lambda v: None if v == -1 or v >= 1 else "-1 (all remaining devices) or >= 1"

@@ -76,6 +76,12 @@ def schema() -> dict:
             "adaptive_confidence": _(0.95, between(0.5, 1.0, high_open=True)),
             # the KV cache's dtype while sampling ("" = the compute dtype); bfloat16 halves a float32 model's cache
             "cache_dtype": _("", one_of("", *DTYPES)),
+            # the mesh the sampler decodes on (generate, route, eval, USC, train's eval_every): the keys of `mesh`;
+            # all 0 = chosen for decoding: tensor parallelism over a host's chips (as many as divide the heads and
+            # kv heads), data replicas across the rest, FSDP only when a replica's weights would fill half a chip;
+            # on CPU the training mesh (s2d_jax/mesh.py, generation_sizes)
+            "mesh": {"data": _(0, mesh_size(auto=True)), "fsdp": _(0, mesh_size(auto=True)),
+                     "tensor": _(0, mesh_size(auto=True))},
         },
         "compile": {  # s2d_jax/compile_cache.py
             # JAX's persistent compilation cache: "" = $S2D_XLA_CACHE, else ~/.cache/s2d_jax/xla; "off"; a path

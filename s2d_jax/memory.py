@@ -92,9 +92,14 @@ def device_bytes() -> int:
 
 def _plan(config: ConfigDict) -> dict:
     from s2d_jax import plan as plan_lib
-    from s2d_jax.build import mesh_devices
+    from s2d_jax.build import generation_devices, mesh_devices
 
-    return plan_lib.plan(config, plan_lib.mesh_shape(config.mesh, len(mesh_devices(config))))
+    import jax
+
+    devices = len(mesh_devices(config))
+    gen = plan_lib.generation_shape(config, len(generation_devices(config)), jax.local_device_count(),
+                                    jax.default_backend(), device_bytes())
+    return plan_lib.plan(config, plan_lib.mesh_shape(config.mesh, devices), gen)
 
 
 REMEDIES = {

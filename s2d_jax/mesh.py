@@ -47,6 +47,37 @@ def mesh_sizes(data: int, fsdp: int, tensor: int, count: int) -> dict[str, int]:
     return sizes
 
 
+def generation_sizes(gen: dict, train: dict, cfgs, count: int, per_host: int, platform: str,
+                     device_bytes: float) -> dict[str, int]:
+    """The generation mesh's axis sizes over `count` devices (`generate.mesh`; a decode step reads every weight,
+    so it wants them in place, never gathered). Set: checked against the devices and every sampling model's query
+    and kv heads (`cfgs`). Auto (all three 0): on CPU the training mesh `train` (fake devices share one host's
+    memory: no interconnect to spare); elsewhere tensor parallelism over the most chips of one host that divide
+    every model's heads and kv heads, data replicas over the rest, and FSDP only when a replica's weights (compute
+    dtype) would fill more than half of a device's `device_bytes`."""
+    heads = sorted({h for c in cfgs for h in (c.num_heads, c.num_kv_heads)})
+    fits = lambda t: all(h % t == 0 for h in heads)
+    if any(gen.values()):
+        if 0 in gen.values():
+            raise S2DError(f"config key 'generate.mesh': {gen}: set all three axes (-1 or >= 1), or leave all "
+                           f"three 0 (chosen for decoding)")
+        sizes = mesh_sizes(gen["data"], gen["fsdp"], gen["tensor"], count)
+        if not fits(sizes["tensor"]):
+            works = [t for t in range(1, count + 1) if count % t == 0 and fits(t)]
+            raise S2DError(f"config key 'generate.mesh.tensor': {sizes['tensor']} does not divide the sampling "
+                           f"model's heads and kv heads ({', '.join(map(str, heads))}); would work: "
+                           f"{', '.join(map(str, works))}")
+        return sizes
+    if platform == "cpu":
+        return mesh_sizes(train["data"], train["fsdp"], train["tensor"], count)
+    tensor = max(t for t in range(1, per_host + 1) if per_host % t == 0 and count % t == 0 and fits(t))
+    weights = max(c.num_params * np.dtype(c.dtype).itemsize for c in cfgs)
+    fsdp = 1
+    while weights / (tensor * fsdp) > device_bytes / 2 and count % (tensor * fsdp * 2) == 0:
+        fsdp *= 2
+    return {"data": count // (tensor * fsdp), "fsdp": fsdp, "tensor": tensor}
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all). -1 takes all remaining devices."""
     devices = list(jax.devices() if devices is None else devices)

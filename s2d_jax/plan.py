@@ -129,7 +129,16 @@ def activation_bytes(cfg, rows: int, length: int, chunk: int, tensor: int = 1, f
     return tokens * cfg.num_layers * saved + tokens * d * (b + 4) + transient
 
 
-def plan(config: ConfigDict, mesh) -> dict:
+def generation_shape(config: ConfigDict, devices: int, per_host: int, platform: str, device_bytes: float):
+    """The generation mesh (`generate.mesh`, resolved as the stages resolve it for that platform) as shapes only."""
+    from s2d_jax.build import generation_sizes
+
+    sizes = generation_sizes(config, devices, min(per_host, devices), platform, device_bytes)
+    return types.SimpleNamespace(shape=sizes, size=devices)
+
+
+def plan(config: ConfigDict, mesh, gen=None) -> dict:
+    """Per-device bytes: training on `mesh`, generation on `gen` (the generation mesh; default `mesh`)."""
     from s2d_jax.model import lora
 
     cfg = model_config(config)
@@ -146,24 +155,29 @@ def plan(config: ConfigDict, mesh) -> dict:
     else:
         params = trained = _state_bytes(base_state, mesh)
     rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
+    gen = gen or mesh
     sampler = model_config(config, system2=True)  # what samples the rollouts: the teacher, if any
     if sampler != cfg:
         base_state = nnx.split(nnx.eval_shape(lambda: Transformer(sampler, rngs=nnx.Rngs(0))), nnx.Param, ...)[1]
-    sample_params = _state_bytes(base_state, mesh, sampler.dtype)  # the sampler's weights: in the compute dtype
-    s = sampler_shapes(config, sampler, rows_split)
+    sample_params = _state_bytes(base_state, gen, sampler.dtype)  # the sampler's weights: in the compute dtype
+    s = sampler_shapes(config, sampler, gen.shape["data"] * gen.shape["fsdp"])
     kv_shape = (s["slots"], sampler.num_kv_heads, s["width"], sampler.head_dim)
     length = s["width"]
     kv_dtype = config.generate.cache_dtype or sampler.dtype
     kv = 2 * sum(shard_bytes(kv_shape[:2] + (cache_slots(sampler, n, length),) + kv_shape[3:], kv_dtype, CACHE_AXES,
-                             mesh) for n in range(sampler.num_layers))  # sliding layers hold a ring of their window
+                             gen) for n in range(sampler.num_layers))  # sliding layers hold a ring of their window
+    live = min(s["prompt"] + s["budget"], length)  # the longest sequence: what a decode step must read of a slot
+    kv_live = 2 * sum(shard_bytes(kv_shape[:2] + (cache_slots(sampler, n, live),) + kv_shape[3:], kv_dtype,
+                                  CACHE_AXES, gen) for n in range(sampler.num_layers))
     micro_rows = max(t.batch_size // t.grad_accum // rows_split, 1)
     activations = activation_bytes(cfg, micro_rows, t.max_len, t.loss_chunk, mesh.shape["tensor"], mesh.shape["fsdp"])
     train_total = params + trained * 3 + activations  # weights, gradients, two AdamW moments (float32 masters)
-    return {"mesh": dict(mesh.shape), "devices": mesh.size, "num_params": cfg.num_params,
+    return {"mesh": dict(mesh.shape), "generate_mesh": dict(gen.shape), "devices": mesh.size,
+            "num_params": cfg.num_params,
             "generate_num_params": sampler.num_params, "lora_rank": t.lora_rank, "params": params,
             "grads": trained, "optimizer": 2 * trained, "activations_estimate": activations, "train_total": train_total,
-            "kv_cache": kv, "kv_cache_shape": list(kv_shape), "generate_params": sample_params,
-            "sampler_transient": (transient := sampler_transient(sampler, s, mesh)),
+            "kv_cache": kv, "kv_cache_shape": list(kv_shape), "kv_live": kv_live, "generate_params": sample_params,
+            "sampler_transient": (transient := sampler_transient(sampler, s, gen)),
             "generate_total": sample_params + kv + transient, "device_gb": config.plan.device_gb}
 
 
@@ -184,6 +198,9 @@ def report(p: dict) -> str:
     lines = [f"mesh {p['mesh']} ({p['devices']} devices), {p['num_params'] / 1e6:.1f}M parameters; per device:"]
     if p["lora_rank"]:
         lines[0] += f" (LoRA rank {p['lora_rank']}: frozen base + float32 adapters)"
+    if p["generate_mesh"] != p["mesh"]:
+        lines.append(f"  (generation mesh {p['generate_mesh']}: generate_*, kv_cache, sampler_transient and the "
+                     f"prefill, insert and decode programs)")
     if p["generate_num_params"] != p["num_params"]:
         lines.append(f"  (generate's figures are the teacher's: {p['generate_num_params'] / 1e6:.1f}M parameters)")
     for key in ("params", "grads", "optimizer", "activations_estimate", "train_total", "generate_params", "kv_cache",
@@ -201,6 +218,8 @@ def compiled_report(p: dict) -> list[str]:
              f"  {'program':<11} {'arguments':>9} {'temps':>8} {'outputs':>8} {'aliased':>8} {'peak':>8} "
              f"{'compile s':>9}  collectives"]
     for name, c in p["compiled"].items():
+        if "peak" not in c:  # a prefill bucket's costs only
+            continue
         ops = ", ".join(f"{k} {v}" for k, v in c["collectives"].items()) or "none"
         lines.append(f"  {name:<11} " + " ".join(f"{c[k] / GB:{w}.3f}" for k, w in (
             ("arguments", 9), ("temporaries", 8), ("outputs", 8), ("aliases", 8), ("peak", 8)))
@@ -211,8 +230,25 @@ def compiled_report(p: dict) -> list[str]:
                      f"(estimate / compiled {est / comp:.2f})")
     if e is None:
         return lines + ["roofline: none (XLA compiled for this GPU without one gives no cost analysis)"]
+    lines += rates_report(p)
     lines.append(f"roofline estimate from XLA's FLOPs and bytes (not a measurement): train step "
                  f"{e['train_step_s']:.3f} s ({e['train_tokens_per_s']:,.0f} tokens/s), decode step "
                  f"{e['decode_step_s'] * 1e3:.2f} ms ({e['decode_tokens_per_s']:,.0f} tokens/s at "
                  f"{e['decode_slots']} slots), prefill {e['prefill_s'] * 1e3:.1f} ms")
+    return lines
+
+
+def rates_report(p: dict) -> list[str]:
+    """The sampler's programs against the chip: XLA's roofline beside the floor (the bytes a step must read over
+    HBM bandwidth; a prefill's FLOPs over peak where larger), and tokens/s over the slice."""
+    lines = [f"  {'program':<12} {'mesh d/f/t':>10} {'rows':>6} {'roofline ms':>11} {'floor ms':>9} "
+             f"{'floor/roofline':>14} {'tokens/s':>11}"]
+    for name, c in p["compiled"].items():
+        if "hbm_floor_s" not in c or c["roofline_s"] is None:
+            continue
+        m = c["mesh"]
+        floor = max(c["hbm_floor_s"], c.get("compute_floor_s", 0.0))
+        lines.append(f"  {name:<12} {m['data']:>4}/{m['fsdp']}/{m['tensor']:<3} {c.get('slots', c.get('rows')):>6} "
+                     f"{c['roofline_s'] * 1e3:11.2f} {floor * 1e3:9.2f} {c['floor_over_roofline']:14.2f} "
+                     f"{c['tokens_per_s']:11,.0f}")
     return lines

@@ -28,8 +28,8 @@ LOCK = ".s2d.lock"
 KEPT = "config.json"
 # Keys that say how a run is laid out, logged or checkpointed, not what it computes: a workdir may resume with
 # other values (another mesh or host count, a bigger batch on device, other logging or checkpoint cadence).
-FREE = ("mesh", "cluster", "plan", "compile", "model.attention", "model.splash_block", "generate.max_batch", "generate.chunk",
-        "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.peak_flops")
+FREE = ("mesh", "generate.mesh", "cluster", "plan", "compile", "model.attention", "model.splash_block",
+        "generate.max_batch", "generate.chunk", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.peak_flops")
 # A key that may grow on a kept workdir: training continues from its last checkpoint (the kept config is updated)
 GROWS = "train.steps"
 

@@ -13,7 +13,7 @@ from ml_collections import ConfigDict
 
 from s2d_jax import distributed, routing, rounds
 from s2d_jax.artifacts import read_jsonl, write_atomic
-from s2d_jax.build import build_mesh, build_model, build_system1, build_system2, build_tokenizer
+from s2d_jax.build import build_generation_mesh, build_model, build_system1, build_system2, build_tokenizer
 from s2d_jax.errors import S2DError
 from s2d_jax.stages.inputs import load_eval_inputs, program_args, system1_instruction, system1_prompt, with_swapped
 from s2d_jax.stages.route import model_name, router_args
@@ -48,7 +48,7 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
     if task.swap(examples[0]) is not None:  # judging: both orders, for position inconsistency
         examples = with_swapped(task, examples)
     program = get_program(config.program.name)
-    mesh, tok = build_mesh(config), build_tokenizer(config, workdir)
+    mesh, tok = build_generation_mesh(config), build_tokenizer(config, workdir)
     e, g = config.eval, config.generate
     budget = e.max_new_tokens or task.answer_tokens
     common = dict(chat=config.program.chat, mesh=mesh, max_batch=g.max_batch, cache_dtype=g.cache_dtype or None)

@@ -11,7 +11,7 @@ from ml_collections import ConfigDict
 
 from s2d_jax import faults
 from s2d_jax.artifacts import write_atomic
-from s2d_jax.build import build_mesh, build_system2
+from s2d_jax.build import build_generation_mesh, build_system2
 from s2d_jax.errors import S2DError
 from s2d_jax.sampling import Sampler
 from s2d_jax.stages.generate import read_rollouts, rollout_path
@@ -87,7 +87,7 @@ def filter(config: ConfigDict, workdir: str) -> str:  # noqa: A001 (the stage's 
 
 def _usc_decisions(config: ConfigDict, groups: list[list[dict]], workdir: str):
     """USC: one greedy sampler call per input asks the model for the most consistent of its N final outputs."""
-    mesh = build_mesh(config)
+    mesh = build_generation_mesh(config)
     sampler = Sampler(*build_system2(config, mesh, workdir), mesh=mesh, max_batch=config.generate.max_batch,
                       cache_dtype=config.generate.cache_dtype or None)
     picks = usc_select(sampler, groups, config.program.chat, progress=True)

@@ -13,7 +13,7 @@ from ml_collections import ConfigDict
 from s2d_jax import distributed
 from s2d_jax import faults, stopping
 from s2d_jax.artifacts import complete_lines, read_jsonl, write_atomic, writing
-from s2d_jax.build import build_mesh, build_system2
+from s2d_jax.build import build_generation_mesh, build_system2
 from s2d_jax.errors import S2DError
 from s2d_jax.sampling import Sampler, clock
 from s2d_jax.stages.inputs import load_inputs, program_args
@@ -70,7 +70,7 @@ def generate(config: ConfigDict, workdir: str) -> str:
     todo = [e for e, m in zip(examples, missing) if m]
     if len(todo) < len(examples):
         log.info("resuming: %d of %d inputs already have their rollouts", len(examples) - len(todo), len(examples))
-    mesh = build_mesh(config)
+    mesh = build_generation_mesh(config)
     sampler = Sampler(*build_system2(config, mesh, workdir), mesh=mesh, max_batch=g.max_batch,
                       cache_dtype=g.cache_dtype or None, warmup=config.compile.warmup)
     compiled = clock.totals()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from ml_collections import ConfigDict
@@ -25,7 +26,17 @@ def plan_stage(config: ConfigDict, workdir: str) -> str:
 
         target = aot.target(config.plan.topology)
     devices = target.chips if target else config.plan.devices or len(mesh_devices(config))
-    p = plan_lib.plan(config, plan_lib.mesh_shape(config.mesh, devices))
+    if target:  # the generation mesh as the stages would choose it there
+        gen = plan_lib.generation_shape(config, devices, math.prod(target.host_bounds), target.platform,
+                                        target.hbm_gb * plan_lib.GB)
+    elif config.plan.devices:  # an accelerator host of that many devices, each of plan.device_gb
+        gen = plan_lib.generation_shape(config, devices, devices, "accelerator", config.plan.device_gb * plan_lib.GB)
+    else:
+        import jax
+
+        gen = plan_lib.generation_shape(config, devices, jax.local_device_count(), jax.default_backend(),
+                                        config.plan.device_gb * plan_lib.GB)
+    p = plan_lib.plan(config, plan_lib.mesh_shape(config.mesh, devices), gen)
     if target:
         from s2d_jax.train.trainer import check_rows
 

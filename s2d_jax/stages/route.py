@@ -12,7 +12,7 @@ from ml_collections import ConfigDict
 
 from s2d_jax import distributed, rounds
 from s2d_jax.artifacts import write_atomic
-from s2d_jax.build import build_mesh, build_system1
+from s2d_jax.build import build_generation_mesh, build_system1
 from s2d_jax.routing import escalated, total
 from s2d_jax.stages.inputs import ROUTED, load_inputs, system1_prompt
 from s2d_jax.system2.tasks.judge import SWAP_SUFFIX
@@ -36,7 +36,7 @@ def route(config: ConfigDict, workdir: str) -> str | None:
         return out
     task, examples = load_inputs(config)
     examples = [e for e in examples if not e.id.endswith(SWAP_SUFFIX)]  # a swapped twin follows its input
-    mesh = build_mesh(config)
+    mesh = build_generation_mesh(config)
     model, tok = build_system1(config, mesh, workdir)
     log.info("route: System 1 (%s) on %d unlabelled inputs, %s >= %g stays with System 1", model_name(workdir),
              len(examples), r.method, r.threshold)

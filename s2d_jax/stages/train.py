@@ -9,7 +9,7 @@ import shutil
 from ml_collections import ConfigDict
 
 from s2d_jax import datasets, distributed, rounds
-from s2d_jax.build import build_mesh, build_model, build_tokenizer
+from s2d_jax.build import build_generation_mesh, build_mesh, build_model, build_tokenizer
 from s2d_jax.errors import S2DError
 from s2d_jax.model import lora, save_hf
 from s2d_jax.stages.inputs import load_eval_inputs, system1_prompt
@@ -38,10 +38,16 @@ def train(config: ConfigDict, workdir: str) -> str:
     eval_fn = None
     if config.train.eval_every:
         task, examples = load_eval_inputs(config)
-        eval_fn = lambda m: evaluate.system1(m, tok, task, examples, chat=config.program.chat,
-                                             prompt=lambda x: system1_prompt(config, task, x),
-                                             max_new_tokens=config.eval.max_new_tokens or task.answer_tokens,
-                                             mesh=mesh, max_batch=config.generate.max_batch)
+        decoding = build_generation_mesh(config)
+
+        def eval_fn(m):  # on the generation mesh: the trained weights copied there on device, training's untouched
+            from s2d_jax.sampling.reshard import reshard
+
+            m = m if decoding == mesh else reshard(m, decoding)
+            return evaluate.system1(m, tok, task, examples, chat=config.program.chat,
+                                    prompt=lambda x: system1_prompt(config, task, x),
+                                    max_new_tokens=config.eval.max_new_tokens or task.answer_tokens,
+                                    mesh=decoding, max_batch=config.generate.max_batch)
     result = Trainer(model, tok, config, workdir, mesh=mesh, chat=config.program.chat, eval_fn=eval_fn,
                      data=data).fit()
     log.info("trained %d steps: %s", result.step, {k: round(v, 4) for k, v in result.metrics.items()})
