@@ -55,8 +55,8 @@ def matmuls_only(cfg, graphdef, state, batch: int):
             a, m = layer.attn, layer.mlp
             qkv = x @ rows(a.qkv)
             x = x + qkv[:, :cfg.num_kv_heads * cfg.group_size * cfg.head_dim] @ cols(a.o)
-            h = (x @ rows(m.gate_up)).reshape(batch, 2, -1)
-            x = x + (h[:, 0] * h[:, 1]) @ cols(m.down)
+            w = m.gate_up[...].astype(dt)
+            x = x + ((x @ w[0]) * (x @ w[1])) @ cols(m.down)
         return x @ model.head().astype(dt).T
 
     x = jnp.ones((batch, cfg.hidden_size), jnp.dtype(cfg.dtype)) * 0.01

@@ -165,6 +165,7 @@ def plan_figures(config: ConfigDict, t: Target, p: dict) -> dict:
     g = p["generate_mesh"]
     s = plan_lib.sampler_shapes(config, sampler, g["data"] * g["fsdp"])
     buckets = sorted({b for b in (1 << k for k in range(5, 20)) if b < s["prompt"]} | {s["prompt"]})
+    buckets = buckets if t.platform == "tpu" else []  # XLA:GPU compiled without a GPU has no cost analysis
     c = compile_all(config, t, cfg, g, tuple(buckets))
     slots = max(c["decode"]["arguments"] - p["generate_params"], 0)  # the decode call's other arguments
     generate = max(c["prefill"]["peak"] + slots, c["insert"]["peak"] + p["generate_params"], c["decode"]["peak"])

@@ -61,7 +61,10 @@ def generation_sizes(gen: dict, train: dict, cfgs, count: int, per_host: int, pl
         if 0 in gen.values():
             raise S2DError(f"config key 'generate.mesh': {gen}: set all three axes (-1 or >= 1), or leave all "
                            f"three 0 (chosen for decoding)")
-        sizes = mesh_sizes(gen["data"], gen["fsdp"], gen["tensor"], count)
+        try:
+            sizes = mesh_sizes(gen["data"], gen["fsdp"], gen["tensor"], count)
+        except S2DError as e:
+            raise S2DError(f"config key 'generate.mesh': {e}") from None
         if not fits(sizes["tensor"]):
             works = [t for t in range(1, count + 1) if count % t == 0 and fits(t)]
             raise S2DError(f"config key 'generate.mesh.tensor': {sizes['tensor']} does not divide the sampling "

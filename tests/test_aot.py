@@ -65,8 +65,20 @@ def test_plan_compiles_every_program_for_a_v5e_8(tmp_path, capsys, family, lora)
                                                                                p[f"{kind}_compiled"])
     e = p["roofline_estimate"]
     assert e["train_tokens_per_s"] > 0 and e["decode_tokens_per_s"] > 0
+    # the sampler's programs on the generation mesh chosen for decoding: tensor over the chips that divide the 4
+    # heads and 2 kv heads, data replicas across; training keeps FSDP
+    assert p["generate_mesh"] == {"data": 4, "fsdp": 1, "tensor": 2} and p["mesh"]["fsdp"] == 8
+    assert train["mesh"] == p["mesh"] and all(p["compiled"][n]["mesh"] == p["generate_mesh"]
+                                              for n in ("prefill", "insert", "decode"))
+    decode = p["compiled"]["decode"]
+    assert decode["slots"] == 8 and decode["tokens_per_s"] == pytest.approx(8 / decode["roofline_s"])
+    assert 0 < decode["hbm_floor_s"] < decode["roofline_s"] and 0 < decode["floor_over_roofline"] < 1
+    buckets = sorted(int(k.split("@")[1]) for k in p["compiled"] if k.startswith("prefill@"))
+    assert buckets == [32, 64, 128, 256] and all(
+        (c := p["compiled"][f"prefill@{n}"])["tokens"] == c["rows"] * n and c["tokens_per_s"] > 0 for n in buckets)
     out = capsys.readouterr().out
     assert "compiled for v5e-8" in out and "roofline estimate" in out and "train_step" in out
+    assert "floor/roofline" in out and "prefill@256" in out
 
 
 def test_a_tile_the_chip_cannot_take_is_one_line(tmp_path, capsys):

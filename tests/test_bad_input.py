@@ -207,7 +207,17 @@ WORKDIRS = [
     ("kept config differs in a stage's key", ["generate", *TINY, "--workdir", "{complete}", "--config.seed=1"],
      "(key 'seed': 0 there, 1 now); use another --workdir"),
 ]
-CASES = CLI + CONFIG_FILES + VALUES + MODELS + DATA + WORKDIRS
+GENERATION_MESH = [(case, ["generate", *TINY, *(f"--config.generate.mesh.{o}" for o in values)], says)
+                   for case, values, says in [
+    ("generation mesh over too many devices", ["data=4", "fsdp=1", "tensor=4"],
+     "config key 'generate.mesh': mesh {'data': 4, 'fsdp': 1, 'tensor': 4} needs 16 devices, but 8 are available"),
+    ("generation mesh splitting 2 kv heads 8 ways", ["data=1", "fsdp=1", "tensor=8"],
+     "config key 'generate.mesh.tensor': 8 does not divide the sampling model's heads and kv heads (2, 4); would "
+     "work: 1, 2"),
+    ("generation mesh half set", ["tensor=2"], "set all three axes (-1 or >= 1), or leave all three 0"),
+    ("generation mesh axis below -1", ["data=-2"], "key 'generate.mesh.data' = -2 is not allowed"),
+]]
+CASES = CLI + CONFIG_FILES + VALUES + MODELS + DATA + WORKDIRS + GENERATION_MESH
 
 
 def test_there_are_at_least_sixty_cases():

@@ -39,5 +39,5 @@ def test_sharded_forward_equals_single_device():
         expect = tuple(d // int(np.prod([mesh.shape[a] for a in (s if isinstance(s, tuple) else (s,))]))
                        if s else d for d, s in zip(array.shape, tuple(spec) + (None,) * (array.ndim - len(spec))))
         assert array.addressable_shards[0].data.shape == expect, key
-    assert sharded.layers[0].mlp.gate_up[...].addressable_shards[0].data.shape == (32, 2, 64)
+    assert sharded.layers[0].mlp.gate_up[...].addressable_shards[0].data.shape == (2, 32, 64)
     assert_sharded_forward_equals_one_device(single, sharded, mesh, vocab=256)

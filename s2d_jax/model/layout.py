@@ -52,13 +52,14 @@ def hf_layout(cfg: ModelConfig) -> dict[tuple, Entry]:
                 (a + "qkv_proj.weight",), (((h + 2 * k) * hd, d),),
                 lambda w: qkv_to_ours(*np.split(w, [h * hd, (h + k) * hd])), lambda w: (np.concatenate(qkv_to_hf(w)),))
             layer[("mlp", "gate_up")] = Entry((p + "mlp.gate_up_proj.weight",), ((2 * i, d),),
-                                              lambda w: w.T.reshape(d, 2, i), lambda w: (w.reshape(d, 2 * i).T,))
+                                              lambda w: w.reshape(2, i, d).transpose(0, 2, 1),
+                                              lambda w: (w.transpose(0, 2, 1).reshape(2 * i, d),))
         else:
             layer[("attn", "qkv")] = Entry((a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
                                            ((h * hd, d), (k * hd, d), (k * hd, d)), qkv_to_ours, qkv_to_hf)
             layer[("mlp", "gate_up")] = Entry(
                 (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), ((i, d), (i, d)),
-                lambda gate, up: np.stack([gate.T, up.T], 1), lambda w: (w[:, 0].T, w[:, 1].T))
+                lambda gate, up: np.stack([gate.T, up.T]), lambda w: (w[0].T, w[1].T))
         # the norm before the MLP: Llama's post_attention_layernorm; Gemma 2/3 name their extra norms after it
         norms = {("mlp_norm", "weight"): "post_attention_layernorm"}
         if cfg.post_norms:

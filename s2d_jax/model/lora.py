@@ -165,6 +165,8 @@ def merged(model):
         lead = (slice(None),) if n is None else ()
         if target in FUSED:
             w = owner.qkv if target == "qkv_proj" else owner.gate_up
+            if target == "gate_up_proj":  # the adapter's [embed, 2, mlp] onto our [2, embed, mlp]
+                delta = jnp.moveaxis(delta, -3, -2)
             w[...] = (w[...].astype(jnp.float32) + delta).astype(w[...].dtype)
         elif target in ("q_proj", "k_proj", "v_proj"):
             w = owner.qkv
@@ -173,7 +175,7 @@ def merged(model):
             w[...] = w[...].at[index].add(delta.astype(w[...].dtype))
         elif target in ("gate_proj", "up_proj"):
             w = owner.gate_up
-            index = lead + (slice(None), 0 if target == "gate_proj" else 1)
+            index = lead + (0 if target == "gate_proj" else 1,)
             w[...] = w[...].at[index].add(delta.astype(w[...].dtype))
         else:
             w = owner.o if target == "o_proj" else owner.down

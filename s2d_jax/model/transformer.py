@@ -4,7 +4,8 @@ Layouts are chosen for decode speed and for tensor parallelism at once:
   - q, k and v are one fused projection `qkv: [embed, kv_heads, group + 2, head_dim]`: per kv head, its `group`
     query heads, then its key, then its value. One matmul per layer, and splitting `kv_heads` over the `tensor`
     mesh axis keeps every query head with its own key/value head.
-  - gate and up are one projection `gate_up: [embed, 2, mlp]`.
+  - gate and up are one parameter `gate_up: [2, embed, mlp]`, two products: each half is a plain `[embed, mlp]`
+    matrix (on a TPU a size-2 dimension next to `mlp` took a (2, 128) tiling that XLA re-tiled every decode step).
   - attention runs on `[batch, kv_heads, len, head_dim]`, the KV cache's layout.
 
 Two ways to call it. Without a cache, tokens attend causally within their segment (`segment_ids`, 0 = padding):
@@ -156,15 +157,16 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, i = cfg.hidden_size, cfg.intermediate_size
         self.activation = cfg.activation
-        self.gate_up = _param(rngs, (d, 2, i), ("embed", None, "mlp"), cfg.param_dtype)
+        self.gate_up = _param(rngs, (2, d, i), (None, "embed", "mlp"), cfg.param_dtype)
         self.down = _param(rngs, (i, d), ("mlp", "embed"), cfg.param_dtype)
         self.lora_gate = self.lora_up = self.lora_down = self.lora_gate_up = nnx.data(None)  # LoRA (lora.add)
 
     def __call__(self, x):
-        h = jnp.einsum("btd,dci->btci", x, self.gate_up[...].astype(x.dtype))
+        w = self.gate_up[...].astype(x.dtype)
+        gate, up = (jnp.einsum("btd,di->bti", x, w[c]) for c in (0, 1))
         if self.lora_gate_up is not None:
-            h = h + self.lora_gate_up(x)
-        gate, up = h[:, :, 0], h[:, :, 1]
+            h = self.lora_gate_up(x)  # [B, T, 2, mlp]
+            gate, up = gate + h[:, :, 0], up + h[:, :, 1]
         if self.lora_gate is not None:
             gate = gate + self.lora_gate(x)
         if self.lora_up is not None:

@@ -36,10 +36,16 @@ def reshard(model: nnx.Module, mesh, donate: bool = False) -> nnx.Module:
         moved = jax.device_put([flat[i] for i in indices], [targets[i] for i in indices])
         jax.block_until_ready(moved)
         for i, x in zip(indices, moved):
-            if donate and x is not flat[i]:
+            if donate and not _shares(flat[i], x):  # (a shard already in place is the same buffer: kept)
                 flat[i].delete()
             out[i] = x
     return nnx.merge(graphdef, jax.tree.unflatten(tree, out))
+
+
+def _shares(a: jax.Array, b: jax.Array) -> bool:
+    """Whether `b` holds any of `a`'s buffers (a shard `device_put` left where it was)."""
+    mine = {shard.data.unsafe_buffer_pointer() for shard in a.addressable_shards}
+    return any(shard.data.unsafe_buffer_pointer() in mine for shard in b.addressable_shards)
 
 
 def _paths(state) -> list[tuple]:
