@@ -200,8 +200,8 @@ def _prefill_figures(fig: dict, p: dict, t: Target, s: dict, prompt: int, cfg) -
     kv = p["kv_live"] / max(s["prompt"] + s["budget"], 1) * prompt * s["rows"] / s["slots"]  # per chip
     fig.update(rows=s["rows"], tokens=s["rows"] * prompt)
     fig["hbm_floor_s"] = (p["generate_params"] + kv) / t.hbm_bytes_s
-    fig["compute_floor_s"] = 2 * cfg.num_params * s["rows"] * prompt / (g["data"] * g["fsdp"] * g["tensor"]) \
-        / t.bf16_flops
+    matmul = cfg.num_params - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_embeddings else 2)  # per token
+    fig["compute_floor_s"] = 2 * matmul * s["rows"] * prompt / (g["data"] * g["fsdp"] * g["tensor"]) / t.bf16_flops
     _rates(fig, s["rows"] * prompt)
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from s2d_jax import mesh as mesh_lib
-from s2d_jax.model import lora as lora_lib
+from s2d_jax.model import lora as lora_lib, quant
 from s2d_jax.model.transformer import Transformer
 from s2d_jax.sampling import cache as cache_lib, engine
 from s2d_jax.sampling.select import make_method
@@ -65,7 +65,8 @@ def _sampler(programs, cfg):
 
     mesh = programs.gen
     cfg = cfg.replace(param_dtype=cfg.dtype)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    dtype = programs.config.generate.weights_dtype
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: quant.quantize(Transformer(cfg, rngs=nnx.Rngs(0)), dtype)))
     state = _abstract(state, mesh_lib.state_shardings(state, mesh))
     return cfg, graphdef, state, sampler_shapes(programs.config, cfg, mesh.shape["data"] * mesh.shape["fsdp"])
 

@@ -9,7 +9,7 @@ from ml_collections import ConfigDict
 
 from s2d_jax import mesh as mesh_lib, rounds
 from s2d_jax.errors import S2DError
-from s2d_jax.model import PRESETS, init_model, load_model
+from s2d_jax.model import PRESETS, init_model, load_model, quant
 from s2d_jax.tokenizer import SYLLABLES, load_tokenizer
 
 log = logging.getLogger("s2d")
@@ -88,12 +88,18 @@ def toy_base(config: ConfigDict, workdir: str | None) -> str | None:
 
 
 def build_model(config: ConfigDict, mesh=None, workdir: str | None = None, base: bool = True, tokenizer=None,
-                trainable: bool = False, path: str | None = None):
+                trainable: bool = False, path: str | None = None, sampling: bool = False):
     """The model the config names (or at `path`): the checkpoint at `model.path`; else, with `pretrain.steps`,
     the toy base model `s2d pretrain` wrote to WORKDIR/base; else a random `model.preset` seeded by `seed` (also
     what pretraining starts from: `base=False`, sized to `tokenizer`'s vocabulary and end-of-turn token when
     given). Its weights are in `model.dtype` only when they are trained in full (`trainable` without LoRA);
-    sampling, eval and LoRA's frozen base hold them in the compute dtype."""
+    sampling, eval and LoRA's frozen base hold them in the compute dtype; for `sampling`, the projections in
+    `generate.weights_dtype`."""
+    model = _build_model(config, mesh, workdir, base, tokenizer, trainable, path)
+    return quant.quantize(model, config.generate.weights_dtype) if sampling else model
+
+
+def _build_model(config, mesh, workdir, base, tokenizer, trainable, path):
     m = config.model
     compute = m.compute_dtype or m.dtype
     dtype = m.dtype if trainable and not config.train.lora_rank else compute
@@ -134,7 +140,8 @@ def build_tokenizer(config: ConfigDict, workdir: str | None = None):
 
 def build_system1(config: ConfigDict, mesh=None, workdir: str | None = None):
     """(model, tokenizer) of the round's System 1: the base model, or in round R > 1 round R-1's distilled one."""
-    return build_model(config, mesh, workdir, path=rounds.system1_path(workdir)), build_tokenizer(config, workdir)
+    return (build_model(config, mesh, workdir, path=rounds.system1_path(workdir), sampling=True),
+            build_tokenizer(config, workdir))
 
 
 def teacher_config(config: ConfigDict) -> ConfigDict | None:
@@ -155,5 +162,5 @@ def build_system2(config: ConfigDict, mesh=None, workdir: str | None = None):
     model (its own teacher). Its tokenizer may differ from the student's: what passes between them is text."""
     teacher = teacher_config(config)
     if teacher is None:
-        return build_model(config, mesh, workdir), build_tokenizer(config, workdir)
-    return build_model(teacher, mesh, base=False), build_tokenizer(teacher)
+        return build_model(config, mesh, workdir, sampling=True), build_tokenizer(config, workdir)
+    return build_model(teacher, mesh, base=False, sampling=True), build_tokenizer(teacher)

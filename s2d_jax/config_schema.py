@@ -6,6 +6,7 @@ from __future__ import annotations
 from s2d_jax.config_rules import _, above, at_least, between, mesh_size, one_of
 from s2d_jax.model.attention import IMPLEMENTATIONS
 from s2d_jax.model.config import DTYPES, REMAT
+from s2d_jax.model.quant import WEIGHTS_DTYPES
 from s2d_jax.system2.adaptive import RULES as ADAPTIVE_RULES
 from s2d_jax.system2.tasks.judge import DEFAULT_PROMPTS
 
@@ -80,6 +81,8 @@ def schema() -> dict:
             # all 0 = chosen for decoding: tensor parallelism over a host's chips (as many as divide the heads and
             # kv heads), data replicas across the rest, FSDP only when a replica's weights would fill half a chip;
             # on CPU the training mesh (s2d_jax/mesh.py, generation_sizes)
+            # the sampling models' projections: "" = the compute dtype; int8 = per-channel int8 (s2d_jax/model/quant.py)
+            "weights_dtype": _("", one_of(*WEIGHTS_DTYPES)),
             "mesh": {"data": _(0, mesh_size(auto=True)), "fsdp": _(0, mesh_size(auto=True)),
                      "tensor": _(0, mesh_size(auto=True))},
         },

@@ -137,6 +137,14 @@ def generation_shape(config: ConfigDict, devices: int, per_host: int, platform: 
     return types.SimpleNamespace(shape=sizes, size=devices)
 
 
+def sampling_state(cfg, weights_dtype: str = ""):
+    """The sampler's weights as abstract arrays: in the compute dtype, the projections in `weights_dtype`."""
+    from s2d_jax.model import quant
+
+    build = lambda: quant.quantize(Transformer(cfg.replace(param_dtype=cfg.dtype), rngs=nnx.Rngs(0)), weights_dtype)
+    return nnx.split(nnx.eval_shape(build))[1]
+
+
 def plan(config: ConfigDict, mesh, gen=None) -> dict:
     """Per-device bytes: training on `mesh`, generation on `gen` (the generation mesh; default `mesh`)."""
     from s2d_jax.model import lora
@@ -157,9 +165,7 @@ def plan(config: ConfigDict, mesh, gen=None) -> dict:
     rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
     gen = gen or mesh
     sampler = model_config(config, system2=True)  # what samples the rollouts: the teacher, if any
-    if sampler != cfg:
-        base_state = nnx.split(nnx.eval_shape(lambda: Transformer(sampler, rngs=nnx.Rngs(0))), nnx.Param, ...)[1]
-    sample_params = _state_bytes(base_state, gen, sampler.dtype)  # the sampler's weights: in the compute dtype
+    sample_params = _state_bytes(sampling_state(sampler, config.generate.weights_dtype), gen)
     s = sampler_shapes(config, sampler, gen.shape["data"] * gen.shape["fsdp"])
     kv_shape = (s["slots"], sampler.num_kv_heads, s["width"], sampler.head_dim)
     length = s["width"]

@@ -86,14 +86,14 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
     score("system2", lambda: build_system2(config, mesh, workdir), lambda m, k: _with_variants(
         functools.partial(evaluate.system2, program, m, k, task, **two), examples, variants))
     if trained:
-        score("distilled", lambda: (build_model(config, mesh, path=distilled_dir), tok), lambda m, k: _with_variants(
+        score("distilled", lambda: (build_model(config, mesh, path=distilled_dir, sampling=True), tok), lambda m, k: _with_variants(
             functools.partial(evaluate.system1, m, k, task, **one), examples, variants))
     else:  # an honest report of a round whose filter kept nothing: there is no distilled model
         results["distilled"] = None
         results["meta"]["note"] = ("No input passed the self-consistency filter, so nothing was distilled: the "
                                    "base model's System 2 answers never agreed often enough (see the filter line).")
     if config.route.method != "none":
-        router_model = (lambda: (build_model(config, mesh, path=distilled_dir), tok)) if trained else \
+        router_model = (lambda: (build_model(config, mesh, path=distilled_dir, sampling=True), tok)) if trained else \
             (lambda: build_system1(config, mesh, workdir))
         score("router", router_model, lambda m, k: evaluate.routed_system1(m, k, task, examples,
                                                                           **router_args(config, task, mesh)))

@@ -11,7 +11,7 @@ from ml_collections import ConfigDict
 from s2d_jax import datasets, distributed, rounds
 from s2d_jax.build import build_generation_mesh, build_mesh, build_model, build_tokenizer
 from s2d_jax.errors import S2DError
-from s2d_jax.model import lora, save_hf
+from s2d_jax.model import lora, quant, save_hf
 from s2d_jax.stages.inputs import load_eval_inputs, system1_prompt
 
 log = logging.getLogger("s2d")
@@ -43,7 +43,7 @@ def train(config: ConfigDict, workdir: str) -> str:
         def eval_fn(m):  # on the generation mesh: the trained weights copied there on device, training's untouched
             from s2d_jax.sampling.reshard import reshard
 
-            m = m if decoding == mesh else reshard(m, decoding)
+            m = quant.quantize(m if decoding == mesh else reshard(m, decoding), config.generate.weights_dtype)
             return evaluate.system1(m, tok, task, examples, chat=config.program.chat,
                                     prompt=lambda x: system1_prompt(config, task, x),
                                     max_new_tokens=config.eval.max_new_tokens or task.answer_tokens,
