@@ -1,0 +1,89 @@
+"""Decode on a TPU by XLA's own figures, before renting one: tokens/s of the sampler's decode step at 32/64/128/256
+slots, bf16 and int8 weights, for Llama-3-8B and a 1B shape on a v5e-8 and a v5p-8, beside the published JetStream
+figures. Each row compiles the run's decode program for the target (libtpu, from this CPU) on the generation mesh
+`s2d plan` would choose, exactly as `s2d plan --config.plan.topology=T` does, and prints:
+
+- roofline ms: XLA's cost analysis of one decode step (FLOPs and bytes, extrapolated from 1 and 2 layers) against the
+  chip's peaks, `max(FLOPs / peak, bytes / HBM bandwidth)`: an estimate, never a measurement;
+- floor ms: the bytes a step must read per chip (the weights and the live KV of every slot) over HBM bandwidth;
+- floor/roofline: 1 = XLA's program reads only what it must; tokens/s = slots / roofline over the whole slice.
+
+    python benchmarks/tpu_decode.py                                   # the whole table (about a minute a row)
+    python benchmarks/tpu_decode.py --targets v5e-8 --models llama3-8b --slots 128 --dtypes bfloat16,int8 --memory
+
+`--memory` also compiles the full-depth program for XLA's peak bytes per chip (slower). The config is
+`configs/rar2_last_letters.py` (prompts up to 256 tokens, 256-token stages) at the model's shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+# JetStream (PyTorch/XLA) serving Llama-3-8B on a v5e-8, as quoted in issue 32 of this project (JetStream's
+# published benchmark; not reproduced here): tokens/s and the batch they were measured at.
+JETSTREAM = {("llama3-8b", "v5e-8", "bfloat16"): (8249, 128), ("llama3-8b", "v5e-8", "int8"): (10873, 256)}
+GB = 1 << 30
+
+
+def figures(model: str, target: str, slots: int, dtype: str, memory: bool) -> dict:
+    from s2d_jax import aot, mesh as mesh_lib, plan as plan_lib
+    from s2d_jax.config import load_config
+
+    config = load_config("configs/rar2_last_letters.py", [
+        "model.path=", f"model.preset={model}", f"generate.max_batch={slots}",
+        f"generate.weights_dtype={'int8' if dtype == 'int8' else ''}"])
+    t = aot.target(target)
+    gen = plan_lib.generation_shape(config, t.chips, math.prod(t.host_bounds), t.platform, t.hbm_gb * GB)
+    p = plan_lib.plan(config, plan_lib.mesh_shape(config.mesh, t.chips), gen)
+    chips = aot.devices(t)
+    run = aot.Programs(config, mesh_lib.make_mesh(**p["mesh"], devices=chips), t,
+                       mesh_lib.make_mesh(**p["generate_mesh"], devices=chips))
+    sampler = plan_lib.model_config(config, system2=True).replace(platform=t.platform)
+    s = plan_lib.sampler_shapes(config, sampler, gen.shape["data"] * gen.shape["fsdp"])
+    fig = run.figures("decode", sampler, memory=memory)
+    aot._decode_figures(fig, p, t, s)
+    return {**fig, "generate_mesh": p["generate_mesh"], "weights_gb": p["generate_params"] / GB,
+            "kv_live_gb": p["kv_live"] / GB}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--targets", default="v5e-8,v5p-8")
+    ap.add_argument("--models", default="llama3-8b,llama3.2-1b")
+    ap.add_argument("--slots", default="32,64,128,256")
+    ap.add_argument("--dtypes", default="bfloat16,int8")
+    ap.add_argument("--memory", action="store_true", help="also XLA's peak bytes per chip (full-depth compile)")
+    args = ap.parse_args()
+    print("| model | target | weights | slots | generation mesh d/f/t | roofline ms | floor ms | floor/roofline "
+          "| tokens/s (roofline) | int8 / bf16 |" + (" peak GB/chip |" if args.memory else "")
+          + " JetStream tokens/s (batch) |")
+    print("|---" * (11 + args.memory) + "|")
+    base = {}
+    for model in args.models.split(","):
+        for target in args.targets.split(","):
+            for slots in map(int, args.slots.split(",")):
+                for dtype in args.dtypes.split(","):
+                    start = time.perf_counter()
+                    f = figures(model, target, slots, dtype, args.memory)
+                    if dtype == "bfloat16":
+                        base[(model, target, slots)] = f["tokens_per_s"]
+                    ratio = f["tokens_per_s"] / base[(model, target, slots)] if (model, target, slots) in base else None
+                    jet = JETSTREAM.get((model, target, dtype))
+                    m = f["generate_mesh"]
+                    print(f"| {model} | {target} | {dtype} | {f['slots']} | {m['data']}/{m['fsdp']}/{m['tensor']} | "
+                          f"{f['roofline_s'] * 1e3:.2f} | {f['hbm_floor_s'] * 1e3:.2f} | "
+                          f"{f['floor_over_roofline']:.2f} | {f['tokens_per_s']:,.0f} | "
+                          f"{'' if ratio is None else f'{ratio:.2f}x'} |"
+                          + (f" {f['peak'] / GB:.2f} |" if args.memory else "")
+                          + (f" {jet[0]:,} ({jet[1]}) |" if jet else " |"), flush=True)
+                    print(f"  ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
