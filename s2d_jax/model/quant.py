@@ -3,8 +3,10 @@ the bytes of a bf16 model's projections nearly halves a memory-bound step.
 
 Symmetric, per output channel: each projection's values become `round(w / scale)` in int8 with `scale =
 max|w| / 127` over the dimensions a product contracts, kept beside it as a `Scale` (float32, the weight's shape
-with the contracted dimensions 1, laid out by the same logical axes). `weight()` gives back `q * scale` in the
-compute dtype where the model reads a weight, so XLA fuses the dequantisation into the product and reads int8.
+with the contracted dimensions 1, laid out by the same logical axes). The decoder reads a weight through `weight()`
+(int8 converted to the compute dtype, which XLA fuses into the product's operand, so the product reads int8) and
+scales the product's output channels with `scaled()`: the same as multiplying by `q * scale`, with the scaling on
+the small output instead of on every weight element.
 Quantised: q/k/v, o, gate/up, down and an untied output head; embeddings, norms and biases stay as they are.
 """
 
@@ -26,11 +28,26 @@ class Scale(nnx.Variable):
 
 
 def weight(owner, name: str, dtype) -> jax.Array:
-    """`owner.name` in `dtype`: dequantised when it was quantised."""
-    w, scale = getattr(owner, name)[...], getattr(owner, name + "_scale", None)
+    """`owner.name` in `dtype` (an int8 weight unscaled: `scaled()` applies its scales to the product)."""
+    return getattr(owner, name)[...].astype(dtype)
+
+
+def scaled(out: jax.Array, owner, name: str, index=None) -> jax.Array:
+    """The product `out` of `weight(owner, name)` (or of its `index`-th part) with the weight's per-output-channel
+    scales applied, when it was quantised. The output channels are `out`'s last dimensions, in the weight's order:
+    the scale with its contracted (size-1) dimensions dropped broadcasts against them."""
+    scale = getattr(owner, name + "_scale", None)
     if scale is None:
-        return w.astype(dtype)
-    return w.astype(dtype) * scale[...].astype(dtype)
+        return out
+    s = scale[...] if index is None else scale[...][index]
+    return out * jnp.squeeze(s).astype(out.dtype)
+
+
+def dequantized(owner, name: str, dtype) -> jax.Array:
+    """`owner.name` as a `dtype` array of its values (`q * scale` when quantised)."""
+    scale = getattr(owner, name + "_scale", None)
+    w = weight(owner, name, dtype)
+    return w if scale is None else w * scale[...].astype(dtype)
 
 
 def quantize(model, dtype: str = "int8"):

@@ -31,7 +31,7 @@ from flax import nnx
 from s2d_jax.mesh import constrain
 from s2d_jax.model import attention as attention_lib
 from s2d_jax.model.config import FULL, SLIDING, ModelConfig
-from s2d_jax.model.quant import weight
+from s2d_jax.model.quant import dequantized, scaled, weight
 from s2d_jax.model.rope import apply_rope, rope_tables
 
 
@@ -120,7 +120,8 @@ class Attention(nnx.Module):
         cfg, dt = self.cfg, x.dtype
         g = cfg.group_size
         # in the weights' own layout, heads moved after: else XLA:CPU transposes the weights every decode step
-        qkv = jnp.moveaxis(jnp.einsum("btd,dkch->btkch", x, weight(self, "qkv", dt)), 1, 3)
+        qkv = scaled(jnp.einsum("btd,dkch->btkch", x, weight(self, "qkv", dt)), self, "qkv")
+        qkv = jnp.moveaxis(qkv, 1, 3)
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...].astype(dt)[None, :, :, None, :]
         if self.lora_qkv is not None:  # [B, T, K, G + 2, hd] -> [B, K, G + 2, T, hd]
@@ -147,6 +148,7 @@ class Attention(nnx.Module):
                                       splash_block=cfg.splash_block)
         out, w = jnp.moveaxis(out, 3, 1), weight(self, "o", dt)  # [B, T, K, G, hd]; one contraction dim (as above)
         proj = jnp.einsum("btf,fd->btd", out.reshape(out.shape[:2] + (-1,)), w.reshape(-1, w.shape[-1]))
+        proj = scaled(proj, self, "o")
         if self.lora_o is not None:
             proj = proj + self.lora_o(out)
         if self.o_bias is not None:
@@ -165,9 +167,9 @@ class MLP(nnx.Module):
     def __call__(self, x):
         w = weight(self, "gate_up", x.dtype)
         if (self.platform or jax.default_backend()) == "cpu":  # XLA:CPU multiplies plain [embed, mlp] operands
-            gate, up = (jnp.einsum("btd,di->bti", x, w[c]) for c in (0, 1))  # (one product would transpose w)
+            gate, up = (scaled(jnp.einsum("btd,di->bti", x, w[c]), self, "gate_up", c) for c in (0, 1))
         else:  # XLA:TPU tiles [2, embed, mlp] as two (embed, mlp) matrices; one product trains ~4% faster
-            h = jnp.einsum("btd,cdi->btci", x, w)
+            h = scaled(jnp.einsum("btd,cdi->btci", x, w), self, "gate_up")
             gate, up = h[:, :, 0], h[:, :, 1]
         if self.lora_gate_up is not None:
             h = self.lora_gate_up(x)  # [B, T, 2, mlp]
@@ -177,7 +179,7 @@ class MLP(nnx.Module):
         if self.lora_up is not None:
             up = up + self.lora_up(x)
         act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        out = jnp.einsum("bti,id->btd", act * up, weight(self, "down", x.dtype))
+        out = scaled(jnp.einsum("bti,id->btd", act * up, weight(self, "down", x.dtype)), self, "down")
         if self.lora_down is not None:
             out = out + self.lora_down(act * up)
         return out
@@ -307,10 +309,12 @@ class Transformer(nnx.Module):
     def head(self, dtype=None) -> jax.Array:
         """The output projection `[vocab, embed]` (the embedding when tied), in `dtype` (default: its own)."""
         name = "embed" if self.lm_head is None else "lm_head"
-        return weight(self, name, dtype or getattr(self, name)[...].dtype)
+        return dequantized(self, name, dtype or getattr(self, name)[...].dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        out = jnp.einsum("...d,vd->...v", hidden, self.head(hidden.dtype)).astype(jnp.float32)
+        name = "embed" if self.lm_head is None else "lm_head"
+        out = jnp.einsum("...d,vd->...v", hidden, weight(self, name, hidden.dtype))
+        out = scaled(out, self, name).astype(jnp.float32)
         if self.cfg.final_softcap:
             out = self.cfg.final_softcap * jnp.tanh(out / self.cfg.final_softcap)
         return out
