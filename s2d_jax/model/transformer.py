@@ -160,7 +160,10 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, i = cfg.hidden_size, cfg.intermediate_size
         self.activation, self.platform = cfg.activation, cfg.platform
-        self.gate_up = _param(rngs, (2, d, i), (None, "embed", "mlp"), cfg.param_dtype)
+        # drawn as [embed, 2, mlp] (the layout before 2026-12-05), then stored [2, embed, mlp]: the same initial
+        # values, so a toy pretrained from a seed learns as it did
+        drawn = _param(rngs, (d, 2, i), (None, None, None), cfg.param_dtype)[...]
+        self.gate_up = nnx.Param(jnp.transpose(drawn, (1, 0, 2)), axes=(None, "embed", "mlp"))
         self.down = _param(rngs, (i, d), ("mlp", "embed"), cfg.param_dtype)
         self.lora_gate = self.lora_up = self.lora_down = self.lora_gate_up = nnx.data(None)  # LoRA (lora.add)
 
