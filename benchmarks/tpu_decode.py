@@ -1,5 +1,5 @@
 """Decode on a TPU by XLA's own figures, before renting one: tokens/s of the sampler's decode step at 32/64/128/256
-slots, bf16 and int8 weights, for Llama-3-8B and a 1B shape on a v5e-8 and a v5p-8, beside the published JetStream
+slots, bf16, int8 weights and int8 weights + KV cache, for Llama-3-8B and a 1B shape on a v5e-8 and a v5p-8, beside the published JetStream
 figures. Each row compiles the run's decode program for the target (libtpu, from this CPU) on the generation mesh
 `s2d plan` would choose, exactly as `s2d plan --config.plan.topology=T` does, and prints:
 
@@ -37,7 +37,8 @@ def figures(model: str, target: str, slots: int, dtype: str, memory: bool) -> di
 
     config = load_config("configs/rar2_last_letters.py", [
         "model.path=", f"model.preset={model}", f"generate.max_batch={slots}",
-        f"generate.weights_dtype={'int8' if dtype == 'int8' else ''}"])
+        f"generate.weights_dtype={'' if dtype == 'bfloat16' else 'int8'}",
+        f"generate.cache_dtype={'int8' if dtype == 'int8kv' else ''}"])
     t = aot.target(target)
     gen = plan_lib.generation_shape(config, t.chips, math.prod(t.host_bounds), t.platform, t.hbm_gb * GB)
     p = plan_lib.plan(config, plan_lib.mesh_shape(config.mesh, t.chips), gen)
@@ -57,12 +58,12 @@ def main() -> None:
     ap.add_argument("--targets", default="v5e-8,v5p-8")
     ap.add_argument("--models", default="llama3-8b,llama3.2-1b")
     ap.add_argument("--slots", default="32,64,128,256")
-    ap.add_argument("--dtypes", default="bfloat16,int8")
+    ap.add_argument("--dtypes", default="bfloat16,int8,int8kv", help="int8: weights; int8kv: weights and KV cache")
     ap.add_argument("--memory", action="store_true", help="also XLA's peak bytes per chip (full-depth compile)")
     args = ap.parse_args()
     print("| model | target | weights | slots | generation mesh d/f/t | roofline ms | floor ms | floor/roofline "
           "| tokens/s (roofline) | int8 / bf16 |" + (" peak GB/chip |" if args.memory else "")
-          + " JetStream tokens/s (batch) |")
+          + " JetStream tokens/s (batch) |")  # int8kv: int8 weights and an int8 KV cache
     print("|---" * (11 + args.memory) + "|")
     base = {}
     for model in args.models.split(","):
@@ -74,7 +75,7 @@ def main() -> None:
                     if dtype == "bfloat16":
                         base[(model, target, slots)] = f["tokens_per_s"]
                     ratio = f["tokens_per_s"] / base[(model, target, slots)] if (model, target, slots) in base else None
-                    jet = JETSTREAM.get((model, target, dtype))
+                    jet = JETSTREAM.get((model, target, dtype.replace("kv", "")))
                     m = f["generate_mesh"]
                     print(f"| {model} | {target} | {dtype} | {f['slots']} | {m['data']}/{m['fsdp']}/{m['tensor']} | "
                           f"{f['roofline_s'] * 1e3:.2f} | {f['hbm_floor_s'] * 1e3:.2f} | "

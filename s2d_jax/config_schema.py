@@ -6,7 +6,7 @@ from __future__ import annotations
 from s2d_jax.config_rules import _, above, at_least, between, mesh_size, one_of
 from s2d_jax.model.attention import IMPLEMENTATIONS
 from s2d_jax.model.config import DTYPES, REMAT
-from s2d_jax.model.quant import WEIGHTS_DTYPES
+from s2d_jax.model.quant import KV_INT8, WEIGHTS_DTYPES
 from s2d_jax.system2.adaptive import RULES as ADAPTIVE_RULES
 from s2d_jax.system2.tasks.judge import DEFAULT_PROMPTS
 
@@ -75,8 +75,9 @@ def schema() -> dict:
             "adaptive": _("off", one_of(*ADAPTIVE_RULES)),
             "adaptive_wave": _(2, at_least(1)),
             "adaptive_confidence": _(0.95, between(0.5, 1.0, high_open=True)),
-            # the KV cache's dtype while sampling ("" = the compute dtype); bfloat16 halves a float32 model's cache
-            "cache_dtype": _("", one_of("", *DTYPES)),
+            # the KV cache's dtype while sampling ("" = the compute dtype); bfloat16 halves a float32 model's cache;
+            # int8 halves a bf16 one (each key/value vector with its own scale: s2d_jax/model/quant.py)
+            "cache_dtype": _("", one_of("", *DTYPES, KV_INT8)),
             # the mesh the sampler decodes on (generate, route, eval, USC, train's eval_every): the keys of `mesh`;
             # all 0 = chosen for decoding: tensor parallelism over a host's chips (as many as divide the heads and
             # kv heads), data replicas across the rest, FSDP only when a replica's weights would fill half a chip;

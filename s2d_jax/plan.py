@@ -170,11 +170,16 @@ def plan(config: ConfigDict, mesh, gen=None) -> dict:
     kv_shape = (s["slots"], sampler.num_kv_heads, s["width"], sampler.head_dim)
     length = s["width"]
     kv_dtype = config.generate.cache_dtype or sampler.dtype
-    kv = 2 * sum(shard_bytes(kv_shape[:2] + (cache_slots(sampler, n, length),) + kv_shape[3:], kv_dtype, CACHE_AXES,
-                             gen) for n in range(sampler.num_layers))  # sliding layers hold a ring of their window
-    live = min(s["prompt"] + s["budget"], length)  # the longest sequence: what a decode step must read of a slot
-    kv_live = 2 * sum(shard_bytes(kv_shape[:2] + (cache_slots(sampler, n, live),) + kv_shape[3:], kv_dtype,
-                                  CACHE_AXES, gen) for n in range(sampler.num_layers))
+
+    def kv_bytes(width: int) -> int:  # keys and values of every layer (an int8 one: and a float32 scale a vector)
+        shapes = [kv_shape[:2] + (cache_slots(sampler, n, width),) + kv_shape[3:] for n in range(sampler.num_layers)]
+        out = sum(shard_bytes(shape, kv_dtype, CACHE_AXES, gen) for shape in shapes)
+        if kv_dtype == "int8":
+            out += sum(shard_bytes(shape[:3], "float32", CACHE_AXES, gen) for shape in shapes)
+        return 2 * out
+
+    kv = kv_bytes(length)  # sliding layers hold a ring of their window
+    kv_live = kv_bytes(min(s["prompt"] + s["budget"], length))  # the longest sequence: what a step must read
     micro_rows = max(t.batch_size // t.grad_accum // rows_split, 1)
     activations = activation_bytes(cfg, micro_rows, t.max_len, t.loss_chunk, mesh.shape["tensor"], mesh.shape["fsdp"])
     train_total = params + trained * 3 + activations  # weights, gradients, two AdamW moments (float32 masters)

@@ -268,3 +268,34 @@ def test_a_bfloat16_cache_keeps_greedy_outputs_close_to_float32(ragged):
     assert str(bf16.cache_dtype) == "bfloat16"
     same = np.mean([a.token_ids[:4] == b.token_ids[:4] for (a,), (b,) in zip(f32, out)])
     assert same >= 0.75
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_an_int8_cache_keeps_logprobs_close_through_refills_shared_prefixes_and_rings(hf_models, family):
+    """`generate.cache_dtype=int8`: every key and value vector in int8 with its own scale, through the plain and the
+    shared-prefix prefill, mid-flight refills, the tail and (Gemma 2) sliding-window rings. Each sampled token's log
+    probability stays within int8's rounding of transformers' on the whole prompt and the tokens before it."""
+    import torch
+
+    from s2d_jax.sampling import engine
+
+    path, ref = hf_models[family]
+    tok = byte_tokenizer()
+    sampler = Sampler(s2d_jax.load_model(path), tok, max_batch=3, cache_dtype="int8")
+    jobs = [Job(HEAD + item, key=k, max_new_tokens=12, shared_prefix=len(HEAD), tag=k) for k, item in enumerate(ITEMS)]
+    jobs += [Job(p, n=2, key=10 + k, max_new_tokens=20, tag=10 + k) for k, p in enumerate(PROMPTS[:5])]
+    out = {}
+    sampler.stream(jobs, lambda job, samples: out.__setitem__(job.tag, samples), temperature=1.0, logprobs=True,
+                   progress=False)
+    worst = 0.0
+    for job in jobs:
+        ids = tok(job.prompt).input_ids
+        for sample in out[job.tag]:
+            with torch.no_grad():
+                logits = ref(torch.tensor([ids + sample.token_ids])).logits[0, len(ids) - 1:-1].float()
+            expected = torch.log_softmax(logits, -1)[torch.arange(len(sample.token_ids)), sample.token_ids]
+            worst = max(worst, float(np.abs(np.asarray(sample.logprobs) - expected.numpy()).max()))
+    assert 0 < worst < 0.05, worst  # quantised (not exact), and close
+    shape = engine.Shape(4, 16, 2, 8, 64, "int8", 0)
+    cache = engine.empty(shape, (128, 128, 128)).cache
+    assert cache.k[0].q.dtype == np.int8 and cache.k[0].scale.shape == (4, 2, 128)

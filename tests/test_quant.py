@@ -61,12 +61,14 @@ TINY = ["--config", "configs/tiny.py", "--config.pretrain.steps=0", "--config.pr
 
 
 def test_int8_generation_runs_and_the_plan_counts_its_bytes(tmp_path):
-    for dtype in ("", "int8"):
+    """`s2d generate` with int8 weights and cache, and `s2d plan`'s bytes for both."""
+    for dtype in ("", "int8"):  # int8 weights and an int8 KV cache together
         workdir = tmp_path / (dtype or "float")
-        assert main(["generate", *TINY, f"--config.generate.weights_dtype={dtype}", "--workdir", str(workdir)]) == 0
+        int8 = [f"--config.generate.weights_dtype={dtype}", f"--config.generate.cache_dtype={dtype}"]
+        assert main(["generate", *TINY, *int8, "--workdir", str(workdir)]) == 0
         assert len((workdir / "rollouts.jsonl").read_text().splitlines()) == 6
-        assert main(["plan", *TINY, "--config.model.compute_dtype=bfloat16",
-                     f"--config.generate.weights_dtype={dtype}", "--workdir", str(workdir / "plan")]) == 0
+        assert main(["plan", *TINY, "--config.model.compute_dtype=bfloat16", *int8,
+                     "--workdir", str(workdir / "plan")]) == 0
     plans = {d: json.loads((tmp_path / d / "plan" / "plan.json").read_text()) for d in ("float", "int8")}
     cfg = PRESETS["tiny"]
     embed = cfg.vocab_size * cfg.hidden_size * 2  # tied: the embedding stays in bf16
@@ -76,3 +78,5 @@ def test_int8_generation_runs_and_the_plan_counts_its_bytes(tmp_path):
     scales = plans["int8"]["generate_params"] - (embed + norms + projections)
     assert 0 < scales < projections // 8  # one float32 per output channel
     assert plans["float"]["params"] == plans["int8"]["params"]  # training is not quantised
+    hd = cfg.head_dim  # the cache: a byte a value and a float32 scale a vector, against two bytes a value
+    assert plans["int8"]["kv_cache"] * 2 * hd == plans["float"]["kv_cache"] * (hd + 4)

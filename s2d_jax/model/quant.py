@@ -8,11 +8,15 @@ with the contracted dimensions 1, laid out by the same logical axes). The decode
 scales the product's output channels with `scaled()`: the same as multiplying by `q * scale`, with the scaling on
 the small output instead of on every weight element.
 Quantised: q/k/v, o, gate/up, down and an untied output head; embeddings, norms and biases stay as they are.
+
+The KV cache in int8 (`generate.cache_dtype=int8`): each cached key and value vector as int8 with its own scale
+(`Int8KV`), quantised where the cache is written and dequantised where attention reads it.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,3 +81,42 @@ def _quantize(w: jax.Array, axes: tuple[int, ...]):
     scale = jnp.max(jnp.abs(w), axis=axes, keepdims=True) / 127.0
     scale = jnp.where(scale > 0, scale, 1.0)
     return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
+
+
+# ------------------------------------------------------------------------------------------ the KV cache
+
+KV_INT8 = "int8"
+
+
+class Int8KV(NamedTuple):
+    """One layer's int8 keys (or values) `[B, K, S, hd]` and a float32 scale per row, kv head and slot `[B, K, S]`
+    (symmetric over `hd`: one outlier token costs only its own precision). Every slot-axis operation of the cache
+    (pad, cut, gather rows, write a slot, shard) applies to both alike: `jax.tree.map`."""
+
+    q: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+    @property
+    def dtype(self):
+        return self.q.dtype
+
+
+def kv_store(x: jax.Array, dtype) -> jax.Array | Int8KV:
+    """Keys or values `[B, K, T, hd]` as the cache holds them: cast to `dtype`, or int8 with per-vector scales."""
+    if jnp.dtype(dtype) != jnp.int8:
+        return x.astype(dtype)
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    return Int8KV(jnp.clip(jnp.round(x32 / scale[..., None]), -127, 127).astype(jnp.int8), scale)
+
+
+def kv_load(c, dtype) -> jax.Array:
+    """The cache's keys or values in `dtype` (int8 ones dequantised)."""
+    if isinstance(c, Int8KV):
+        return c.q.astype(dtype) * c.scale[..., None].astype(dtype)
+    return c.astype(dtype)

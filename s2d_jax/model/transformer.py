@@ -31,7 +31,7 @@ from flax import nnx
 from s2d_jax.mesh import constrain
 from s2d_jax.model import attention as attention_lib
 from s2d_jax.model.config import FULL, SLIDING, ModelConfig
-from s2d_jax.model.quant import dequantized, scaled, weight
+from s2d_jax.model.quant import Int8KV, dequantized, kv_load, kv_store, scaled, weight
 from s2d_jax.model.rope import apply_rope, rope_tables
 
 
@@ -62,8 +62,8 @@ class KVCache(NamedTuple):
                 k, v = jnp.take_along_axis(k, take, axis=2), jnp.take_along_axis(v, take, axis=2)
             else:
                 k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, max_len - p), (0, 0))) for x in (k, v))
-            ks.append(constrain(k.astype(dtype)))
-            vs.append(constrain(v.astype(dtype)))
+            ks.append(jax.tree.map(constrain, kv_store(k, dtype)))
+            vs.append(jax.tree.map(constrain, kv_store(v, dtype)))
         index = jnp.int32(p) if end is None else end.astype(jnp.int32)
         return cls(tuple(ks), tuple(vs), jnp.pad(valid, ((0, 0), (0, max_len - p))), index)
 
@@ -140,8 +140,9 @@ class Attention(nnx.Module):
             keys, values = k, v
         else:  # write at slot `index` (mod the ring's size), then attend over the whole cache
             ck, cv = cache_kv
-            keys, values = (_write(c, x.astype(c.dtype), index % c.shape[2], 2) for c, x in ((ck, k), (cv, v)))
-        out = attention_lib.attention(q, keys.astype(dt), values.astype(dt), mask, window=window, impl=impl,
+            keys, values = (jax.tree.map(lambda c, n: _write(c, n, index % c.shape[2], 2), c, kv_store(x, c.dtype))
+                            for c, x in ((ck, k), (cv, v)))
+        out = attention_lib.attention(q, kv_load(keys, dt), kv_load(values, dt), mask, window=window, impl=impl,
                                       right_padded=right_padded, cached=cache_kv is not None,
                                       scale=cfg.query_scale ** -0.5 if cfg.query_scale else None,
                                       softcap=cfg.attn_softcap, platform=cfg.platform,
@@ -299,8 +300,9 @@ class Transformer(nnx.Module):
         hidden = self.final_norm(x)
         if cache is None:
             return hidden, kvs
-        return hidden, KVCache(tuple(kv[0].astype(cache.k[0].dtype) for kv in kvs),
-                               tuple(kv[1].astype(cache.v[0].dtype) for kv in kvs), valid, cache.index + t)
+        same = lambda x, c: x if isinstance(x, Int8KV) else x.astype(c.dtype)
+        return hidden, KVCache(tuple(same(kv[0], cache.k[0]) for kv in kvs),
+                               tuple(same(kv[1], cache.v[0]) for kv in kvs), valid, cache.index + t)
 
     def _layer_list(self) -> list[Block]:
         """The blocks one by one (for scanned layers: each a static slice of the stack, for decoding)."""

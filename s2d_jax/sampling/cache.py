@@ -66,8 +66,8 @@ def row_chunks(rows: int, multiple: int = 1) -> list[int]:
 
 
 def constrain(cache: KVCache) -> KVCache:
-    return cache._replace(k=tuple(mesh_lib.constrain(k, CACHE_AXES) for k in cache.k),
-                          v=tuple(mesh_lib.constrain(v, CACHE_AXES) for v in cache.v))
+    pin = lambda x: mesh_lib.constrain(x, CACHE_AXES)  # (an int8 layer's scales `[B, K, S]` too)
+    return cache._replace(k=tuple(jax.tree.map(pin, k) for k in cache.k), v=tuple(jax.tree.map(pin, v) for v in cache.v))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "dtype"))
@@ -96,7 +96,8 @@ def prefill_shared(graphdef, state, prefix, prefix_positions, prefix_segments, o
     cfg, dtype = model.cfg, jnp.dtype(dtype or model.cfg.dtype)
     _, kvs = model.forward(prefix, prefix_positions, segment_ids=prefix_segments)
     width = prefix.shape[1] + tokens.shape[1]
-    grow = lambda x: mesh_lib.constrain(jnp.pad(x[owner].astype(dtype), ((0, 0), (0, 0), (0, tokens.shape[1]),
+    work = jnp.dtype(cfg.dtype) if dtype == jnp.int8 else dtype  # the suffix pass's cache (int8: stored after)
+    grow = lambda x: mesh_lib.constrain(jnp.pad(x[owner].astype(work), ((0, 0), (0, 0), (0, tokens.shape[1]),
                                                                         (0, 0))), CACHE_AXES)
     cache = KVCache(tuple(grow(k) for k, _ in kvs), tuple(grow(v) for _, v in kvs),
                     jnp.pad(prefix_segments[owner] != 0, ((0, 0), (0, tokens.shape[1]))), jnp.int32(prefix.shape[1]))
@@ -119,8 +120,9 @@ def resize(cache: KVCache, sizes: tuple[int, ...]) -> KVCache:
     fit = lambda x, n, axis: (jnp.pad(x, [(0, max(0, n - x.shape[axis])) if a == axis else (0, 0)
                                           for a in range(x.ndim)])
                               if n >= x.shape[axis] else jax.lax.slice_in_dim(x, 0, n, axis=axis))
-    return constrain(KVCache(tuple(fit(k, n, 2) for k, n in zip(cache.k, sizes[1:])),
-                             tuple(fit(v, n, 2) for v, n in zip(cache.v, sizes[1:])),
+    layer = lambda c, n: jax.tree.map(lambda x: fit(x, n, 2), c)
+    return constrain(KVCache(tuple(layer(k, n) for k, n in zip(cache.k, sizes[1:])),
+                             tuple(layer(v, n) for v, n in zip(cache.v, sizes[1:])),
                              fit(cache.valid, sizes[0], 1), cache.index))
 
 

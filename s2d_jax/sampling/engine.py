@@ -31,6 +31,7 @@ from flax import nnx
 from s2d_jax import mesh as mesh_lib
 from s2d_jax import faults, memory, stopping
 from s2d_jax.distributed import fetch
+from s2d_jax.model.quant import kv_store
 from s2d_jax.model.transformer import KVCache
 from s2d_jax.sampling import cache as cache_lib
 from s2d_jax.sampling.clock import Clock
@@ -75,7 +76,7 @@ def empty(shape: Shape, sizes: tuple[int, ...]) -> Slots:
     """Empty (done) slots with a cache of `sizes` (cache.layer_sizes)."""
     TRACES[0] += 1
     s = shape.slots
-    kv = lambda n: jnp.zeros((s, shape.kv_heads, n, shape.head_dim), jnp.dtype(shape.dtype))
+    kv = lambda n: kv_store(jnp.zeros((s, shape.kv_heads, n, shape.head_dim), jnp.float32), shape.dtype)
     cache = cache_lib.constrain(KVCache(tuple(kv(n) for n in sizes[1:]), tuple(kv(n) for n in sizes[1:]),
                                         _rows(jnp.zeros((s, sizes[0]), bool)), _rows(jnp.zeros(s, jnp.int32))))
     zeros = lambda *dims, dtype=jnp.int32: _rows(jnp.zeros((s,) + dims, dtype))
@@ -97,7 +98,7 @@ def insert(slots: Slots, logits, cache: KVCache, rows, positions, budget, keys, 
     pick = lambda old, new: jnp.where(take.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
     c = slots.cache
     cache = cache_lib.resize(cache, (c.valid.shape[1],) + tuple(k.shape[2] for k in c.k))
-    layers = lambda old, new: tuple(pick(o, n[src]) for o, n in zip(old, new))
+    layers = lambda old, new: tuple(jax.tree.map(lambda o_, n_: pick(o_, n_[src]), o, n) for o, n in zip(old, new))
     index = cache.index[src] if cache.index.ndim else jnp.broadcast_to(cache.index, src.shape)
     new = KVCache(layers(c.k, cache.k), layers(c.v, cache.v), pick(c.valid, cache.valid[src]), pick(c.index, index))
     key_data = jax.random.key_data
@@ -165,7 +166,8 @@ def reslot(slots: Slots, idx) -> Slots:
     src, empty_row = jnp.maximum(idx, 0), idx < 0
     take = lambda x: x[src]
     cache = slots.cache
-    new = KVCache(tuple(map(take, cache.k)), tuple(map(take, cache.v)), take(cache.valid) & ~empty_row[:, None],
+    layer = lambda c: jax.tree.map(take, c)
+    new = KVCache(tuple(map(layer, cache.k)), tuple(map(layer, cache.v)), take(cache.valid) & ~empty_row[:, None],
                   take(cache.index))
     return Slots(_rows(take(slots.done) | empty_row), *(_rows(take(x)) for x in slots[1:7]), take(slots.keys),
                  cache_lib.constrain(new))

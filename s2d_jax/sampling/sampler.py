@@ -80,7 +80,8 @@ class Sampler:
                  continuous: bool = True, cache_dtype: str | None = None, warmup: bool = False, tail: bool = True):
         """`max_batch`: the engine's slots (rows decoded together); `continuous`: refill a slot as soon as its
         sample is done (else static batches: refill once every slot is free); `cache_dtype`: the KV cache's
-        (default: the model's compute dtype; bfloat16 halves a float32 model's cache reads per step); `warmup`:
+        (default: the model's compute dtype; bfloat16 halves a float32 model's cache reads per step, int8 a
+        bfloat16 one's: each vector with its own scale, model/quant.py); `warmup`:
         before a call's work, compile every program its queued prompts can meet (sampling/warmup.py); `tail`: once
         nothing is queued and few rows are live, decode them in a smaller slot shape (engine.tail_slots)."""
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
