@@ -1,6 +1,7 @@
-"""What int8 weights (`generate.weights_dtype=int8`) cost in accuracy: System 1 and System 2 of a model scored as
-`s2d eval` scores them, once with the weights in the compute dtype and once with int8 projections, on the same
-held-out inputs; and how often the int8 model's greedy answer (System 1: its whole text) is the same.
+"""What int8 costs in accuracy: System 1 and System 2 of a model scored as `s2d eval` scores them with the weights and
+the KV cache in the compute dtype, then with int8 weights (`generate.weights_dtype=int8`), an int8 cache
+(`generate.cache_dtype=int8`) and both, on the same held-out inputs; and how often the greedy answer (System 1:
+its whole text) is the unquantised one's.
 
     .venv/bin/python benchmarks/int8_accuracy.py --n 100                           # SmolLM2-135M-Instruct, coin flip
     .venv/bin/python benchmarks/int8_accuracy.py --config configs/demo.py --workdir runs/demo   # the demo's models
@@ -49,35 +50,37 @@ def main():
         models["distilled"] = build_model(config, mesh, path=os.path.join(workdir, "model"))
     print(f"{config.model.path or config.model.preset} ({models['base'].cfg.dtype} compute), task {task.name}, "
           f"program {config.program.name}, {len(examples)} inputs")
-    print("| model | system | weights | accuracy (%) | same answer as the unquantised model | same text | s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | system | weights | KV cache | accuracy (%) | same answer as unquantised | same text | s |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, model in models.items():
-        systems = {"System 1": lambda m: evaluate.system1(m, tok, task, examples, prompt=lambda x: system1_prompt(
-            config, task, x), max_new_tokens=budget, **common)}
+        systems = {"System 1": lambda m, kv: evaluate.system1(m, tok, task, examples, prompt=lambda x: system1_prompt(
+            config, task, x), max_new_tokens=budget, cache_dtype=kv, **common)}
         if name == "base":
-            systems["System 2"] = lambda m: evaluate.system2(get_program(config.program.name), m, tok, task, examples,
-                                                             samples=1, budgets=args["budgets"],
-                                                             params=args["params"], **common)
+            systems["System 2"] = lambda m, kv: evaluate.system2(get_program(config.program.name), m, tok, task,
+                                                                 examples, samples=1, budgets=args["budgets"],
+                                                                 params=args["params"], cache_dtype=kv, **common)
         for system, score in systems.items():
             ref = texts = None
-            for dtype in ("", "int8"):
+            for dtype, kv in (("", None), ("int8", None), ("", "int8"), ("int8", "int8")):
                 m = quant.quantize(model, dtype)
                 start = time.perf_counter()
-                out = score(m)
+                out = score(m, kv)
                 seconds = time.perf_counter() - start
                 answers = [r["answer"] for r in out["per_input"]]
                 said = None
                 if system == "System 1":  # the whole greedy text, token for token
-                    said = [s[0].token_ids for s in Sampler(m, tok, mesh=mesh, max_batch=common["max_batch"]).generate(
-                        prompts, max_new_tokens=budget, chat=common["chat"], progress=False)]
-                if dtype == "":
+                    sampler = Sampler(m, tok, mesh=mesh, max_batch=common["max_batch"], cache_dtype=kv)
+                    said = [s[0].token_ids for s in sampler.generate(prompts, max_new_tokens=budget,
+                                                                     chat=common["chat"], progress=False)]
+                if dtype == "" and kv is None:
                     ref, texts = answers, said
                     same = same_text = "-"
                 else:
                     same = f"{100 * sum(x == y for x, y in zip(answers, ref)) / len(ref):.1f}%"
                     same_text = "-" if said is None else \
                         f"{100 * sum(x == y for x, y in zip(said, texts)) / len(said):.1f}%"
-                print(f"| {name} | {system} | {dtype or m.cfg.dtype} | {100 * out['accuracy']:.1f} | {same} | "
+                print(f"| {name} | {system} | {dtype or m.cfg.dtype} | {kv or m.cfg.dtype} | "
+                      f"{100 * out['accuracy']:.1f} | {same} | "
                       f"{same_text} | {seconds:.0f} |", flush=True)
 
 

@@ -275,7 +275,8 @@ class Programs:
     def outputs(self, name: str, cfg):
         """A program's outputs as abstract arrays laid out as it lays them out (the next program's inputs)."""
         compiled = self.compiled(name, cfg)
-        infos, tree = jax.tree.flatten(compiled.out_info, is_leaf=lambda x: hasattr(x, "shape"))
+        leaf = lambda x: hasattr(x, "shape") and not isinstance(x, tuple)  # (an int8 cache layer is a pair)
+        infos, tree = jax.tree.flatten(compiled.out_info, is_leaf=leaf)
         return tree.unflatten([jax.ShapeDtypeStruct(i.shape, i.dtype, sharding=s)
                                for i, s in zip(infos, jax.tree.leaves(compiled.output_shardings))])
 

@@ -81,6 +81,23 @@ def test_plan_compiles_every_program_for_a_v5e_8(tmp_path, capsys, family, lora)
     assert "floor/roofline" in out and "prefill@256" in out
 
 
+def test_int8_weights_and_cache_compile_for_a_v5e_8_and_read_fewer_bytes(tmp_path):
+    """`generate.weights_dtype=int8` and `generate.cache_dtype=int8`: the sampler's programs compile for the TPU, and
+    the plan's weights and live KV per chip (what a decode step must read) shrink against bf16."""
+    plans, path = {}, _llama(tmp_path)
+    for dtype in ("", "int8"):
+        args = ["plan", "--config", "configs/rar2_last_letters.py", "--workdir", str(tmp_path / (dtype or "bf16")),
+                *(f"--config.{a}" for a in SMALL), f"--config.model.path={path}", "--config.plan.topology=v5e-8",
+                f"--config.generate.weights_dtype={dtype}", f"--config.generate.cache_dtype={dtype}",
+                "--config.train.lora_rank=8"]
+        assert main(args) == 0
+        plans[dtype] = json.loads((tmp_path / (dtype or "bf16") / "plan.json").read_text())
+    bf16, int8 = plans[""], plans["int8"]
+    assert int8["generate_params"] < 0.75 * bf16["generate_params"] and int8["kv_live"] < 0.6 * bf16["kv_live"]
+    assert int8["compiled"]["decode"]["hbm_floor_s"] < bf16["compiled"]["decode"]["hbm_floor_s"]
+    assert int8["compiled"]["decode"]["peak"] > 0 and int8["train_total"] == bf16["train_total"]
+
+
 def test_a_tile_the_chip_cannot_take_is_one_line(tmp_path, capsys):
     args = ["plan", "--config", "configs/rar2_last_letters.py", "--workdir", str(tmp_path),
             *(f"--config.{a}" for a in SMALL), f"--config.model.path={_llama(tmp_path)}",
