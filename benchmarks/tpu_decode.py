@@ -18,7 +18,6 @@ figures. Each row compiles the run's decode program for the target (libtpu, from
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ GB = 1 << 30
 
 
 def figures(model: str, target: str, slots: int, dtype: str, memory: bool) -> dict:
-    from s2d_jax import aot, mesh as mesh_lib, plan as plan_lib
+    from s2d_jax import aot, plan as plan_lib
     from s2d_jax.config import load_config
 
     config = load_config("configs/rar2_last_letters.py", [
@@ -40,15 +39,12 @@ def figures(model: str, target: str, slots: int, dtype: str, memory: bool) -> di
         f"generate.weights_dtype={'' if dtype == 'bfloat16' else 'int8'}",
         f"generate.cache_dtype={'int8' if dtype == 'int8kv' else ''}"])
     t = aot.target(target)
-    gen = plan_lib.generation_shape(config, t.chips, math.prod(t.host_bounds), t.platform, t.hbm_gb * GB)
-    p = plan_lib.plan(config, plan_lib.mesh_shape(config.mesh, t.chips), gen)
-    chips = aot.devices(t)
-    run = aot.Programs(config, mesh_lib.make_mesh(**p["mesh"], devices=chips), t,
-                       mesh_lib.make_mesh(**p["generate_mesh"], devices=chips))
+    p = aot.target_plan(config, t)
     sampler = plan_lib.model_config(config, system2=True).replace(platform=t.platform)
-    s = plan_lib.sampler_shapes(config, sampler, gen.shape["data"] * gen.shape["fsdp"])
-    fig = run.figures("decode", sampler, memory=memory)
-    aot._decode_figures(fig, p, t, s)
+    g = p["generate_mesh"]
+    s = plan_lib.sampler_shapes(config, sampler, g["data"] * g["fsdp"])
+    fig = aot.programs(config, t, p).figures("decode", sampler, memory=memory)
+    aot.decode_figures(fig, p, t, s)
     return {**fig, "generate_mesh": p["generate_mesh"], "weights_gb": p["generate_params"] / GB,
             "kv_live_gb": p["kv_live"] / GB}
 

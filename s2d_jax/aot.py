@@ -23,7 +23,7 @@ import jax
 from ml_collections import ConfigDict
 
 from s2d_jax import aot_programs, mesh as mesh_lib
-from s2d_jax.errors import S2DError
+from s2d_jax.errors import REMEDIES, S2DError
 
 GB = 1 << 30
 PROGRAMS = ("train_step", "prefill", "insert", "decode")
@@ -126,20 +126,30 @@ def devices(t: Target) -> list:
                        f"{_first_line(e)}") from None
 
 
-def compile_all(config: ConfigDict, t: Target, cfg=None, generate_mesh: dict | None = None,
-                prefill_buckets: tuple[int, ...] = ()) -> dict:
-    """Per program: the mesh it runs on (the sampler's: `generate_mesh`, default the training mesh), XLA's bytes
-    per chip (arguments, temporaries, outputs, aliases, peak), compile seconds, the collectives in its HLO by kind,
-    FLOPs and bytes per call (extrapolated to the depth) and a roofline time (a train step: all its micro-steps; a
-    decode call: one step of every slot); and `prefill@N`, the costs of a full insert's prefill at prompt bucket N."""
+def target_plan(config: ConfigDict, t: Target) -> dict:
+    """`s2d plan`'s estimate over `t`'s chips, with the generation mesh the stages would choose there."""
     from s2d_jax import plan as plan_lib
 
-    m = config.mesh
+    gen = plan_lib.generation_shape(config, t.chips, math.prod(t.host_bounds), t.platform, t.hbm_gb * GB)
+    return plan_lib.plan(config, plan_lib.mesh_shape(config.mesh, t.chips), gen)
+
+
+def programs(config: ConfigDict, t: Target, p: dict) -> Programs:
+    """The run's programs on `t`'s chips: the train step on the plan's training mesh, the sampler's on its
+    generation mesh (`p`: `target_plan`)."""
     chips = devices(t)
-    mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=chips)
-    run = Programs(config, mesh, t, mesh_lib.make_mesh(**generate_mesh, devices=chips) if generate_mesh else None)
-    cfg = (cfg or plan_lib.model_config(config)).replace(platform=t.platform)
-    sampler = plan_lib.model_config(config, system2=True).replace(platform=t.platform)  # the teacher, if any
+    return Programs(config, mesh_lib.make_mesh(**p["mesh"], devices=chips), t,
+                    mesh_lib.make_mesh(**p["generate_mesh"], devices=chips))
+
+
+def compile_all(config: ConfigDict, t: Target, p: dict, cfg, sampler, prefill_buckets: tuple[int, ...] = ()) -> dict:
+    """Per program: the mesh it runs on, XLA's bytes per chip (arguments, temporaries, outputs, aliases, peak),
+    compile seconds, the collectives in its HLO by kind, FLOPs and bytes per call (extrapolated to the depth) and a
+    roofline time (a train step: all its micro-steps; a decode call: one step of every slot); and `prefill@N`, the
+    costs of a full insert's prefill at prompt bucket N. `cfg`: the trained model's config; `sampler`: the sampling
+    model's (the teacher, if any)."""
+    run = programs(config, t, p)
+    cfg, sampler = cfg.replace(platform=t.platform), sampler.replace(platform=t.platform)
     from jax.experimental.compilation_cache import compilation_cache
 
     cache = jax.config.jax_enable_compilation_cache
@@ -160,17 +170,17 @@ def plan_figures(config: ConfigDict, t: Target, p: dict) -> dict:
     with the weights held, and the decode chunk), and roofline times."""
     from s2d_jax import plan as plan_lib
 
-    cfg = plan_lib.model_config(config)  # (reads the model's config.json: once)
+    cfg = plan_lib.model_config(config)  # (reads the model's config.json: once per model)
     sampler = plan_lib.model_config(config, system2=True)
     g = p["generate_mesh"]
     s = plan_lib.sampler_shapes(config, sampler, g["data"] * g["fsdp"])
     buckets = sorted({b for b in (1 << k for k in range(5, 20)) if b < s["prompt"]} | {s["prompt"]})
     buckets = buckets if t.platform == "tpu" else []  # XLA:GPU compiled without a GPU has no cost analysis
-    c = compile_all(config, t, cfg, g, tuple(buckets))
+    c = compile_all(config, t, p, cfg, sampler, tuple(buckets))
     slots = max(c["decode"]["arguments"] - p["generate_params"], 0)  # the decode call's other arguments
     generate = max(c["prefill"]["peak"] + slots, c["insert"]["peak"] + p["generate_params"], c["decode"]["peak"])
     tr = config.train
-    _decode_figures(c["decode"], p, t, s)
+    decode_figures(c["decode"], p, t, s)
     for n in buckets:
         _prefill_figures(c[f"prefill@{n}"], p, t, s, n, sampler)
     train_s, decode_s = c["train_step"]["roofline_s"], c["decode"]["roofline_s"]
@@ -184,7 +194,7 @@ def plan_figures(config: ConfigDict, t: Target, p: dict) -> dict:
             "generate_compiled": generate, "roofline_estimate": roofline}
 
 
-def _decode_figures(fig: dict, p: dict, t: Target, s: dict) -> None:
+def decode_figures(fig: dict, p: dict, t: Target, s: dict) -> None:
     """A decode step's `slots` (over all chips), `hbm_floor_s` (the bytes it must read per chip, the weights and
     the live KV of every slot at the longest sequence the config reaches, over the chip's HBM bandwidth),
     `tokens_per_s` (slots / roofline_s) and `floor_over_roofline` (1 = XLA's program reads only what it must)."""
@@ -265,8 +275,6 @@ class Programs:
                     raise
                 line = _first_line(e)
                 if "RESOURCE_EXHAUSTED" in line or "out of memory" in line.lower():
-                    from s2d_jax.memory import REMEDIES
-
                     line += f"; {REMEDIES['train' if name == 'train_step' else 'generate']}"
                 raise S2DError(f"the {name.replace('_', ' ')} does not compile for {self.t.name} "
                                f"({cfg.num_layers} layers): {line}") from None

@@ -8,6 +8,7 @@ import os
 from ml_collections import ConfigDict
 
 from s2d_jax import mesh as mesh_lib, rounds
+from s2d_jax.config import teacher_config  # noqa: F401 (build.teacher_config, as before)
 from s2d_jax.errors import S2DError
 from s2d_jax.model import PRESETS, init_model, load_model, quant
 from s2d_jax.tokenizer import SYLLABLES, load_tokenizer
@@ -15,52 +16,11 @@ from s2d_jax.tokenizer import SYLLABLES, load_tokenizer
 log = logging.getLogger("s2d")
 
 
-def mesh_devices(config: ConfigDict) -> list:
-    """The devices the configured mesh uses: all of them, or the first data x fsdp x tensor when that is fewer."""
-    import jax
-
-    m = config.mesh
-    devices = jax.devices()
-    if -1 not in (m.data, m.fsdp, m.tensor) and 0 < (wanted := m.data * m.fsdp * m.tensor) < len(devices):
-        log.info("mesh %s uses %d of the %d devices", dict(data=m.data, fsdp=m.fsdp, tensor=m.tensor), wanted,
-                 len(devices))
-        devices = devices[:wanted]
-    return devices
-
-
 def build_mesh(config: ConfigDict):
     """The configured mesh, or None for a single device (no sharding annotations at all)."""
     m = config.mesh
-    mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=mesh_devices(config))
+    mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=mesh_lib.mesh_devices(config))
     return None if mesh.size == 1 else mesh
-
-
-def generation_sizes(config: ConfigDict, devices: int, per_host: int, platform: str, device_bytes: float) -> dict:
-    """`generate.mesh` resolved for `devices` devices (`mesh.generation_sizes`), for every model that samples on it:
-    System 1 (route, eval) and the model that runs System 2 (the teacher, if any). Reads config.json only."""
-    from s2d_jax import plan as plan_lib
-
-    m, g = config.mesh, config.generate.mesh
-    cfgs = [plan_lib.model_config(config)]
-    if teacher_config(config) is not None:
-        cfgs.append(plan_lib.model_config(config, system2=True))
-    return mesh_lib.generation_sizes(dict(data=g.data, fsdp=g.fsdp, tensor=g.tensor),
-                                     dict(data=m.data, fsdp=m.fsdp, tensor=m.tensor), cfgs, devices, per_host,
-                                     platform, device_bytes)
-
-
-def generation_devices(config: ConfigDict) -> list:
-    """The devices the generation mesh uses: all of them, the first data x fsdp x tensor of a smaller
-    `generate.mesh`, or (unset, on CPU) the training mesh's."""
-    import jax
-
-    g = config.generate.mesh
-    if not any((g.data, g.fsdp, g.tensor)) and jax.default_backend() == "cpu":
-        return mesh_devices(config)
-    devices = jax.devices()
-    if -1 not in (g.data, g.fsdp, g.tensor) and 0 < g.data * g.fsdp * g.tensor < len(devices):
-        devices = devices[:g.data * g.fsdp * g.tensor]
-    return devices
 
 
 def build_generation_mesh(config: ConfigDict):
@@ -68,11 +28,12 @@ def build_generation_mesh(config: ConfigDict):
     load. Unset, it is chosen for decoding on this platform; on CPU it is the training mesh."""
     import jax
 
-    from s2d_jax.memory import device_bytes
+    from s2d_jax import plan as plan_lib
+    from s2d_jax.distributed import device_bytes
 
-    devices = generation_devices(config)
-    sizes = generation_sizes(config, len(devices), min(jax.local_device_count(), len(devices)),
-                             jax.default_backend(), device_bytes())
+    devices = mesh_lib.generation_devices(config)
+    sizes = plan_lib.generation_shape(config, len(devices), jax.local_device_count(), jax.default_backend(),
+                                      device_bytes()).shape
     mesh = mesh_lib.make_mesh(**sizes, devices=devices)
     if mesh.size > 1:
         log.info("generation mesh %s", sizes)
@@ -142,19 +103,6 @@ def build_system1(config: ConfigDict, mesh=None, workdir: str | None = None):
     """(model, tokenizer) of the round's System 1: the base model, or in round R > 1 round R-1's distilled one."""
     return (build_model(config, mesh, workdir, path=rounds.system1_path(workdir), sampling=True),
             build_tokenizer(config, workdir))
-
-
-def teacher_config(config: ConfigDict) -> ConfigDict | None:
-    """The config with the `teacher` as its model (weights and compute in `teacher.dtype`, its own tokenizer), or
-    None without a teacher: what builds, plans and compiles the model that samples System 2."""
-    t = config.teacher
-    if not (t.path or t.preset):
-        return None
-    out = ConfigDict(config.to_dict())
-    dtype = t.dtype or config.model.compute_dtype or config.model.dtype
-    out.model.update(path=t.path, revision=t.revision, preset=t.preset, dtype=dtype, compute_dtype=dtype)
-    out.tokenizer = t.tokenizer
-    return out
 
 
 def build_system2(config: ConfigDict, mesh=None, workdir: str | None = None):

@@ -261,3 +261,16 @@ def to_dict(config: ConfigDict) -> dict:
 
 
 __all__ = ["defaults", "load_config", "load_config_file", "schema", "to_dict", "validate", "ml_collections"]
+
+
+def teacher_config(config: ConfigDict) -> ConfigDict | None:
+    """The config with the `teacher` as its model (weights and compute in `teacher.dtype`, its own tokenizer), or
+    None without a teacher: what builds, plans and compiles the model that samples System 2."""
+    t = config.teacher
+    if not (t.path or t.preset):
+        return None
+    out = ConfigDict(config.to_dict())
+    dtype = t.dtype or config.model.compute_dtype or config.model.dtype
+    out.model.update(path=t.path, revision=t.revision, preset=t.preset, dtype=dtype, compute_dtype=dtype)
+    out.tokenizer = t.tokenizer
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 
 import jax
 import numpy as np
@@ -83,3 +84,17 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def device_bytes() -> int:
+    """What one device holds: its allocator's limit on an accelerator; on CPU the host's memory (or this process's
+    address-space limit) shared by the local devices."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        host = min(host, limit)
+    return host // jax.local_device_count()

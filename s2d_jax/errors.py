@@ -3,3 +3,13 @@
 
 class S2DError(Exception):
     """Bad input. The CLI prints `s2d: error: <message>` and exits non-zero, with no traceback."""
+
+
+# what to change when a run does not fit its devices (`s2d plan`, the memory checks, the AOT compile)
+REMEDIES = {
+    "train": "raise mesh.fsdp (shards parameters and optimizer state), set train.remat=full, lower "
+             "train.batch_size or raise train.grad_accum, or train LoRA adapters (train.lora_rank > 0) on a frozen "
+             "base",
+    "generate": "lower generate.max_batch, use a bfloat16 cache (model.compute_dtype=bfloat16), or raise "
+                "mesh.tensor",
+}

@@ -7,12 +7,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import resource
 from collections.abc import Callable
 
 from ml_collections import ConfigDict
 
-from s2d_jax.errors import S2DError
+from s2d_jax import mesh as mesh_lib
+from s2d_jax.distributed import device_bytes
+from s2d_jax.errors import REMEDIES, S2DError
 
 log = logging.getLogger("s2d")
 GB = 1 << 30
@@ -74,38 +75,11 @@ def check_fits(config: ConfigDict, stage: str) -> None:
                         "run out of memory (%s)", kind, need / GB, limit / GB, REMEDIES[kind])
 
 
-def device_bytes() -> int:
-    """What one device holds: its allocator's limit on an accelerator; on CPU the host's memory (or this process's
-    address-space limit) shared by the local devices."""
-    import jax
-
-    device = jax.local_devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"])
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
-    if limit != resource.RLIM_INFINITY:
-        host = min(host, limit)
-    return host // jax.local_device_count()
-
-
 def _plan(config: ConfigDict) -> dict:
     from s2d_jax import plan as plan_lib
-    from s2d_jax.build import generation_devices, mesh_devices
-
     import jax
 
-    devices = len(mesh_devices(config))
-    gen = plan_lib.generation_shape(config, len(generation_devices(config)), jax.local_device_count(),
+    devices = len(mesh_lib.mesh_devices(config))
+    gen = plan_lib.generation_shape(config, len(mesh_lib.generation_devices(config)), jax.local_device_count(),
                                     jax.default_backend(), device_bytes())
     return plan_lib.plan(config, plan_lib.mesh_shape(config.mesh, devices), gen)
-
-
-REMEDIES = {
-    "train": "raise mesh.fsdp (shards parameters and optimizer state), set train.remat=full, lower "
-             "train.batch_size or raise train.grad_accum, or train LoRA adapters (train.lora_rank > 0) on a frozen "
-             "base",
-    "generate": "lower generate.max_batch, use a bfloat16 cache (model.compute_dtype=bfloat16), or raise "
-                "mesh.tensor",
-}

@@ -7,6 +7,7 @@ so a model with 3 kv heads still runs on `tensor=2` (its attention is then repli
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -18,6 +19,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from s2d_jax import distributed
 from s2d_jax.errors import S2DError
 
+log = logging.getLogger("s2d")
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axes it is split over, in order. Axes not listed are replicated.
@@ -138,3 +140,26 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     state = jax.tree.map(lambda x, s: distributed.put(x, s), state, shardings)  # multi-host safe
     nnx.update(model, state)
     return model
+
+
+def mesh_devices(config: ConfigDict) -> list:
+    """The devices the configured mesh uses: all of them, or the first data x fsdp x tensor when that is fewer."""
+    m = config.mesh
+    devices = jax.devices()
+    if -1 not in (m.data, m.fsdp, m.tensor) and 0 < (wanted := m.data * m.fsdp * m.tensor) < len(devices):
+        log.info("mesh %s uses %d of the %d devices", dict(data=m.data, fsdp=m.fsdp, tensor=m.tensor), wanted,
+                 len(devices))
+        devices = devices[:wanted]
+    return devices
+
+
+def generation_devices(config: ConfigDict) -> list:
+    """The devices the generation mesh uses: all of them, the first data x fsdp x tensor of a smaller
+    `generate.mesh`, or (unset, on CPU) the training mesh's."""
+    g = config.generate.mesh
+    if not any((g.data, g.fsdp, g.tensor)) and jax.default_backend() == "cpu":
+        return mesh_devices(config)
+    devices = jax.devices()
+    if -1 not in (g.data, g.fsdp, g.tensor) and 0 < g.data * g.fsdp * g.tensor < len(devices):
+        devices = devices[:g.data * g.fsdp * g.tensor]
+    return devices

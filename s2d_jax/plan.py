@@ -22,8 +22,8 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from s2d_jax import mesh as mesh_lib
-from s2d_jax.errors import S2DError
-from s2d_jax.memory import REMEDIES
+from s2d_jax.config import teacher_config
+from s2d_jax.errors import REMEDIES, S2DError
 from s2d_jax.model import PRESETS, Transformer, hub, read_config
 from s2d_jax.model.transformer import cache_slots
 from s2d_jax.sampling.cache import CACHE_AXES, length_bucket, row_chunks, width_bucket
@@ -41,8 +41,6 @@ def mesh_shape(m: ConfigDict, devices: int):
 def model_config(config: ConfigDict, system2: bool = False):
     """The student's model config (trained, System 1); with `system2`, the model that samples System 2's rollouts:
     the `teacher` when there is one (in its own dtype), else the same model."""
-    from s2d_jax.build import teacher_config
-
     if system2 and (teacher := teacher_config(config)) is not None:
         return model_config(teacher)
     m = config.model
@@ -130,10 +128,16 @@ def activation_bytes(cfg, rows: int, length: int, chunk: int, tensor: int = 1, f
 
 
 def generation_shape(config: ConfigDict, devices: int, per_host: int, platform: str, device_bytes: float):
-    """The generation mesh (`generate.mesh`, resolved as the stages resolve it for that platform) as shapes only."""
-    from s2d_jax.build import generation_sizes
-
-    sizes = generation_sizes(config, devices, min(per_host, devices), platform, device_bytes)
+    """The generation mesh (`generate.mesh` resolved for `devices` devices of `platform`, `mesh.generation_sizes`) as
+    shapes only, for every model that samples on it: System 1 (route, eval) and the model that runs System 2 (the
+    teacher, if any). Reads config.json only."""
+    m, g = config.mesh, config.generate.mesh
+    cfgs = [model_config(config)]
+    if teacher_config(config) is not None:
+        cfgs.append(model_config(config, system2=True))
+    sizes = mesh_lib.generation_sizes(dict(data=g.data, fsdp=g.fsdp, tensor=g.tensor),
+                                      dict(data=m.data, fsdp=m.fsdp, tensor=m.tensor), cfgs, devices,
+                                      min(per_host, devices), platform, device_bytes)
     return types.SimpleNamespace(shape=sizes, size=devices)
 
 

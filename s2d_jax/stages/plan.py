@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 
 from ml_collections import ConfigDict
 
 from s2d_jax.artifacts import write_atomic
-from s2d_jax.build import mesh_devices
+from s2d_jax.mesh import mesh_devices
 from s2d_jax.errors import S2DError
 
 
@@ -25,18 +24,19 @@ def plan_stage(config: ConfigDict, workdir: str) -> str:
         from s2d_jax import aot
 
         target = aot.target(config.plan.topology)
-    devices = target.chips if target else config.plan.devices or len(mesh_devices(config))
     if target:  # the generation mesh as the stages would choose it there
-        gen = plan_lib.generation_shape(config, devices, math.prod(target.host_bounds), target.platform,
-                                        target.hbm_gb * plan_lib.GB)
-    elif config.plan.devices:  # an accelerator host of that many devices, each of plan.device_gb
-        gen = plan_lib.generation_shape(config, devices, devices, "accelerator", config.plan.device_gb * plan_lib.GB)
+        p = aot.target_plan(config, target)
     else:
-        import jax
+        devices = config.plan.devices or len(mesh_devices(config))
+        if config.plan.devices:  # an accelerator host of that many devices, each of plan.device_gb
+            gen = plan_lib.generation_shape(config, devices, devices, "accelerator",
+                                            config.plan.device_gb * plan_lib.GB)
+        else:
+            import jax
 
-        gen = plan_lib.generation_shape(config, devices, jax.local_device_count(), jax.default_backend(),
-                                        config.plan.device_gb * plan_lib.GB)
-    p = plan_lib.plan(config, plan_lib.mesh_shape(config.mesh, devices), gen)
+            gen = plan_lib.generation_shape(config, devices, jax.local_device_count(), jax.default_backend(),
+                                            config.plan.device_gb * plan_lib.GB)
+        p = plan_lib.plan(config, plan_lib.mesh_shape(config.mesh, devices), gen)
     if target:
         from s2d_jax.train.trainer import check_rows
 
