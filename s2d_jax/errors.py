@@ -10,6 +10,6 @@ REMEDIES = {
     "train": "raise mesh.fsdp (shards parameters and optimizer state), set train.remat=full, lower "
              "train.batch_size or raise train.grad_accum, or train LoRA adapters (train.lora_rank > 0) on a frozen "
              "base",
-    "generate": "lower generate.max_batch, use a bfloat16 cache (model.compute_dtype=bfloat16), or raise "
-                "mesh.tensor",
+    "generate": "lower generate.max_batch, use a smaller cache (generate.cache_dtype=bfloat16 or int8), int8 "
+                "weights (generate.weights_dtype=int8), or raise generate.mesh.tensor",
 }
