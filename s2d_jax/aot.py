@@ -129,7 +129,10 @@ def devices(t: Target) -> list:
 def target_plan(config: ConfigDict, t: Target) -> dict:
     """`s2d plan`'s estimate over `t`'s chips, with the generation mesh the stages would choose there."""
     from s2d_jax import plan as plan_lib
+    from s2d_jax.model.attention import unavailable
 
+    if why := unavailable(config.model.attention, t.platform):
+        raise S2DError(f"config key 'model.attention': {why} (plan.topology={t.name})")
     gen = plan_lib.generation_shape(config, t.chips, math.prod(t.host_bounds), t.platform, t.hbm_gb * GB)
     return plan_lib.plan(config, plan_lib.mesh_shape(config.mesh, t.chips), gen)
 

@@ -61,6 +61,53 @@ def test_auto_picks_by_backend_and_mask():
     assert A.choose(512, jnp.bfloat16, False, "gpu") == "blockwise"  # packed or left-padded: cuDNN cannot say it
     assert A.choose(512, jnp.float32, True, "gpu") == "blockwise"  # cuDNN flash needs 16-bit inputs
     assert A.choose(512, jnp.bfloat16, False, "tpu") == "splash"
+    assert A.choose(1, jnp.bfloat16, False, "tpu", cached=True) == "ragged"  # decoding over a cache
+    assert A.choose(1, jnp.bfloat16, False, "gpu", cached=True) == "reference"
+
+
+def _decode_inputs(seed, ring: bool):
+    """Three rows decoding one token over a cache of 384 slots (three key blocks): live lengths 6, 201 and 131
+    with left padding, and one empty row (a free slot of continuous batching); with `ring`, each row's slots
+    are its own (a sliding-window ring, `[B, S]` slots)."""
+    from s2d_jax.model.transformer import ring_slots
+
+    b, k, g, s, hd = 4, 2, 3, 384, 16
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(b, k, g, 1, hd)), jnp.float32)
+    keys, values = (jnp.asarray(rng.normal(size=(b, k, s, hd)), jnp.float32) for _ in range(2))
+    index = np.array([5, 200, 130, 0])
+    first = np.array([2, 0, 10, 1])
+    slot = np.arange(s)
+    seg = ((slot[None] <= index[:, None]) & (slot[None] >= first[:, None])).astype(np.int32)
+    kv_slots = jnp.arange(s, dtype=jnp.int32)
+    if ring:  # the same keys held at ring positions: row r's slot j holds position-slot ring_slots(end)[j]
+        kv_slots = jax.vmap(lambda e: ring_slots(e, s))(jnp.asarray(index + 1 + 300 * (index > 100)))
+        seg = np.where(np.asarray(kv_slots) >= 0, 1, 0) * (np.arange(b) != 3)[:, None]
+    mask = A.Mask(jnp.ones((b, 1), jnp.int32), jnp.asarray(seg, jnp.int32),
+                  jnp.asarray(index + 300 * (index > 100) * ring, jnp.int32)[:, None], kv_slots)
+    return q, keys, values, mask, np.arange(b) != 3
+
+
+@pytest.mark.parametrize("case", ["float32", "bfloat16", "int8", "softcap", "window", "ring"])
+def test_ragged_decode_equals_the_reference(case):
+    """The Pallas decode kernel (interpreted here, Mosaic on a TPU: test_aot) against the materialised path."""
+    from s2d_jax.model.decode_attention import live_lengths, ragged
+    from s2d_jax.model.quant import kv_load, kv_store
+
+    q, k, v, mask, live = _decode_inputs(3, ring=case == "ring")
+    assert list(np.asarray(live_lengths(mask.kv_segments))[:3]) == ([6, 384, 384] if case == "ring" else [6, 201, 131])
+    window = 50 if case == "window" else None
+    softcap = 5.0 if case == "softcap" else None
+    if case == "bfloat16":
+        q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    if case == "int8":  # read as int8 with its scales; the reference reads the dequantised values
+        k, v = kv_store(k, "int8"), kv_store(v, "int8")
+    want = A.reference(q, kv_load(k, q.dtype), kv_load(v, q.dtype), mask, window, None, softcap)
+    got = A.attention(q, k, v, mask, window=window, softcap=softcap, impl="ragged", cached=True)
+    assert got.dtype == q.dtype
+    tol = 2e-2 if case == "bfloat16" else 2e-6
+    np.testing.assert_allclose(np.asarray(got[live], np.float32), np.asarray(want[live], np.float32), atol=tol)
+    assert np.all(np.asarray(got[~live], np.float32) == 0)  # an empty row reads nothing
 
 
 def _forward_temp_bytes(t: int, impl: str) -> int:

@@ -158,6 +158,7 @@ VALUES = [(f"{key}={value}", ["generate", *TINY, f"--config.{key}={value}"], say
     ("mesh.data", "0", "key 'mesh.data' = 0 is not allowed (expected -1 (all remaining devices) or >= 1)"),
     ("model.dtype", "int8", "key 'model.dtype' = 'int8'"),
     ("model.attention", "flash", "key 'model.attention' = 'flash'"),
+    ("model.attention", "cudnn", "key 'model.attention': 'cudnn' runs on gpu, not on this run's cpu; 'auto' picks"),
     ("model.preset", "gpt5", "key 'model.preset': 'gpt5' is not a preset"),
     ("eval.samples", "0", "key 'eval.samples' = 0"),
     ("eval.max_new_tokens", "-1", "key 'eval.max_new_tokens' = -1"),
@@ -217,7 +218,11 @@ GENERATION_MESH = [(case, ["generate", *TINY, *(f"--config.generate.mesh.{o}" fo
     ("generation mesh half set", ["tensor=2"], "set all three axes (-1 or >= 1), or leave all three 0"),
     ("generation mesh axis below -1", ["data=-2"], "key 'generate.mesh.data' = -2 is not allowed"),
 ]]
-CASES = CLI + CONFIG_FILES + VALUES + MODELS + DATA + WORKDIRS + GENERATION_MESH
+KERNELS = [("a TPU kernel planned for a GPU", ["plan", *TINY, "--config.plan.topology=h100-80gb",
+                                              "--config.model.attention=ragged", "--workdir", "{w}"],
+            "config key 'model.attention': 'ragged' runs on tpu, cpu, not on this run's gpu; 'auto' picks the "
+            "fastest path there (plan.topology=h100-80gb)")]
+CASES = CLI + CONFIG_FILES + VALUES + MODELS + DATA + WORKDIRS + GENERATION_MESH + KERNELS
 
 
 def test_there_are_at_least_sixty_cases():

@@ -80,16 +80,20 @@ def test_compiles_are_bounded_by_buckets_not_by_prompts(ragged):
     assert len(out) == 96 and Sampler.traces() == before
 
 
-@pytest.mark.parametrize("family", [f for f, (_, extra) in FAMILIES.items()
-                                    if "sliding_window" in extra or "layer_types" in extra])
-def test_rows_refilled_mid_flight_match_transformers(hf_models, family):
+@pytest.mark.parametrize("family,attention", [(f, "auto") for f, (_, extra) in FAMILIES.items()
+                                              if "sliding_window" in extra or "layer_types" in extra]
+                         + [("gemma2", "ragged")])
+def test_rows_refilled_mid_flight_match_transformers(hf_models, family, attention):
     """Two slots and a budget per prompt: later prompts enter while others decode, each row with its own cache
-    index and position, sliding-window rings (shorter than the rows) included."""
+    index and position, sliding-window rings (shorter than the rows) included; also through the ragged decode
+    kernel (interpreted: its rows of different lengths, soft-capped scores and per-row ring slots)."""
     from test_sampler import _hf_greedy
 
     path, ref = hf_models[family]
     tok = byte_tokenizer()
-    sampler = Sampler(s2d_jax.load_model(path), tok, max_batch=2)
+    model = s2d_jax.load_model(path)
+    model.cfg = model.cfg.replace(attention=attention)
+    sampler = Sampler(model, tok, max_batch=2)
     budgets = [3 + 5 * (k % 4) for k in range(len(PROMPTS))]  # 3, 8, 13, 18 tokens
     out = sampler.generate(PROMPTS, max_new_tokens=budgets, progress=False)
     for prompt, budget, (sample,) in zip(PROMPTS, budgets, out):
@@ -129,10 +133,12 @@ def test_a_shared_prefix_is_prefilled_once_and_matches_transformers(hf_models, f
             np.testing.assert_allclose(sample.logprobs, expected.numpy(), atol=2e-4, err_msg=prompt)
 
 
-def test_eight_devices_continuous_equals_one(ragged):
+@pytest.mark.parametrize("attention", ["auto", "ragged"])
+def test_eight_devices_continuous_equals_one(ragged, attention):
+    """Also with the ragged decode kernel on each device's rows and kv heads (data 4 x tensor 2)."""
     model, tok = ragged
     mesh = s2d_jax.make_mesh(data=4, fsdp=1, tensor=2)
-    sharded = init_model(model.cfg, seed=1, mesh=mesh)
+    sharded = init_model(model.cfg.replace(attention=attention), seed=1, mesh=mesh)
     kw = dict(n=2, temperature=0.9, max_new_tokens=24, seed=5, progress=False)
     one = Sampler(model, tok, max_batch=3).generate(PROMPTS, **kw)
     eight = Sampler(sharded, tok, mesh=mesh, max_batch=6).generate(PROMPTS, **kw)  # 8 slots: a multiple of 4 rows

@@ -12,6 +12,8 @@ an optional sliding window (t - s < window). Scores are scaled by `scale` (defau
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` (the cuDNN flash kernel) on GPU in bf16/fp16,
   for masks it can express: causal rows that are right-padded (`right_padded=True`: one segment per row).
 - `splash`: the Pallas splash-attention kernel on TPU (segment ids, causal or local masks).
+- `ragged`: decoding over a KV cache, a Pallas kernel that reads each row's keys only up to its last valid slot
+  (`decode_attention.py`); `auto`'s pick for cached decoding on TPU. Calls without a cache take `auto`'s path.
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from s2d_jax.model.quant import kv_load
+
 MASKED = -0.7 * float(np.finfo(np.float32).max)
-IMPLEMENTATIONS = ("auto", "reference", "blockwise", "cudnn", "splash")
+IMPLEMENTATIONS = ("auto", "reference", "blockwise", "cudnn", "splash", "ragged")
 BLOCK = 512  # keys per block of the blockwise path
+# where a kernel named by `model.attention` runs; on a CPU the Pallas kernels run in Pallas' interpreter (tests)
+PLATFORMS = {"cudnn": ("gpu",), "splash": ("tpu", "cpu"), "ragged": ("tpu", "cpu")}
 
 
 class Mask(NamedTuple):
@@ -49,13 +55,24 @@ def allowed(mask: Mask, window: int | None, kv_segments=None, kv_slots=None) -> 
     return seen
 
 
+def unavailable(impl: str, platform: str) -> str | None:
+    """Why `impl` cannot run on `platform` (None when it can): for the one line a config gets before any weights
+    load."""
+    platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+    if platform in PLATFORMS.get(impl, (platform,)):
+        return None
+    return f"{impl!r} runs on {', '.join(PLATFORMS[impl])}, not on this run's {platform}; 'auto' picks the fastest path there"
+
+
 def choose(q_len: int, dtype, right_padded: bool, backend: str | None = None, cached: bool = False,
            softcap: float | None = None) -> str:
     """The implementation `auto` picks for `q_len` queries in `dtype` on `backend` (the platform the program is
     built for; default: JAX's, but a program compiled ahead of time for a TPU from a CPU names "tpu"); `cached`:
-    the keys are a KV cache (slots not aligned with the queries), which only the portable paths express; cuDNN's
-    kernel has no soft-capping."""
+    the keys are a KV cache (slots not aligned with the queries), which only the portable paths and the ragged
+    decode kernel (TPU) express; cuDNN's kernel has no soft-capping."""
     backend = {"cuda": "gpu", "rocm": "gpu"}.get(backend, backend) or jax.default_backend()
+    if cached and q_len <= 16 and backend == "tpu":
+        return "ragged"
     if q_len <= 16 or cached:
         return "reference"  # decoding: a few queries, scores are [T, S] with T tiny
     if backend == "gpu" and right_padded and not softcap and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
@@ -68,15 +85,19 @@ def choose(q_len: int, dtype, right_padded: bool, backend: str | None = None, ca
 def attention(q, k, v, mask: Mask, *, window: int | None = None, impl: str = "auto", right_padded: bool = False,
               cached: bool = False, block: int = BLOCK, scale: float | None = None,
               softcap: float | None = None, platform: str = "", splash_block: int = 0) -> jax.Array:
-    """`q: [B, K, G, T, hd]` (G query heads per kv head), `k, v: [B, K, S, hd]` -> `[B, K, G, T, hd]` in q's
-    dtype. Scores and the softmax are float32. With `cached` keys, a kernel that needs aligned slots (cuDNN,
-    splash) gives way to what `auto` picks, as cuDNN does for soft-capping. `platform`: the one the program is
-    built for ("" = JAX's backend here)."""
+    """`q: [B, K, G, T, hd]` (G query heads per kv head), `k, v: [B, K, S, hd]` (a cache's may be `Int8KV`) ->
+    `[B, K, G, T, hd]` in q's dtype. Scores and the softmax are float32. With `cached` keys, a kernel that needs
+    aligned slots (cuDNN, splash) gives way to what `auto` picks, as cuDNN does for soft-capping; without, the
+    ragged decode kernel does. `platform`: the one the program is built for ("" = JAX's backend here)."""
     platform = platform or jax.default_backend()
-    if impl == "auto" or cached and impl in ("cudnn", "splash") or softcap and impl == "cudnn":
+    if (impl == "auto" or cached and impl in ("cudnn", "splash") or softcap and impl == "cudnn"
+            or impl == "ragged" and not cached):
         impl = choose(q.shape[3], q.dtype, right_padded, platform, cached=cached, softcap=softcap)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     softcap = float(softcap) if softcap else None
+    if impl == "ragged":
+        return _ragged(q, k, v, mask, window, scale, softcap, platform)
+    k, v = kv_load(k, q.dtype), kv_load(v, q.dtype)
     if impl == "reference":
         return reference(q, k, v, mask, window, scale, softcap)
     if impl == "blockwise":
@@ -246,15 +267,31 @@ def _splash(q, k, v, mask: Mask, window, scale, softcap, platform: str, block: i
         heads = jax.vmap(lambda qh, kk, vv: kernel(qh, kk, vv, segment_ids=ids))
         return heads(qb, kb.astype(q.dtype), vb.astype(q.dtype))
 
-    run = jax.vmap(one_row)
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty:  # XLA cannot partition a Mosaic kernel: each device runs it on its rows and kv heads
-        from s2d_jax.mesh import partition_spec
-
-        spec = lambda x, axes: partition_spec(axes[:x.ndim], x.shape, mesh)
-        heads = ("batch", "kv_heads", None, None, None)
-        run = jax.shard_map(run, mesh=mesh, out_specs=spec(scaled, heads), check_vma=False,
-                            in_specs=(spec(scaled, heads), spec(k, heads), spec(v, heads), spec(qseg, heads[::4]),
-                                      spec(kseg, heads[::4])))
+    run = per_device(jax.vmap(one_row), scaled, k, v, qseg, kseg)
     return run(scaled, k, v, qseg, kseg)[:, :, :, :t]
 
+
+def _ragged(q, k, v, mask: Mask, window, scale, softcap, platform: str):
+    """The ragged decode kernel on each device's rows and kv heads; interpreted off TPU (tests)."""
+    from s2d_jax.model.decode_attention import ragged
+
+    kv_slots = jnp.broadcast_to(mask.kv_slots, mask.kv_segments.shape)
+    run = lambda q, k, v, qs, qsl, ks, ksl: ragged(q, k, v, Mask(qs, ks, qsl, ksl), window, scale, softcap,
+                                                   interpret=platform != "tpu")
+    args = (q, k, v, mask.q_segments, mask.q_slots, mask.kv_segments, kv_slots)
+    return per_device(run, *args)(*args)
+
+
+def per_device(fn, *args):
+    """`fn` over each device's rows and kv heads of `args` (each `[B, K, ...]`, or `[B, ...]` for a row's mask):
+    XLA cannot partition a Mosaic kernel. Without a mesh, `fn` itself."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn
+    from s2d_jax.mesh import partition_spec
+
+    heads = ("batch", "kv_heads", None, None, None)
+    spec = lambda x: partition_spec(heads[:x.ndim] if x.ndim > 2 else heads[::4][:x.ndim], x.shape, mesh)
+    out = spec(args[0])
+    return jax.shard_map(fn, mesh=mesh, out_specs=out, check_vma=False,
+                         in_specs=tuple(jax.tree.map(spec, a) for a in args))

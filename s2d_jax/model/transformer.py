@@ -31,7 +31,7 @@ from flax import nnx
 from s2d_jax.mesh import constrain
 from s2d_jax.model import attention as attention_lib
 from s2d_jax.model.config import FULL, SLIDING, ModelConfig
-from s2d_jax.model.quant import Int8KV, dequantized, kv_load, kv_store, scaled, weight
+from s2d_jax.model.quant import Int8KV, dequantized, kv_store, scaled, weight
 from s2d_jax.model.rope import apply_rope, rope_tables
 
 
@@ -142,7 +142,7 @@ class Attention(nnx.Module):
             ck, cv = cache_kv
             keys, values = (jax.tree.map(lambda c, n: _write(c, n, index % c.shape[2], 2), c, kv_store(x, c.dtype))
                             for c, x in ((ck, k), (cv, v)))
-        out = attention_lib.attention(q, kv_load(keys, dt), kv_load(values, dt), mask, window=window, impl=impl,
+        out = attention_lib.attention(q, keys, values, mask, window=window, impl=impl,
                                       right_padded=right_padded, cached=cache_kv is not None,
                                       scale=cfg.query_scale ** -0.5 if cfg.query_scale else None,
                                       softcap=cfg.attn_softcap, platform=cfg.platform,

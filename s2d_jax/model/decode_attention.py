@@ -1,0 +1,132 @@
+"""Decode attention that reads only live KV: a Pallas kernel over the sampler's contiguous cache.
+
+Decoding attends a few new tokens per row to a cache `[B, K, S, hd]` whose width S is the widest row's bucket
+(`sampling/cache.py`); under continuous batching most rows hold far fewer tokens. XLA's path reads all S slots of
+every row. This kernel walks each (row, kv head) over key blocks and stops at the row's last valid slot: a block
+past it maps to the same block index as the last live one, so the pipeline issues no copy for it, and its compute
+is skipped (`pl.when`). The live length per row comes in as a prefetched scalar (MaxText's ragged attention and
+JAX's paged attention use the same trick). An int8 cache (`quant.Int8KV`) is read as int8: the key scales
+multiply the scores and the value scales the probabilities, each one per slot.
+
+Queries of one kv head (its G query heads x T new tokens) are the rows of one `[G T, block]` score tile, float32,
+with an online softmax across blocks. The mask is the one every path takes (`attention.Mask`): a key is seen when
+its segment is nonzero and its slot is not after the query's (and within the window). On TPU it lowers through
+Mosaic (also ahead of time from a CPU, `s2d plan`); elsewhere it runs in Pallas' interpreter (the tests' parity
+check against the XLA path). No GPU lowering: on a GPU `auto` keeps XLA's path.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+BLOCKS = (512, 256, 128)  # key slots per grid step: the largest dividing the cache width (else the whole width)
+
+
+def block_size(slots: int) -> int:
+    return next((b for b in BLOCKS if slots % b == 0), slots)
+
+
+def live_lengths(kv_segments: jax.Array) -> jax.Array:
+    """`[B]`: one past each row's last valid cache slot (0 for an empty row): the slots the kernel reads."""
+    slots = jnp.arange(1, kv_segments.shape[1] + 1, dtype=jnp.int32)
+    return jnp.max(jnp.where(kv_segments != 0, slots, 0), axis=1).astype(jnp.int32)
+
+
+def _kernel(live, q_ref, k_ref, v_ref, *refs, block, blocks, scale, softcap, window, int8):
+    if int8:
+        ks_ref, vs_ref, seg_ref, kvslot_ref, qslot_ref, o_ref, m_sc, l_sc, acc_sc = refs
+    else:
+        seg_ref, kvslot_ref, qslot_ref, o_ref, m_sc, l_sc, acc_sc = refs
+    b, j = pl.program_id(0), pl.program_id(2)
+
+    @pl.when(j == 0)
+    def _():
+        m_sc[...] = jnp.full(m_sc.shape, MASKED, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    @pl.when(j * block < live[b])
+    def _():
+        q = q_ref[0, 0]  # [R, hd], R = G T
+        k = k_ref[0, 0].astype(q.dtype)  # [block, hd]
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        if int8:
+            s = s * ks_ref[0, 0]  # [1, block]: each key's scale
+        s = s * scale
+        if softcap:
+            s = softcap * jnp.tanh(s / softcap)
+        delta = qslot_ref[0] - kvslot_ref[0]  # [R, 1] - [1, block]
+        ok = (seg_ref[0] != 0) & (delta >= 0)
+        if window:
+            ok &= delta < window
+        s = jnp.where(ok, s, MASKED)
+        m_prev = m_sc[...]
+        m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
+        p = jnp.where(ok, jnp.exp(s - m_new), 0.0)
+        corr = jnp.exp(m_prev - m_new)
+        l_sc[...] = l_sc[...] * corr + p.sum(axis=1, keepdims=True)
+        if int8:
+            p = p * vs_ref[0, 0]  # each value's scale
+        pv = jax.lax.dot_general(p.astype(q.dtype), v_ref[0, 0].astype(q.dtype), (((1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+        acc_sc[...] = acc_sc[...] * corr + pv
+        m_sc[...] = m_new
+
+    @pl.when(j == blocks - 1)
+    def _():
+        l = l_sc[...]
+        o_ref[0, 0] = jnp.where(l > 0, acc_sc[...] / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
+
+
+def ragged(q, k, v, mask, window=None, scale=None, softcap=None, interpret: bool = True) -> jax.Array:
+    """`q: [B, K, G, T, hd]`, `k, v: [B, K, S, hd]` (arrays in any float dtype, or `Int8KV`) -> `[B, K, G, T, hd]`
+    in q's dtype; `mask` an `attention.Mask` over the cache. One device's rows and kv heads (the caller maps it
+    over the mesh)."""
+    from s2d_jax.model.quant import Int8KV
+
+    b, kh, g, t, hd = q.shape
+    int8 = isinstance(k, Int8KV)
+    s = k.shape[2]
+    block = block_size(s)
+    blocks = s // block
+    scale = hd ** -0.5 if scale is None else float(scale)
+    rows = g * t
+    qr = q.reshape(b, kh, rows, hd)
+    seg = mask.kv_segments.astype(jnp.int32).reshape(b, 1, s)
+    kv_slots = jnp.broadcast_to(mask.kv_slots, (b, s)).astype(jnp.int32).reshape(b, 1, s)
+    q_slots = jnp.broadcast_to(mask.q_slots[:, None, :], (b, g, t)).reshape(b, rows, 1).astype(jnp.int32)
+    live = live_lengths(mask.kv_segments)
+
+    last = lambda bi, j, live_ref: jnp.minimum(j, jnp.maximum(live_ref[bi] - 1, 0) // block)  # no copy past live
+    kv_spec = pl.BlockSpec((1, 1, block, hd), lambda bi, h, j, lv: (bi, h, last(bi, j, lv), 0))
+    scale_spec = pl.BlockSpec((1, 1, 1, block), lambda bi, h, j, lv: (bi, h, 0, last(bi, j, lv)))
+    row_spec = pl.BlockSpec((1, 1, block), lambda bi, h, j, lv: (bi, 0, last(bi, j, lv)))
+    q_spec = pl.BlockSpec((1, 1, rows, hd), lambda bi, h, j, lv: (bi, h, 0, 0))
+    inputs, specs = [qr, k.q if int8 else k, v.q if int8 else v], [q_spec, kv_spec, kv_spec]
+    if int8:
+        inputs += [k.scale.reshape(b, kh, 1, s), v.scale.reshape(b, kh, 1, s)]
+        specs += [scale_spec, scale_spec]
+    inputs += [seg, kv_slots, q_slots]
+    specs += [row_spec, row_spec, pl.BlockSpec((1, rows, 1), lambda bi, h, j, lv: (bi, 0, 0))]
+    kv_bytes = sum(x.size * x.dtype.itemsize for x in inputs[1:3] + (inputs[3:5] if int8 else []))
+    out = pl.pallas_call(
+        functools.partial(_kernel, block=block, blocks=blocks, scale=scale, softcap=softcap and float(softcap),
+                          window=window, int8=int8),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(b, kh, blocks), in_specs=specs, out_specs=q_spec,
+            scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
+                            pltpu.VMEM((rows, hd), jnp.float32)]),
+        out_shape=jax.ShapeDtypeStruct(qr.shape, q.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        cost_estimate=pl.CostEstimate(flops=4 * b * kh * rows * s * hd, transcendentals=b * kh * rows * s,
+                                      bytes_accessed=kv_bytes + 2 * qr.size * qr.dtype.itemsize),
+        interpret=interpret,
+        name="ragged_decode_attention",
+    )(live, *inputs)
+    return out.reshape(b, kh, g, t, hd)
