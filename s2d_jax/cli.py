@@ -155,7 +155,16 @@ def _data(argv: list[str]) -> int:
         args = p.parse_args(argv)
         if args.action == "list" and args.names:
             raise _BadArguments("'s2d data list' takes no names")
-        print(datasets.table() if args.action == "list" else "\n".join(datasets.fetch(args.names)))
+        if args.action == "list":
+            print(datasets.table())
+            return
+        paths, failures = datasets.fetch(args.names)
+        print("\n".join(paths))
+        for line in failures:
+            print(f"s2d: cannot fetch {line}", file=sys.stderr)
+        if failures:
+            raise S2DError(f"{len(failures)} of {len(paths) + len(failures)} data entries not fetched (one line each "
+                           f"above); the others are in the cache ({datasets.data_dir()})")
 
     return _one_line(DATA_USAGE, body)
 

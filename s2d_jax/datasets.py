@@ -273,12 +273,20 @@ def _reason(e: BaseException) -> str:
     return text[:200]
 
 
-def fetch(names: list[str]) -> list[str]:
-    """`s2d data fetch`: every file of the named entries (all entries when none is named); their cache paths."""
+def fetch(names: list[str]) -> tuple[list[str], list[str]]:
+    """`s2d data fetch`: every file of the named entries (all entries when none is named), going on past an entry
+    it cannot fetch: (the cache paths of those it fetched, one line per entry it could not: why). A misspelt name
+    fetches nothing."""
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise S2DError(f"no data named {unknown[0]!r} (names: {', '.join(REGISTRY)})")
-    return [resolve(PREFIX + n) for n in (names or list(REGISTRY))]
+    paths, failures = [], []
+    for name in names or list(REGISTRY):
+        try:
+            paths.append(resolve(PREFIX + name))
+        except S2DError as e:  # (a file is written whole or not at all: a partial entry shows in `s2d data list`)
+            failures.append(f"{name}: {e}")
+    return paths, failures
 
 
 def table() -> str:

@@ -1,6 +1,6 @@
 """`s2d plan` with `plan.topology`: every device program compiled for a Cloud TPU (v5e-8) on this CPU, through
 libtpu, at small shapes: the train step (LoRA and full), the sampler's prefill, insert and decode, with the splash
-kernel lowered through Mosaic, for Llama and for Gemma 2 (soft-capping, sliding windows)."""
+and ragged decode kernels lowered through Mosaic, for Llama and for Gemma 2 (soft-capping, sliding windows)."""
 
 import json
 
@@ -72,6 +72,7 @@ def test_plan_compiles_every_program_for_a_v5e_8(tmp_path, capsys, family, lora)
                                               for n in ("prefill", "insert", "decode"))
     decode = p["compiled"]["decode"]
     assert decode["slots"] == 8 and decode["tokens_per_s"] == pytest.approx(8 / decode["roofline_s"])
+    assert decode["kernels"]["tpu_custom_call"] >= 4  # the ragged decode kernel in each layer, lowered by Mosaic
     assert 0 < decode["hbm_floor_s"] < decode["roofline_s"] and 0 < decode["floor_over_roofline"] < 1
     buckets = sorted(int(k.split("@")[1]) for k in p["compiled"] if k.startswith("prefill@"))
     assert buckets == [32, 64, 128, 256] and all(

@@ -92,6 +92,27 @@ def test_every_entry_is_fetched_verified_and_then_read_from_the_cache(server):
     assert main(["data", "list"]) == 0
 
 
+def test_fetching_everything_goes_on_past_what_it_cannot_reach_and_counts_it(server, capsys):
+    """`s2d data fetch` with no names: the mirror lacks OASST2 and the network is off. Every other entry is fetched
+    (a named list goes on past it too), OASST2 is one line, and the exit is non-zero with a count."""
+    assert main(["data", "fetch", "oasst2", "coin_flip"]) == 2  # named: past the failure to the next one
+    out, err = capsys.readouterr()
+    said = lambda err: [line for line in err.splitlines() if line.startswith("s2d:")]  # (not the progress bars)
+    assert out.split() == [datasets.resolve("data:coin_flip")] and len(said(err)) == 2
+    assert "1 of 2 data entries not fetched" in err
+    names = list(datasets.REGISTRY)
+    assert main(["data", "fetch"]) == 2
+    out, err = capsys.readouterr()
+    assert out.split() == [datasets.resolve(datasets.PREFIX + n) for n in names if n != "oasst2"]
+    lines = said(err)
+    assert len(lines) == 2 and lines[0].startswith("s2d: cannot fetch oasst2: oasst2/")
+    assert lines[1] == (f"s2d: error: 1 of {len(names)} data entries not fetched (one line each above); the others "
+                        f"are in the cache ({server['cache']})")
+    for d in datasets.REGISTRY.values():  # complete entries, and nothing of the one that failed
+        assert all(datasets.cached(f) for f in d.files) == (d.name != "oasst2")
+    assert not any(datasets.cached(f) for f in datasets.REGISTRY["oasst2"].files)
+
+
 def test_a_name_with_a_path_fetches_that_file_alone(server):
     local = datasets.resolve("data:mt_bench/judge_prompts.jsonl")
     assert local == str(server["cache"] / "mt_bench" / "judge_prompts.jsonl")
@@ -159,9 +180,11 @@ def test_a_mirror_that_lacks_a_file_and_no_network_are_one_line(tmp_path, monkey
     monkeypatch.setenv("S2D_DATA_OFFLINE", "1")
     assert main(["data", "fetch", "last_letters"]) == 2
     err = capsys.readouterr().err
-    assert err == (f"s2d: error: last_letters/last_letters.json: cannot fetch ({tmp_path}/mirror/last_letters/"
-                   f"last_letters.json: no such file); S2D_DATA_MIRROR={tmp_path}/mirror lacks it or could not serve "
-                   f"it [cache: {tmp_path}/cache/last_letters/last_letters.json]\n")
+    assert err == (f"s2d: cannot fetch last_letters: last_letters/last_letters.json: cannot fetch ({tmp_path}/mirror/"
+                   f"last_letters/last_letters.json: no such file); S2D_DATA_MIRROR={tmp_path}/mirror lacks it or "
+                   f"could not serve it [cache: {tmp_path}/cache/last_letters/last_letters.json]\n"
+                   f"s2d: error: 1 of 1 data entries not fetched (one line each above); the others are in the cache "
+                   f"({tmp_path}/cache)\n")
     # no mirror, and upstream unreachable: which URL failed, and how to set the mirror
     monkeypatch.delenv("S2D_DATA_MIRROR")
     monkeypatch.delenv("S2D_DATA_OFFLINE")
