@@ -200,8 +200,8 @@ def _run(args, overrides: list[str], workdir: str) -> int:
                                   auto=args.distributed, heartbeat_timeout=config.cluster.heartbeat_timeout_s) \
                 and not distributed.primary():
             logging.getLogger("s2d").setLevel(logging.WARNING)  # one host narrates
-        with workdir_lib.claim(config, workdir, keep=args.stage != "plan"):
-            preflight(config, args.stage)
+        with workdir_lib.claim(config, workdir, keep=args.stage != "plan",
+                               check=lambda: preflight(config, args.stage)):
             with stopping.on_signals():
                 STAGES[args.stage](config, workdir)
                 if (signum := stopping.received()) is not None:  # it came as the stage finished: all is complete

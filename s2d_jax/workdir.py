@@ -77,13 +77,14 @@ def lock(workdir: str):
         os.close(fd)
 
 
-def keep_config(config: ConfigDict, workdir: str) -> None:
+def keep_config(config: ConfigDict, workdir: str, write: bool = True) -> None:
     """The workdir keeps the resolved config it was made with; a stage run with one that differs in a key that
-    changes results is an error (its artifacts would silently mix two experiments). `FREE` keys may change."""
+    changes results is an error (its artifacts would silently mix two experiments). `FREE` keys may change.
+    Without `write`, only the check."""
     path = os.path.join(workdir, KEPT)
     current = json.loads(json.dumps(config.to_dict()))
     if not os.path.exists(path):
-        if distributed.primary():
+        if write and distributed.primary():
             write_atomic(path, json.dumps(current, indent=2) + "\n")
         return
     try:
@@ -101,6 +102,8 @@ def keep_config(config: ConfigDict, workdir: str) -> None:
         if _get(current, GROWS) < _get(kept, GROWS):
             raise S2DError(f"{path}: {GROWS} may only grow on a workdir ({_get(kept, GROWS)} there, "
                            f"{_get(current, GROWS)} now); use another --workdir to train fewer steps")
+        if not write:
+            return
         log.info("%s grows from %d to %d: training continues from the last checkpoint", GROWS, _get(kept, GROWS),
                  _get(current, GROWS))
         if distributed.primary():
@@ -165,11 +168,46 @@ def _get(d, dotted):
 
 
 @contextlib.contextmanager
-def claim(config: ConfigDict, workdir: str, keep: bool = True):
+def claim(config: ConfigDict, workdir: str, keep: bool = True, check=lambda: None):
     """What every stage runs inside: the workdir made, locked and (`keep`: every stage but `plan`, which only
-    writes its own report) checked against its kept config."""
+    writes its own report) checked against its kept config. A round's directory (WORKDIR/rounds/R) is guarded by
+    its workdir's lock and kept config: it was written by that run. `check` (the stage's preflight) runs before
+    anything is written: a refused command leaves no directory it made and no kept config behind."""
+    from s2d_jax import rounds
+
+    guarded = rounds.root(workdir)
+    made = _missing(guarded)
     prepare(workdir)
-    with lock(workdir):
-        if keep:
-            keep_config(config, workdir)
-        yield workdir
+    started = False
+    try:
+        with lock(guarded):
+            if keep:
+                keep_config(config, guarded, write=False)
+            check()
+            if keep:
+                keep_config(config, guarded)
+            started = True
+            yield workdir
+    finally:
+        if not started and distributed.primary():
+            _unmake(made)
+
+
+def _missing(workdir: str) -> list[str]:
+    """The directories `prepare(workdir)` would make, deepest first."""
+    out, path = [], os.path.abspath(workdir)
+    while path and not os.path.exists(path):
+        out.append(path)
+        path = os.path.dirname(path)
+    return out
+
+
+def _unmake(made: list[str]) -> None:
+    """Remove the directories a refused command made (deepest first), if they hold nothing but its lock."""
+    for path in made:
+        try:
+            if os.path.exists(os.path.join(path, LOCK)) and os.listdir(path) == [LOCK]:
+                os.remove(os.path.join(path, LOCK))
+            os.rmdir(path)
+        except OSError:  # something else was written there: keep it
+            return

@@ -250,6 +250,18 @@ def test_bad_input_is_one_line_and_touches_nothing(argv, says, capsys, complete,
     _check(argv, says, capsys, complete, tmp_path, bad)
 
 
+def test_a_refused_command_writes_nothing_anywhere(capsys, tmp_path):
+    """A misspelt data name in a new workdir (under a new parent): refused, and neither directory is left behind,
+    so the corrected command is not refused as "a different config"."""
+    fresh = tmp_path / "runs" / "w"
+    assert main(["generate", *TINY, "--workdir", str(fresh), "--config.task.path=data:last_leters"]) == 2
+    assert "no data named 'last_leters'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    fresh.mkdir(parents=True)  # an empty workdir the user made: kept, and still empty
+    assert main(["generate", *TINY, "--workdir", str(fresh), "--config.task.path=data:last_leters"]) == 2
+    assert fresh.is_dir() and sorted(os.listdir(fresh)) in ([], [".s2d.lock"])
+
+
 def test_a_workdir_in_use_is_refused_naming_its_holder(capsys, complete, tmp_path, bad):
     workdir = tmp_path / "busy"
     workdir.mkdir()

@@ -84,6 +84,12 @@ def test_an_id_absent_offline_is_one_line(hub_cache, tmp_path, capsys):
                  "--config.model.path=acme/absent-model"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("s2d: error: model.path 'acme/absent-model': not a local path") and err.count("\n") == 1
-    assert not (tmp_path / "w" / "rollouts.jsonl").exists()
+    assert not (tmp_path / "w").exists()  # refused before anything was written
+    # a tokenizer or teacher named by a hub id not in the cache: the error names the key the user set
+    for key in ("tokenizer", "teacher.path"):
+        assert main(["generate", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"),
+                     f"--config.{key}=acme/absent-model"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"s2d: error: {key} 'acme/absent-model': not a local path") and err.count("\n") == 1
     with pytest.raises(S2DError, match=r"^not/a/model: no such file or directory"):  # not an id: a missing path
         s2d_jax.load_model("not/a/model")

@@ -142,6 +142,20 @@ def test_rounds_write_each_round_and_the_rounds_report(reference):
     assert "| round | System 1 | pool escalated |" in report and (reference / "rounds.png").exists()
 
 
+def test_a_rounds_directory_is_guarded_by_its_workdir(reference, capsys):
+    """`s2d eval` inside rounds/R with other routing keys would rewrite the round's eval.json: refused against the
+    workdir's kept config, and nothing in the round (or a kept config of its own) is written."""
+    two = reference / "rounds" / "2"
+    before = {p.name: p.read_bytes() for p in two.iterdir() if p.is_file()}
+    for loop in ("2", "1"):  # as the run was made, and as a one-round eval
+        code = main(["eval", *ROUNDS, "--workdir", str(two), "--config.route.method=logprob",
+                     f"--config.loop.rounds={loop}"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"s2d: error: {reference}/config.json: this workdir was made with a "
+                                            f"different config (key "), err
+    assert {p.name: p.read_bytes() for p in two.iterdir() if p.is_file()} == before
+
+
 def _without_per_input(row):
     return {k: v for k, v in row.items() if k != "per_input"}
 

@@ -27,13 +27,20 @@ def is_hub_id(path: str) -> bool:
     return bool(path) and not os.path.exists(path) and bool(HUB_ID.match(path))
 
 
-def resolve(path: str, revision: str = "", config_only: bool = False) -> str:
+def resolve(path: str, revision: str = "", config_only: bool = False, key: str = "model.path") -> str:
     """The local path of a model: `path` itself when it is not a hub id, else its downloaded snapshot directory
-    (or GGUF file). `config_only` fetches `config.json` alone (`s2d plan` needs only shapes)."""
+    (or GGUF file). `config_only` fetches `config.json` alone (`s2d plan` needs only shapes). `key`: the config key
+    that named it (`tokenizer`, `teacher.path`, ...), for the error."""
     path = os.fspath(path)
     if not is_hub_id(path):
         return path
-    return _resolve(path, revision or "", config_only)
+    try:
+        return _resolve(path, revision or "", config_only)
+    except S2DError as e:
+        if key == "model.path":
+            raise
+        revision_key = key.rpartition(".")[0] + ".revision" if "." in key else "model.revision"
+        raise S2DError(str(e).replace("model.path", key, 1).replace("'model.revision'", repr(revision_key))) from None
 
 
 @functools.cache

@@ -37,13 +37,13 @@ def preflight(config: ConfigDict, stage: str) -> None:
             raise S2DError(f"config key 'model.path': {m.path}: no such file or directory (expected a Hugging Face "
                            f"model directory, a .gguf file or a hub id such as org/name)")
     if config.tokenizer and config.tokenizer not in (BYTES, SYLLABLES) and config.tokenizer != m.path:
-        if not os.path.exists(hub.resolve(config.tokenizer)):
+        if not os.path.exists(hub.resolve(config.tokenizer, key="tokenizer")):
             raise S2DError(f"config key 'tokenizer': {config.tokenizer}: no such file or directory")
     t = config.teacher
     for key, value in (("teacher.path", t.path), ("teacher.tokenizer", t.tokenizer)):
         if value and value != BYTES and value != (t.path if key == "teacher.tokenizer" else None) and stage in (
                 "generate", "filter", "eval", "run"):
-            if not os.path.exists(hub.resolve(value, t.revision if value == t.path else "")):
+            if not os.path.exists(hub.resolve(value, t.revision if value == t.path else "", key=key)):
                 raise S2DError(f"config key {key!r}: {value}: no such file or directory (expected a Hugging Face "
                                f"model directory, a .gguf file or a hub id such as org/name)")
     memory.check_fits(config, stage)
