@@ -295,6 +295,8 @@ class Programs:
         """FLOPs and bytes accessed per chip at the full depth, from unscanned copies of one and two periods of
         layers (XLA's cost analysis counts a loop body once; the period is 2 where local and global layers
         alternate)."""
+        if self.t.platform == "cuda":  # XLA:GPU compiled without a GPU has no cost analysis: compile no copies
+            return None
         p = period(cfg)
         short = lambda n: cfg.replace(num_layers=n, scan_layers=False,
                                       layer_types=cfg.layer_types[:n] if cfg.layer_types else cfg.layer_types)
