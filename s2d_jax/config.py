@@ -103,13 +103,6 @@ def _cross_rules(c: ConfigDict):
         if unknown:
             known = ", ".join(task.VARIANTS) or "none"
             yield "eval.variants", f"{unknown[0]!r} is not a variant of task {task.name!r} (variants: {known})"
-    if not c.plan.topology:  # (`s2d plan` checks its target's platform)
-        import jax
-
-        from s2d_jax.model.attention import unavailable
-
-        if why := unavailable(c.model.attention, jax.default_backend()):
-            yield "model.attention", why
     yield from _loop_rules(c)
     context = _context(c)
     if context:

@@ -21,7 +21,16 @@ ROUND_STAGES = ("route", "generate", "filter", "train", "eval")  # with loop.rou
 
 
 def preflight(config: ConfigDict, stage: str) -> None:
-    """Resolve what `stage` will read; one error naming the key for the first thing that is missing."""
+    """Resolve what `stage` will read; one error naming the key for the first thing that is missing. First, the
+    attention kernel a config names must run here (`s2d plan` checks its target's platform instead; this runs after
+    `jax.distributed` is up, since asking for the backend starts it)."""
+    if stage != "plan":
+        import jax
+
+        from s2d_jax.model.attention import unavailable
+
+        if why := unavailable(config.model.attention, jax.default_backend()):
+            raise S2DError(f"config key 'model.attention': {why}")
     if stage not in READERS:
         return
     if stage in ROUND_STAGES and config.loop.rounds > 1:
