@@ -65,15 +65,15 @@ def test_auto_picks_by_backend_and_mask():
     assert A.choose(1, jnp.bfloat16, False, "gpu", cached=True) == "reference"
 
 
-def _decode_inputs(seed, ring: bool):
-    """Three rows decoding one token over a cache of 384 slots (three key blocks): live lengths 6, 201 and 131
-    with left padding, and one empty row (a free slot of continuous batching); with `ring`, each row's slots
-    are its own (a sliding-window ring, `[B, S]` slots)."""
+def _decode_inputs(seed, ring: bool, t: int = 1):
+    """Three rows decoding `t` tokens (the last `t` valid slots) over a cache of 384 slots (three key blocks): live
+    lengths 6, 201 and 131 with left padding, and one empty row (a free slot of continuous batching); with `ring`,
+    each row's slots are its own (a sliding-window ring, `[B, S]` slots)."""
     from s2d_jax.model.transformer import ring_slots
 
     b, k, g, s, hd = 4, 2, 3, 384, 16
     rng = np.random.default_rng(seed)
-    q = jnp.asarray(rng.normal(size=(b, k, g, 1, hd)), jnp.float32)
+    q = jnp.asarray(rng.normal(size=(b, k, g, t, hd)), jnp.float32)
     keys, values = (jnp.asarray(rng.normal(size=(b, k, s, hd)), jnp.float32) for _ in range(2))
     index = np.array([5, 200, 130, 0])
     first = np.array([2, 0, 10, 1])
@@ -83,18 +83,19 @@ def _decode_inputs(seed, ring: bool):
     if ring:  # the same keys held at ring positions: row r's slot j holds position-slot ring_slots(end)[j]
         kv_slots = jax.vmap(lambda e: ring_slots(e, s))(jnp.asarray(index + 1 + 300 * (index > 100)))
         seg = np.where(np.asarray(kv_slots) >= 0, 1, 0) * (np.arange(b) != 3)[:, None]
-    mask = A.Mask(jnp.ones((b, 1), jnp.int32), jnp.asarray(seg, jnp.int32),
-                  jnp.asarray(index + 300 * (index > 100) * ring, jnp.int32)[:, None], kv_slots)
+    q_slots = (index + 300 * (index > 100) * ring)[:, None] - np.arange(t)[::-1]  # causal among the new tokens
+    mask = A.Mask(jnp.ones((b, t), jnp.int32), jnp.asarray(seg, jnp.int32), jnp.asarray(q_slots, jnp.int32),
+                  kv_slots)
     return q, keys, values, mask, np.arange(b) != 3
 
 
-@pytest.mark.parametrize("case", ["float32", "bfloat16", "int8", "softcap", "window", "ring"])
+@pytest.mark.parametrize("case", ["float32", "bfloat16", "int8", "softcap", "window", "ring", "three_tokens"])
 def test_ragged_decode_equals_the_reference(case):
     """The Pallas decode kernel (interpreted here, Mosaic on a TPU: test_aot) against the materialised path."""
     from s2d_jax.model.decode_attention import live_lengths, ragged
     from s2d_jax.model.quant import kv_load, kv_store
 
-    q, k, v, mask, live = _decode_inputs(3, ring=case == "ring")
+    q, k, v, mask, live = _decode_inputs(3, ring=case == "ring", t=3 if case == "three_tokens" else 1)
     assert list(np.asarray(live_lengths(mask.kv_segments))[:3]) == ([6, 384, 384] if case == "ring" else [6, 201, 131])
     window = 50 if case == "window" else None
     softcap = 5.0 if case == "softcap" else None

@@ -9,8 +9,9 @@ JAX's paged attention use the same trick). An int8 cache (`quant.Int8KV`) is rea
 multiply the scores and the value scales the probabilities, each one per slot.
 
 Queries of one kv head (its G query heads x T new tokens) are the rows of one `[G T, block]` score tile, float32,
-with an online softmax across blocks. The mask is the one every path takes (`attention.Mask`): a key is seen when
-its segment is nonzero and its slot is not after the query's (and within the window). On TPU it lowers through
+with an online softmax across blocks. The mask is the one every path takes (`attention.Mask`) over a cache: a key
+is seen when its slot is valid (segment nonzero; a cache's new tokens are all one segment) and not after the
+query's (and within the window). On TPU it lowers through
 Mosaic (also ahead of time from a CPU, `s2d plan`); elsewhere it runs in Pallas' interpreter (the tests' parity
 check against the XLA path). No GPU lowering: on a GPU `auto` keeps XLA's path.
 """
