@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # pytest-xdist workers, a test file each at a time: one compiles (one core) while the other computes
 TEST_WORKERS ?= 2
 
-.PHONY: demo test setup fixtures bench clean
+.PHONY: demo test setup fixtures bench clean tunix-venv
 
 setup: $(STAMP)
 
@@ -34,5 +34,16 @@ test: setup fixtures
 demo: setup fixtures
 	$(PY) -m s2d_jax.demo
 
+# Tunix, for benchmarks/sampler.py --tunix-python: its own venv (it pins other transformers versions than ours), on
+# our versions of JAX, Flax and NumPy
+TUNIX_VENV ?= .venv-tunix
+tunix-venv: $(TUNIX_VENV)/.installed
+
+$(TUNIX_VENV)/.installed: | $(STAMP)
+	@test -x $(TUNIX_VENV)/bin/python || $(PYTHON) -m venv $(TUNIX_VENV)
+	$(TUNIX_VENV)/bin/python -m pip install -q --disable-pip-version-check google-tunix==0.1.7 \
+		$$($(PY) -c 'import importlib.metadata as m; print(*(f"{p}=={m.version(p)}" for p in ("jax", "jaxlib", "flax", "numpy")))')
+	@touch $@
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(TUNIX_VENV) runs .pytest_cache

@@ -9,12 +9,21 @@ Prints tokens/s, the ratio, MFU (achieved FLOP/s over a matmul peak measured in 
 and on an accelerator the decode roofline: batch x memory bandwidth (a device copy measured now) / (weight bytes +
 KV bytes read per step).
 
+With `--tunix-python PY` (a Python whose environment has google-tunix: it pins other transformers versions than
+ours, so it lives in a venv of its own, `make tunix-venv`), Tunix's greedy `Sampler` runs the same prompts on the
+same weights (written as safetensors, loaded into Tunix's Llama 3 model; `benchmarks/tunix_sampler.py`, a process
+of its own) in static batches, and its tokens/s, our ratio to it and the share of identical rows are printed too.
+
     .venv/bin/python benchmarks/sampler.py [--batches 8,32,64] [--new 128] [--skip-torch]
     .venv/bin/python benchmarks/sampler.py --preset llama3.2-1b --dtype bfloat16 --batches 32,64
+    .venv/bin/python benchmarks/sampler.py --batches 32,64 --tunix-python .venv-tunix/bin/python
 """
 
 import argparse
+import json
 import os
+import subprocess
+import tempfile
 import time
 
 import jax
@@ -105,6 +114,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=64, help="chat prompts per call (every batch runs the same)")
     ap.add_argument("--cache-dtype", default="", help="the KV cache's dtype (default: the model's compute dtype)")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--tunix-python", default="", help="a Python with google-tunix: Tunix's sampler beside ours")
     args = ap.parse_args()
     model, tok, torch_model = load_models(args.preset, args.dtype, not args.skip_torch)
     cfg = model.cfg
@@ -134,6 +144,7 @@ def main():
         ours[batch] = (out, time.perf_counter() - t, sampler.last_stats, sampler)
     hf = {b: _transformers(torch_model, tok, prompts, b, args.new, sampler.eos_ids) if torch_model else None
           for b in batches}
+    tunix = _tunix(args.tunix_python, model, tok, prompts, batches, args.new, sampler.eos_ids)
     ids = [tok(chat_prompt(tok, p), add_special_tokens=False).input_ids for p in prompts]
     mean_ctx = np.mean([len(i) for i in ids]) + args.new / 2
     for batch in batches:
@@ -158,6 +169,37 @@ def main():
         sec = breakdown["seconds"]
         print(line + "  " + " ".join(f"{k} {sec[k]:.2f} ({sec[k] / breakdown['wall_s']:.0%})" for k in PHASES)
               + f"; {breakdown['steps']} steps, {breakdown['compiles']} compiles")
+        if tunix:
+            rows, seconds = tunix[batch]
+            strip = lambda ids: [t for t in ids if t not in sampler.eos_ids]  # Tunix's rows end before the EOS
+            same_tunix = np.mean([strip(s.token_ids) == strip(row) for (s,), row in zip(out, rows)])
+            tunix_rate = sum(len(strip(r)) for r in rows) / seconds
+            ours_rate = sum(len(strip(s.token_ids)) for (s,) in out) / ours_s
+            print(f"{'':>5} tunix {tunix_rate:.0f} tok/s; ours / tunix {ours_rate / tunix_rate:.2f}; same tokens as "
+                  f"tunix {same_tunix:.1%} (tokens counted without EOS on both sides)")
+
+def _tunix(python: str, model, tok, prompts, batches, new: int, eos_ids) -> dict | None:
+    """batch -> (Tunix's rows, seconds), each batch size in a process of its own on the same weights and prompts."""
+    if not python:
+        return None
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "weights")
+        s2d_jax.save_hf(model, weights, overwrite=True)
+        tok.save_pretrained(weights)
+        with open(os.path.join(tmp, "prompts.json"), "w") as f:
+            json.dump([chat_prompt(tok, p) for p in prompts], f)
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tunix_sampler.py")
+        for batch in batches:
+            result = os.path.join(tmp, f"tunix-{batch}.json")
+            subprocess.run([python, script, "--weights", weights, "--prompts", os.path.join(tmp, "prompts.json"),
+                            "--batch", str(batch), "--new", str(new), "--eos", *map(str, eos_ids), "--out", result],
+                           check=True, env={**os.environ, "JAX_PLATFORMS": jax.default_backend()})
+            with open(result) as f:
+                found = json.load(f)
+            out[batch] = (found["rows"], found["seconds"])
+    return out
+
 
 def _prefill_mfu(sampler, ids, new: int, peak: float) -> float:
     """Prefill alone at the call's first batch: achieved matmul FLOP/s over the peak."""
