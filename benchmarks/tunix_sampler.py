@@ -3,7 +3,8 @@
 Tunix (google-tunix) pins other versions of transformers and huggingface_hub than ours, so it lives in a venv of its
 own (`make tunix-venv` or `python -m venv .venv-tunix && .venv-tunix/bin/pip install google-tunix==0.1.7
 jax==<ours>`) and `benchmarks/sampler.py --tunix-python .venv-tunix/bin/python` starts this script there. It
-loads a Llama-family checkpoint (safetensors, written by our `save_hf`) into Tunix's Llama 3 model, runs Tunix's
+loads a Llama-family checkpoint (safetensors, written by our `save_hf`) into Tunix's Llama 3 model (with the rope
+base Tunix 0.1.7 drops bound back: see below), runs Tunix's
 greedy `Sampler` over the chat-templated prompts in static batches, after one warm-up batch per shape, and writes
 each row's tokens up to its EOS and the seconds as JSON.
 
@@ -11,6 +12,7 @@ each row's tokens up to its EOS and the seconds as JSON.
 """
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -40,6 +42,9 @@ def main():
                              head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
                              num_kv_heads=hf["num_key_value_heads"], rope_theta=int(hf.get("rope_theta") or hf["rope_parameters"]["rope_theta"]),
                              norm_eps=hf["rms_norm_eps"], weight_tying=bool(hf.get("tie_word_embeddings")))
+    # Tunix 0.1.7's Llama 3 attention calls `apply_rope` without the config's rope_theta, so every model gets its
+    # default of 1,000,000 (SmolLM2's is 100,000; Llama 3's 500,000): bind the config's, or it is another model
+    llama3.apply_rope = functools.partial(llama3.apply_rope, rope_theta=cfg.rope_theta)
     model = params.create_model_from_safe_tensors(args.weights, cfg, dtype=jnp.float32)
     tok = transformers.AutoTokenizer.from_pretrained(args.weights)
     with open(args.prompts) as f:
