@@ -6,6 +6,10 @@ transformers' forward pass). One deviation, stated: TRL also trains the newline 
 end-of-turn token; we stop at the end of turn, where the sampler stops."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -57,28 +61,17 @@ def test_the_generation_prompt_starts_the_training_example_and_the_loss_ends_at_
         assert tok.decode(ids[n:]) == target + "<|im_end|>"
 
 
-def _trl_losses(tok, model, tmp_path) -> list[np.ndarray]:
-    """Per-token losses of each chat example's labelled tokens, as TRL's SFT trainer builds and labels them."""
-    import torch
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    rows = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": t}]}
-            for p, t in CHATS]
-    args = SFTConfig(output_dir=str(tmp_path / "trl"), completion_only_loss=True, packing=False, report_to="none",
-                     per_device_train_batch_size=len(rows), use_cpu=True, dataset_num_proc=None)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], -1)
-    labels = batch["labels"][:, 1:]
-    out = []
-    for r in range(len(rows)):
-        keep = labels[r] != -100
-        out.append(-logp[r][keep].gather(-1, labels[r][keep][:, None])[:, 0].numpy())
-        assert tok.decode(labels[r][keep]) == CHATS[r][1] + "<|im_end|>\n"  # TRL also trains the final newline
-    return out
+def _trl_losses(path, tmp_path) -> list[np.ndarray]:
+    """Per-token losses of each chat example's labelled tokens, as TRL's SFT trainer builds and labels them
+    (`tests/trl_reference.py`, in a process of its own)."""
+    (tmp_path / "chats.json").write_text(json.dumps(CHATS))
+    subprocess.run([sys.executable, str(pathlib.Path(__file__).with_name("trl_reference.py")), path,
+                    str(tmp_path / "chats.json"), str(tmp_path / "trl.json")], check=True,
+                   env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    rows = json.loads((tmp_path / "trl.json").read_text())
+    for row, (_, target) in zip(rows, CHATS):
+        assert row["labelled"] == target + "<|im_end|>\n"  # TRL also trains the final newline
+    return [np.asarray(row["losses"], np.float32) for row in rows]
 
 
 def _our_losses(model, rows: dict) -> np.ndarray:
@@ -95,8 +88,8 @@ def _our_losses(model, rows: dict) -> np.ndarray:
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_completion_only_losses_equal_trls_padded_or_packed(smol, tmp_path, pack):
-    tok, torch_model, path = smol
-    want = _trl_losses(tok, torch_model, tmp_path)
+    tok, _, path = smol
+    want = _trl_losses(path, tmp_path)
     model = s2d_jax.load_model(path)
     examples = [data_lib.encode(tok, p, t) for p, t in CHATS]
     rows = 1 if pack else len(examples)  # packed: all three in one row
