@@ -137,14 +137,3 @@ def assert_sharded_forward_equals_one_device(single, sharded, mesh, vocab: int, 
     assert len(out.sharding.device_set) == mesh.size
     np.testing.assert_allclose(np.asarray(out), np.asarray(forward(single, ids)), atol=1e-5)
 
-
-# The longest files first (measured with `pytest --durations`): `make test` hands whole files to two workers in
-# collection order, so a long file collected late left one worker alone at the end (longest-first scheduling).
-LONGEST_FIRST = ("test_multihost.py", "test_aot.py", "test_lora.py", "test_relegation.py", "test_train.py",
-                 "test_engine.py", "test_stages.py", "test_smollm2.py", "test_generation_mesh.py", "test_pipeline.py",
-                 "test_teacher.py", "test_faults.py", "test_quant.py", "test_families.py", "test_bad_input.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
