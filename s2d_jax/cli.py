@@ -185,7 +185,7 @@ class _TracebacksToLog(logging.Filter):
 
 
 def _run(args, overrides: list[str], workdir: str) -> int:
-    from s2d_jax import memory, stopping, supervise
+    from s2d_jax import memory, plan, stopping, supervise
     from s2d_jax.stages import STAGES
 
     config = None
@@ -211,7 +211,7 @@ def _run(args, overrides: list[str], workdir: str) -> int:
         print(f"s2d: {e}{where}; rerun to resume", file=sys.stderr)
         return e.code
     except memory.OutOfMemory as e:
-        print(f"s2d: error: {memory.explain(config, e)}", file=sys.stderr)
+        print(f"s2d: error: {plan.explain(config, e)}", file=sys.stderr)
         return 2
     except S2DError as e:
         print(f"s2d: error: {e}", file=sys.stderr)
@@ -234,7 +234,7 @@ def _run(args, overrides: list[str], workdir: str) -> int:
         if memory.exhausted(e) and config is not None:  # where no program was named: still the plan's advice
             oom = memory.OutOfMemory(f"`{args.stage}` stage", "see the traceback in the error log", str(e)[:200],
                                      isinstance(e, MemoryError))
-            print(f"s2d: error: {memory.explain(config, oom)}; details in {_log_error(workdir)}", file=sys.stderr)
+            print(f"s2d: error: {plan.explain(config, oom)}; details in {_log_error(workdir)}", file=sys.stderr)
             return 2
         print(f"s2d: internal error: {type(e).__name__}: {e}; details in {_log_error(workdir)}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ early, with advice, when a total exceeds `plan.device_gb`.
 
 from __future__ import annotations
 
+import logging
 import math
 import types
 
@@ -21,7 +22,8 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from s2d_jax import mesh as mesh_lib
+from s2d_jax import memory, mesh as mesh_lib
+from s2d_jax.distributed import device_bytes
 from s2d_jax.config import teacher_config
 from s2d_jax.errors import REMEDIES, S2DError
 from s2d_jax.model import PRESETS, Transformer, hub, read_config
@@ -30,6 +32,7 @@ from s2d_jax.sampling.cache import CACHE_AXES, length_bucket, row_chunks, width_
 from s2d_jax.system2.programs import get_program
 
 GB = 1 << 30
+log = logging.getLogger("s2d")
 
 
 def mesh_shape(m: ConfigDict, devices: int):
@@ -267,3 +270,44 @@ def rates_report(p: dict) -> list[str]:
                      f"{c['roofline_s'] * 1e3:11.2f} {floor * 1e3:9.2f} {c['floor_over_roofline']:14.2f} "
                      f"{c['tokens_per_s']:11,.0f}")
     return lines
+
+
+# ------------------------------------------------------------------------------------------ against the devices here
+
+CERTAIN = 1.5  # the plan's figure over what the devices hold by this factor: refused before any work (else warned)
+
+
+def explain(config: ConfigDict, e: memory.OutOfMemory) -> str:
+    """The one line: what ran out, then the plan's figures for this config on the devices at hand, and its advice."""
+    try:
+        p = _plan(config)
+    except S2DError:
+        return f"{e}; see `s2d plan` for this config"
+    kind = "train" if "train" in e.program else "generate"
+    return (f"{e}; `s2d plan` for this config on {p['devices']} devices: {kind} needs "
+            f"{p[kind + '_total'] / GB:.2f} GB per device; {REMEDIES[kind]}")
+
+
+def check_fits(config: ConfigDict, stage: str) -> None:
+    """Before any work: refuse a stage whose plan is far over the memory of the devices at hand; warn when near."""
+    kinds = {"train": ("train",), "generate": ("generate",), "eval": ("generate",), "filter": (),
+             "run": ("generate", "train")}.get(stage, ())
+    if not kinds or not (config.model.path or config.model.preset):
+        return
+    p, limit = _plan(config), device_bytes()
+    for kind in kinds:
+        need = p[kind + "_total"]
+        if need > CERTAIN * limit:
+            raise S2DError(f"{kind} needs {need / GB:.2f} GB per device by `s2d plan`, and the {p['devices']} "
+                           f"device(s) here hold {limit / GB:.2f} GB each; {REMEDIES[kind]}")
+        if need > limit:
+            log.warning("%s needs %.2f GB per device by `s2d plan`, over the %.2f GB each device here holds: it may "
+                        "run out of memory (%s)", kind, need / GB, limit / GB, REMEDIES[kind])
+
+
+def _plan(config: ConfigDict) -> dict:
+    """The plan of `config` on the devices at hand (its meshes as the stages resolve them)."""
+    devices = len(mesh_lib.mesh_devices(config))
+    gen = generation_shape(config, len(mesh_lib.generation_devices(config)), jax.local_device_count(),
+                                    jax.default_backend(), device_bytes())
+    return plan(config, mesh_shape(config.mesh, devices), gen)

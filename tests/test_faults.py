@@ -189,7 +189,7 @@ def test_xla_running_out_of_memory_names_the_program_its_shapes_and_the_plans_ad
     import jax
     import jax.numpy as jnp
 
-    from s2d_jax import memory
+    from s2d_jax import memory, plan
     from s2d_jax.config import load_config
 
     with pytest.raises(memory.OutOfMemory) as e:
@@ -198,7 +198,7 @@ def test_xla_running_out_of_memory_names_the_program_its_shapes_and_the_plans_ad
     assert str(e.value).startswith("out of device memory in the decode (64 slots x 4096 cache positions, 16 steps): "
                                    "RESOURCE_EXHAUSTED")
     config = load_config("configs/tiny.py", ["mesh.data=-1"])
-    line = memory.explain(config, e.value)
+    line = plan.explain(config, e.value)
     assert "`s2d plan` for this config on 8 devices: generate needs " in line and "lower generate.max_batch" in line
     with pytest.raises(memory.OutOfMemory, match=r"^out of host memory in the train step \(rows\): "):
         with memory.program("train step", lambda: "rows"):

@@ -8,7 +8,7 @@ import os
 
 from ml_collections import ConfigDict
 
-from s2d_jax import datasets, memory
+from s2d_jax import datasets, plan
 from s2d_jax.errors import S2DError
 from s2d_jax.model import hub
 from s2d_jax.system2.tasks import TASKS, tfds_source
@@ -55,7 +55,7 @@ def preflight(config: ConfigDict, stage: str) -> None:
             if not os.path.exists(hub.resolve(value, t.revision if value == t.path else "", key=key)):
                 raise S2DError(f"config key {key!r}: {value}: no such file or directory (expected a Hugging Face "
                                f"model directory, a .gguf file or a hub id such as org/name)")
-    memory.check_fits(config, stage)
+    plan.check_fits(config, stage)
 
 
 def data_keys(config: ConfigDict) -> list[tuple[str, str]]:
