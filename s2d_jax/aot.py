@@ -49,6 +49,11 @@ class Target:
     def hosts(self) -> int:
         return self.chips // math.prod(self.host_bounds)
 
+    @property
+    def costed(self) -> bool:
+        """Whether its compiler gives a cost analysis (XLA:GPU compiled without a GPU has none)."""
+        return self.platform != "cuda"
+
 
 # Per chip, from Google's Cloud TPU system architecture pages (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e):
 # HBM, peak bf16 and HBM bandwidth. Topology names and host bounds as MaxText's accelerator_to_spec_map.py (v5e-8
@@ -178,7 +183,7 @@ def plan_figures(config: ConfigDict, t: Target, p: dict) -> dict:
     g = p["generate_mesh"]
     s = plan_lib.sampler_shapes(config, sampler, g["data"] * g["fsdp"])
     buckets = sorted({b for b in (1 << k for k in range(5, 20)) if b < s["prompt"]} | {s["prompt"]})
-    buckets = buckets if t.platform == "tpu" else []  # XLA:GPU compiled without a GPU has no cost analysis
+    buckets = buckets if t.costed else []
     c = compile_all(config, t, p, cfg, sampler, tuple(buckets))
     slots = max(c["decode"]["arguments"] - p["generate_params"], 0)  # the decode call's other arguments
     generate = max(c["prefill"]["peak"] + slots, c["insert"]["peak"] + p["generate_params"], c["decode"]["peak"])
@@ -295,7 +300,7 @@ class Programs:
         """FLOPs and bytes accessed per chip at the full depth, from unscanned copies of one and two periods of
         layers (XLA's cost analysis counts a loop body once; the period is 2 where local and global layers
         alternate)."""
-        if self.t.platform == "cuda":  # XLA:GPU compiled without a GPU has no cost analysis: compile no copies
+        if not self.t.costed:  # (compile no copies for nothing)
             return None
         p = period(cfg)
         short = lambda n: cfg.replace(num_layers=n, scan_layers=False,

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
 
 from s2d_jax import distributed
 from s2d_jax.errors import S2DError

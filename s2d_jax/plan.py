@@ -23,8 +23,8 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from s2d_jax import memory, mesh as mesh_lib
-from s2d_jax.distributed import device_bytes
 from s2d_jax.config import teacher_config
+from s2d_jax.distributed import device_bytes
 from s2d_jax.errors import REMEDIES, S2DError
 from s2d_jax.model import PRESETS, Transformer, hub, read_config
 from s2d_jax.model.transformer import cache_slots
@@ -309,5 +309,5 @@ def _plan(config: ConfigDict) -> dict:
     """The plan of `config` on the devices at hand (its meshes as the stages resolve them)."""
     devices = len(mesh_lib.mesh_devices(config))
     gen = generation_shape(config, len(mesh_lib.generation_devices(config)), jax.local_device_count(),
-                                    jax.default_backend(), device_bytes())
+                           jax.default_backend(), device_bytes())
     return plan(config, mesh_shape(config.mesh, devices), gen)

@@ -92,7 +92,7 @@ def _decode_inputs(seed, ring: bool, t: int = 1):
 @pytest.mark.parametrize("case", ["float32", "bfloat16", "int8", "softcap", "window", "ring", "three_tokens"])
 def test_ragged_decode_equals_the_reference(case):
     """The Pallas decode kernel (interpreted here, Mosaic on a TPU: test_aot) against the materialised path."""
-    from s2d_jax.model.decode_attention import live_lengths, ragged
+    from s2d_jax.model.decode_attention import live_lengths
     from s2d_jax.model.quant import kv_load, kv_store
 
     q, k, v, mask, live = _decode_inputs(3, ring=case == "ring", t=3 if case == "three_tokens" else 1)

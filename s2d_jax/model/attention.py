@@ -55,10 +55,14 @@ def allowed(mask: Mask, window: int | None, kv_segments=None, kv_slots=None) -> 
     return seen
 
 
+def _platform_name(platform: str | None) -> str | None:
+    return {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+
+
 def unavailable(impl: str, platform: str) -> str | None:
     """Why `impl` cannot run on `platform` (None when it can): for the one line a config gets before any weights
     load."""
-    platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+    platform = _platform_name(platform)
     if platform in PLATFORMS.get(impl, (platform,)):
         return None
     return f"{impl!r} runs on {', '.join(PLATFORMS[impl])}, not on this run's {platform}; 'auto' picks the fastest path there"
@@ -70,7 +74,7 @@ def choose(q_len: int, dtype, right_padded: bool, backend: str | None = None, ca
     built for; default: JAX's, but a program compiled ahead of time for a TPU from a CPU names "tpu"); `cached`:
     the keys are a KV cache (slots not aligned with the queries), which only the portable paths and the ragged
     decode kernel (TPU) express; cuDNN's kernel has no soft-capping."""
-    backend = {"cuda": "gpu", "rocm": "gpu"}.get(backend, backend) or jax.default_backend()
+    backend = _platform_name(backend) or jax.default_backend()
     if cached and q_len <= 16 and backend == "tpu":
         return "ragged"
     if q_len <= 16 or cached:
@@ -275,11 +279,9 @@ def _ragged(q, k, v, mask: Mask, window, scale, softcap, platform: str):
     """The ragged decode kernel on each device's rows and kv heads; interpreted off TPU (tests)."""
     from s2d_jax.model.decode_attention import ragged
 
-    kv_slots = jnp.broadcast_to(mask.kv_slots, mask.kv_segments.shape)
-    run = lambda q, k, v, qs, qsl, ks, ksl: ragged(q, k, v, Mask(qs, ks, qsl, ksl), window, scale, softcap,
-                                                   interpret=platform != "tpu")
-    args = (q, k, v, mask.q_segments, mask.q_slots, mask.kv_segments, kv_slots)
-    return per_device(run, *args)(*args)
+    mask = mask._replace(kv_slots=jnp.broadcast_to(mask.kv_slots, mask.kv_segments.shape))  # rows, to split
+    run = lambda q, k, v, m: ragged(q, k, v, m, window, scale, softcap, interpret=platform != "tpu")
+    return per_device(run, q, k, v, mask)(q, k, v, mask)
 
 
 def per_device(fn, *args):

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from s2d_jax.model.quant import Int8KV
+
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 BLOCKS = (512, 256, 128)  # key slots per grid step: the largest dividing the cache width (else the whole width)
 
@@ -89,8 +91,6 @@ def ragged(q, k, v, mask, window=None, scale=None, softcap=None, interpret: bool
     """`q: [B, K, G, T, hd]`, `k, v: [B, K, S, hd]` (arrays in any float dtype, or `Int8KV`) -> `[B, K, G, T, hd]`
     in q's dtype; `mask` an `attention.Mask` over the cache. One device's rows and kv heads (the caller maps it
     over the mesh)."""
-    from s2d_jax.model.quant import Int8KV
-
     b, kh, g, t, hd = q.shape
     int8 = isinstance(k, Int8KV)
     s = k.shape[2]

@@ -34,40 +34,35 @@ def resolve(path: str, revision: str = "", config_only: bool = False, key: str =
     path = os.fspath(path)
     if not is_hub_id(path):
         return path
-    try:
-        return _resolve(path, revision or "", config_only)
-    except S2DError as e:
-        if key == "model.path":
-            raise
-        revision_key = key.rpartition(".")[0] + ".revision" if "." in key else "model.revision"
-        raise S2DError(str(e).replace("model.path", key, 1).replace("'model.revision'", repr(revision_key))) from None
+    return _resolve(path, revision or "", config_only, key)
 
 
 @functools.cache
-def _resolve(path: str, revision: str, config_only: bool) -> str:
+def _resolve(path: str, revision: str, config_only: bool, key: str) -> str:
     from s2d_jax import distributed
 
     import jax
 
     if jax.process_count() == 1:
-        return _download(path, revision, config_only)
+        return _download(path, revision, config_only, key)
     failed = None
     if distributed.primary():
         try:
-            _download(path, revision, config_only)
+            _download(path, revision, config_only, key)
         except S2DError as e:
             failed = e
     if distributed.agree([failed is not None])[0]:  # every host learns how host 0 fared
-        raise failed or S2DError(f"model.path {path!r}: host 0 could not download it from the hub")
-    return _download(path, revision, config_only)
+        raise failed or S2DError(f"{key} {path!r}: host 0 could not download it from the hub")
+    return _download(path, revision, config_only, key)
 
 
-def _download(path: str, revision: str, config_only: bool) -> str:
+def _download(path: str, revision: str, config_only: bool, key: str) -> str:
     import huggingface_hub as hub
     from huggingface_hub import errors
 
     repo, gguf = HUB_ID.match(path).groups()
-    where = f"model.path {path!r}" + (f" (revision {revision!r})" if revision else "")
+    where = f"{key} {path!r}" + (f" (revision {revision!r})" if revision else "")
+    revision_key = key.rpartition(".")[0] + ".revision" if "." in key else "model.revision"
     log.info("resolving %s on the Hugging Face hub", where)
     try:
         if gguf:
@@ -78,7 +73,7 @@ def _download(path: str, revision: str, config_only: bool) -> str:
         raise S2DError(f"{where}: a gated model; accept its licence on huggingface.co and set HF_TOKEN "
                        f"(or `hf auth login`)") from None
     except errors.RevisionNotFoundError:
-        raise S2DError(f"{where}: no such revision of {repo} on the hub (config key 'model.revision')") from None
+        raise S2DError(f"{where}: no such revision of {repo} on the hub (config key {revision_key!r})") from None
     except errors.RepositoryNotFoundError:
         raise S2DError(f"{where}: not a local path, and no model {repo!r} on the Hugging Face hub (a private one "
                        f"needs HF_TOKEN)") from None
