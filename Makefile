@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # pytest-xdist workers, a test file each at a time: one compiles (one core) while the other computes
 TEST_WORKERS ?= 2
 
-.PHONY: demo test setup fixtures bench clean tunix-venv
+.PHONY: demo test setup fixtures bench clean tunix-venv docs
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ test: setup fixtures
 
 demo: setup fixtures
 	$(PY) -m s2d_jax.demo
+
+# the docs site (docs/, mkdocs.yml) into site/; the config keys' page is generated from the schema
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # Tunix, for benchmarks/sampler.py --tunix-python: its own venv (it pins other transformers versions than ours), on
 # our versions of JAX, Flax and NumPy

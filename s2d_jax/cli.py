@@ -190,7 +190,7 @@ def _run(args, overrides: list[str], workdir: str) -> int:
 
     config = None
     try:
-        from s2d_jax import compile_cache, distributed, workdir as workdir_lib
+        from s2d_jax import compile_cache, distributed, trackers, workdir as workdir_lib
         from s2d_jax.config import load_config
         from s2d_jax.stages.preflight import preflight
 
@@ -202,7 +202,7 @@ def _run(args, overrides: list[str], workdir: str) -> int:
             logging.getLogger("s2d").setLevel(logging.WARNING)  # one host narrates
         with workdir_lib.claim(config, workdir, keep=args.stage != "plan",
                                check=lambda: preflight(config, args.stage)):
-            with stopping.on_signals():
+            with stopping.on_signals(), trackers.session(config, workdir, args.stage, args.stage != "plan"):
                 STAGES[args.stage](config, workdir)
                 if (signum := stopping.received()) is not None:  # it came as the stage finished: all is complete
                     raise stopping.Stopped(signum, f"as `{args.stage}` completed; its artifacts are complete")

@@ -199,9 +199,12 @@ def _parse(text: str, old):
         except ValueError:
             return text
     try:
-        return ast.literal_eval(text)
+        value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        return text
+        value = text
+    if isinstance(old, tuple) and isinstance(value, str):  # a list on the command line: a,b,c ("" = none)
+        return tuple(x.strip() for x in value.split(",") if x.strip())
+    return value
 
 
 def load_config_file(path: str) -> ConfigDict:

@@ -33,6 +33,14 @@ def one_of(*choices):
     return lambda v: None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
 
 
+def each_of(*choices):
+    """A tuple whose every item is one of `choices` (each at most once)."""
+    def check(v):
+        ok = isinstance(v, (tuple, list)) and all(x in choices for x in v) and len(set(v)) == len(v)
+        return None if ok else "a tuple of distinct names among " + ", ".join(repr(c) for c in choices)
+    return check
+
+
 def mesh_size(auto: bool = False):
     """-1 (all remaining devices) or >= 1; with `auto`, 0 too (the generation mesh: chosen for decoding)."""
     if auto:

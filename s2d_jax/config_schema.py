@@ -3,17 +3,18 @@ the rule it obeys (`config_rules`). `config.py` loads and checks configs against
 
 from __future__ import annotations
 
-from s2d_jax.config_rules import _, above, at_least, between, mesh_size, one_of
+from s2d_jax.config_rules import _, above, at_least, between, each_of, mesh_size, one_of
 from s2d_jax.model.attention import IMPLEMENTATIONS
 from s2d_jax.model.config import DTYPES, REMAT
 from s2d_jax.model.quant import KV_INT8, WEIGHTS_DTYPES
 from s2d_jax.system2.adaptive import RULES as ADAPTIVE_RULES
 from s2d_jax.system2.tasks.judge import DEFAULT_PROMPTS
+from s2d_jax.trackers import TRACKERS
 
 def schema() -> dict:
     """The schema: every key, its default (and so its type) and, where a value can be wrong, the rule it obeys."""
     return ({
-        "seed": _(0, at_least(0)),
+        "seed": _(0, at_least(0)),  # sampling, data order, initialisation: the same seed, the same results
         "model": {
             # HF directory, .gguf file, or hub id (org/name, hf://org/name[/FILE.gguf]); "" = random `preset`
             "path": "",
@@ -28,7 +29,12 @@ def schema() -> dict:
             "splash_block": _(0, at_least(0)),  # the splash kernel's tile on TPU; 0 = by length (512/256/128)
         },
         "tokenizer": "",  # "" = model.path; a path or hub id; "bytes" = the built-in byte tokenizer
-        "mesh": {"data": _(-1, mesh_size()), "fsdp": _(1, mesh_size()), "tensor": _(1, mesh_size())},
+        # the training mesh's axes (their product: the devices); sampling uses `generate.mesh`
+        "mesh": {
+            "data": _(-1, mesh_size()),  # replicas of the model, each on its rows of the batch
+            "fsdp": _(1, mesh_size()),  # parameters, gradients and optimizer state sharded over this axis too
+            "tensor": _(1, mesh_size()),  # each layer's heads and MLP split over this axis (Megatron)
+        },
         # several hosts: a host that sends no heartbeat for this long is lost, and the others stop (one line each)
         "cluster": {"heartbeat_timeout_s": _(20, at_least(2))},
         "convert": {"output": ""},  # "" = WORKDIR/converted
@@ -40,7 +46,7 @@ def schema() -> dict:
             "size": _(4, at_least(1)),  # synthetic tasks: words (last letters) or people (coin flip) per input
             # synthetic tasks: > size mixes inputs of size..size_max words or people (in turn); 0 = all of `size`
             "size_max": _(0, at_least(0)),
-            "seed": _(0, at_least(0)),  # synthetic tasks: generator seed
+            "seed": _(0, at_least(0)),  # sampling, data order, initialisation: the same seed, the same results  # synthetic tasks: generator seed
             # synthetic tasks: "names" = real first names, as the public sets use (the paper's pools);
             # "syllables" = made-up consonant-vowel words (the toy demo's syllable tokenizer needs them)
             "words": _("names", one_of("names", "syllables")),
@@ -116,7 +122,7 @@ def schema() -> dict:
             "warmup_steps": _(50, at_least(0)),
             "max_len": _(384, at_least(2)),
             "pack": True,
-            "seed": _(0, at_least(0)),
+            "seed": _(0, at_least(0)),  # sampling, data order, initialisation: the same seed, the same results
         },
         "train": {
             "data": "",  # prompt/target JSONL; "" = WORKDIR/distill.jsonl
@@ -139,7 +145,7 @@ def schema() -> dict:
             "lora_alpha": _(16.0, above(0.0)),  # LoRA scale = lora_alpha / lora_rank (PEFT's convention)
             "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
             "loss_chunk": _(128, at_least(0)),  # positions per cross-entropy chunk (no [B, T, vocab] logits); 0 = off
-            "seed": _(0, at_least(0)),  # data order and LoRA init
+            "seed": _(0, at_least(0)),  # sampling, data order, initialisation: the same seed, the same results  # data order and LoRA init
             "checkpoint_every": _(50, at_least(1)),  # steps between Orbax saves (and one at the end, and on SIGTERM)
             "keep_checkpoints": _(3, at_least(1)),
             "checkpoint_dir": "",  # "" = WORKDIR/checkpoints; or a gs:// path (Orbax writes it directly)
@@ -180,6 +186,20 @@ def schema() -> dict:
             "preset": "",  # a random preset (tests)
             "dtype": _("", one_of("", *DTYPES)),  # its weights' dtype; "" = model.compute_dtype (or model.dtype)
             "tokenizer": "",  # "" = the teacher's own; a path, hub id or "bytes"
+        },
+        # where metrics go besides the artifacts (s2d_jax/trackers.py); WORKDIR/tracking.jsonl always
+        "report": {
+            "trackers": _(("tensorboard",), each_of(*TRACKERS)),  # any of "tensorboard", "wandb"
+            "wandb": {  # Weights & Biases, process 0 only; a resumed command continues the workdir's run
+                "project": "s2d",
+                "entity": "",  # "" = your default entity
+                "name": "",  # "" = the workdir's name
+                "group": "",
+                "tags": (),
+                # online (needs WANDB_API_KEY or `wandb login`) | offline (run files in WORKDIR/wandb, `wandb sync`
+                # later) | disabled
+                "mode": _("online", one_of("online", "offline", "disabled")),
+            },
         },
         "eval": {
             "task": "",  # "" = task.name (e.g. distil on oasst2_judge, evaluate on mt_bench_judge)

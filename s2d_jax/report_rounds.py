@@ -9,7 +9,7 @@ import re
 
 from ml_collections import ConfigDict
 
-from s2d_jax import distributed, rounds
+from s2d_jax import distributed, rounds, trackers
 from s2d_jax.artifacts import read_jsonl, write_atomic
 from s2d_jax.report import COLORS, save_percent_plot
 
@@ -108,4 +108,6 @@ def write_rounds_report(config: ConfigDict, workdir: str) -> str:
         plot(rows, os.path.join(workdir, "rounds.png"))
         write_atomic(os.path.join(workdir, "rounds.json"), json.dumps(rows, indent=2) + "\n")
         write_atomic(md, markdown(config, rows))
+    for row in rows:
+        trackers.log(workdir, "rounds", row, round=row["round"])
     return md

@@ -28,7 +28,7 @@ LOCK = ".s2d.lock"
 KEPT = "config.json"
 # Keys that say how a run is laid out, logged or checkpointed, not what it computes: a workdir may resume with
 # other values (another mesh or host count, a bigger batch on device, other logging or checkpoint cadence).
-FREE = ("mesh", "generate.mesh", "cluster", "plan", "compile", "model.attention", "model.splash_block",
+FREE = ("report", "mesh", "generate.mesh", "cluster", "plan", "compile", "model.attention", "model.splash_block",
         "generate.max_batch", "generate.chunk", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.peak_flops")
 # A key that may grow on a kept workdir: training continues from its last checkpoint (the kept config is updated)
 GROWS = "train.steps"
@@ -77,16 +77,19 @@ def lock(workdir: str):
         os.close(fd)
 
 
-def keep_config(config: ConfigDict, workdir: str, write: bool = True) -> None:
+def keep_config(config: ConfigDict, workdir: str) -> None:
     """The workdir keeps the resolved config it was made with; a stage run with one that differs in a key that
-    changes results is an error (its artifacts would silently mix two experiments). `FREE` keys may change.
-    Without `write`, only the check."""
+    changes results is an error (its artifacts would silently mix two experiments). `FREE` keys may change."""
+    _keep(workdir, *_to_keep(config, workdir))
+
+
+def _to_keep(config: ConfigDict, workdir: str) -> tuple[dict | None, str]:
+    """The check of `keep_config`: (the config the workdir is to keep from now, None when it keeps its own; what
+    to log when it is written)."""
     path = os.path.join(workdir, KEPT)
     current = json.loads(json.dumps(config.to_dict()))
     if not os.path.exists(path):
-        if write and distributed.primary():
-            write_atomic(path, json.dumps(current, indent=2) + "\n")
-        return
+        return current, ""
     try:
         with open(path) as f:
             kept = json.load(f)
@@ -102,16 +105,19 @@ def keep_config(config: ConfigDict, workdir: str, write: bool = True) -> None:
         if _get(current, GROWS) < _get(kept, GROWS):
             raise S2DError(f"{path}: {GROWS} may only grow on a workdir ({_get(kept, GROWS)} there, "
                            f"{_get(current, GROWS)} now); use another --workdir to train fewer steps")
-        if not write:
-            return
-        log.info("%s grows from %d to %d: training continues from the last checkpoint", GROWS, _get(kept, GROWS),
-                 _get(current, GROWS))
-        if distributed.primary():
-            write_atomic(path, json.dumps(grown, indent=2) + "\n")
-        return
+        return grown, (f"{GROWS} grows from {_get(kept, GROWS)} to {_get(current, GROWS)}: training continues from "
+                       f"the last checkpoint")
     if key:
         raise S2DError(f"{path}: this workdir was made with a different config (key {key!r}: {_get(kept, key)!r} "
                        f"there, {_get(current, key)!r} now); use another --workdir")
+    return None, ""
+
+
+def _keep(workdir: str, config: dict | None, note: str) -> None:
+    if note:
+        log.info("%s", note)
+    if config is not None and distributed.primary():
+        write_atomic(os.path.join(workdir, KEPT), json.dumps(config, indent=2) + "\n")
 
 
 def _with_defaults(kept: dict) -> dict:
@@ -181,11 +187,9 @@ def claim(config: ConfigDict, workdir: str, keep: bool = True, check=lambda: Non
     started = False
     try:
         with lock(guarded):
-            if keep:
-                keep_config(config, guarded, write=False)
+            pending = _to_keep(config, guarded) if keep else (None, "")
             check()
-            if keep:
-                keep_config(config, guarded)
+            _keep(guarded, *pending)
             started = True
             yield workdir
     finally:

@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -169,6 +170,10 @@ VALUES = [(f"{key}={value}", ["generate", *TINY, f"--config.{key}={value}"], say
     ("task.words", "emoji", "key 'task.words' = 'emoji'"),
     ("plan.device_gb", "0", "key 'plan.device_gb' = 0.0"),
     ("seed", "-1", "key 'seed' = -1"),
+    ("report.trackers", "tensorboard,neptune", "key 'report.trackers' = ('tensorboard', 'neptune') is not allowed "
+                                               "(expected a tuple of distinct names among 'tensorboard', 'wandb')"),
+    ("report.wandb.mode", "cloud", "key 'report.wandb.mode' = 'cloud' is not allowed (expected one of 'online', "
+                                   "'offline', 'disabled')"),
 ]] + [("two -1 mesh axes", ["generate", *TINY, "--config.mesh.data=-1", "--config.mesh.fsdp=-1"],
        "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")]
 CONVERT = ["convert", *TINY, "--config.tokenizer=bytes", "--workdir", "{w}"]
@@ -260,6 +265,13 @@ def test_a_refused_command_writes_nothing_anywhere(capsys, tmp_path):
     fresh.mkdir(parents=True)  # an empty workdir the user made: kept, and still empty
     assert main(["generate", *TINY, "--workdir", str(fresh), "--config.task.path=data:last_leters"]) == 2
     assert fresh.is_dir() and sorted(os.listdir(fresh)) in ([], [".s2d.lock"])
+
+
+def test_wandb_asked_for_without_the_package_is_one_line(capsys, complete, tmp_path, bad, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed: `import wandb` fails
+    _check(["generate", *TINY, "--config.report.trackers=wandb"], "config key 'report.trackers': 'wandb' needs "
+           "the wandb package", capsys, complete, tmp_path, bad)
+    assert not (tmp_path / "w").exists()
 
 
 def test_a_workdir_in_use_is_refused_naming_its_holder(capsys, complete, tmp_path, bad):

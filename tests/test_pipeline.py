@@ -1,9 +1,12 @@
 """`s2d run` end to end on configs/tiny.py: every artifact, skipping complete stages, resuming after a kill, the
 kept config, and the report from a given eval.json."""
 
+import glob
 import json
 import os
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 
@@ -23,10 +26,14 @@ def _without_seconds(results):
                 if isinstance(v, dict) else v) for k, v in results.items()}
 
 
+# W&B as a user runs it without a network: its real offline run files, read back by `wandb_records`
+TRACKED = ["--config.report.trackers=tensorboard,wandb", "--config.report.wandb.mode=offline"]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
-    assert main(["run", *TINY, "--workdir", str(workdir)]) == 0
+    assert main(["run", *TINY, *TRACKED, "--workdir", str(workdir)]) == 0
     return workdir
 
 
@@ -50,6 +57,65 @@ def test_run_writes_every_artifact(reference):
     assert kept["program"]["name"] == "cot" and kept["pretrain"]["steps"] == 60
 
 
+def test_trackers_get_every_stage_s_metrics(reference):
+    """tracking.jsonl (always) and the W&B run (offline files) hold the loop's metrics under stable names; W&B's
+    training curve is metrics.jsonl's; the run has the resolved config, the report as an artifact, the eval
+    table; TensorBoard has its event file."""
+    local = [json.loads(line) for line in open(reference / "tracking.jsonl")]
+    names = set().union(*local)
+    assert {"train/loss", "train/accuracy", "train/learning_rate", "train/tokens_per_s", "generate/tokens_per_s",
+            "generate/generated_tokens", "filter/kept_fraction", "eval/system1/accuracy",
+            "eval/distilled/accuracy", "eval/system2/mean_tokens"} <= names
+    trained = [json.loads(line) for line in open(reference / "metrics.jsonl")]
+    run_id = json.load(open(reference / "wandb_run.json"))["id"]
+    (run_file,) = glob.glob(str(reference / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
+    records = list(wandb_records(run_file))
+    (run,) = [r.run for r in records if r.HasField("run")]
+    config = {u.key: json.loads(u.value_json) for u in run.config.update}
+    assert run.run_id == run_id and run.project == "s2d" and run.display_name == reference.name
+    assert config["program"]["name"] == "cot" and config["train"]["steps"] == trained[-1]["step"]
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+               for r in records if r.HasField("history")]
+    curve = [(h["train/step"], h["train/loss"]) for h in history if "train/loss" in h]
+    assert curve == [(row["step"], pytest.approx(row["loss"])) for row in trained]
+    results = json.load(open(reference / "eval.json"))
+    (evaluated,) = [h for h in history if "eval/distilled/accuracy" in h]
+    assert evaluated["eval/distilled/accuracy"] == results["distilled"]["accuracy"]
+    assert any(h.get("filter/kept") == results["filter"]["kept"] for h in history)
+    assert any("eval/table/nrows" in h and h["eval/table/nrows"] == 3 for h in history)  # system1, 2, distilled
+    (artifact,) = [r.artifact for r in records if r.HasField("artifact") and r.artifact.type == "report"]
+    assert {"report.png", "report.md", "eval.json"} <= {m.path for m in artifact.manifest.contents}
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(reference / "tensorboard"))
+
+
+def _child_env(**extra) -> dict:
+    """A subprocess's environment: W&B's service address, which this process's own W&B run exported, left out
+    (the child starts its own service, as a user's command does)."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return dict(env, JAX_PLATFORMS="cpu", **extra)
+
+
+def wandb_records(path):
+    """The records of a W&B run file (`run-ID.wandb`: a 7-byte header, then LevelDB-style log blocks of 32 KiB,
+    each record a protobuf `Record` in one or more chunks)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    pos, block, chunks = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunks, pos = chunks + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a full record, or a record's last chunk
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            chunks = b""
+            yield record
+
+
 def test_rerun_skips_every_complete_stage(reference, caplog):
     before = {name: os.stat(reference / name).st_mtime_ns for name in ARTIFACTS}
     caplog.set_level("INFO")
@@ -59,19 +125,38 @@ def test_rerun_skips_every_complete_stage(reference, caplog):
 
 
 def test_kill_and_rerun_resumes_to_the_same_result(reference, tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", S2D_FAULT="rollout-chunk:1")  # killed after generate's 1st chunk
-    proc = subprocess.Popen([sys.executable, "-m", "s2d_jax.cli", "run", *TINY, "--workdir", str(tmp_path),
+    env = _child_env(S2D_FAULT="rollout-chunk:1")  # killed after generate's 1st chunk
+    proc = subprocess.Popen([sys.executable, "-m", "s2d_jax.cli", "run", *TINY, *TRACKED, "--workdir", str(tmp_path),
                              "--config.generate.chunk=2"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, err
     assert not (tmp_path / "rollouts.jsonl").exists() and (tmp_path / "rollouts.jsonl.partial").exists()
     assert (tmp_path / "base").exists() and not (tmp_path / "eval.json").exists()
-    assert main(["run", *TINY, "--workdir", str(tmp_path)]) == 0
+    assert main(["run", *TINY, *TRACKED, "--workdir", str(tmp_path)]) == 0
+    run_id = json.load(open(tmp_path / "wandb_run.json"))["id"]  # the resumed command continued the W&B run
+    assert len(glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))) == 2
     for name in ("rollouts.jsonl", "distill.jsonl", "filter_report.json"):
         assert (tmp_path / name).read_text() == (reference / name).read_text(), name
     ours, ref = json.load(open(tmp_path / "eval.json")), json.load(open(reference / "eval.json"))
     assert _without_seconds(ours) == _without_seconds(ref)
+
+
+def test_a_tracker_failing_mid_run_never_stops_training(reference, tmp_path):
+    """W&B's service killed after the first training row (as a network or service failure would leave it): one
+    warning, training ends as it would have, and the local metrics have every row."""
+    for name in ("config.json", "rollouts.jsonl", "filter_report.json", "distill.jsonl"):
+        shutil.copy(reference / name, tmp_path / name)
+    shutil.copytree(reference / "base", tmp_path / "base")
+    env = _child_env(S2D_FAULT="tracker-log:1:child=wandb-core")
+    proc = subprocess.run([sys.executable, "-m", "s2d_jax.cli", "train", *TINY, *TRACKED, "--workdir", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if "tracker wandb failed" in line]) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    rows = lambda path: [json.loads(line) for line in open(path)]
+    assert [r["loss"] for r in rows(tmp_path / "metrics.jsonl")] == [r["loss"] for r in rows(reference / "metrics.jsonl")]
+    assert len([r for r in rows(tmp_path / "tracking.jsonl") if "train/loss" in r]) == len(rows(reference / "metrics.jsonl"))
 
 
 def test_a_different_config_on_the_same_workdir_is_refused(reference, capsys):

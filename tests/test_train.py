@@ -155,7 +155,6 @@ def test_fits_a_small_distill_set(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert rows[0]["loss"] > 3 and result.metrics["loss"] < 0.05 and result.metrics["accuracy"] == 1.0
     assert {"loss", "accuracy", "learning_rate", "grad_norm", "tokens_per_s", "mfu"} <= set(rows[-1])
-    assert os.listdir(tmp_path / "tensorboard")
 
 
 def test_accumulation_matches_one_big_batch(tmp_path):

@@ -11,7 +11,7 @@ import os
 
 from ml_collections import ConfigDict
 
-from s2d_jax import distributed, routing, rounds
+from s2d_jax import distributed, routing, rounds, trackers
 from s2d_jax.artifacts import read_jsonl, write_atomic
 from s2d_jax.build import build_generation_mesh, build_model, build_system1, build_system2, build_tokenizer
 from s2d_jax.errors import S2DError
@@ -107,6 +107,7 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
         write_atomic(os.path.join(workdir, PER_INPUT), "".join(json.dumps(r, default=str) + "\n" for r in per_input))
         write_report(results, workdir)
         write_atomic(out, json.dumps(results, indent=2, default=str) + "\n")
+    trackers.log(workdir, "eval", {k: v for k, v in results.items() if k not in ("filter", "train")})
     distributed.barrier(f"eval {workdir}")
     for name in ("system1", "system2", "distilled", "routed"):
         r = results.get(name, False)

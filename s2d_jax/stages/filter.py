@@ -9,7 +9,7 @@ import os
 
 from ml_collections import ConfigDict
 
-from s2d_jax import faults
+from s2d_jax import faults, trackers
 from s2d_jax.artifacts import write_atomic
 from s2d_jax.build import build_generation_mesh, build_system2
 from s2d_jax.errors import S2DError
@@ -79,6 +79,7 @@ def filter(config: ConfigDict, workdir: str) -> str:  # noqa: A001 (the stage's 
         summary["adaptive"] = adaptive_report(config, [grouped[k] for k in keys])
     faults.point("filter")
     write_atomic(os.path.join(workdir, "filter_report.json"), json.dumps(summary, indent=2) + "\n")
+    trackers.log(workdir, "filter", summary)
     write_atomic(out, "".join(line + "\n" for line in lines))
     log.info("kept %d of %d inputs (%.0f%%); drops: %s", report.kept, report.total, 100 * report.kept_fraction,
              dict(report.drops) or "none")

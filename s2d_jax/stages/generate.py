@@ -7,11 +7,11 @@ import json
 import logging
 import os
 import re
+import time
 
 from ml_collections import ConfigDict
 
-from s2d_jax import distributed
-from s2d_jax import faults, stopping
+from s2d_jax import distributed, faults, stopping, trackers
 from s2d_jax.artifacts import complete_lines, read_jsonl, write_atomic, writing
 from s2d_jax.build import build_generation_mesh, build_system2
 from s2d_jax.errors import S2DError
@@ -75,7 +75,9 @@ def generate(config: ConfigDict, workdir: str) -> str:
                       cache_dtype=g.cache_dtype or None, warmup=config.compile.warmup)
     compiled = clock.totals()
     owned = {e.id for e, m in zip(examples, mine) if m}
-    progress = {"finished": len(examples) - len(todo), "total": len(examples)}  # inputs with rollouts on disk
+    progress = {"finished": len(examples) - len(todo), "total": len(examples),  # inputs with rollouts on disk
+                "samples": 0, "tokens": 0}  # written by this command (this host)
+    start = time.perf_counter()
     try:
         _rollouts(config, task, program, todo, sampler, plan, owned, done, partial, progress)
     except stopping.Stopped as e:  # from the engine, mid-chunk: that chunk is dropped, the ones before are kept
@@ -83,6 +85,12 @@ def generate(config: ConfigDict, workdir: str) -> str:
             from None
     os.replace(partial, out)
     now = clock.totals()
+    seconds = time.perf_counter() - start
+    trackers.log(workdir, "generate", {"inputs": len(todo), "samples": progress["samples"],
+                                       "generated_tokens": progress["tokens"], "seconds": seconds,
+                                       "tokens_per_s": progress["tokens"] / seconds,
+                                       "compiles": now["compiles"] - compiled["compiles"],
+                                       "compile_seconds": now["compile_s"] - compiled["compile_s"]})
     log.info("wrote %s (compiles: %d, %.1f s with tracing; %d programs loaded from the persistent cache)", out,
              now["compiles"] - compiled["compiles"], now["compile_s"] - compiled["compile_s"],
              now["cache_hits"] - compiled["cache_hits"])
@@ -109,6 +117,8 @@ def _rollouts(config, task, program, todo, sampler, plan, owned, done, partial, 
                     if rec["id"] in owned and (rec["id"], rec["sample"]) not in done:
                         f.write(json.dumps(rec) + "\n")
                         done[(rec["id"], rec["sample"])] = rec["answer"]
+                        progress["samples"] += 1
+                        progress["tokens"] += rec["num_tokens"]
                 f.flush()
                 os.fsync(f.fileno())
         progress["finished"] += len(chunk)

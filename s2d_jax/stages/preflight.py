@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 
+import jax
 from ml_collections import ConfigDict
 
-from s2d_jax import datasets, plan
+from s2d_jax import datasets, plan, trackers
 from s2d_jax.errors import S2DError
 from s2d_jax.model import hub
+from s2d_jax.model.attention import unavailable
 from s2d_jax.system2.tasks import TASKS, tfds_source
 from s2d_jax.system2.tasks.judge import PairwiseJudge
 from s2d_jax.tokenizer import BYTES, SYLLABLES
@@ -24,13 +26,10 @@ def preflight(config: ConfigDict, stage: str) -> None:
     """Resolve what `stage` will read; one error naming the key for the first thing that is missing. First, the
     attention kernel a config names must run here (`s2d plan` checks its target's platform instead; this runs after
     `jax.distributed` is up, since asking for the backend starts it)."""
+    if stage != "plan" and (why := unavailable(config.model.attention, jax.default_backend())):
+        raise S2DError(f"config key 'model.attention': {why}")
     if stage != "plan":
-        import jax
-
-        from s2d_jax.model.attention import unavailable
-
-        if why := unavailable(config.model.attention, jax.default_backend()):
-            raise S2DError(f"config key 'model.attention': {why}")
+        trackers.check(config)
     if stage not in READERS:
         return
     if stage in ROUND_STAGES and config.loop.rounds > 1:

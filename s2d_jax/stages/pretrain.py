@@ -60,7 +60,7 @@ def pretrain(config: ConfigDict, workdir: str) -> str:
                      schedule="cosine", end_lr_ratio=0.1)
     mesh = build_mesh(config)
     model = build_model(config, mesh, base=False, tokenizer=tok, trainable=True)
-    result = Trainer(model, tok, sub, here, mesh=mesh, chat=config.program.chat).fit()
+    result = Trainer(model, tok, sub, here, mesh=mesh, chat=config.program.chat, track="pretrain").fit()
     log.info("pretrained %d steps: loss %.4f, token accuracy %.3f", result.step, result.metrics.get("loss", 0),
              result.metrics.get("accuracy", 0))
     save_hf(model, out, tokenizer=tok)

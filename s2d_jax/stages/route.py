@@ -10,7 +10,7 @@ import os
 
 from ml_collections import ConfigDict
 
-from s2d_jax import distributed, rounds
+from s2d_jax import distributed, rounds, trackers
 from s2d_jax.artifacts import write_atomic
 from s2d_jax.build import build_generation_mesh, build_system1
 from s2d_jax.routing import escalated, total
@@ -50,6 +50,7 @@ def route(config: ConfigDict, workdir: str) -> str | None:
     if distributed.primary():  # every host computed every row (one global mesh); one writes
         write_atomic(os.path.join(workdir, REPORT), json.dumps(report, indent=2) + "\n")
         write_atomic(out, "".join(json.dumps(row, default=str) + "\n" for row in rows))
+    trackers.log(workdir, "route", report)
     distributed.barrier(f"route {workdir}")  # generate, on every host, reads the decisions
     log.info("route: %d of %d inputs escalated to System 2 (%.0f%%); %d answered by System 1", up, len(rows),
              100 * report["escalated_share"], len(rows) - up)

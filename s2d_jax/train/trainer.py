@@ -10,7 +10,8 @@ full fine-tuning needs float32 parameters (bf16 ones would round most updates aw
 dtype. The loss never materialises `[B, T, vocab]` logits (`loss.py`).
 
 Host side: a grain iterator feeds global batches (`jax.make_array_from_process_local_data`), metrics go to
-`metrics.jsonl`, TensorBoard and a tqdm bar, and Orbax checkpoints hold everything needed to resume exactly.
+`metrics.jsonl`, the trackers (`report.trackers`, as `TRACK/...`) and a tqdm bar, and Orbax checkpoints hold
+everything needed to resume exactly.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from s2d_jax import datasets, distributed, faults, memory, mesh as mesh_lib, stopping
+from s2d_jax import datasets, distributed, faults, memory, mesh as mesh_lib, stopping, trackers
 from s2d_jax.artifacts import writing
 from s2d_jax.errors import S2DError
 from s2d_jax.flops import flops_per_token, matmul_peak
@@ -152,9 +152,10 @@ class Trainer:
     resumes from the latest checkpoint there."""
 
     def __init__(self, model: Transformer, tokenizer, config: ConfigDict, workdir: str, mesh=None,
-                 chat: bool = True, eval_fn: Callable[[Transformer], dict] | None = None, data: str | None = None):
+                 chat: bool = True, eval_fn: Callable[[Transformer], dict] | None = None, data: str | None = None,
+                 track: str = "train"):
         t = config.train
-        self.t, self.workdir, self.mesh, self.eval_fn = t, workdir, mesh, eval_fn
+        self.t, self.workdir, self.mesh, self.eval_fn, self.track = t, workdir, mesh, eval_fn, track
         if t.steps < 1 or t.batch_size < 1 or t.grad_accum < 1 or t.max_len < 2:
             raise S2DError("config keys 'train.steps', 'train.batch_size', 'train.grad_accum' must be >= 1 and "
                            "'train.max_len' >= 2")
@@ -211,7 +212,6 @@ class Trainer:
         peak = t.peak_flops or matmul_peak(self.model.cfg.dtype, reps=2)
         metrics_path = os.path.join(self.workdir, "metrics.jsonl")
         _truncate_metrics(metrics_path, step)
-        writer = _tensorboard(os.path.join(self.workdir, "tensorboard"))
         last: dict = {}
         tokens = 0
         window_start = time.perf_counter()
@@ -241,7 +241,7 @@ class Trainer:
                                 "tokens_per_s": tokens / seconds,
                                 "mfu": flops_token * tokens / seconds / (peak * jax.device_count())}
                         tokens, window_start = 0, time.perf_counter()
-                        _write_metrics(metrics_path, writer, last)
+                        _write_metrics(metrics_path, self.workdir, self.track, last)
                         bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.3f}")
                     if step % t.checkpoint_every == 0 or step == t.steps:
                         self._save(step, iterator)
@@ -251,13 +251,11 @@ class Trainer:
                                                     for k, v in self.eval_fn(self.current_model()).items()}}
                         except stopping.Stopped:  # a signal during the check: the loop's top saves, then stops
                             continue
-                        _write_metrics(metrics_path, writer, row)
+                        _write_metrics(metrics_path, self.workdir, self.track, row)
                     faults.point("train-step")
         finally:
             bar.close()
             self.checkpoints.wait()
-            if writer is not None:
-                writer.close()
         nnx.update(self.model, nnx.State(self.params))
         return TrainResult(step, last, resumed)
 
@@ -313,24 +311,13 @@ class Trainer:
         return step, step
 
 
-def _tensorboard(logdir: str):
-    if jax.process_index() != 0:
-        return None
-    from tensorboardX import SummaryWriter
-
-    return SummaryWriter(logdir)
-
-
-def _write_metrics(path: str, writer, row: dict) -> None:
+def _write_metrics(path: str, workdir: str, track: str, row: dict) -> None:
+    """A row of `metrics.jsonl` (the workdir's record of training), and the same to the trackers as `TRACK/...`."""
     if jax.process_index() != 0:
         return
     with writing(path), open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
-    if writer is not None:
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                writer.add_scalar(key if "/" in key else f"train/{key}", value, row["step"])
-        writer.flush()
+    trackers.log(workdir, track, {k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
 
 def _truncate_metrics(path: str, step: int) -> None:
