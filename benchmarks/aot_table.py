@@ -57,7 +57,7 @@ def row(out: str, config: str, target: str) -> str:
 
 
 def _estimate(config: str, devices: int) -> dict:
-    from s2d_jax import plan
+    from s2d_jax.plan import estimate as plan
     from s2d_jax.config import load_config
 
     cfg = load_config(f"configs/{config}.py", ["model.path=", "model.preset=llama3-8b"])

@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import s2d_jax  # noqa: E402
-from s2d_jax.flops import flops_per_token, matmul_peak  # noqa: E402
+from s2d_jax.model.flops import flops_per_token, matmul_peak  # noqa: E402
 from s2d_jax.system2.adaptive import samples_needed  # noqa: E402
 from s2d_jax.system2.filters import vote  # noqa: E402
 from s2d_jax.system2.programs import get_program, run_program  # noqa: E402

@@ -32,7 +32,7 @@ import numpy as np
 
 import s2d_jax
 from s2d_jax.assets import fetch_smollm2
-from s2d_jax.flops import flops_per_token, matmul_peak
+from s2d_jax.model.flops import flops_per_token, matmul_peak
 from s2d_jax.sampling.cache import prefill as _prefill
 from s2d_jax.sampling.clock import PHASES
 from s2d_jax.tokenizer import chat_prompt

@@ -31,7 +31,7 @@ GB = 1 << 30
 
 
 def figures(model: str, target: str, slots: int, dtype: str, memory: bool) -> dict:
-    from s2d_jax import aot, plan as plan_lib
+    from s2d_jax.plan import aot, estimate as plan_lib
     from s2d_jax.config import load_config
 
     config = load_config("configs/rar2_last_letters.py", [

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from s2d_jax.config import defaults
-from s2d_jax.flops import flops_per_token, matmul_peak
+from s2d_jax.model.flops import flops_per_token, matmul_peak
 from s2d_jax.model import PRESETS, init_model, lora
 from s2d_jax.train.trainer import make_optimizer, train_step
 

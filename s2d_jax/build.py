@@ -7,7 +7,8 @@ import os
 
 from ml_collections import ConfigDict
 
-from s2d_jax import mesh as mesh_lib, rounds
+from s2d_jax import mesh as mesh_lib
+from s2d_jax.relegation import rounds
 from s2d_jax.config import teacher_config  # noqa: F401 (build.teacher_config, as before)
 from s2d_jax.errors import S2DError
 from s2d_jax.model import PRESETS, init_model, load_model, quant
@@ -28,8 +29,8 @@ def build_generation_mesh(config: ConfigDict):
     load. Unset, it is chosen for decoding on this platform; on CPU it is the training mesh."""
     import jax
 
-    from s2d_jax import plan as plan_lib
-    from s2d_jax.distributed import device_bytes
+    from s2d_jax.plan import estimate as plan_lib
+    from s2d_jax.runtime.distributed import device_bytes
 
     devices = mesh_lib.generation_devices(config)
     sizes = plan_lib.generation_shape(config, len(devices), jax.local_device_count(), jax.default_backend(),

@@ -12,7 +12,7 @@ import traceback
 
 from s2d_jax.errors import S2DError
 
-USAGE = ("s2d STAGE --config configs/NAME.py [--config.KEY=VALUE ...] [--workdir DIR] [--debug] "
+USAGE = ("s2d STAGE --config configs/NAME.py [--config.KEY=VALUE ...] [--workdir DIR] [--debug] [--harness TASKS] "
          "[--coordinator_address HOST:PORT --num_processes N --process_id I | --distributed]  |  "
          "s2d report WORKDIR [WORKDIR ...] [--out DIR]  |  s2d data list  |  s2d data fetch [NAME ...]")
 DATA_USAGE = "s2d data list | s2d data fetch [NAME ...] (names: s2d data list; cache: $S2D_DATA)"
@@ -38,6 +38,8 @@ def _parser(stages) -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="experiment config file (a .py with get_config())")
     p.add_argument("--workdir", default=None, help="where artifacts go (default: runs/<config name>)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
+    p.add_argument("--harness", default=None, metavar="TASKS",
+                   help="with eval: score lm-evaluation-harness tasks (comma-separated; eval.harness.*) instead")
     hosts = p.add_argument_group("multi-host (run the same command on every host)")
     hosts.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0's coordinator")
     hosts.add_argument("--num_processes", type=int, default=None, help="how many processes form the cluster")
@@ -74,7 +76,7 @@ def _split_overrides(rest: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from s2d_jax import supervise
+    from s2d_jax.runtime import supervise
 
     if supervise.wanted(argv) and argv[:1] not in (["report"], ["data"]):  # on a cluster: a lost host is one line
         return supervise.run(argv, os.path.join(_workdir(argv), ERROR_LOG))
@@ -96,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides, unknown = _split_overrides(rest)
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if args.harness is not None and args.stage != "eval":
+            parser.error("--harness goes with the eval stage: s2d eval --harness TASKS")
+        if args.harness is not None:
+            overrides.append(f"eval.harness.tasks={args.harness}")
     except _BadArguments as e:
         print(f"s2d: error: {e} (usage: {USAGE})", file=sys.stderr)
         return 2
@@ -185,12 +191,15 @@ class _TracebacksToLog(logging.Filter):
 
 
 def _run(args, overrides: list[str], workdir: str) -> int:
-    from s2d_jax import memory, plan, stopping, supervise
+    from s2d_jax.plan import estimate as plan
+    from s2d_jax.runtime import memory
+    from s2d_jax.runtime import stopping, supervise
     from s2d_jax.stages import STAGES
 
     config = None
     try:
-        from s2d_jax import compile_cache, distributed, trackers, workdir as workdir_lib
+        from s2d_jax import trackers, workdir as workdir_lib
+        from s2d_jax.runtime import compile_cache, distributed
         from s2d_jax.config import load_config
         from s2d_jax.stages.preflight import preflight
 
@@ -201,9 +210,15 @@ def _run(args, overrides: list[str], workdir: str) -> int:
                 and not distributed.primary():
             logging.getLogger("s2d").setLevel(logging.WARNING)  # one host narrates
         with workdir_lib.claim(config, workdir, keep=args.stage != "plan",
-                               check=lambda: preflight(config, args.stage)):
+                               check=lambda: preflight(config, "harness" if args.harness else args.stage,
+                                                             workdir)):
             with stopping.on_signals(), trackers.session(config, workdir, args.stage, args.stage != "plan"):
-                STAGES[args.stage](config, workdir)
+                if args.harness is not None:
+                    from s2d_jax.stages.harness import harness
+
+                    harness(config, workdir)
+                else:
+                    STAGES[args.stage](config, workdir)
                 if (signum := stopping.received()) is not None:  # it came as the stage finished: all is complete
                     raise stopping.Stopped(signum, f"as `{args.stage}` completed; its artifacts are complete")
     except stopping.Stopped as e:  # complete artifacts and partial files are kept; 143 / 130 as schedulers expect

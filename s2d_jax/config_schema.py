@@ -93,7 +93,7 @@ def schema() -> dict:
             "mesh": {"data": _(0, mesh_size(auto=True)), "fsdp": _(0, mesh_size(auto=True)),
                      "tensor": _(0, mesh_size(auto=True))},
         },
-        "compile": {  # s2d_jax/compile_cache.py
+        "compile": {  # s2d_jax/runtime/compile_cache.py
             # JAX's persistent compilation cache: "" = $S2D_XLA_CACHE, else ~/.cache/s2d_jax/xla; "off"; a path
             # (a bucket path shared by a pod's hosts)
             "cache_dir": "",
@@ -156,11 +156,11 @@ def schema() -> dict:
         "plan": {  # `s2d plan`
             "device_gb": _(16.0, above(0.0)),  # memory per device to fit in (TPU v5e: 16, v5p: 95, H100: 80)
             "devices": _(0, at_least(0)),  # plan for this many devices (8 for a v5e-8 host, from a laptop); 0 = here
-            # compile every device program for this accelerator type ahead of time (v5e-8, v5p-64, ...: s2d_jax/aot.py)
+            # compile every device program for this accelerator type ahead of time (v5e-8, v5p-64, ...: s2d_jax/plan/aot.py)
             # and report XLA's figures beside the estimate; "" = the estimate only
             "topology": "",
         },
-        # relegation (s2d_jax/routing.py): System 1 answers where it is confident, the rest escalate to System 2
+        # relegation (s2d_jax/relegation/routing.py): System 1 answers where it is confident, the rest escalate to System 2
         "route": {
             # none (no routed system: every input goes to System 2) | agreement (the share of `samples` System 1
             # samples that give their majority answer, as the filter votes) | logprob (the per-token probability of
@@ -212,5 +212,15 @@ def schema() -> dict:
             # robustness: the held-out inputs again under each named prompt perturbation (coin flip: see
             # CoinFlip.VARIANTS); accuracy per variant for every system
             "variants": (),
+            # lm-evaluation-harness (`s2d eval --harness TASKS`, s2d_jax/harness.py): its tasks on our models
+            "harness": {
+                "tasks": (),  # harness task names (stock, or in include_path's YAML files)
+                # which models: system1 (the base, or the previous round's) and distilled (model/)
+                "systems": _(("system1", "distilled"), each_of("system1", "distilled")),
+                "limit": _(0, at_least(0)),  # at most this many documents per task; 0 = all
+                "num_fewshot": _(-1, at_least(-1)),  # -1 = each task's own
+                "chat_template": True,  # apply the model's chat template as the harness asks (few-shot as turns)
+                "include_path": "",  # a directory of task YAML files (your own tasks)
+            },
         },
     })

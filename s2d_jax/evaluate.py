@@ -14,8 +14,8 @@ from __future__ import annotations
 import collections
 import time
 
-from s2d_jax import routing
-from s2d_jax.flops import flops_per_token
+from s2d_jax.relegation import routing
+from s2d_jax.model.flops import flops_per_token
 from s2d_jax.sampling import Sampler
 from s2d_jax.system2.filters import majority, usc_select
 from s2d_jax.system2.programs import run_program, stage_truncation

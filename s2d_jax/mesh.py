@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
-from s2d_jax import distributed
+from s2d_jax.runtime import distributed
 from s2d_jax.errors import S2DError
 
 log = logging.getLogger("s2d")

@@ -13,11 +13,12 @@ import json
 import logging
 import math
 import os
+import re
 import time
 
 from ml_collections import ConfigDict
 
-from s2d_jax import distributed, faults
+from s2d_jax.runtime import distributed, faults
 from s2d_jax.artifacts import write_atomic, writing
 from s2d_jax.errors import S2DError
 
@@ -79,7 +80,7 @@ def flatten(metrics: dict, prefix: str) -> dict[str, float]:
 
 class Session:
     def __init__(self, config: ConfigDict, workdir: str, stage: str):
-        self.workdir, self.stage, self.rounds = workdir, stage, {}
+        self.workdir, self.stage = workdir, stage
         self.local = os.path.join(workdir, LOCAL)
         self.trackers = {}
         for name in config.report.trackers:
@@ -114,12 +115,9 @@ class Session:
                 CLOSE_FAILED.get(name, lambda: None)()
 
     def _round(self, workdir: str) -> int:
-        """The round `workdir` is (1 outside rounds), read once per directory."""
-        if workdir not in self.rounds:
-            from s2d_jax import rounds
-
-            self.rounds[workdir] = (rounds.info(workdir) or {}).get("round", 1)
-        return self.rounds[workdir]
+        """The round `workdir` is: R for ROOT/rounds/R, else 1."""
+        found = re.fullmatch(r"rounds/(\d+)", os.path.relpath(workdir, self.workdir).replace(os.sep, "/"))
+        return int(found.group(1)) if found else 1
 
 
 class TensorBoard:
@@ -156,7 +154,7 @@ class WandB:
         self.run = wandb.init(project=w.project, entity=w.entity or None, name=w.name or os.path.basename(
             os.path.abspath(workdir)), tags=list(w.tags), group=w.group or None, mode=w.mode, dir=workdir,
             id=kept, resume="allow", config=config.to_dict(),
-            settings=wandb.Settings(console="off", quiet=True))
+            settings=wandb.Settings(console="off", quiet=True, silent=True))
         if kept is None:
             write_atomic(path, json.dumps({"id": self.run.id}) + "\n")
         self.run.define_metric("round", hidden=True)

@@ -18,7 +18,7 @@ import socket
 
 from ml_collections import ConfigDict
 
-from s2d_jax import distributed
+from s2d_jax.runtime import distributed
 from s2d_jax.artifacts import write_atomic
 from s2d_jax.errors import S2DError
 
@@ -28,7 +28,7 @@ LOCK = ".s2d.lock"
 KEPT = "config.json"
 # Keys that say how a run is laid out, logged or checkpointed, not what it computes: a workdir may resume with
 # other values (another mesh or host count, a bigger batch on device, other logging or checkpoint cadence).
-FREE = ("report", "mesh", "generate.mesh", "cluster", "plan", "compile", "model.attention", "model.splash_block",
+FREE = ("report", "eval.harness", "mesh", "generate.mesh", "cluster", "plan", "compile", "model.attention", "model.splash_block",
         "generate.max_batch", "generate.chunk", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.peak_flops")
 # A key that may grow on a kept workdir: training continues from its last checkpoint (the kept config is updated)
 GROWS = "train.steps"
@@ -179,7 +179,7 @@ def claim(config: ConfigDict, workdir: str, keep: bool = True, check=lambda: Non
     writes its own report) checked against its kept config. A round's directory (WORKDIR/rounds/R) is guarded by
     its workdir's lock and kept config: it was written by that run. `check` (the stage's preflight) runs before
     anything is written: a refused command leaves no directory it made and no kept config behind."""
-    from s2d_jax import rounds
+    from s2d_jax.relegation import rounds
 
     guarded = rounds.root(workdir)
     made = _missing(guarded)

@@ -5,6 +5,7 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval tasks read data through our registry only
 # One persistent XLA cache per test session, inherited by the `s2d` processes the tests start: a subprocess reuses
 # what the session already compiled instead of compiling it again (fresh per session: nothing stale carries over).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

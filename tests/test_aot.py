@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from s2d_jax import aot
+from s2d_jax.plan import aot
 from s2d_jax.cli import main
 from s2d_jax.errors import S2DError
 

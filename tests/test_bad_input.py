@@ -223,11 +223,25 @@ GENERATION_MESH = [(case, ["generate", *TINY, *(f"--config.generate.mesh.{o}" fo
     ("generation mesh half set", ["tensor=2"], "set all three axes (-1 or >= 1), or leave all three 0"),
     ("generation mesh axis below -1", ["data=-2"], "key 'generate.mesh.data' = -2 is not allowed"),
 ]]
+HARNESS = [
+    ("unknown harness task", ["eval", *TINY, "--harness", "gsm9k", "--config.eval.harness.systems=system1"],
+     "config key 'eval.harness.tasks': no harness task 'gsm9k' (close: gsm8k"),
+    ("harness task whose data is not here", ["eval", *TINY, "--harness", "arc_easy",
+                                             "--config.eval.harness.systems=system1"],
+     "config key 'eval.harness.tasks': harness task 'arc_easy': its data cannot be read here"),
+    ("harness on the distilled model before training", ["eval", *TINY, "--harness", "gsm8k"],
+     "/w/model: no distilled model (run `s2d train` first"),
+    ("harness with another stage", ["generate", *TINY, "--harness", "gsm8k"],
+     "--harness goes with the eval stage: s2d eval --harness TASKS"),
+    ("harness include_path missing", ["eval", *TINY, "--harness", "mine", "--config.eval.harness.include_path={bad}/no",
+                                      "--config.eval.harness.systems=system1"],
+     "config key 'eval.harness.include_path': "),
+]
 KERNELS = [("a TPU kernel planned for a GPU", ["plan", *TINY, "--config.plan.topology=h100-80gb",
                                               "--config.model.attention=ragged", "--workdir", "{w}"],
             "config key 'model.attention': 'ragged' runs on tpu, cpu, not on this run's gpu; 'auto' picks the "
             "fastest path there (plan.topology=h100-80gb)")]
-CASES = CLI + CONFIG_FILES + VALUES + MODELS + DATA + WORKDIRS + GENERATION_MESH + KERNELS
+CASES = CLI + CONFIG_FILES + VALUES + MODELS + DATA + WORKDIRS + GENERATION_MESH + KERNELS + HARNESS
 
 
 def test_there_are_at_least_sixty_cases():

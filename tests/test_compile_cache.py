@@ -5,12 +5,12 @@ import os
 import subprocess
 import sys
 
-from s2d_jax import compile_cache
+from s2d_jax.runtime import compile_cache
 
 SCRIPT = """
 import json, sys
 import s2d_jax
-from s2d_jax import compile_cache
+from s2d_jax.runtime import compile_cache
 from s2d_jax.model import PRESETS, init_model
 from s2d_jax.sampling import Sampler, clock
 from s2d_jax.tokenizer import byte_tokenizer

@@ -189,7 +189,8 @@ def test_xla_running_out_of_memory_names_the_program_its_shapes_and_the_plans_ad
     import jax
     import jax.numpy as jnp
 
-    from s2d_jax import memory, plan
+    from s2d_jax.plan import estimate as plan
+    from s2d_jax.runtime import memory
     from s2d_jax.config import load_config
 
     with pytest.raises(memory.OutOfMemory) as e:

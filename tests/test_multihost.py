@@ -35,7 +35,7 @@ def _free_port() -> int:
 def _cluster(stage: str, workdir, overrides: list[str], processes: int = 2, devices: int = 4,
              faults: dict | None = None, expect: int | None = 0) -> list[tuple[int, str]]:
     """Run `s2d STAGE` as `processes` local processes of one cluster and wait for all of them; `faults` gives a
-    process an S2D_FAULT (s2d_jax/faults.py). Returns each process's (exit status, output)."""
+    process an S2D_FAULT (s2d_jax/runtime/faults.py). Returns each process's (exit status, output)."""
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu"}

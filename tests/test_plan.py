@@ -9,7 +9,7 @@ from s2d_jax.cli import main
 from s2d_jax.config import load_config
 from s2d_jax.model import PRESETS, init_model
 from s2d_jax.build import build_mesh
-from s2d_jax.plan import mesh_shape, plan, shard_bytes
+from s2d_jax.plan.estimate import mesh_shape, plan, shard_bytes
 from s2d_jax.sampling.cache import CACHE_AXES
 from s2d_jax.tokenizer import byte_tokenizer
 from s2d_jax.train import Trainer

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from s2d_jax import routing
+from s2d_jax.relegation import routing
 from s2d_jax.cli import main
 from s2d_jax.config import load_config
 

@@ -33,7 +33,7 @@ def test_a_teacher_with_another_tokenizer_and_size_end_to_end(tmp_path, smollm2_
 
 
 def test_the_plan_sizes_generation_for_the_teacher():
-    from s2d_jax import plan as plan_lib
+    from s2d_jax.plan import estimate as plan_lib
 
     student = load_config("configs/tiny.py")
     taught = load_config("configs/tiny.py", ["teacher.preset=toy", "teacher.tokenizer=bytes"])

@@ -205,7 +205,7 @@ def _train_cli(workdir, *overrides):
 def _spawn(workdir, *overrides, fault=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu")  # same XLA flags (8 devices) as this process: same kernels
     if fault:
-        env["S2D_FAULT"] = fault  # s2d_jax/faults.py: a signal at a chosen step, never "too late"
+        env["S2D_FAULT"] = fault  # s2d_jax/runtime/faults.py: a signal at a chosen step, never "too late"
     return subprocess.Popen([sys.executable, "-m", "s2d_jax.cli", "train", *TINY, "--workdir", str(workdir),
                              f"--config.train.data={workdir / 'pairs.jsonl'}", *overrides],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -39,7 +39,7 @@ def resolve(path: str, revision: str = "", config_only: bool = False, key: str =
 
 @functools.cache
 def _resolve(path: str, revision: str, config_only: bool, key: str) -> str:
-    from s2d_jax import distributed
+    from s2d_jax.runtime import distributed
 
     import jax
 

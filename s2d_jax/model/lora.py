@@ -109,7 +109,8 @@ def check_targets(targets, cfg=None) -> tuple[str, ...]:
 
 def add(model, rank: int, alpha: float, targets=TARGETS, seed: int = 0, mesh=None):
     """Give `model` (in place) zero-initialised adapters on `targets` (B = 0, so it computes what it did)."""
-    from s2d_jax import distributed, mesh as mesh_lib
+    from s2d_jax import mesh as mesh_lib
+    from s2d_jax.runtime import distributed
 
     cfg = model.cfg
     targets = check_targets(targets, cfg)
@@ -190,7 +191,7 @@ def save_peft(model, out_dir: str, base_model: str = "", overwrite: bool = False
     `peft.PeftModel.from_pretrained(base, out_dir)` loads over the base model in transformers. Atomic."""
     from safetensors.numpy import save_file
 
-    from s2d_jax import distributed
+    from s2d_jax.runtime import distributed
     from s2d_jax.artifacts import atomic_dir
 
     cfg = model.cfg

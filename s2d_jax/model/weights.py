@@ -16,7 +16,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from s2d_jax import distributed, mesh as mesh_lib
+from s2d_jax import mesh as mesh_lib
+from s2d_jax.runtime import distributed
 from s2d_jax.artifacts import atomic_dir
 from s2d_jax.errors import S2DError
 from s2d_jax.model import hub

@@ -29,8 +29,9 @@ import numpy as np
 from flax import nnx
 
 from s2d_jax import mesh as mesh_lib
-from s2d_jax import faults, memory, stopping
-from s2d_jax.distributed import fetch
+from s2d_jax.runtime import faults, stopping
+from s2d_jax.runtime import memory
+from s2d_jax.runtime.distributed import fetch
 from s2d_jax.model.quant import kv_store
 from s2d_jax.model.transformer import KVCache
 from s2d_jax.sampling import cache as cache_lib
@@ -226,7 +227,7 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
                 out.append(slots)
 
     while queue or any(o is not None for o in owner):
-        stopping.check()  # SIGTERM / SIGINT: every host stops here alike (s2d_jax/stopping.py)
+        stopping.check()  # SIGTERM / SIGINT: every host stops here alike (s2d_jax/runtime/stopping.py)
         faults.point("decode-chunk")
         if queue and n_slots < sampler.slots:  # new requests after a tail: every slot back
             idx = np.concatenate([np.arange(n_slots), np.full(sampler.slots - n_slots, -1)])

@@ -22,7 +22,9 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from s2d_jax import distributed, memory, mesh as mesh_lib
+from s2d_jax import mesh as mesh_lib
+from s2d_jax.runtime import distributed
+from s2d_jax.runtime import memory
 from s2d_jax.errors import S2DError
 from s2d_jax.model.transformer import Transformer
 from s2d_jax.sampling import engine, warmup as warmup_lib
@@ -107,12 +109,13 @@ class Sampler:
     def generate(self, prompts: Sequence[str], n: int = 1, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, max_new_tokens: int | Sequence[int] = 64,
                  stop: Sequence[str] | None = None,
-                 seed: int = 0, chat: bool = False, logprobs: bool = False, progress: bool = True,
+                 seed: int = 0, chat: bool | str = False, logprobs: bool = False, progress: bool = True,
                  prompt_keys: Sequence[int] | None = None, first_sample: int = 0) -> list[list[Sample]]:
         """`out[i][j]` is sample j of prompt i. Sample j of prompt i draws from a key made of (seed, prompt_keys[i]
         (default: i), first_sample + j): give stable `prompt_keys` to get the same samples for a prompt in any call,
         and `first_sample` to draw a prompt's samples a few at a time (vote-aware sampling). `max_new_tokens`: one
-        budget for all, or one per prompt."""
+        budget for all, or one per prompt. `chat`: True applies the chat template to each prompt (a user turn);
+        "templated": the prompts are already templated (read without adding special tokens)."""
         if isinstance(prompts, str):
             raise S2DError("prompts: expected a list of strings, got one string")
         budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -195,7 +198,7 @@ class Sampler:
                 raise S2DError(f"prompt {first_handle + i}: expected a string, got {type(job.prompt).__name__}")
             if job.n < 1 or job.max_new_tokens < 1:
                 raise S2DError(f"n={job.n}, max_new_tokens={job.max_new_tokens}: both must be >= 1")
-            text = chat_prompt(self.tokenizer, job.prompt) if chat else job.prompt
+            text = chat_prompt(self.tokenizer, job.prompt) if chat is True else job.prompt
             row = self.tokenizer(text, add_special_tokens=not chat).input_ids
             if not row:
                 raise S2DError(f"prompt {first_handle + i}: empty after tokenization")

@@ -11,7 +11,9 @@ import os
 
 from ml_collections import ConfigDict
 
-from s2d_jax import distributed, routing, rounds, trackers
+from s2d_jax import trackers
+from s2d_jax.runtime import distributed
+from s2d_jax.relegation import routing, rounds
 from s2d_jax.artifacts import read_jsonl, write_atomic
 from s2d_jax.build import build_generation_mesh, build_model, build_system1, build_system2, build_tokenizer
 from s2d_jax.errors import S2DError

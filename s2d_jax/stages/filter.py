@@ -9,7 +9,8 @@ import os
 
 from ml_collections import ConfigDict
 
-from s2d_jax import faults, trackers
+from s2d_jax import trackers
+from s2d_jax.runtime import faults
 from s2d_jax.artifacts import write_atomic
 from s2d_jax.build import build_generation_mesh, build_system2
 from s2d_jax.errors import S2DError

@@ -11,7 +11,8 @@ import time
 
 from ml_collections import ConfigDict
 
-from s2d_jax import distributed, faults, stopping, trackers
+from s2d_jax import trackers
+from s2d_jax.runtime import distributed, faults, stopping
 from s2d_jax.artifacts import complete_lines, read_jsonl, write_atomic, writing
 from s2d_jax.build import build_generation_mesh, build_system2
 from s2d_jax.errors import S2DError

@@ -1,5 +1,5 @@
-"""Stage `plan`: per-device memory of the configured run, from shapes alone (see `s2d_jax.plan`); with
-`plan.topology`, every device program compiled for that accelerator type too (see `s2d_jax.aot`)."""
+"""Stage `plan`: per-device memory of the configured run, from shapes alone (see `s2d_jax.plan.estimate`); with
+`plan.topology`, every device program compiled for that accelerator type too (see `s2d_jax.plan.aot`)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ def plan_stage(config: ConfigDict, workdir: str) -> str:
     """Stage `plan`: per-device bytes of parameters, optimizer state, activations (estimated) and KV cache for the
     configured mesh, and with `plan.topology` XLA's compiled figures for that target, written to `plan.json`; an
     error with advice when they do not fit."""
-    from s2d_jax import plan as plan_lib
+    from s2d_jax.plan import estimate as plan_lib
 
     target = None
     if config.plan.topology:
-        from s2d_jax import aot
+        from s2d_jax.plan import aot
 
         target = aot.target(config.plan.topology)
     if target:  # the generation mesh as the stages would choose it there

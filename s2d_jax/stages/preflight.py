@@ -9,7 +9,8 @@ import os
 import jax
 from ml_collections import ConfigDict
 
-from s2d_jax import datasets, plan, trackers
+from s2d_jax import datasets, trackers
+from s2d_jax.plan import estimate as plan
 from s2d_jax.errors import S2DError
 from s2d_jax.model import hub
 from s2d_jax.model.attention import unavailable
@@ -22,14 +23,19 @@ READERS = ("route", "generate", "filter", "train", "eval", "run", "convert")
 ROUND_STAGES = ("route", "generate", "filter", "train", "eval")  # with loop.rounds > 1, run by `s2d run` per round
 
 
-def preflight(config: ConfigDict, stage: str) -> None:
+def preflight(config: ConfigDict, stage: str, workdir: str = "") -> None:
     """Resolve what `stage` will read; one error naming the key for the first thing that is missing. First, the
     attention kernel a config names must run here (`s2d plan` checks its target's platform instead; this runs after
-    `jax.distributed` is up, since asking for the backend starts it)."""
+    `jax.distributed` is up, since asking for the backend starts it). `harness` (`s2d eval --harness`): its tasks
+    and their data, and the models it scores in `workdir`."""
     if stage != "plan" and (why := unavailable(config.model.attention, jax.default_backend())):
         raise S2DError(f"config key 'model.attention': {why}")
     if stage != "plan":
         trackers.check(config)
+    if stage == "harness":
+        from s2d_jax.stages.harness import check
+
+        check(config, workdir)
     if stage not in READERS:
         return
     if stage in ROUND_STAGES and config.loop.rounds > 1:

@@ -10,10 +10,12 @@ import os
 
 from ml_collections import ConfigDict
 
-from s2d_jax import distributed, rounds, trackers
+from s2d_jax import trackers
+from s2d_jax.runtime import distributed
+from s2d_jax.relegation import rounds
 from s2d_jax.artifacts import write_atomic
 from s2d_jax.build import build_generation_mesh, build_system1
-from s2d_jax.routing import escalated, total
+from s2d_jax.relegation.routing import escalated, total
 from s2d_jax.stages.inputs import ROUTED, load_inputs, system1_prompt
 from s2d_jax.system2.tasks.judge import SWAP_SUFFIX
 

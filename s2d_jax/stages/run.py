@@ -10,7 +10,8 @@ import os
 
 from ml_collections import ConfigDict
 
-from s2d_jax import distributed, rounds, stopping
+from s2d_jax.runtime import distributed, stopping
+from s2d_jax.relegation import rounds
 from s2d_jax.artifacts import read_jsonl, write_atomic
 from s2d_jax.build import toy_base
 from s2d_jax.errors import S2DError
@@ -53,7 +54,7 @@ def run_rounds(config: ConfigDict, workdir: str) -> str:
     unlabelled inputs (new inputs arrive as the system learns); its System 1, which answers what it is confident on
     and escalates the rest to System 2, is round R-1's distilled model. A rerun resumes at the first incomplete
     stage of the first incomplete round. Then `rounds.json`, `report.md` and `rounds.png` in the workdir."""
-    from s2d_jax.report_rounds import write_rounds_report
+    from s2d_jax.relegation.report import write_rounds_report
 
     total, count = pool_size(config), config.loop.rounds
     if total < count:

@@ -8,7 +8,9 @@ import shutil
 
 from ml_collections import ConfigDict
 
-from s2d_jax import datasets, distributed, rounds
+from s2d_jax import datasets
+from s2d_jax.runtime import distributed
+from s2d_jax.relegation import rounds
 from s2d_jax.build import build_generation_mesh, build_mesh, build_model, build_tokenizer
 from s2d_jax.errors import S2DError
 from s2d_jax.model import lora, quant, save_hf

@@ -18,7 +18,7 @@ import time
 import orbax.checkpoint as ocp
 from etils import epath
 
-from s2d_jax import distributed
+from s2d_jax.runtime import distributed
 from s2d_jax.errors import S2DError
 
 log = logging.getLogger("s2d.checkpoint")

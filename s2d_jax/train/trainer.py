@@ -34,10 +34,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from s2d_jax import datasets, distributed, faults, memory, mesh as mesh_lib, stopping, trackers
+from s2d_jax import datasets, mesh as mesh_lib, trackers
+from s2d_jax.runtime import distributed, faults, stopping
+from s2d_jax.runtime import memory
 from s2d_jax.artifacts import writing
 from s2d_jax.errors import S2DError
-from s2d_jax.flops import flops_per_token, matmul_peak
+from s2d_jax.model.flops import flops_per_token, matmul_peak
 from s2d_jax.model import lora as lora_lib
 from s2d_jax.model.transformer import Transformer
 from s2d_jax.train import data as data_lib

@@ -22,7 +22,8 @@ import time
 import jax
 from ml_collections import ConfigDict
 
-from s2d_jax import aot_programs, mesh as mesh_lib
+from s2d_jax import mesh as mesh_lib
+from s2d_jax.plan import aot_programs
 from s2d_jax.errors import REMEDIES, S2DError
 
 GB = 1 << 30
@@ -133,7 +134,7 @@ def devices(t: Target) -> list:
 
 def target_plan(config: ConfigDict, t: Target) -> dict:
     """`s2d plan`'s estimate over `t`'s chips, with the generation mesh the stages would choose there."""
-    from s2d_jax import plan as plan_lib
+    from s2d_jax.plan import estimate as plan_lib
     from s2d_jax.model.attention import unavailable
 
     if why := unavailable(config.model.attention, t.platform):
@@ -176,7 +177,7 @@ def plan_figures(config: ConfigDict, t: Target, p: dict) -> dict:
     """What `s2d plan` adds for a target: the target, every program's compiled figures, the compiled peak of
     training and of generation per chip (generation: the largest of the prefill with the slots held, the insert
     with the weights held, and the decode chunk), and roofline times."""
-    from s2d_jax import plan as plan_lib
+    from s2d_jax.plan import estimate as plan_lib
 
     cfg = plan_lib.model_config(config)  # (reads the model's config.json: once per model)
     sampler = plan_lib.model_config(config, system2=True)

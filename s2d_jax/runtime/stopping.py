@@ -67,7 +67,7 @@ def received() -> int | None:
 
 def requested() -> int | None:
     """The signal any host received (agreed over hosts: call it at the same point on every host)."""
-    from s2d_jax import distributed
+    from s2d_jax.runtime import distributed
 
     flags = distributed.agree([received() == s for s in SIGNALS])
     return next((s for s, f in zip(SIGNALS, flags) if f), None)

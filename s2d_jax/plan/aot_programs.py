@@ -1,4 +1,4 @@
-"""The run's device programs on abstract arrays, built by the code the stages run (for `s2d_jax.aot`).
+"""The run's device programs on abstract arrays, built by the code the stages run (for `s2d_jax.plan.aot`).
 
 Each function takes the `aot.Programs` of a target and a model config, and returns `(jitted function, args,
 kwargs)` to lower: arguments are `ShapeDtypeStruct`s laid out on the target's mesh as the stages lay them out
@@ -61,7 +61,7 @@ def train_step(programs, cfg):
 
 def _sampler(programs, cfg):
     """The sampler's model (weights in the compute dtype, split as `Sampler` splits it) and its largest shapes."""
-    from s2d_jax.plan import sampler_shapes
+    from s2d_jax.plan.estimate import sampler_shapes
 
     mesh = programs.gen
     cfg = cfg.replace(param_dtype=cfg.dtype)

@@ -9,7 +9,9 @@ import re
 
 from ml_collections import ConfigDict
 
-from s2d_jax import distributed, rounds, trackers
+from s2d_jax import trackers
+from s2d_jax.runtime import distributed
+from s2d_jax.relegation import rounds
 from s2d_jax.artifacts import read_jsonl, write_atomic
 from s2d_jax.report import COLORS, save_percent_plot
 

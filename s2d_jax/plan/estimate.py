@@ -7,7 +7,7 @@ largest batch (`generate.max_batch` rows, the longest prompt bucket plus the lar
 activations are an estimate from what our step saves for the backward pass (below): attention is blockwise/flash
 (no `[T, T]` scores kept) and the loss is chunked (one chunk's logits at a time). Checked against XLA's memory
 analysis of the compiled step (`tests/test_plan.py`) and calibrated on XLA:TPU's compiled peaks of the paper
-configs at 8B (`s2d plan` with `plan.topology`, `s2d_jax/aot.py`; README, "Compiled for the TPU"). The plan fails
+configs at 8B (`s2d plan` with `plan.topology`, `s2d_jax/plan/aot.py`; README, "Compiled for the TPU"). The plan fails
 early, with advice, when a total exceeds `plan.device_gb`.
 """
 
@@ -22,9 +22,10 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from s2d_jax import memory, mesh as mesh_lib
+from s2d_jax import mesh as mesh_lib
+from s2d_jax.runtime import memory
 from s2d_jax.config import teacher_config
-from s2d_jax.distributed import device_bytes
+from s2d_jax.runtime.distributed import device_bytes
 from s2d_jax.errors import REMEDIES, S2DError
 from s2d_jax.model import PRESETS, Transformer, hub, read_config
 from s2d_jax.model.transformer import cache_slots

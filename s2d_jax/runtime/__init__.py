@@ -1,0 +1,1 @@
+"""The process around the stages: hosts and collectives (`distributed`), signals (`stopping`), fault points for tests (`faults`), naming the program that ran out of memory (`memory`), supervision of a cluster (`supervise`), the persistent compilation cache (`compile_cache`)."""

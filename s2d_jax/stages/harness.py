@@ -1,0 +1,81 @@
+"""`s2d eval --harness TASKS`: lm-evaluation-harness tasks scored on System 1 (the base model, or in a round the
+previous round's distilled one) and on the distilled model (`model/`), through our sampler and forward pass;
+`harness.json` (and `harness_samples.jsonl`: each request's response and score)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from ml_collections import ConfigDict
+
+from s2d_jax import trackers
+from s2d_jax.artifacts import write_atomic
+from s2d_jax.build import build_generation_mesh, build_model, build_system1, build_tokenizer
+from s2d_jax.errors import S2DError
+from s2d_jax.runtime import distributed
+
+log = logging.getLogger("s2d")
+OUT = "harness.json"
+
+
+def check(config: ConfigDict, workdir: str) -> dict:
+    """Before anything is written: the tasks exist and their data loads (one line each), and the models to score
+    are there. The loaded tasks (loaded once per process)."""
+    from s2d_jax import harness as harness_lib
+
+    h = config.eval.harness
+    if not h.tasks:
+        raise S2DError("config key 'eval.harness.tasks': name at least one harness task (s2d eval --harness TASKS)")
+    distilled = os.path.join(workdir, "model")
+    if "distilled" in h.systems and not os.path.exists(distilled):
+        raise S2DError(f"config key 'eval.harness.systems': {distilled}: no distilled model (run `s2d train` first, "
+                       f"or --config.eval.harness.systems=system1)")
+    return harness_lib.tasks(tuple(h.tasks), h.include_path)
+
+
+def harness(config: ConfigDict, workdir: str) -> str:
+    """lm-evaluation-harness's tasks (`eval.harness.tasks`) on each of `eval.harness.systems`: `harness.json`,
+    `harness_samples.jsonl`, and the scores to the trackers as `harness/SYSTEM/TASK/METRIC/FILTER`."""
+    from lm_eval import simple_evaluate
+
+    from s2d_jax import harness as harness_lib
+
+    h = config.eval.harness
+    loaded = check(config, workdir)
+    mesh, g = build_generation_mesh(config), config.generate
+    distilled = os.path.join(workdir, "model")
+    builders = {"system1": lambda: build_system1(config, mesh, workdir),
+                "distilled": lambda: (build_model(config, mesh, path=distilled, sampling=True),
+                                      build_tokenizer(config, workdir))}
+    out = {"meta": {"tasks": list(h.tasks), "limit": h.limit or None, "num_fewshot": h.num_fewshot,
+                    "chat_template": h.chat_template}}
+    samples = []
+    for name in h.systems:
+        model, tok = builders[name]()
+        lm = harness_lib.HarnessLM(model, tok, mesh=mesh, max_batch=g.max_batch, cache_dtype=g.cache_dtype or None)
+        log.info("harness: %s on %s", name, ", ".join(h.tasks))
+        result = simple_evaluate(model=lm, tasks=list(loaded.values()), limit=h.limit or None,
+                                 num_fewshot=None if h.num_fewshot < 0 else h.num_fewshot,
+                                 apply_chat_template=h.chat_template, log_samples=True, random_seed=config.seed,
+                                 numpy_random_seed=config.seed, torch_random_seed=config.seed,
+                                 fewshot_random_seed=config.seed, bootstrap_iters=0)
+        out[name] = {task: {k: v for k, v in metrics.items() if k != "alias" and isinstance(v, (int, float))}
+                     for task, metrics in result["results"].items()}
+        samples += [{"system": name, "task": task, "doc_id": s["doc_id"], "response": s["resps"][0][0],
+                     "filtered": s["filtered_resps"][0], "filter": s.get("filter"),
+                     "target": s["target"], **{m: s[m] for m in s if m.split(",")[0] in s.get("metrics", [])}}
+                    for task, rows in result["samples"].items() for s in rows]
+        for task, metrics in out[name].items():
+            log.info("harness: %s %s: %s", name, task, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    path = os.path.join(workdir, OUT)
+    if distributed.primary():
+        write_atomic(os.path.join(workdir, "harness_samples.jsonl"),
+                     "".join(json.dumps(r, default=str) + "\n" for r in samples))
+        write_atomic(path, json.dumps(out, indent=2) + "\n")
+    trackers.log(workdir, "harness", {system: {task: {k.replace(",", "/"): v for k, v in metrics.items()}
+                                               for task, metrics in tasks_.items()}
+                                      for system, tasks_ in out.items() if system != "meta"})
+    distributed.barrier(f"harness {workdir}")
+    return path
