@@ -215,8 +215,9 @@ def schema() -> dict:
             # lm-evaluation-harness (`s2d eval --harness TASKS`, s2d_jax/harness.py): its tasks on our models
             "harness": {
                 "tasks": (),  # harness task names (stock, or in include_path's YAML files)
-                # which models: system1 (the base, or the previous round's) and distilled (model/)
-                "systems": _(("system1", "distilled"), each_of("system1", "distilled")),
+                # which models: system1 (the base, or the previous round's), distilled (model/), routed (the
+                # distilled model, or the base, escalating to System 2 by route.method at route.threshold)
+                "systems": _(("system1", "distilled"), each_of("system1", "distilled", "routed")),
                 "limit": _(0, at_least(0)),  # at most this many documents per task; 0 = all
                 "num_fewshot": _(-1, at_least(-1)),  # -1 = each task's own
                 "chat_template": True,  # apply the model's chat template as the harness asks (few-shot as turns)

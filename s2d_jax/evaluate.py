@@ -83,9 +83,9 @@ def system1(model, tokenizer, task, examples, *, prompt=None, chat: bool = True,
 
 def router(model, tokenizer, task, examples, *, method: str, samples: int = 4, temperature: float = 0.7,
            seed: int = 0, prompt=None, chat: bool = True, max_new_tokens: int = 32, mesh=None, max_batch: int = 32,
-           cache_dtype: str | None = None) -> tuple[list[dict], float]:
-    """System 1 asked for its answer and its confidence in it (no labels read): per input `id`, `answer`,
-    `confidence` and the cost of asking; and the wall seconds. `agreement`: `samples` samples, the answer their
+           cache_dtype: str | None = None, stop=None) -> tuple[list[dict], float]:
+    """System 1 asked for its answer and its confidence in it (no labels read): per input `id`, `answer`, the
+    `text` that gave it, `confidence` and the cost of asking; and the wall seconds. `agreement`: `samples` samples, the answer their
     majority, the confidence the share giving it; `logprob`: the greedy answer and its per-token probability.
     Samples are keyed by the input's id, so an input gets the same ones whatever else is in the call."""
     start = time.perf_counter()
@@ -94,17 +94,20 @@ def router(model, tokenizer, task, examples, *, method: str, samples: int = 4, t
     prompts = [prompt(e) for e in examples]
     if method == "agreement":
         outs = sampler.generate(prompts, n=samples, temperature=temperature, seed=seed, max_new_tokens=max_new_tokens,
-                                chat=chat, progress=False, prompt_keys=[routing.input_key(e.id) for e in examples])
+                                chat=chat, progress=False, prompt_keys=[routing.input_key(e.id) for e in examples],
+                                stop=stop)
     else:
-        outs = sampler.generate(prompts, max_new_tokens=max_new_tokens, chat=chat, progress=False, logprobs=True)
+        outs = sampler.generate(prompts, max_new_tokens=max_new_tokens, chat=chat, progress=False, logprobs=True,
+                                stop=stop)
     rows = []
     for e, group in zip(examples, outs):
+        parsed = [task.parse(s.text) for s in group]
         if method == "agreement":
-            answer, confidence = routing.agreement([task.parse(s.text) for s in group])
+            answer, confidence = routing.agreement(parsed)
         else:
-            answer, confidence = task.parse(group[0].text), routing.token_probability(group[0].logprobs)
-        rows.append({"id": e.id, "answer": answer, "confidence": confidence,
-                     **calls_cost(group, model.cfg, shared_prompt=True)})
+            answer, confidence = parsed[0], routing.token_probability(group[0].logprobs)
+        rows.append({"id": e.id, "answer": answer, "text": group[parsed.index(answer)].text,
+                     "confidence": confidence, **calls_cost(group, model.cfg, shared_prompt=True)})
     return rows, time.perf_counter() - start
 
 

@@ -131,6 +131,57 @@ class HarnessLM(TemplateLM):
         return out
 
 
+class RoutedHarnessLM(HarnessLM):
+    """The routed system as a harness model: System 1 answers each request with its confidence (`route.method`);
+    where it is not sure (`route.threshold`), System 2's program answers instead, in the form System 1 was
+    distilled to give. Contexts are read as the question, with our chat template per call, as `s2d eval` does
+    (`eval.harness.chat_template` does not apply to it). Log-likelihoods are System 1's. `decisions` counts what was
+    escalated."""
+
+    def __init__(self, model, tokenizer, *, system2, program, task, router: dict, threshold: float, target,
+                 program_args: dict, seed: int = 0, **kwargs):
+        super().__init__(model, tokenizer, **kwargs)
+        self.system2 = Sampler(*system2, mesh=kwargs.get("mesh"), max_batch=self.max_batch,
+                               cache_dtype=kwargs.get("cache_dtype"))
+        self.program, self.task, self.router, self.threshold = program, task, router, threshold
+        self.target, self.program_args, self.seed = target, program_args, seed
+        self.decisions = {"requests": 0, "escalated": 0}
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from s2d_jax import evaluate
+        from s2d_jax.relegation import routing
+        from s2d_jax.system2.programs import run_program
+        from s2d_jax.system2.tasks import Example
+
+        out: list[str | None] = [None] * len(requests)
+        groups = defaultdict(list)
+        for i, r in enumerate(requests):  # a document's own `id` keys its router samples, as in `s2d eval`
+            doc_id = r.doc.get("id") if isinstance(r.doc, dict) and "id" in r.doc else f"{r.task_name}:{r.doc_id}"
+            groups[_key(r.args[1])].append((i, Example(str(doc_id), r.args[0])))
+        for key, items in groups.items():
+            kwargs = dict(key)
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            examples = [e for _, e in items]
+            rows, _ = evaluate.router(self.model, self.tok, self.task, examples, prompt=lambda e: e.input,
+                                      max_new_tokens=int(kwargs.get("max_gen_toks", 256)), stop=until or None,
+                                      **self.router)
+            up = [k for k, row in enumerate(rows) if routing.escalated(row["confidence"], self.threshold)]
+            records = run_program(self.program, [examples[k] for k in up], self.system2, 1, parse=self.task.parse,
+                                  seed=self.seed, progress=False, temperature=0.0, **self.program_args)
+            texts = [row["text"] for row in rows]
+            for k, record in zip(up, records):
+                texts[k] = self.target(record["answer"]) if record["answer"] is not None else record["stages"][-1][
+                    "output"]
+            for (i, _), text in zip(items, texts):
+                for u in until:
+                    text = text.split(u)[0]
+                out[i] = text
+            self.decisions["requests"] += len(items)
+            self.decisions["escalated"] += len(up)
+        return out
+
+
 def _token_scores(graphdef, state, tokens, targets, segments):
     """Each position's log-probability of its target token, and whether that token is the argmax."""
     model = nnx.merge(graphdef, state)

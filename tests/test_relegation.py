@@ -289,3 +289,36 @@ def test_a_workdir_made_before_these_keys_keeps_working_and_rounds_do_not_grow(t
     keep_config(load_config("configs/tiny.py", ["loop.rounds=2"]), str(rounds))
     with pytest.raises(S2DError, match="train.steps may not change in a workdir of rounds"):
         keep_config(load_config("configs/tiny.py", ["loop.rounds=2", "train.steps=20"]), str(rounds))
+
+
+def test_the_routed_system_as_a_harness_model_answers_as_eval_routes(reference, tmp_path):
+    """`s2d eval --harness` with the routed system, in round 2 of the rounds run: a task YAML over eval's own
+    held-out inputs (their ids key the router's samples) gets, input by input, the answer eval's routed system
+    gives: System 1's where its agreement reaches route.threshold, System 2's elsewhere."""
+    from s2d_jax.stages.inputs import load_eval_inputs, system1_prompt
+    from s2d_jax.system2.tasks import get_task
+
+    config = load_config("configs/tiny.py", [a.split("--config.")[1] for a in ROUNDS[2:]])
+    task, examples = load_eval_inputs(config)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "inputs.jsonl").write_text("".join(json.dumps({"id": e.id, "prompt": system1_prompt(config, task, e),
+                                                            "answer": e.label}) + "\n" for e in examples))
+    (tasks / "s2d_routed.yaml").write_text(
+        "task: s2d_routed\ndataset_path: json\ndataset_kwargs:\n  data_files: {test: " + json.dumps(str(
+            tasks / "inputs.jsonl")) + "}\ntest_split: test\noutput_type: generate_until\ndoc_to_text: \"{{prompt}}\"\n"
+        "doc_to_target: \"{{answer}}\"\ngeneration_kwargs: {until: [], max_gen_toks: 8, do_sample: false}\n"
+        "metric_list: [{metric: exact_match}]\n")
+    two = reference / "rounds" / "2"
+    assert main(["eval", *ROUNDS, "--workdir", str(two), "--harness", "s2d_routed", "--config.eval.harness.systems=routed",
+                 f"--config.eval.harness.include_path={tasks}"]) == 0
+    rows = {json.loads(x)["id"]: json.loads(x) for x in open(two / "eval_inputs.jsonl")}
+    threshold = config.route.threshold
+    want = [rows[e.id]["system2" if routing.escalated(rows[e.id]["router"]["confidence"], threshold) else "router"]
+            ["answer"] for e in examples]
+    got = {r["doc_id"]: get_task("last_letters").parse(r["response"]) for r in map(json.loads, open(
+        two / "harness_samples.jsonl"))}
+    assert [got[k] for k in range(len(examples))] == want
+    decisions = json.load(open(two / "harness.json"))["meta"]["routed"]
+    assert decisions["escalated"] == sum(routing.escalated(rows[e.id]["router"]["confidence"], threshold)
+                                         for e in examples) and decisions["requests"] == len(examples)
