@@ -19,7 +19,7 @@ COST = (("accuracy", "accuracy (%)"), ("generated_tokens", "generated tokens / i
         ("prompt_tokens", "prompt tokens / input"), ("flops", "FLOPs / input"), ("seconds", "seconds / input"),
         ("n", "n"))
 NOT_EXTRA = {k for k, _ in COST} | {"mean_tokens", "seconds_total", "truncation", "truncated", "name", "answers",
-                                   "escalated", "escalated_n", "method", "system1", "threshold"}
+                                   "escalated", "escalated_n", "method", "system1", "threshold", "calibration"}
 PAPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_results.json")  # the paper's table
 
 
@@ -145,6 +145,11 @@ def routed_lines(results: dict) -> list[str]:
                   f"{r['flops'] / max(s2['flops'], 1e-9):.3f}x its FLOPs per input (System 1's samples counted for "
                   f"every input, System 2's calls for the escalated ones; seconds apportion System 2's by FLOPs). "
                   f"The sweep over thresholds is the curve in `report.png`."]
+        c = r.get("calibration")
+        if c:
+            auroc = "undefined (System 1 all right or all wrong)" if c["auroc"] is None else f"{c['auroc']:.3f}"
+            lines += [f"Router calibration on the held-out inputs (does its confidence say when System 1 is right? "
+                      f"{c['right']} of {c['n']} right): AUROC {auroc}, expected calibration error {c['ece']:.3f}."]
     return lines
 
 

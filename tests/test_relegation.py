@@ -41,6 +41,20 @@ def test_agreement_and_token_probability_on_constructed_answers():
     assert routing.token_probability([0.0, 0.0]) == 1.0 and routing.token_probability([]) == 0.0
 
 
+def test_router_calibration_against_sklearn_on_constructed_rows():
+    from sklearn.metrics import roc_auc_score
+
+    rows = [{"confidence": c, "correct": k} for c, k in
+            [(0.95, True), (0.9, True), (0.9, False), (0.6, True), (0.55, False), (0.2, False), (0.05, False)]]
+    c = routing.calibration(rows)
+    assert c["auroc"] == pytest.approx(roc_auc_score([r["correct"] for r in rows], [r["confidence"] for r in rows]))
+    # equal-width bins of 0.1: [0.9, 1] holds three rows (two right), [0.6, 0.7) one, ...
+    by_bin = {9: ([0.95, 0.9, 0.9], 2), 6: ([0.6], 1), 5: ([0.55], 0), 2: ([0.2], 0), 0: ([0.05], 0)}
+    want = sum(len(cs) / 7 * abs(k / len(cs) - sum(cs) / len(cs)) for cs, k in by_bin.values())
+    assert c["ece"] == pytest.approx(want) and c["n"] == 7 and c["right"] == 3
+    assert routing.calibration([{"confidence": 0.5, "correct": True}])["auroc"] is None  # one class: undefined
+
+
 @pytest.mark.parametrize("confidence, threshold, up", [
     (0.0, 0.0, False), (1.0, 0.0, False),  # threshold 0: System 1 always answers
     (1.0, 1.0, False), (0.999, 1.0, True),  # threshold 1: only a unanimous (or certain) System 1 answers
@@ -322,3 +336,11 @@ def test_the_routed_system_as_a_harness_model_answers_as_eval_routes(reference, 
     decisions = json.load(open(two / "harness.json"))["meta"]["routed"]
     assert decisions["escalated"] == sum(routing.escalated(rows[e.id]["router"]["confidence"], threshold)
                                          for e in examples) and decisions["requests"] == len(examples)
+
+
+def test_eval_reports_the_routers_calibration(reference):
+    two = reference / "rounds" / "2"
+    rows = [json.loads(x)["router"] for x in open(two / "eval_inputs.jsonl")]
+    results = json.load(open(two / "eval.json"))
+    assert results["routed"]["calibration"] == routing.calibration(rows)
+    assert "Router calibration on the held-out inputs" in (two / "report.md").read_text()

@@ -77,3 +77,24 @@ def routed(system1: list[dict], system2: list[dict], threshold: float, seconds: 
 def sweep(system1: list[dict], system2: list[dict], points: Sequence[float], seconds=(0.0, 0.0)) -> list[dict]:
     """`routed` at every threshold of `points`: the accuracy-against-cost curve."""
     return [routed(system1, system2, t, seconds) for t in points]
+
+
+def calibration(rows: list[dict], bins: int = 10) -> dict:
+    """How well a router's `confidence` predicts that System 1's answer is `correct` on labelled inputs: AUROC (the
+    chance that a right answer is more confident than a wrong one, ties counting half; None when all are right or
+    all wrong) and expected calibration error (the confidence read as a probability, `bins` equal-width bins,
+    |accuracy - mean confidence| weighted by the bin's share)."""
+    right = [r["confidence"] for r in rows if r["correct"]]
+    wrong = [r["confidence"] for r in rows if not r["correct"]]
+    auroc = None
+    if right and wrong:
+        wins = sum((a > b) + 0.5 * (a == b) for a in right for b in wrong)
+        auroc = wins / (len(right) * len(wrong))
+    ece = 0.0
+    for k in range(bins):
+        inside = [r for r in rows if min(int(r["confidence"] * bins), bins - 1) == k]
+        if inside:
+            accuracy = sum(bool(r["correct"]) for r in inside) / len(inside)
+            confidence = sum(r["confidence"] for r in inside) / len(inside)
+            ece += len(inside) / len(rows) * abs(accuracy - confidence)
+    return {"auroc": auroc, "ece": ece, "n": len(rows), "right": len(right)}

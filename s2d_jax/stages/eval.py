@@ -128,7 +128,8 @@ def _routed(config: ConfigDict, results: dict) -> None:
     one, two = results["router"], results["system2"]
     seconds = (one["seconds_total"], two["seconds_total"])
     results["routed"] = {**routing.routed(one["per_input"], two["per_input"], config.route.threshold, seconds),
-                         "method": config.route.method, "system1": results["meta"]["models"]["router"]}
+                         "method": config.route.method, "system1": results["meta"]["models"]["router"],
+                         "calibration": routing.calibration(one["per_input"])}
     results["sweep"] = routing.sweep(one["per_input"], two["per_input"], routing.thresholds(config.route), seconds)
 
 
