@@ -164,8 +164,11 @@ def schema() -> dict:
         "route": {
             # none (no routed system: every input goes to System 2) | agreement (the share of `samples` System 1
             # samples that give their majority answer, as the filter votes) | logprob (the per-token probability of
-            # System 1's greedy answer: exp of its mean token log-probability)
-            "method": _("none", one_of("none", "agreement", "logprob")),
+            # System 1's greedy answer: exp of its mean token log-probability) | probe (a classifier on System 1's
+            # hidden state at its answer, trained each round on whether its answers were System 2's:
+            # s2d_jax/relegation/probe.py)
+            "method": _("none", one_of("none", "agreement", "logprob", "probe")),
+            "probe_layer": _(-1, at_least(-1)),  # probe: the residual stream it reads (0 = embeddings); -1 = by validation
             "threshold": _(0.75, between(0.0, 1.0)),  # confident (System 1's answer stands) at confidence >= this
             "samples": _(4, at_least(2)),  # agreement: System 1 samples per input (their majority is its answer)
             "temperature": _(0.7, above(0.0)),  # agreement: those samples' temperature

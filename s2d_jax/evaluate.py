@@ -83,10 +83,13 @@ def system1(model, tokenizer, task, examples, *, prompt=None, chat: bool = True,
 
 def router(model, tokenizer, task, examples, *, method: str, samples: int = 4, temperature: float = 0.7,
            seed: int = 0, prompt=None, chat: bool = True, max_new_tokens: int = 32, mesh=None, max_batch: int = 32,
-           cache_dtype: str | None = None, stop=None) -> tuple[list[dict], float]:
+           cache_dtype: str | None = None, stop=None, probe: dict | None = None) -> tuple[list[dict], float]:
     """System 1 asked for its answer and its confidence in it (no labels read): per input `id`, `answer`, the
     `text` that gave it, `confidence` and the cost of asking; and the wall seconds. `agreement`: `samples` samples, the answer their
-    majority, the confidence the share giving it; `logprob`: the greedy answer and its per-token probability.
+    majority, the confidence the share giving it; `logprob`: the greedy answer and its per-token probability;
+    `probe`: the greedy answer and the probe's probability that it is System 2's (one more forward pass over prompt
+    and answer, billed; without a trained probe, confidence 0: every input goes to System 2, whose answers train
+    it).
     Samples are keyed by the input's id, so an input gets the same ones whatever else is in the call."""
     start = time.perf_counter()
     prompt = prompt or task.system1_prompt
@@ -99,16 +102,33 @@ def router(model, tokenizer, task, examples, *, method: str, samples: int = 4, t
     else:
         outs = sampler.generate(prompts, max_new_tokens=max_new_tokens, chat=chat, progress=False, logprobs=True,
                                 stop=stop)
+    if method == "probe":
+        probed = _probe_confidence(model, tokenizer, prompts, [g[0] for g in outs], chat, probe)
     rows = []
-    for e, group in zip(examples, outs):
+    for k, (e, group) in enumerate(zip(examples, outs)):
         parsed = [task.parse(s.text) for s in group]
         if method == "agreement":
             answer, confidence = routing.agreement(parsed)
+        elif method == "probe":
+            answer, confidence = parsed[0], probed[k]
         else:
             answer, confidence = parsed[0], routing.token_probability(group[0].logprobs)
+        cost = calls_cost(group, model.cfg, shared_prompt=True)
+        if method == "probe" and probe is not None:  # the probe's pass over prompt and answer
+            s = group[0]
+            cost["flops"] += call_flops(model.cfg, s.prompt_tokens + s.num_tokens, 0)
         rows.append({"id": e.id, "answer": answer, "text": group[parsed.index(answer)].text,
-                     "confidence": confidence, **calls_cost(group, model.cfg, shared_prompt=True)})
+                     "confidence": confidence, **cost})
     return rows, time.perf_counter() - start
+
+
+def _probe_confidence(model, tokenizer, prompts, samples, chat, probe) -> list[float]:
+    from s2d_jax.relegation import probe as probe_lib
+
+    if probe is None:
+        return [0.0] * len(samples)
+    x = probe_lib.features(model, tokenizer, prompts, samples, chat=chat)
+    return [float(p) for p in probe_lib.predict(probe, x[:, probe["layer"]])]
 
 
 def routed_system1(model, tokenizer, task, examples, **router_args) -> dict:

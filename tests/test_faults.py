@@ -68,7 +68,7 @@ def test_a_second_s2d_is_refused_naming_the_holder_whose_lock_is_taken_over_once
 
 
 def test_rollouts_on_a_full_disk(reference, tmp_path):
-    proc = _spawn("generate", tmp_path, file_limit=3000)  # the kept config fits, the rollouts do not
+    proc = _spawn("generate", tmp_path, file_limit=6000)  # the kept config fits, the rollouts do not
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2
     line = _one_line(err)

@@ -344,3 +344,69 @@ def test_eval_reports_the_routers_calibration(reference):
     results = json.load(open(two / "eval.json"))
     assert results["routed"]["calibration"] == routing.calibration(rows)
     assert "Router calibration on the held-out inputs" in (two / "report.md").read_text()
+
+
+def test_the_probe_learns_a_separable_signal_and_picks_its_layer():
+    """On constructed features where only layer 2 carries the target, the probe chooses layer 2 by validation and
+    ranks held-out rows almost perfectly; its save/load round trip predicts the same; a probe saved for another
+    System 1 is refused in one line."""
+    import numpy as np
+
+    from s2d_jax.errors import S2DError
+    from s2d_jax.relegation import probe
+
+    rng = np.random.default_rng(0)
+    n, layers, width = 400, 4, 6
+    y = (rng.random(n) < 0.4).astype(np.float32)
+    x = rng.normal(size=(n, layers, width)).astype(np.float32)
+    x[:, 2, 0] += 3.0 * (2 * y - 1)  # the signal, in layer 2 only
+    ids = [f"in-{k}" for k in range(n)]
+    fit = probe.train(x, y, ids)
+    assert fit["layer"] == 2 and fit["validation"] > 0.95
+    fresh = rng.normal(size=(200, layers, width)).astype(np.float32)
+    t = (rng.random(200) < 0.4).astype(np.float32)
+    fresh[:, 2, 0] += 3.0 * (2 * t - 1)
+    rows = [{"confidence": float(p), "correct": bool(k)} for p, k in zip(probe.predict(fit, fresh[:, 2]), t)]
+    assert routing.calibration(rows)["auroc"] > 0.95
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as where:
+        probe.save(fit, where, {"system1": "rounds/1/model", "round": 1})
+        back = probe.load(where, "rounds/1/model", layers - 1)
+        assert np.allclose(probe.predict(back, fresh[:, 2]), probe.predict(fit, fresh[:, 2]))
+        with pytest.raises(S2DError, match="a probe trained on System 1 'rounds/1/model', not on 'rounds/2/model'"):
+            probe.load(where, "rounds/2/model", layers - 1)
+
+
+PROBE = [*TINY, "--config.route.method=probe", "--config.loop.rounds=2", "--config.task.n=12",
+         "--config.generate.chunk=2"]
+
+
+def test_the_probe_router_trains_each_round_and_routes_the_next(tmp_path):
+    """Round 1's System 1 (the base) has no probe: every pool input goes to System 2. Each round with a distilled
+    model trains a probe on it (router/), and round 2's route reads round 1's: its confidences are that probe's on
+    round 1's model; eval reports the probe's calibration."""
+    from s2d_jax import evaluate
+    from s2d_jax.build import build_model, build_tokenizer
+    from s2d_jax.relegation import probe
+    from s2d_jax.stages.inputs import load_inputs, system1_prompt
+    from s2d_jax.stages.run import round_config
+
+    assert main(["run", *PROBE, "--workdir", str(tmp_path)]) == 0
+    one, two = tmp_path / "rounds" / "1", tmp_path / "rounds" / "2"
+    assert json.load(open(one / "route_report.json"))["escalated_share"] == 1.0
+    assert (one / "model").exists(), "the tiny loop distils something in round 1"
+    meta = json.load(open(one / "router" / "probe.json"))
+    assert meta["system1"] == "rounds/1/model" and meta["examples"] == len(list(open(one / "train.jsonl")))
+    config = load_config("configs/tiny.py", [a.split("--config.")[1] for a in PROBE[2:]])
+    config2 = round_config(config, 2, 12)
+    task, examples = load_inputs(config2)
+    model, tok = build_model(config, path=str(one / "model"), sampling=True), build_tokenizer(config, str(two))
+    rows, _ = evaluate.router(model, tok, task, examples, method="probe", prompt=lambda e: system1_prompt(
+        config, task, e), max_new_tokens=config.eval.max_new_tokens, probe=probe.load(str(one), "rounds/1/model",
+                                                                                        model.cfg.num_layers))
+    routed = [json.loads(x) for x in open(two / "route.jsonl")]
+    assert [r["id"] for r in routed] == [e.id for e in examples]
+    assert [r["confidence"] for r in routed] == pytest.approx([r["confidence"] for r in rows], abs=1e-5)
+    results = json.load(open(two / "eval.json"))
+    assert results["routed"]["method"] == "probe" and "auroc" in results["routed"]["calibration"]

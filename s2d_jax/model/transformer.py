@@ -243,21 +243,10 @@ class Transformer(nnx.Module):
         """Final hidden states `[B, T, embed]` and either every layer's new (k, v) (no cache) or the updated cache.
         `right_padded`: the caller promises one segment per row, padding only at its end (lets cuDNN run it)."""
         cfg = self.cfg
-        dt = jnp.dtype(cfg.dtype)
-        b, t = tokens.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
-        ropes = {FULL: rope_tables(positions, cfg, dt)}
-        ropes[SLIDING] = rope_tables(positions, cfg, dt, local=True) if cfg.local_rope_theta else ropes[FULL]
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
-        if cfg.embed_scale:
-            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
-        x = constrain(x, ("batch", None, None))
+        x, ropes = self._embed(tokens, positions)
+        t = tokens.shape[1]
         if cache is None:  # causal, within the same segment, never onto padding (segment 0)
-            seg = jnp.ones(tokens.shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-            slots = jnp.arange(t, dtype=jnp.int32)
-            mask = attention_lib.Mask(seg, seg, jnp.broadcast_to(slots, (b, t)), slots)
-            kw = dict(impl=cfg.attention, right_padded=right_padded or segment_ids is None)
+            mask, kw = self._causal(tokens, segment_ids, right_padded)
         else:  # the new tokens' slots become valid first (padding, segment 0, never does): each token sees itself
             # and every valid slot before it
             new = jnp.ones(tokens.shape, bool) if segment_ids is None else segment_ids != 0
@@ -303,6 +292,41 @@ class Transformer(nnx.Module):
         same = lambda x, c: x if isinstance(x, Int8KV) else x.astype(c.dtype)
         return hidden, KVCache(tuple(same(kv[0], cache.k[0]) for kv in kvs),
                                tuple(same(kv[1], cache.v[0]) for kv in kvs), valid, cache.index + t)
+
+    def residuals(self, tokens, segment_ids=None) -> jax.Array:
+        """The residual stream after the embedding and after each layer, `[num_layers + 1, B, T, embed]` (the last
+        one through the final norm, as `forward` returns it): what a probe on the model's own states reads."""
+        x, ropes = self._embed(tokens, None)
+        mask, kw = self._causal(tokens, segment_ids, False)
+        out = [x]
+        for i, layer in enumerate(self._layer_list()):
+            kind = self.cfg.layer_type(i)
+            x, _ = layer(x, ropes[kind], mask, window=self.cfg.sliding_window if kind == SLIDING else None, **kw)
+            out.append(x)
+        out[-1] = self.final_norm(x)
+        return jnp.stack(out)
+
+    def _embed(self, tokens, positions):
+        """The token embeddings (scaled where the family does) and the rotary tables of both layer kinds."""
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        ropes = {FULL: rope_tables(positions, cfg, dt)}
+        ropes[SLIDING] = rope_tables(positions, cfg, dt, local=True) if cfg.local_rope_theta else ropes[FULL]
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+        if cfg.embed_scale:
+            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
+        return constrain(x, ("batch", None, None)), ropes
+
+    def _causal(self, tokens, segment_ids, right_padded: bool):
+        """Without a cache: the causal mask within each segment, never onto padding (segment 0), and the kernel's
+        keywords."""
+        b, t = tokens.shape
+        seg = jnp.ones(tokens.shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        slots = jnp.arange(t, dtype=jnp.int32)
+        mask = attention_lib.Mask(seg, seg, jnp.broadcast_to(slots, (b, t)), slots)
+        return mask, dict(impl=self.cfg.attention, right_padded=right_padded or segment_ids is None)
 
     def _layer_list(self) -> list[Block]:
         """The blocks one by one (for scanned layers: each a static slice of the stack, for decoding)."""

@@ -18,7 +18,8 @@ from s2d_jax.artifacts import read_jsonl, write_atomic
 from s2d_jax.build import build_generation_mesh, build_model, build_system1, build_system2, build_tokenizer
 from s2d_jax.errors import S2DError
 from s2d_jax.stages.inputs import load_eval_inputs, program_args, system1_instruction, system1_prompt, with_swapped
-from s2d_jax.stages.route import model_name, router_args
+from s2d_jax.stages.probe import train_probe
+from s2d_jax.stages.route import load_probe, model_name, router_args
 from s2d_jax.stages.train import nothing_to_train
 from s2d_jax.system2.programs import get_program
 
@@ -97,8 +98,11 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
     if config.route.method != "none":
         router_model = (lambda: (build_model(config, mesh, path=distilled_dir, sampling=True), tok)) if trained else \
             (lambda: build_system1(config, mesh, workdir))
-        score("router", router_model, lambda m, k: evaluate.routed_system1(m, k, task, examples,
-                                                                          **router_args(config, task, mesh)))
+        train_probe(config, workdir)  # with route.method=probe: this round's probe, unless `run` trained it
+        router_dir = distilled_dir if trained else rounds.system1_path(workdir)
+        score("router", router_model, lambda m, k: evaluate.routed_system1(
+            m, k, task, examples, **router_args(config, task, mesh),
+            probe=load_probe(config, router_dir, models["router"], m)))
         _routed(config, results)
     reference = task.reference(examples)
     if reference:

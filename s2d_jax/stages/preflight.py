@@ -10,10 +10,10 @@ import jax
 from ml_collections import ConfigDict
 
 from s2d_jax import datasets, trackers
-from s2d_jax.plan import estimate as plan
 from s2d_jax.errors import S2DError
 from s2d_jax.model import hub
 from s2d_jax.model.attention import unavailable
+from s2d_jax.plan import estimate as plan
 from s2d_jax.system2.tasks import TASKS, tfds_source
 from s2d_jax.system2.tasks.judge import PairwiseJudge
 from s2d_jax.tokenizer import BYTES, SYLLABLES
@@ -60,6 +60,13 @@ def preflight(config: ConfigDict, stage: str, workdir: str = "") -> None:
             if not os.path.exists(hub.resolve(value, t.revision if value == t.path else "", key=key)):
                 raise S2DError(f"config key {key!r}: {value}: no such file or directory (expected a Hugging Face "
                                f"model directory, a .gguf file or a hub id such as org/name)")
+    r = config.route
+    if r.method == "probe" and r.probe_layer >= 0 and stage in ("route", "eval", "run"):
+        layers = plan.model_config(config).num_layers
+        if r.probe_layer > layers:
+            raise S2DError(f"config key 'route.probe_layer': {r.probe_layer} is out of range (the model has "
+                           f"{layers} layers: 0 = the embeddings .. {layers} = the last layer's output; -1 = chosen "
+                           f"by validation)")
     plan.check_fits(config, stage)
 
 

@@ -42,7 +42,8 @@ def route(config: ConfigDict, workdir: str) -> str | None:
     model, tok = build_system1(config, mesh, workdir)
     log.info("route: System 1 (%s) on %d unlabelled inputs, %s >= %g stays with System 1", model_name(workdir),
              len(examples), r.method, r.threshold)
-    rows, seconds = evaluate.router(model, tok, task, examples, **router_args(config, task, mesh))
+    probe = load_probe(config, rounds.system1_path(workdir), model_name(workdir), model)
+    rows, seconds = evaluate.router(model, tok, task, examples, **router_args(config, task, mesh), probe=probe)
     for row in rows:
         row["escalated"] = escalated(row["confidence"], r.threshold)
     up = sum(row["escalated"] for row in rows)
@@ -66,6 +67,16 @@ def router_args(config: ConfigDict, task, mesh) -> dict:
                 prompt=lambda x: system1_prompt(config, task, x), chat=config.program.chat,
                 max_new_tokens=config.eval.max_new_tokens or task.answer_tokens, mesh=mesh, max_batch=g.max_batch,
                 cache_dtype=g.cache_dtype or None)
+
+
+def load_probe(config: ConfigDict, system1: str | None, name: str, model) -> dict | None:
+    """With `route.method=probe`: the probe trained for System 1 (saved beside the distilled model `system1`, in
+    its round's `router/`); None for the base model or before one is trained (then every input escalates)."""
+    from s2d_jax.relegation import probe
+
+    if config.route.method != "probe" or not system1:
+        return None
+    return probe.load(os.path.dirname(system1), name, model.cfg.num_layers)
 
 
 def model_name(workdir: str) -> str:

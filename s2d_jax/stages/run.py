@@ -20,6 +20,7 @@ from s2d_jax.stages.filter import filter
 from s2d_jax.stages.generate import generate
 from s2d_jax.stages.inputs import pool_size
 from s2d_jax.stages.pretrain import pretrain
+from s2d_jax.stages.probe import train_probe
 from s2d_jax.stages.route import route
 from s2d_jax.stages.train import nothing_to_train, train
 
@@ -27,9 +28,9 @@ log = logging.getLogger("s2d")
 
 
 def run(config: ConfigDict, workdir: str) -> str:
-    """Stage `run`: [pretrain ->] [route ->] generate -> filter -> train -> eval, skipping each stage whose artifact
-    is complete, so a killed run reruns from where it stopped; with `loop.rounds` > 1 those stages once per round
-    (`run_rounds`)."""
+    """Stage `run`: [pretrain ->] [route ->] generate -> filter -> train [-> probe] -> eval, skipping each stage
+    whose artifact is complete, so a killed run reruns from where it stopped; with `loop.rounds` > 1 those stages
+    once per round (`run_rounds`)."""
     if toy_base(config, workdir):
         pretrain(config, workdir)
         stopping.check("after pretrain")
@@ -41,7 +42,7 @@ def run(config: ConfigDict, workdir: str) -> str:
 
 def _stages(config: ConfigDict, workdir: str) -> None:
     for name, stage in (("route", route), ("generate", generate), ("filter", filter), ("pool", _pool),
-                        ("train", train), ("eval", evaluate_stage)):
+                        ("train", train), ("probe", train_probe), ("eval", evaluate_stage)):
         if stage is train and nothing_to_train(config, workdir):
             log.warning("the filter kept no input: skipping train; the report says so")
             continue

@@ -1,0 +1,63 @@
+"""Stage `probe` (in `run`, after `train`, with `route.method=probe`): the probe router for this round's distilled
+model, trained on the examples the round distilled: System 1's greedy answer to each prompt against the
+self-consistent System 2 answer it was trained towards. Saved in `WORKDIR/router/`; eval's routed system and the
+next round's `route` read it."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from s2d_jax import trackers
+from s2d_jax.artifacts import read_jsonl
+from s2d_jax.build import build_generation_mesh, build_model, build_tokenizer
+from s2d_jax.relegation import probe, rounds
+from s2d_jax.runtime import distributed
+from s2d_jax.sampling import Sampler
+from s2d_jax.system2.tasks import get_task
+
+log = logging.getLogger("s2d")
+
+
+def train_probe(config: ConfigDict, workdir: str) -> str | None:
+    if config.route.method != "probe":
+        return None
+    done = os.path.join(workdir, probe.DIR, probe.META)
+    distilled = os.path.join(workdir, "model")
+    if os.path.exists(done):
+        log.info("%s is complete; skipping probe", done)
+        return done
+    if not os.path.exists(distilled):  # nothing distilled: the routed system's System 1 has no probe
+        return None
+    source = os.path.join(workdir, "train.jsonl")
+    source = source if os.path.exists(source) else os.path.join(workdir, "distill.jsonl")
+    rows = read_jsonl(source, ("id", "prompt", "target"), empty_ok=True)
+    task = get_task(config.task.name)
+    mesh, g = build_generation_mesh(config), config.generate
+    model = build_model(config, mesh, path=distilled, sampling=True)
+    tok = build_tokenizer(config, workdir)
+    sampler = Sampler(model, tok, mesh=mesh, max_batch=g.max_batch, cache_dtype=g.cache_dtype or None)
+    budget = config.eval.max_new_tokens or task.answer_tokens
+    prompts = [r["prompt"] for r in rows]
+    samples = [s for (s,) in sampler.generate(prompts, max_new_tokens=budget, chat=config.program.chat,
+                                              logprobs=True, progress=False)]
+    agree = np.asarray([task.parse(s.text) is not None and task.parse(s.text) == task.parse(r["target"])
+                        for s, r in zip(samples, rows)], np.float32)
+    x = probe.features(model, tok, prompts, samples, chat=config.program.chat)
+    fit = probe.train(x, agree, [r["id"] for r in rows], config.route.probe_layer)
+    name = os.path.relpath(distilled, rounds.root(workdir))
+    meta = {"system1": name, "round": (rounds.info(workdir) or {}).get("round", 1), "examples": len(rows),
+            "agreeing": int(agree.sum()), "source": os.path.basename(source)}
+    if distributed.primary():
+        probe.save(fit, workdir, meta)
+    distributed.barrier(f"probe {workdir}")
+    log.info("probe for %s: layer %d of %d, trained on %d examples (%d agreeing with System 2)%s", name, fit["layer"],
+             model.cfg.num_layers, len(rows), int(agree.sum()),
+             "" if fit["validation"] is None else f", validation AUROC {fit['validation']:.3f}")
+    trackers.log(workdir, "probe", {"layer": fit["layer"], "examples": len(rows), "agreeing": int(agree.sum()),
+                                    **({"validation_auroc": fit["validation"]} if fit["validation"] is not None
+                                       else {})})
+    return done
