@@ -203,12 +203,11 @@ def tasks(names: tuple[str, ...], include_path: str = "") -> dict:
     """The harness's tasks for `names`, loaded with their data: a registered name (a stock task, its data from our
     registry where `REGISTRY_DATA` maps it), or the name of a task in `include_path`'s YAML files. One line for an
     unknown name, and for a task whose data cannot be read here (the network is only for our registry)."""
-    from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml
 
     if include_path and not os.path.isdir(include_path):
         raise S2DError(f"config key 'eval.harness.include_path': {include_path}: no such directory")
-    manager = TaskManager(include_path=include_path or None)
+    manager = _manager(include_path)
     specs = []
     for name in names:
         entry = manager.task_index.get(name)
@@ -234,6 +233,14 @@ def tasks(names: tuple[str, ...], include_path: str = "") -> dict:
                            f"({why}); tasks with data in the registry: {', '.join(REGISTRY_DATA)}, or a task YAML "
                            f"in eval.harness.include_path over local files") from None
     return loaded
+
+
+@functools.cache
+def _manager(include_path: str):
+    """The harness's task index (stock tasks and `include_path`'s): seconds to build, so once per process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path or None)
 
 
 def _registry_names(files) -> list[str]:

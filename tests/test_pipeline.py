@@ -144,7 +144,8 @@ metric_list: [{metric: exact_match}]
 def test_the_harness_agrees_with_eval_on_the_same_inputs(reference, tmp_path):
     """`s2d eval --harness`: a task YAML over s2d eval's own held-out inputs and System 1 prompts gives, for the
     base and the distilled model, the answers eval gave, input by input; a task YAML over registry data
-    (`data:NAME` in its data_files) runs from the mirror; the scores reach the trackers."""
+    (`data:NAME` in its data_files) and a stock task (gsm8k) run offline from the mirror; the scores reach the
+    trackers."""
     from s2d_jax.config import load_config
     from s2d_jax.stages.inputs import load_eval_inputs, system1_prompt
 
@@ -157,8 +158,9 @@ def test_the_harness_agrees_with_eval_on_the_same_inputs(reference, tmp_path):
                               for e in examples))
     (tasks / "s2d_system1.yaml").write_text(HARNESS_TASK.format(inputs=json.dumps(str(inputs))))
     (tasks / "last_letters_public.yaml").write_text(REGISTRY_TASK)
-    assert main(["eval", *TINY, *TRACKED, "--workdir", str(reference), "--harness", "s2d_system1,last_letters_public",
-                 f"--config.eval.harness.include_path={tasks}", "--config.eval.harness.limit=8"]) == 0
+    assert main(["eval", *TINY, *TRACKED, "--workdir", str(reference), "--harness",
+                 "s2d_system1,last_letters_public,gsm8k", f"--config.eval.harness.include_path={tasks}",
+                 "--config.eval.harness.limit=8", "--config.eval.harness.num_fewshot=0"]) == 0
     scores = json.load(open(reference / "harness.json"))
     ours = [json.loads(line) for line in open(reference / "eval_inputs.jsonl")]
     rows = [json.loads(line) for line in open(reference / "harness_samples.jsonl")]
@@ -170,16 +172,10 @@ def test_the_harness_agrees_with_eval_on_the_same_inputs(reference, tmp_path):
         correct = [task.score(answers[k], e) for k, e in enumerate(examples)]
         assert sum(correct) / len(correct) == results[system]["accuracy"]
         assert scores[system]["last_letters_public"]["sample_len"] == 8
+        assert scores[system]["gsm8k"]["sample_len"] == 8  # a stock task, offline, its data from the registry
+        assert 0 <= scores[system]["gsm8k"]["exact_match,strict-match"] <= 1
     local = [json.loads(line) for line in open(reference / "tracking.jsonl")]
     assert any("harness/distilled/last_letters_public/exact_match/none" in row for row in local)
-
-
-def test_a_stock_harness_task_runs_offline_on_registry_data(reference):
-    assert main(["eval", *TINY, "--workdir", str(reference), "--harness", "gsm8k", "--config.eval.harness.limit=2",
-                 "--config.eval.harness.num_fewshot=0", "--config.eval.harness.systems=system1"]) == 0
-    scores = json.load(open(reference / "harness.json"))
-    assert set(scores) == {"meta", "system1"} and scores["system1"]["gsm8k"]["sample_len"] == 2
-    assert 0 <= scores["system1"]["gsm8k"]["exact_match,strict-match"] <= 1
 
 
 def test_rerun_skips_every_complete_stage(reference, caplog):
