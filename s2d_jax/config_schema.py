@@ -169,6 +169,8 @@ def schema() -> dict:
             # s2d_jax/relegation/probe.py)
             "method": _("none", one_of("none", "agreement", "logprob", "probe")),
             "probe_layer": _(-1, at_least(-1)),  # probe: the residual stream it reads (0 = embeddings); -1 = by validation
+            # probe: the share of the distillation examples (by id) kept out of training to train the probe on
+            "probe_holdout": _(0.2, between(0.0, 1.0, low_open=True, high_open=True)),
             "threshold": _(0.75, between(0.0, 1.0)),  # confident (System 1's answer stands) at confidence >= this
             "samples": _(4, at_least(2)),  # agreement: System 1 samples per input (their majority is its answer)
             "temperature": _(0.7, above(0.0)),  # agreement: those samples' temperature

@@ -378,14 +378,14 @@ def test_the_probe_learns_a_separable_signal_and_picks_its_layer():
             probe.load(where, "rounds/2/model", layers - 1)
 
 
-PROBE = [*TINY, "--config.route.method=probe", "--config.loop.rounds=2", "--config.task.n=12",
-         "--config.generate.chunk=2"]
+PROBE = [*TINY, "--config.route.method=probe", "--config.route.probe_holdout=0.5", "--config.loop.rounds=2",
+         "--config.task.n=12", "--config.generate.chunk=2"]
 
 
 def test_the_probe_router_trains_each_round_and_routes_the_next(tmp_path):
     """Round 1's System 1 (the base) has no probe: every pool input goes to System 2. Each round with a distilled
-    model trains a probe on it (router/), and round 2's route reads round 1's: its confidences are that probe's on
-    round 1's model; eval reports the probe's calibration."""
+    model trains a probe on it (router/) from the examples kept out of its training, and round 2's route reads
+    round 1's: its confidences are that probe's on round 1's model; eval reports the probe's calibration."""
     from s2d_jax import evaluate
     from s2d_jax.build import build_model, build_tokenizer
     from s2d_jax.relegation import probe
@@ -397,7 +397,8 @@ def test_the_probe_router_trains_each_round_and_routes_the_next(tmp_path):
     assert json.load(open(one / "route_report.json"))["escalated_share"] == 1.0
     assert (one / "model").exists(), "the tiny loop distils something in round 1"
     meta = json.load(open(one / "router" / "probe.json"))
-    assert meta["system1"] == "rounds/1/model" and meta["examples"] == len(list(open(one / "train.jsonl")))
+    held = len(list(open(one / "train.jsonl"))) - len(list(open(one / "train_fit.jsonl")))
+    assert meta["system1"] == "rounds/1/model" and meta["examples"] == held  # the model never trained on them
     config = load_config("configs/tiny.py", [a.split("--config.")[1] for a in PROBE[2:]])
     config2 = round_config(config, 2, 12)
     task, examples = load_inputs(config2)

@@ -3,8 +3,8 @@ answer ends, beside cheap sequence features (mean and min token log-probability,
 whether that answer is the one System 2 would settle on. It costs one System 1 pass and no extra samples.
 
 Trained per round without labels: its targets are whether System 1's greedy answer equals System 2's
-self-consistent answer on the examples the round distils (`train.jsonl` or `distill.jsonl`), the layer chosen by
-validation AUROC; saved with the round (`rounds/R/router/`: safetensors weights and a JSON of what they were trained
+self-consistent answer on the round's distillation examples that the model was not trained on (`held_out`:
+`route.probe_holdout` of them, by id), the layer chosen by validation AUROC; saved with the round (`rounds/R/router/`: safetensors weights and a JSON of what they were trained
 on), so `route` in the next round and `eval` in this one read the same probe."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from flax import nnx
 from s2d_jax.errors import S2DError
 
 DIR = "router"
+FIT = "train_fit.jsonl"  # with a probe: the examples the model trains on (the others train the probe)
 WEIGHTS, META = "probe.safetensors", "probe.json"
 STEPS, LEARNING_RATE, L2 = 300, 0.05, 1e-2
 
@@ -66,6 +67,13 @@ def _cheap(sample) -> list[float]:
     return [float(np.mean(lps)), float(np.min(lps)), float(np.log1p(sample.num_tokens))]
 
 
+def held_out(example_id: str, share: float) -> bool:
+    """Whether an example trains the probe instead of the model (`route.probe_holdout` of them, by id: the same in
+    every round). A model answers the examples it was trained on as they were given to it, so only examples it
+    never saw say whether its answers agree with System 2's."""
+    return zlib.crc32(f"probe\x1f{example_id}".encode()) / 2 ** 32 < share
+
+
 # ------------------------------------------------------------------------------------------ the probe
 
 
@@ -75,8 +83,9 @@ def train(x: np.ndarray, y: np.ndarray, ids: list[str], layer: int = -1) -> dict
     (AUROC; ties: the deeper layer); then trained on all. Deterministic: full-batch Adam from zeros."""
     from s2d_jax.relegation.routing import calibration
 
-    if len(set(y.tolist())) < 2:
-        return {"layer": x.shape[1] - 1 if layer < 0 else layer, "constant": float(y.mean()), "validation": None}
+    if len(set(y.tolist())) < 2:  # one class (or none): the probe says the share that agreed
+        return {"layer": x.shape[1] - 1 if layer < 0 else layer, "constant": float(y.mean()) if len(y) else 0.0,
+                "validation": None}
     held = np.asarray([zlib.crc32(i.encode()) % 5 == 0 for i in ids])
     scores = {}
     for k in (range(x.shape[1]) if layer < 0 else [layer]):

@@ -1,6 +1,6 @@
 """Stage `probe` (in `run`, after `train`, with `route.method=probe`): the probe router for this round's distilled
-model, trained on the examples the round distilled: System 1's greedy answer to each prompt against the
-self-consistent System 2 answer it was trained towards. Saved in `WORKDIR/router/`; eval's routed system and the
+model, trained on the round's distillation examples the model was kept from (`route.probe_holdout`): System 1's
+greedy answer to each prompt against the self-consistent System 2 answer. Saved in `WORKDIR/router/`; eval's routed system and the
 next round's `route` read it."""
 
 from __future__ import annotations
@@ -32,10 +32,21 @@ def train_probe(config: ConfigDict, workdir: str) -> str | None:
         return done
     if not os.path.exists(distilled):  # nothing distilled: the routed system's System 1 has no probe
         return None
-    source = os.path.join(workdir, "train.jsonl")
-    source = source if os.path.exists(source) else os.path.join(workdir, "distill.jsonl")
-    rows = read_jsonl(source, ("id", "prompt", "target"), empty_ok=True)
+    from s2d_jax.stages.train import train_data
+
+    source = train_data(config, workdir)
+    fit = os.path.join(workdir, probe.FIT)
+    trained = {r["id"] for r in read_jsonl(fit, ("id",), empty_ok=True)} if os.path.exists(fit) else set()
+    rows = [r for r in read_jsonl(source, ("id", "prompt", "target"), empty_ok=True) if r["id"] not in trained]
     task = get_task(config.task.name)
+    if not rows:  # nothing held out: no probe can be trained, so the routed system escalates every input
+        fitted = {"layer": 0, "constant": 0.0, "validation": None}
+        if distributed.primary():
+            probe.save(fitted, workdir, {"system1": os.path.relpath(distilled, rounds.root(workdir)), "examples": 0,
+                                         "round": (rounds.info(workdir) or {}).get("round", 1)})
+        distributed.barrier(f"probe {workdir}")
+        log.warning("probe: no held-out example to train on; the routed system escalates every input")
+        return done
     mesh, g = build_generation_mesh(config), config.generate
     model = build_model(config, mesh, path=distilled, sampling=True)
     tok = build_tokenizer(config, workdir)
@@ -47,17 +58,17 @@ def train_probe(config: ConfigDict, workdir: str) -> str | None:
     agree = np.asarray([task.parse(s.text) is not None and task.parse(s.text) == task.parse(r["target"])
                         for s, r in zip(samples, rows)], np.float32)
     x = probe.features(model, tok, prompts, samples, chat=config.program.chat)
-    fit = probe.train(x, agree, [r["id"] for r in rows], config.route.probe_layer)
+    fitted = probe.train(x, agree, [r["id"] for r in rows], config.route.probe_layer)
     name = os.path.relpath(distilled, rounds.root(workdir))
     meta = {"system1": name, "round": (rounds.info(workdir) or {}).get("round", 1), "examples": len(rows),
             "agreeing": int(agree.sum()), "source": os.path.basename(source)}
     if distributed.primary():
-        probe.save(fit, workdir, meta)
+        probe.save(fitted, workdir, meta)
     distributed.barrier(f"probe {workdir}")
-    log.info("probe for %s: layer %d of %d, trained on %d examples (%d agreeing with System 2)%s", name, fit["layer"],
-             model.cfg.num_layers, len(rows), int(agree.sum()),
-             "" if fit["validation"] is None else f", validation AUROC {fit['validation']:.3f}")
-    trackers.log(workdir, "probe", {"layer": fit["layer"], "examples": len(rows), "agreeing": int(agree.sum()),
-                                    **({"validation_auroc": fit["validation"]} if fit["validation"] is not None
+    log.info("probe for %s: layer %d of %d, trained on %d held-out examples (%d agreeing with System 2)%s", name,
+             fitted["layer"], model.cfg.num_layers, len(rows), int(agree.sum()),
+             "" if fitted["validation"] is None else f", validation AUROC {fitted['validation']:.3f}")
+    trackers.log(workdir, "probe", {"layer": fitted["layer"], "examples": len(rows), "agreeing": int(agree.sum()),
+                                    **({"validation_auroc": fitted["validation"]} if fitted["validation"] is not None
                                        else {})})
     return done

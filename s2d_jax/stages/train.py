@@ -34,6 +34,8 @@ def train(config: ConfigDict, workdir: str) -> str:
     data = train_data(config, workdir)
     if not os.path.exists(data):
         raise S2DError(f"{data}: no such file (run `s2d filter` first, or set 'train.data')")
+    if config.route.method == "probe" and not config.train.data:
+        data = _without_probe_examples(config, workdir, data)
     mesh = build_mesh(config)
     model = build_model(config, mesh, workdir, trainable=True, path=rounds.init_path(workdir))
     tok = build_tokenizer(config, workdir)
@@ -91,6 +93,25 @@ def train_data(config: ConfigDict, workdir: str) -> str:
         return datasets.resolve(config.train.data)
     pooled = os.path.join(workdir, "train.jsonl")
     return pooled if os.path.exists(pooled) else os.path.join(workdir, "distill.jsonl")
+
+
+def _without_probe_examples(config: ConfigDict, workdir: str, data: str) -> str:
+    """With the probe router: the examples the model trains on, `probe.FIT` (those `probe.held_out` keeps back
+    train the probe; all of them when none would be left)."""
+    import json
+
+    from s2d_jax.artifacts import read_jsonl, write_atomic
+    from s2d_jax.relegation import probe
+
+    rows = read_jsonl(data, ("id", "prompt", "target"))
+    kept = [r for r in rows if not probe.held_out(r["id"], config.route.probe_holdout)] or rows
+    out = os.path.join(workdir, probe.FIT)
+    if distributed.primary():
+        write_atomic(out, "".join(json.dumps(r) + "\n" for r in kept))
+    distributed.barrier(f"probe split {workdir}")
+    log.info("train: %d of %d examples (the other %d train the probe router)", len(kept), len(rows),
+             len(rows) - len(kept))
+    return out
 
 
 def nothing_to_train(config: ConfigDict, workdir: str) -> bool:
