@@ -17,11 +17,12 @@ TEST_WORKERS ?= 2
 
 setup: $(STAMP)
 
-# --no-compile: Python compiles the modules a run imports when it first imports them, not all of every package
+# pip byte-compiles what it installs: where PYTHONDONTWRITEBYTECODE is set (this project's machines) nothing else
+# would, and every process of the suite would compile its imports from source again
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else "s2d_jax needs Python >= 3.12 (jax >= 0.11); set PYTHON=/path/to/python3.12")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check --no-compile -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	@touch $(STAMP)
 
 fixtures: $(GGUF)

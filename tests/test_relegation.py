@@ -257,7 +257,7 @@ def test_rounds_killed_mid_round_resume_to_the_same_artifacts(reference, tmp_pat
 
 @pytest.mark.parametrize("stage, overrides, message", [
     ("run", ["route.method=votes"], "key 'route.method' = 'votes' is not allowed (expected one of 'none', "
-                                    "'agreement', 'logprob')"),
+                                    "'agreement', 'logprob', 'probe')"),
     ("run", ["route.threshold=1.5"], "key 'route.threshold' = 1.5 is not allowed (expected [0.0, 1.0])"),
     ("run", ["route.thresholds=(0.5,2)"], "key 'route.thresholds': 2 is not a threshold"),
     ("run", ["route.samples=1"], "key 'route.samples' = 1 is not allowed (expected >= 2)"),
