@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import logging
 import os
 from collections import defaultdict
 
@@ -20,8 +19,6 @@ from lm_eval.api.model import TemplateLM
 
 from s2d_jax.errors import S2DError
 from s2d_jax.sampling import Sampler
-
-log = logging.getLogger("s2d")
 
 # Stock harness tasks whose data the registry holds: the task's own YAML, with its dataset read from our files
 REGISTRY_DATA = {

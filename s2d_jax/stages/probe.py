@@ -39,11 +39,11 @@ def train_probe(config: ConfigDict, workdir: str) -> str | None:
     trained = {r["id"] for r in read_jsonl(fit, ("id",), empty_ok=True)} if os.path.exists(fit) else set()
     rows = [r for r in read_jsonl(source, ("id", "prompt", "target"), empty_ok=True) if r["id"] not in trained]
     task = get_task(config.task.name)
+    name = os.path.relpath(distilled, rounds.root(workdir))
+    meta = {"system1": name, "round": (rounds.info(workdir) or {}).get("round", 1), "examples": len(rows)}
     if not rows:  # nothing held out: no probe can be trained, so the routed system escalates every input
-        fitted = {"layer": 0, "constant": 0.0, "validation": None}
         if distributed.primary():
-            probe.save(fitted, workdir, {"system1": os.path.relpath(distilled, rounds.root(workdir)), "examples": 0,
-                                         "round": (rounds.info(workdir) or {}).get("round", 1)})
+            probe.save({"layer": 0, "constant": 0.0, "validation": None}, workdir, meta)
         distributed.barrier(f"probe {workdir}")
         log.warning("probe: no held-out example to train on; the routed system escalates every input")
         return done
@@ -59,9 +59,7 @@ def train_probe(config: ConfigDict, workdir: str) -> str | None:
                         for s, r in zip(samples, rows)], np.float32)
     x = probe.features(model, tok, prompts, samples, chat=config.program.chat)
     fitted = probe.train(x, agree, [r["id"] for r in rows], config.route.probe_layer)
-    name = os.path.relpath(distilled, rounds.root(workdir))
-    meta = {"system1": name, "round": (rounds.info(workdir) or {}).get("round", 1), "examples": len(rows),
-            "agreeing": int(agree.sum()), "source": os.path.basename(source)}
+    meta.update(agreeing=int(agree.sum()), source=os.path.basename(source))
     if distributed.primary():
         probe.save(fitted, workdir, meta)
     distributed.barrier(f"probe {workdir}")
