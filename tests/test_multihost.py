@@ -4,6 +4,7 @@
 import concurrent.futures
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -72,36 +73,6 @@ def _params(workdir) -> dict[str, np.ndarray]:
     return load_file(os.path.join(workdir, "model", "model.safetensors"))
 
 
-def test_two_hosts_generate_exactly_the_rollouts_of_one(tmp_path):
-    _cluster("generate", tmp_path / "two", GENERATE)
-    shards = sorted(f.name for f in (tmp_path / "two").iterdir() if f.name.startswith("rollouts"))
-    assert shards == ["rollouts-00000-of-00002.jsonl", "rollouts-00001-of-00002.jsonl"]
-    assert main(["generate", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "one"),
-                 *(f"--config.{o}" for o in GENERATE)]) == 0
-    config = load_config("configs/tiny.py", GENERATE)
-    merged, single = read_rollouts(config, str(tmp_path / "two")), read_rollouts(config, str(tmp_path / "one"))
-    assert len(single) == 6 * 3
-    assert merged == single  # same ids, samples, texts, answers and order
-    # each host wrote its own inputs: no record in both shards, none missing
-    ids = [{json.loads(line)["id"] for line in (tmp_path / "two" / s).read_text().splitlines()} for s in shards]
-    assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == 6
-    # the filter merges the shards into the same distillation set as the single-host file gives
-    for workdir in ("two", "one"):
-        assert main(["filter", "--config", "configs/tiny.py", "--workdir", str(tmp_path / workdir),
-                     *(f"--config.{o}" for o in GENERATE)]) == 0
-    assert (tmp_path / "two" / "distill.jsonl").read_text() == (tmp_path / "one" / "distill.jsonl").read_text()
-    # a kill that left host 1's shard unfinished: the rerun agrees over both hosts on what is missing, and host 0,
-    # complete, still joins the sampler's collectives; the merge is again the one-host file
-    shard = tmp_path / "two" / shards[1]
-    lines = shard.read_text().splitlines(keepends=True)
-    (tmp_path / "two" / (shards[1] + ".partial")).write_text("".join(lines[:-4]) + lines[-4][:20])  # torn line
-    shard.unlink()
-    (tmp_path / "two" / "distill.jsonl").unlink()
-    _cluster("generate", tmp_path / "two", GENERATE)
-    assert shard.read_text() == "".join(lines)
-    assert read_rollouts(config, str(tmp_path / "two")) == single
-
-
 def test_shard_merge_refuses_missing_and_repeated_records(tmp_path):
     config = load_config("configs/tiny.py", GENERATE)
     rows = [{"id": f"last_letters-s0-w3:{i}", "sample": j, "input": "q", "answer": "ab"} for i in range(6)
@@ -122,32 +93,6 @@ def test_shard_merge_refuses_missing_and_repeated_records(tmp_path):
     shard.unlink()
     with pytest.raises(Exception, match="rollouts-00001-of-00002.jsonl"):
         read_rollouts(config, str(tmp_path))
-
-
-def test_two_hosts_train_like_one_and_resume_on_one(tmp_path):
-    data = _pairs(tmp_path / "pairs.jsonl")
-    three = [*TRAIN, f"train.data={data}", "train.steps=3"]
-    _cluster("train", tmp_path / "two", three)
-    assert main(["train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "one"),
-                 *(f"--config.{o}" for o in three)]) == 0
-    two, one = _params(tmp_path / "two"), _params(tmp_path / "one")
-    assert two.keys() == one.keys()
-    for k in one:
-        np.testing.assert_allclose(two[k], one[k], rtol=0, atol=1e-6, err_msg=k)
-    assert not np.allclose(one["model.embed_tokens.weight"], _params_initial(tmp_path, data))
-    # the 2-host checkpoint of step 3 resumes in one process and ends where 5 uninterrupted steps end
-    five = [*TRAIN, f"train.data={data}", "train.steps=5"]
-    os.rename(tmp_path / "two" / "model", tmp_path / "two" / "model-3")
-    os.remove(tmp_path / "two" / "config.json")  # extending the run on purpose: the kept config would refuse it
-    assert main(["train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "two"),
-                 *(f"--config.{o}" for o in five)]) == 0
-    assert main(["train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "straight"),
-                 *(f"--config.{o}" for o in five)]) == 0
-    metrics = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]  # steps 4-5 appended to the 2-host run's 1-3
-    resumed, straight = _params(tmp_path / "two"), _params(tmp_path / "straight")
-    for k in straight:
-        np.testing.assert_allclose(resumed[k], straight[k], rtol=0, atol=1e-6, err_msg=k)
 
 
 def _params_initial(tmp_path, data) -> np.ndarray:
@@ -195,27 +140,64 @@ def _survivor_says_host_1_was_lost(results) -> None:
     assert sum(line.startswith("s2d:") for line in lines) == 1
 
 
-def test_a_lost_host_mid_generate_ends_the_other_in_one_line_and_a_rerun_resumes(tmp_path):
+def test_two_hosts_generate_the_rollouts_of_one_through_a_lost_host_and_a_torn_shard(tmp_path):
     """Host 1's worker is killed after its first chunk of rollouts; host 0 stops within the heartbeat timeout with
-    one line naming host 1 and no native dump; both rerun and end with the one-process rollouts."""
+    one line naming host 1 and no native dump; both rerun and end with the one-process rollouts, each host's shard
+    holding its own inputs; the filter merges the shards into the one-process distillation set; a shard torn by a
+    kill is finished by the next run."""
+    two = tmp_path / "two"
     overrides = [*GENERATE, *LOST, "task.n=12", "generate.chunk=2"]
-    _survivor_says_host_1_was_lost(_cluster("generate", tmp_path / "two", overrides,
-                                            faults={1: "rollout-chunk:1"}, expect=None))
-    assert "heartbeat" in (tmp_path / "two" / "s2d-error.log").read_text()  # the details, kept
-    _cluster("generate", tmp_path / "two", overrides)
+    _survivor_says_host_1_was_lost(_cluster("generate", two, overrides, faults={1: "rollout-chunk:1"}, expect=None))
+    assert "heartbeat" in (two / "s2d-error.log").read_text()  # the details, kept
+    _cluster("generate", two, overrides)
+    shards = sorted(f.name for f in two.iterdir() if f.name.startswith("rollouts"))
+    assert shards == ["rollouts-00000-of-00002.jsonl", "rollouts-00001-of-00002.jsonl"]
     assert main(["generate", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "one"),
                  *(f"--config.{o}" for o in overrides)]) == 0
     config = load_config("configs/tiny.py", overrides)
-    assert read_rollouts(config, str(tmp_path / "two")) == read_rollouts(config, str(tmp_path / "one"))
+    single = read_rollouts(config, str(tmp_path / "one"))
+    assert len(single) == 12 * 3
+    assert read_rollouts(config, str(two)) == single  # same ids, samples, texts, answers and order
+    # each host wrote its own inputs: no record in both shards, none missing
+    ids = [{json.loads(line)["id"] for line in (two / s).read_text().splitlines()} for s in shards]
+    assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == 12
+    for workdir in ("two", "one"):
+        assert main(["filter", "--config", "configs/tiny.py", "--workdir", str(tmp_path / workdir),
+                     *(f"--config.{o}" for o in overrides)]) == 0
+    assert (two / "distill.jsonl").read_text() == (tmp_path / "one" / "distill.jsonl").read_text()
+    # a kill that left host 1's shard unfinished: the rerun agrees over both hosts on what is missing, and host 0,
+    # complete, still joins the sampler's collectives; the merge is again the one-host file
+    shard = two / shards[1]
+    lines = shard.read_text().splitlines(keepends=True)
+    (two / (shards[1] + ".partial")).write_text("".join(lines[:-4]) + lines[-4][:20])  # torn line
+    shard.unlink()
+    (two / "distill.jsonl").unlink()
+    _cluster("generate", two, overrides)
+    assert shard.read_text() == "".join(lines)
+    assert read_rollouts(config, str(two)) == single
 
 
-def test_a_lost_host_mid_train_ends_the_other_in_one_line_and_a_rerun_resumes_bitwise(tmp_path):
+def test_two_hosts_train_like_one_a_lost_host_resumes_bitwise_and_on_one(tmp_path):
+    """Host 1 is killed in step 4: host 0 stops in one line, nothing final is written; the rerun on both hosts ends
+    bitwise where an uninterrupted 2-host run ends, and that equals one process with 8 devices to float rounding;
+    the 2-host checkpoint of step 3 also resumes in one process to the same parameters."""
     data = _pairs(tmp_path / "pairs.jsonl")
     overrides = [*TRAIN, *LOST, f"train.data={data}", "train.steps=6", "train.checkpoint_every=1"]
-    _survivor_says_host_1_was_lost(_cluster("train", tmp_path / "killed", overrides, faults={1: "train-step:4"},
-                                            expect=None))
-    assert not (tmp_path / "killed" / "model").exists()
-    _cluster("train", tmp_path / "killed", overrides)
+    killed = tmp_path / "killed"
+    _survivor_says_host_1_was_lost(_cluster("train", killed, overrides, faults={1: "train-step:4"}, expect=None))
+    assert not (killed / "model").exists()
+    shutil.copytree(killed, tmp_path / "on_one")
+    _cluster("train", killed, overrides)
     _cluster("train", tmp_path / "straight", overrides)
-    resumed, straight = _params(tmp_path / "killed"), _params(tmp_path / "straight")
+    resumed, straight = _params(killed), _params(tmp_path / "straight")
     assert resumed.keys() == straight.keys() and all(np.array_equal(resumed[k], straight[k]) for k in straight)
+    assert not np.allclose(straight["model.embed_tokens.weight"], _params_initial(tmp_path, data))
+    for workdir in ("one", "on_one"):  # one process: from scratch, and from the 2-host checkpoint
+        assert main(["train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / workdir),
+                     *(f"--config.{o}" for o in overrides)]) == 0
+        params = _params(tmp_path / workdir)
+        assert params.keys() == straight.keys()
+        for k in straight:
+            np.testing.assert_allclose(params[k], straight[k], rtol=0, atol=1e-6, err_msg=f"{workdir}: {k}")
+    metrics = [json.loads(line) for line in (tmp_path / "on_one" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]  # steps 4-6 appended to the 2-host run's 1-3
