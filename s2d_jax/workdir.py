@@ -32,6 +32,9 @@ FREE = ("report", "eval.harness", "mesh", "generate.mesh", "cluster", "plan", "c
         "generate.max_batch", "generate.chunk", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.peak_flops")
 # A key that may grow on a kept workdir: training continues from its last checkpoint (the kept config is updated)
 GROWS = "train.steps"
+# In a workdir of rounds over a stream (`loop.round_size` > 0) these may grow: more rounds on inputs that arrived
+# since (a longer generated pool, or `task.n`=0 over a file that grew); the finished rounds' slices do not move
+STREAM = ("loop.rounds", "task.n")
 
 
 def prepare(workdir: str) -> str:
@@ -97,20 +100,30 @@ def _to_keep(config: ConfigDict, workdir: str) -> tuple[dict | None, str]:
         raise S2DError(f"{path}: the workdir's kept config is not valid JSON ({e}); use another --workdir") from None
     kept = _with_defaults(kept)  # a key added since the workdir was made counts at its default
     key = _first_difference(_results(kept), _results(current))
-    grown = _with(kept, GROWS, _get(current, GROWS))
-    if key == GROWS and _first_difference(_results(grown), _results(current)) is None:
-        if (_get(kept, "loop.rounds") or 1) > 1:
-            raise S2DError(f"{path}: {GROWS} may not change in a workdir of rounds (later rounds were routed and "
-                           f"trained from earlier rounds' models); use another --workdir")
-        if _get(current, GROWS) < _get(kept, GROWS):
-            raise S2DError(f"{path}: {GROWS} may only grow on a workdir ({_get(kept, GROWS)} there, "
-                           f"{_get(current, GROWS)} now); use another --workdir to train fewer steps")
-        return grown, (f"{GROWS} grows from {_get(kept, GROWS)} to {_get(current, GROWS)}: training continues from "
-                       f"the last checkpoint")
-    if key:
+    if key is None:
+        return None, ""
+    grows = STREAM if (_get(kept, "loop.round_size") or 0) > 0 else (GROWS,)
+    grown = kept
+    for k in grows:
+        grown = _with(grown, k, _get(current, k))
+    if key not in grows or _first_difference(_results(grown), _results(current)) is not None:
+        key = key if key not in grows else _first_difference(_results(grown), _results(current))
         raise S2DError(f"{path}: this workdir was made with a different config (key {key!r}: {_get(kept, key)!r} "
                        f"there, {_get(current, key)!r} now); use another --workdir")
-    return None, ""
+    if grows == (GROWS,) and (_get(kept, "loop.rounds") or 1) > 1:
+        raise S2DError(f"{path}: {GROWS} may not change in a workdir of rounds (later rounds were routed and "
+                       f"trained from earlier rounds' models); use another --workdir")
+    for k in grows:
+        was, now = _get(kept, k), _get(current, k)
+        if now < was or (k == "task.n" and was == 0 != now):  # 0 = all of a file: nothing larger
+            fewer = "to train fewer steps" if k == GROWS else "for fewer rounds"
+            raise S2DError(f"{path}: {k} may only grow on a workdir ({was} there, {now} now); use another "
+                           f"--workdir {fewer}")
+    if grows == (GROWS,):
+        return grown, f"{GROWS} grows from {_get(kept, GROWS)} to {_get(current, GROWS)}: training continues from " \
+                      f"the last checkpoint"
+    return grown, (f"the stream goes on: {_get(kept, 'loop.rounds')} rounds there, {_get(current, 'loop.rounds')} "
+                   f"now (each of loop.round_size={_get(kept, 'loop.round_size')} new inputs); finished rounds are kept")
 
 
 def _keep(workdir: str, config: dict | None, note: str) -> None:

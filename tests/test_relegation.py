@@ -4,6 +4,7 @@ resumed), and bad route / loop / teacher values (the teacher itself: test_teache
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from s2d_jax.config import load_config
 
 TINY = ["--config", "configs/tiny.py"]
 ROUNDS = [*TINY, "--config.route.method=agreement", "--config.loop.rounds=2", "--config.task.n=8",
+          "--config.loop.round_size=4", "--config.eval.routers=logprob",
           "--config.generate.chunk=2", "--config.route.thresholds=(0.0,0.3,0.6,0.8,1.0)"]
 ARTIFACTS = ("route.jsonl", "route_report.json", "rollouts.jsonl", "distill.jsonl", "train.jsonl", "eval_inputs.jsonl")
 TIMED = ("seconds", "seconds_total", "router_seconds", "tokens_per_s", "mfu")
@@ -231,6 +233,19 @@ def test_the_logprob_router_reads_system1s_greedy_answer(reference):
     expected = [math.exp(sum(s.logprobs) / len(s.logprobs)) for (s,) in outs]
     assert [r["confidence"] for r in rows] == pytest.approx(expected)
     assert all(0 < r["confidence"] <= 1 for r in rows)
+    # `eval.routers=logprob` beside route.method=agreement: both swept on the same System 2 rows, one table
+    results = json.load(open(os.path.join(where, "eval.json")))
+    routers = results["routers"]
+    assert list(routers) == ["agreement", "logprob"]
+    assert _untimed(routers["agreement"]["sweep"]) == _untimed(results["sweep"])
+    assert routers["agreement"]["calibration"] == results["routed"]["calibration"]
+    two = [{"id": p["id"], **p["system2"]} for p in map(json.loads, open(os.path.join(where, "eval_inputs.jsonl")))]
+    scored = [{**r, "correct": bool(task.score(r["answer"], e))} for r, e in zip(rows, examples)]
+    assert _untimed(routers["logprob"]["sweep"]) == _untimed(routing.sweep(scored, two, routing.thresholds(config.route)))
+    assert routers["logprob"]["calibration"] == routing.calibration(scored)
+    assert routers["logprob"]["router"]["generated_tokens"] == sum(r["generated_tokens"] for r in rows) / len(rows)
+    table = [line for line in open(os.path.join(where, "report.md")) if line.startswith(("| agreement |", "| logprob |"))]
+    assert len(table) == 2
 
 
 def test_rounds_killed_mid_round_resume_to_the_same_artifacts(reference, tmp_path):
@@ -253,6 +268,35 @@ def test_rounds_killed_mid_round_resume_to_the_same_artifacts(reference, tmp_pat
             assert _untimed(json.load(open(tmp_path / "rounds" / r / name))) == _untimed(
                 json.load(open(reference / "rounds" / r / name))), name
     assert _untimed(json.load(open(tmp_path / "rounds.json"))) == _untimed(json.load(open(reference / "rounds.json")))
+
+
+def test_rounds_over_a_stream_go_on_as_inputs_arrive(reference, tmp_path, capsys):
+    """`loop.round_size`: rerun with a third round over 4 more inputs; rounds 1 and 2 are kept byte for byte, round
+    3 takes the next 4 inputs with round 2's model as its System 1, and the report covers the three. A stream too
+    short for the rounds, or fewer rounds, is one line and changes nothing."""
+    work = tmp_path / "work"
+    shutil.copytree(reference, work)
+    files = lambda: {p: p.read_bytes() for p in work.rglob("*") if p.is_file() and p.name != ".s2d.lock"}
+    before = files()
+    for overrides, message in (
+            (["loop.rounds=4", "task.n=14"], "config key 'loop.round_size': 4 rounds of 4 inputs need 16 unlabelled "
+                                             "inputs; the stream has 14 (round 4 would have 2)"),
+            (["loop.rounds=1"], "loop.rounds may only grow on a workdir (2 there, 1 now)"),
+            (["loop.rounds=3", "task.n=12", "loop.round_size=3"], "key 'loop.round_size': 4 there, 3 now")):
+        code = main(["run", *ROUNDS, "--workdir", str(work), *(f"--config.{o}" for o in overrides)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, err
+        assert files() == before
+    assert main(["run", *ROUNDS, "--workdir", str(work), "--config.loop.rounds=3", "--config.task.n=12"]) == 0
+    after = files()
+    assert all(after[p] == b for p, b in before.items() if "rounds" in p.relative_to(work).parts[:1])
+    pools = [[json.loads(x)["id"] for x in open(work / "rounds" / r / "route.jsonl")] for r in "123"]
+    assert len(pools[2]) == 4 and not set(pools[2]) & (set(pools[0]) | set(pools[1]))
+    trained = (work / "rounds" / "2" / "model").exists()
+    assert json.load(open(work / "rounds" / "3" / "round.json"))["system1"] == (
+        "rounds/2/model" if trained else json.load(open(work / "rounds" / "2" / "round.json"))["system1"])
+    assert [r["round"] for r in json.load(open(work / "rounds.json"))] == [1, 2, 3]
+    assert json.load(open(work / "config.json"))["loop"]["rounds"] == 3
 
 
 @pytest.mark.parametrize("stage, overrides, message", [

@@ -67,6 +67,11 @@ def _cheap(sample) -> list[float]:
     return [float(np.mean(lps)), float(np.min(lps)), float(np.log1p(sample.num_tokens))]
 
 
+def wanted(config) -> bool:
+    """Whether the config routes by a probe (`route.method`) or sweeps one (`eval.routers`)."""
+    return "probe" in (config.route.method, *config.eval.routers)
+
+
 def held_out(example_id: str, share: float) -> bool:
     """Whether an example trains the probe instead of the model (`route.probe_holdout` of them, by id: the same in
     every round). A model answers the examples it was trained on as they were given to it, so only examples it

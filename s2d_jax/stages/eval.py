@@ -95,15 +95,21 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
         results["distilled"] = None
         results["meta"]["note"] = ("No input passed the self-consistency filter, so nothing was distilled: the "
                                    "base model's System 2 answers never agreed often enough (see the filter line).")
-    if config.route.method != "none":
+    if config.route.method != "none" or config.eval.routers:
         router_model = (lambda: (build_model(config, mesh, path=distilled_dir, sampling=True), tok)) if trained else \
             (lambda: build_system1(config, mesh, workdir))
-        train_probe(config, workdir)  # with route.method=probe: this round's probe, unless `run` trained it
+        train_probe(config, workdir)  # with a probe router: this round's probe, unless `run` trained it
         router_dir = distilled_dir if trained else rounds.system1_path(workdir)
-        score("router", router_model, lambda m, k: evaluate.routed_system1(
-            m, k, task, examples, **router_args(config, task, mesh),
-            probe=load_probe(config, router_dir, models["router"], m)))
-        _routed(config, results)
+
+        def routed_system1(method: str):
+            return lambda m, k: evaluate.routed_system1(m, k, task, examples, **{
+                **router_args(config, task, mesh), "method": method},
+                probe=load_probe(config, router_dir, models["router"], m, method))
+
+        if config.route.method != "none":
+            score("router", router_model, routed_system1(config.route.method))
+            _routed(config, results)
+        _frontier(config, results, router_model, routed_system1)
     reference = task.reference(examples)
     if reference:
         results["reference"] = reference
@@ -135,6 +141,32 @@ def _routed(config: ConfigDict, results: dict) -> None:
                          "method": config.route.method, "system1": results["meta"]["models"]["router"],
                          "calibration": routing.calibration(one["per_input"])}
     results["sweep"] = routing.sweep(one["per_input"], two["per_input"], routing.thresholds(config.route), seconds)
+
+
+def _frontier(config: ConfigDict, results: dict, router_model, routed_system1) -> None:
+    """`results["routers"]`: every router swept on the held-out inputs (`route.method` and `eval.routers`), each
+    with its calibration, its own cost per input and its accuracy-vs-cost sweep, for one plot and one table."""
+    methods = [m for m in dict.fromkeys((config.route.method, *config.eval.routers)) if m != "none"]
+    if len(methods) < 2 and not config.eval.routers:
+        return
+    two = results["system2"]
+    model = None
+    out = {}
+    for method in methods:
+        if method == config.route.method:
+            one = results["router"]
+        else:
+            if model is None:
+                model = router_model()
+            log.info("eval: router %s (%s) on %d inputs, for the frontier", method, results["meta"]["models"]["router"],
+                     len(two["per_input"]))
+            one = routed_system1(method)(*model)
+        seconds = (one["seconds_total"], two["seconds_total"])
+        out[method] = {"router": {k: one[k] for k in ("generated_tokens", "prompt_tokens", "flops", "accuracy")},
+                       "calibration": routing.calibration(one["per_input"]),
+                       "sweep": routing.sweep(one["per_input"], two["per_input"],
+                                              routing.thresholds(config.route), seconds)}
+    results["routers"] = out
 
 
 def _per_input(results: dict, examples) -> list[dict]:

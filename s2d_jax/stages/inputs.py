@@ -65,6 +65,19 @@ def pool_size(config: ConfigDict) -> int:
     return len(_examples(get_task(t.name), t.path, t.n, t.offset, t.seed, t.size, "task", t))
 
 
+def check_rounds(config: ConfigDict) -> int:
+    """The pool's size, checked to hold every round's inputs (`loop.rounds`, `loop.round_size`)."""
+    total, count, size = pool_size(config), config.loop.rounds, config.loop.round_size
+    if size and total < count * size:
+        raise S2DError(f"config key 'loop.round_size': {count} rounds of {size} inputs need {count * size} unlabelled "
+                       f"inputs; the stream has {total} (round {total // size + 1} would have {total % size}): add "
+                       f"inputs (`task.n`, or lines to `task.path`) or run fewer rounds")
+    if total < count:
+        raise S2DError(f"config key 'loop.rounds': {count} rounds need at least {count} unlabelled inputs (the pool "
+                       f"has {total}; each round takes the next slice of it)")
+    return total
+
+
 def with_swapped(task, examples):
     """Each example followed by its swapped twin (the responses exchanged)."""
     if task.swap(examples[0]) is None:

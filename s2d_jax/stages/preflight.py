@@ -44,6 +44,10 @@ def preflight(config: ConfigDict, stage: str, workdir: str = "") -> None:
     if stage != "convert":
         for key, value in data_keys(config):
             _check(key, value)
+    if stage == "run" and config.loop.rounds > 1:
+        from s2d_jax.stages.inputs import check_rounds
+
+        check_rounds(config)
     m = config.model
     if m.path:
         local = hub.resolve(m.path, m.revision)
@@ -61,7 +65,7 @@ def preflight(config: ConfigDict, stage: str, workdir: str = "") -> None:
                 raise S2DError(f"config key {key!r}: {value}: no such file or directory (expected a Hugging Face "
                                f"model directory, a .gguf file or a hub id such as org/name)")
     r = config.route
-    if r.method == "probe" and r.probe_layer >= 0 and stage in ("route", "eval", "run"):
+    if "probe" in (r.method, *config.eval.routers) and r.probe_layer >= 0 and stage in ("route", "eval", "run"):
         layers = plan.model_config(config).num_layers
         if r.probe_layer > layers:
             raise S2DError(f"config key 'route.probe_layer': {r.probe_layer} is out of range (the model has "

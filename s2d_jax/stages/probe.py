@@ -23,7 +23,7 @@ log = logging.getLogger("s2d")
 
 
 def train_probe(config: ConfigDict, workdir: str) -> str | None:
-    if config.route.method != "probe":
+    if not probe.wanted(config):
         return None
     done = os.path.join(workdir, probe.DIR, probe.META)
     distilled = os.path.join(workdir, "model")

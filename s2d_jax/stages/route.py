@@ -69,12 +69,13 @@ def router_args(config: ConfigDict, task, mesh) -> dict:
                 cache_dtype=g.cache_dtype or None)
 
 
-def load_probe(config: ConfigDict, system1: str | None, name: str, model) -> dict | None:
-    """With `route.method=probe`: the probe trained for System 1 (saved beside the distilled model `system1`, in
-    its round's `router/`); None for the base model or before one is trained (then every input escalates)."""
+def load_probe(config: ConfigDict, system1: str | None, name: str, model, method: str = "") -> dict | None:
+    """With `route.method=probe` (or `method`): the probe trained for System 1 (saved beside the distilled model
+    `system1`, in its round's `router/`); None for the base model or before one is trained (then every input
+    escalates)."""
     from s2d_jax.relegation import probe
 
-    if config.route.method != "probe" or not system1:
+    if (method or config.route.method) != "probe" or not system1:
         return None
     return probe.load(os.path.dirname(system1), name, model.cfg.num_layers)
 

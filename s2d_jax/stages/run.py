@@ -14,11 +14,10 @@ from s2d_jax.runtime import distributed, stopping
 from s2d_jax.relegation import rounds
 from s2d_jax.artifacts import read_jsonl, write_atomic
 from s2d_jax.build import toy_base
-from s2d_jax.errors import S2DError
 from s2d_jax.stages.eval import evaluate_stage
 from s2d_jax.stages.filter import filter
 from s2d_jax.stages.generate import generate
-from s2d_jax.stages.inputs import pool_size
+from s2d_jax.stages.inputs import check_rounds
 from s2d_jax.stages.pretrain import pretrain
 from s2d_jax.stages.probe import train_probe
 from s2d_jax.stages.route import route
@@ -51,16 +50,14 @@ def _stages(config: ConfigDict, workdir: str) -> None:
 
 
 def run_rounds(config: ConfigDict, workdir: str) -> str:
-    """Relegation, round after round: round R's pool is the R-th of `loop.rounds` consecutive slices of the
-    unlabelled inputs (new inputs arrive as the system learns); its System 1, which answers what it is confident on
-    and escalates the rest to System 2, is round R-1's distilled model. A rerun resumes at the first incomplete
-    stage of the first incomplete round. Then `rounds.json`, `report.md` and `rounds.png` in the workdir."""
+    """Relegation, round after round: round R's pool is the R-th slice of the unlabelled inputs (new inputs arrive
+    as the system learns: `loop.round_size` of them per round, or the pool cut into `loop.rounds` slices); its
+    System 1, which answers what it is confident on and escalates the rest to System 2, is round R-1's distilled
+    model. A rerun resumes at the first incomplete stage of the first incomplete round, and with more rounds over a
+    stream that grew, goes on after the last. Then `rounds.json`, `report.md` and `rounds.png` in the workdir."""
     from s2d_jax.relegation.report import write_rounds_report
 
-    total, count = pool_size(config), config.loop.rounds
-    if total < count:
-        raise S2DError(f"config key 'loop.rounds': {count} rounds need at least {count} unlabelled inputs (the pool "
-                       f"has {total}; each round takes the next slice of it)")
+    total, count = check_rounds(config), config.loop.rounds
     for r in range(1, count + 1):
         where = rounds.round_dir(workdir, r)
         if distributed.primary():
@@ -75,10 +72,12 @@ def run_rounds(config: ConfigDict, workdir: str) -> str:
 
 
 def round_config(config: ConfigDict, r: int, total: int) -> ConfigDict:
-    """Round r's config: the pool's r-th slice (`task.offset`, `task.n`), and its own checkpoint directory when one
-    is configured (a round's checkpoints never resume another's)."""
+    """Round r's config: its slice of the inputs (`task.offset`, `task.n`), and its own checkpoint directory when
+    one is configured (a round's checkpoints never resume another's)."""
     out = ConfigDict(config.to_dict())
-    start, end = (r - 1) * total // config.loop.rounds, r * total // config.loop.rounds
+    size = config.loop.round_size
+    start, end = ((r - 1) * size, r * size) if size else \
+        ((r - 1) * total // config.loop.rounds, r * total // config.loop.rounds)
     out.task.offset, out.task.n = config.task.offset + start, end - start
     if config.train.checkpoint_dir:
         out.train.checkpoint_dir = config.train.checkpoint_dir.rstrip("/") + f"/rounds/{r}"

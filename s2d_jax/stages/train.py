@@ -10,7 +10,7 @@ from ml_collections import ConfigDict
 
 from s2d_jax import datasets
 from s2d_jax.runtime import distributed
-from s2d_jax.relegation import rounds
+from s2d_jax.relegation import probe, rounds
 from s2d_jax.build import build_generation_mesh, build_mesh, build_model, build_tokenizer
 from s2d_jax.errors import S2DError
 from s2d_jax.model import lora, quant, save_hf
@@ -34,7 +34,7 @@ def train(config: ConfigDict, workdir: str) -> str:
     data = train_data(config, workdir)
     if not os.path.exists(data):
         raise S2DError(f"{data}: no such file (run `s2d filter` first, or set 'train.data')")
-    if config.route.method == "probe" and not config.train.data:
+    if probe.wanted(config) and not config.train.data:
         data = _without_probe_examples(config, workdir, data)
     mesh = build_mesh(config)
     model = build_model(config, mesh, workdir, trainable=True, path=rounds.init_path(workdir))
@@ -101,7 +101,6 @@ def _without_probe_examples(config: ConfigDict, workdir: str, data: str) -> str:
     import json
 
     from s2d_jax.artifacts import read_jsonl, write_atomic
-    from s2d_jax.relegation import probe
 
     rows = read_jsonl(data, ("id", "prompt", "target"))
     kept = [r for r in rows if not probe.held_out(r["id"], config.route.probe_holdout)] or rows
