@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+# not AutoTokenizer here: its module loads every model configuration, and with them PyTorch (seconds a process)
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from s2d_jax.errors import S2DError
 from s2d_jax.model import hub
@@ -32,6 +33,8 @@ def load_tokenizer(path: str, revision: str = "") -> PreTrainedTokenizerBase:
     if path.endswith(".gguf"):
         return _gguf_tokenizer(path)
     try:
+        from transformers import AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise S2DError(f"{path}: no tokenizer could be read ({str(e).splitlines()[0]})") from None

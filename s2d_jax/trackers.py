@@ -120,6 +120,23 @@ class Session:
         return int(found.group(1)) if found else 1
 
 
+def _summary_writer(logdir: str):
+    """tensorboardX's writer. It imports PyTorch where installed, only to accept torch tensors; we log floats, and
+    a stage process would pay seconds for it, so unless PyTorch is already loaded it is hidden while tensorboardX
+    loads (its import is guarded: without PyTorch it takes numpy arrays)."""
+    import sys
+
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter(logdir)
+
+
 class TensorBoard:
     """Scalars under the same names, at the step given (a training step, else the round)."""
 
@@ -128,9 +145,7 @@ class TensorBoard:
 
     def log(self, prefix: str, flat: dict, r: int, step: int | None) -> None:
         if self.writer is None:  # made at the first metric: a command that logs none leaves no event file
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(self.logdir)
+            self.writer = _summary_writer(self.logdir)
         for key, value in flat.items():
             self.writer.add_scalar(key, value, r if step is None else step)
         self.writer.flush()

@@ -15,6 +15,7 @@ def test_a_teacher_with_another_tokenizer_and_size_end_to_end(tmp_path, smollm2_
     from s2d_jax.tokenizer import chat_prompt, load_tokenizer
 
     args = ["run", *TINY, "--workdir", str(tmp_path), f"--config.teacher.path={smollm2_gguf}",
+            "--config.pretrain.steps=0",  # the student need not know anything: it is taught the teacher's text
             "--config.filter.name=none", "--config.program.max_new_tokens=24", "--config.task.n=4",
             "--config.eval.n=4"]
     assert main(args) == 0
