@@ -181,8 +181,8 @@ def schema() -> dict:
         "loop": {
             "rounds": _(1, at_least(1)),  # 1 = one distillation in the workdir itself; > 1: WORKDIR/rounds/R/
             # inputs per round: round r takes the stream's next round_size unlabelled inputs (the task's inputs in
-            # order), and `loop.rounds` (with `task.n`) may grow on the workdir to go on as inputs arrive; 0 = the
-            # pool is cut into `loop.rounds` equal slices
+            # order), and `loop.rounds` (with `task.n`) may grow on the workdir to go on as inputs arrive (rounds
+            # in WORKDIR/rounds/R/ even for one); 0 = the pool is cut into `loop.rounds` equal slices
             "round_size": _(0, at_least(0)),
             "accumulate": True,  # train each round on every round's kept examples so far (else its own only)
             # base: each round trains from the base model (STaR's choice); previous: from the last distilled model

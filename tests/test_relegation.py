@@ -309,6 +309,10 @@ def test_rounds_over_a_stream_go_on_as_inputs_arrive(reference, tmp_path, capsys
     ("run", ["loop.init=last"], "key 'loop.init' = 'last' is not allowed (expected one of 'base', 'previous')"),
     ("run", ["loop.rounds=7"], "config key 'loop.rounds': 7 rounds need at least 7 unlabelled inputs (the pool has 6"),
     ("generate", ["loop.rounds=2"], "config key 'loop.rounds': 2 rounds run with `s2d run`"),
+    ("generate", ["loop.round_size=2"], "config key 'loop.round_size': rounds over a stream run with `s2d run`"),
+    ("run", ["loop.rounds=2", "loop.round_size=4"], "config key 'loop.round_size': 2 rounds of 4 inputs need 8 "
+                                                    "unlabelled inputs; the stream has 6 (round 2 would have 2)"),
+    ("run", ["eval.routers=(votes,)"], "key 'eval.routers'"),
     ("run", ["teacher.path=/no/teacher"], "config key 'teacher.path': /no/teacher: no such file or directory"),
     ("run", ["teacher.preset=huge", "teacher.tokenizer=bytes"], "key 'teacher.preset': 'huge' is not a preset"),
     ("run", ["teacher.preset=tiny"], "key 'teacher.tokenizer': a preset teacher needs a tokenizer"),

@@ -13,6 +13,12 @@ from s2d_jax.artifacts import write_atomic
 INFO = "round.json"
 
 
+def in_rounds(config) -> bool:
+    """Whether a config runs in rounds (WORKDIR/rounds/R/): more than one, or rounds over a stream
+    (`loop.round_size`), which may start with one and grow."""
+    return config.loop.rounds > 1 or config.loop.round_size > 0
+
+
 def round_dir(workdir: str, r: int) -> str:
     return os.path.join(workdir, "rounds", str(r))
 

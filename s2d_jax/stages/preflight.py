@@ -14,6 +14,7 @@ from s2d_jax.errors import S2DError
 from s2d_jax.model import hub
 from s2d_jax.model.attention import unavailable
 from s2d_jax.plan import estimate as plan
+from s2d_jax.relegation.rounds import in_rounds
 from s2d_jax.system2.tasks import TASKS, tfds_source
 from s2d_jax.system2.tasks.judge import PairwiseJudge
 from s2d_jax.tokenizer import BYTES, SYLLABLES
@@ -38,13 +39,15 @@ def preflight(config: ConfigDict, stage: str, workdir: str = "") -> None:
         check(config, workdir)
     if stage not in READERS:
         return
-    if stage in ROUND_STAGES and config.loop.rounds > 1:
-        raise S2DError(f"config key 'loop.rounds': {config.loop.rounds} rounds run with `s2d run` (each in "
-                       f"WORKDIR/rounds/R/); `s2d {stage}` alone runs in a one-round workdir")
+    if stage in ROUND_STAGES and in_rounds(config):
+        key, what = ("loop.rounds", f"{config.loop.rounds} rounds") if config.loop.rounds > 1 else \
+            ("loop.round_size", "rounds over a stream")
+        raise S2DError(f"config key {key!r}: {what} run with `s2d run` (each in WORKDIR/rounds/R/); `s2d {stage}` "
+                       f"alone runs in a one-round workdir")
     if stage != "convert":
         for key, value in data_keys(config):
             _check(key, value)
-    if stage == "run" and config.loop.rounds > 1:
+    if stage == "run" and in_rounds(config):
         from s2d_jax.stages.inputs import check_rounds
 
         check_rounds(config)

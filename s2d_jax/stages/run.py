@@ -33,7 +33,7 @@ def run(config: ConfigDict, workdir: str) -> str:
     if toy_base(config, workdir):
         pretrain(config, workdir)
         stopping.check("after pretrain")
-    if config.loop.rounds > 1:
+    if rounds.in_rounds(config):
         return run_rounds(config, workdir)
     _stages(config, workdir)
     return os.path.join(workdir, "report.md")
