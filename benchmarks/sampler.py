@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import s2d_jax
-from s2d_jax.assets import fetch_smollm2
+from s2d_jax import assets
 from s2d_jax.model.flops import flops_per_token, matmul_peak
 from s2d_jax.sampling.cache import prefill as _prefill
 from s2d_jax.sampling.clock import PHASES
@@ -88,7 +88,7 @@ def load_models(preset: str, dtype: str, with_torch: bool):
         cfg = cfg.replace(param_dtype=dtype, dtype=dtype, eos_token_ids=(cfg.vocab_size - 1,))
         model, tok = s2d_jax.init_model(cfg, seed=0), word_tokenizer(cfg.vocab_size)
     else:
-        path = fetch_smollm2()
+        path = assets.fetch("smollm2")
         model, tok = s2d_jax.load_model(path, dtype=dtype), s2d_jax.load_tokenizer(path)
     if not with_torch:
         return model, tok, None

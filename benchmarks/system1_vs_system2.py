@@ -50,6 +50,7 @@ def main():
     a = p.parse_args()
     rows = []
     model = tok = mesh = None
+    model_path = assets.fetch(a.model) if a.model in assets.ASSETS else a.model
     print("| task | size | program | n | System 1 (%) | System 2 (%) | System 2 - System 1 (points) | "
           "System 2 tokens / input | System 2 truncation | s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -58,7 +59,6 @@ def main():
         overrides = [f"task.name={task_name}", f"task.size={max(int(size), 1)}", f"program.name={program}",
                      f"eval.path={EVAL_DATA.get(task_name, '')}", f"eval.n={a.n}", "eval.variants=()",
                      f"program.max_new_tokens={a.tokens}"]
-        model_path = assets.fetch(a.model) if a.model in assets.ASSETS else a.model
         config = load_config(CONFIG, overrides + ([f"model.path={model_path}"] if model_path else []) + a.set)
         if model is None:
             mesh = build_mesh(config)

@@ -70,10 +70,6 @@ def fetch(name: str) -> str:
     return asset.path
 
 
-def fetch_smollm2() -> str:
-    return fetch("smollm2")
-
-
 if __name__ == "__main__":
     for name in sys.argv[1:] or ["smollm2"]:
         print(fetch(name))

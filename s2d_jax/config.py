@@ -120,7 +120,9 @@ def _loop_rules(c: ConfigDict):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             yield "route.thresholds", f"{value!r} is not a threshold (expected numbers in [0, 1])"
             break
-    if (c.loop.rounds > 1 or c.loop.round_size) and c.train.data:
+    from s2d_jax.relegation.rounds import in_rounds
+
+    if in_rounds(c) and c.train.data:
         yield "train.data", "a loop of rounds trains on its rounds' kept examples; leave train.data empty"
     if c.teacher.preset and c.teacher.preset not in PRESETS:
         yield "teacher.preset", f"{c.teacher.preset!r} is not a preset (presets: {', '.join(PRESETS)})"

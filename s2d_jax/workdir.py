@@ -106,8 +106,8 @@ def _to_keep(config: ConfigDict, workdir: str) -> tuple[dict | None, str]:
     grown = kept
     for k in grows:
         grown = _with(grown, k, _get(current, k))
-    if key not in grows or _first_difference(_results(grown), _results(current)) is not None:
-        key = key if key not in grows else _first_difference(_results(grown), _results(current))
+    key = _first_difference(_results(grown), _results(current))  # a key that may not change
+    if key:
         raise S2DError(f"{path}: this workdir was made with a different config (key {key!r}: {_get(kept, key)!r} "
                        f"there, {_get(current, key)!r} now); use another --workdir")
     if grows == (GROWS,) and (_get(kept, "loop.rounds") or 1) > 1:

@@ -14,6 +14,7 @@ from s2d_jax.errors import S2DError
 from s2d_jax.model import hub
 from s2d_jax.model.attention import unavailable
 from s2d_jax.plan import estimate as plan
+from s2d_jax.relegation import probe
 from s2d_jax.relegation.rounds import in_rounds
 from s2d_jax.system2.tasks import TASKS, tfds_source
 from s2d_jax.system2.tasks.judge import PairwiseJudge
@@ -68,7 +69,7 @@ def preflight(config: ConfigDict, stage: str, workdir: str = "") -> None:
                 raise S2DError(f"config key {key!r}: {value}: no such file or directory (expected a Hugging Face "
                                f"model directory, a .gguf file or a hub id such as org/name)")
     r = config.route
-    if "probe" in (r.method, *config.eval.routers) and r.probe_layer >= 0 and stage in ("route", "eval", "run"):
+    if probe.wanted(config) and r.probe_layer >= 0 and stage in ("route", "eval", "run"):
         layers = plan.model_config(config).num_layers
         if r.probe_layer > layers:
             raise S2DError(f"config key 'route.probe_layer': {r.probe_layer} is out of range (the model has "
