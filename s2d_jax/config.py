@@ -120,6 +120,14 @@ def _loop_rules(c: ConfigDict):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             yield "route.thresholds", f"{value!r} is not a threshold (expected numbers in [0, 1])"
             break
+    r = c.route
+    if "self" in c.eval.routers and r.method != "self":
+        yield "eval.routers", "'self' reads the marker a model learns with route.method=self only"
+    if r.method == "self" and "probe" in c.eval.routers:
+        yield "eval.routers", ("'probe' trains on the held-out examples that route.method=self teaches the marker "
+                               "on; compare the two in two runs")
+    if r.method == "self" and not r.marker.strip():
+        yield "route.marker", "an empty marker cannot be told from an answer (expected text such as '<think>')"
     from s2d_jax.relegation.rounds import in_rounds
 
     if in_rounds(c) and c.train.data:

@@ -166,10 +166,14 @@ def schema() -> dict:
             # samples that give their majority answer, as the filter votes) | logprob (the per-token probability of
             # System 1's greedy answer: exp of its mean token log-probability) | probe (a classifier on System 1's
             # hidden state at its answer, trained each round on whether its answers were System 2's:
-            # s2d_jax/relegation/probe.py)
-            "method": _("none", one_of("none", "agreement", "logprob", "probe")),
+            # s2d_jax/relegation/probe.py) | self (the distilled model learns to answer `marker` where System 2
+            # would disagree with it, and routing follows the marker: s2d_jax/relegation/marker.py)
+            "method": _("none", one_of("none", "agreement", "logprob", "probe", "self")),
+            "marker": "<think>",  # self: what the model answers instead of an answer to ask for System 2
+            "self_steps": _(100, at_least(1)),  # self: training steps on the marker targets after distillation
             "probe_layer": _(-1, at_least(-1)),  # probe: the residual stream it reads (0 = embeddings); -1 = by validation
-            # probe: the share of the distillation examples (by id) kept out of training to train the probe on
+            # probe, self: the share of the distillation examples (by id) kept out of training, to train the probe
+            # on (self: to find where the distilled model is wrong; they are then trained on, marked there)
             "probe_holdout": _(0.2, between(0.0, 1.0, low_open=True, high_open=True)),
             "threshold": _(0.75, between(0.0, 1.0)),  # confident (System 1's answer stands) at confidence >= this
             "samples": _(4, at_least(2)),  # agreement: System 1 samples per input (their majority is its answer)
@@ -222,9 +226,10 @@ def schema() -> dict:
             # CoinFlip.VARIANTS); accuracy per variant for every system
             "variants": (),
             # more routers swept on the held-out inputs beside route.method (any of "agreement", "logprob",
-            # "probe"): their accuracy-vs-tokens curves share report.png, their calibration and own cost the
-            # report's routers table (each costs one System 1 pass, agreement route.samples of them)
-            "routers": _((), each_of("agreement", "logprob", "probe")),
+            # "probe", and "self" with route.method=self): their accuracy-vs-tokens curves share report.png, their
+            # calibration and own cost the report's routers table (each costs one System 1 pass, agreement
+            # route.samples of them)
+            "routers": _((), each_of("agreement", "logprob", "probe", "self")),
             # lm-evaluation-harness (`s2d eval --harness TASKS`, s2d_jax/harness.py): its tasks on our models
             "harness": {
                 "tasks": (),  # harness task names (stock, or in include_path's YAML files)

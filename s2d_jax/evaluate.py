@@ -15,6 +15,7 @@ import collections
 import time
 
 from s2d_jax.relegation import routing
+from s2d_jax.relegation.marker import confidence as self_confidence, marked
 from s2d_jax.model.flops import flops_per_token
 from s2d_jax.sampling import Sampler
 from s2d_jax.system2.filters import majority, usc_select
@@ -83,13 +84,15 @@ def system1(model, tokenizer, task, examples, *, prompt=None, chat: bool = True,
 
 def router(model, tokenizer, task, examples, *, method: str, samples: int = 4, temperature: float = 0.7,
            seed: int = 0, prompt=None, chat: bool = True, max_new_tokens: int = 32, mesh=None, max_batch: int = 32,
-           cache_dtype: str | None = None, stop=None, probe: dict | None = None) -> tuple[list[dict], float]:
+           cache_dtype: str | None = None, stop=None, probe: dict | None = None, marker: str | None = None
+           ) -> tuple[list[dict], float]:
     """System 1 asked for its answer and its confidence in it (no labels read): per input `id`, `answer`, the
     `text` that gave it, `confidence` and the cost of asking; and the wall seconds. `agreement`: `samples` samples, the answer their
     majority, the confidence the share giving it; `logprob`: the greedy answer and its per-token probability;
     `probe`: the greedy answer and the probe's probability that it is System 2's (one more forward pass over prompt
     and answer, billed; without a trained probe, confidence 0: every input goes to System 2, whose answers train
-    it).
+    it); `self`: the greedy answer, no answer and confidence 0 when it is the `marker` (`relegation.marker`; None:
+    a model never taught it, every input escalates).
     Samples are keyed by the input's id, so an input gets the same ones whatever else is in the call."""
     start = time.perf_counter()
     prompt = prompt or task.system1_prompt
@@ -111,6 +114,11 @@ def router(model, tokenizer, task, examples, *, method: str, samples: int = 4, t
             answer, confidence = routing.agreement(parsed)
         elif method == "probe":
             answer, confidence = parsed[0], probed[k]
+        elif method == "self":  # a marked answer is no answer
+            said = group[0]
+            if marker is not None and marked(said.text, marker):
+                parsed[0] = None
+            answer, confidence = parsed[0], self_confidence(said.text, said.logprobs, marker)
         else:
             answer, confidence = parsed[0], routing.token_probability(group[0].logprobs)
         cost = calls_cost(group, model.cfg, shared_prompt=True)

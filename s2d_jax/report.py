@@ -15,7 +15,7 @@ from s2d_jax.errors import S2DError
 SYSTEMS = (("system1", "System 1 (base, direct)"), ("system2", "System 2 (program)"),
            ("distilled", "Distilled System 1"), ("routed", "Routed (System 1 where sure, else System 2)"))
 COLORS = {"system1": "tab:blue", "system2": "tab:orange", "distilled": "tab:green", "routed": "tab:red"}
-ROUTER_COLORS = {"agreement": "tab:purple", "logprob": "tab:brown", "probe": "tab:cyan"}  # the routers' curves
+ROUTER_COLORS = {"agreement": "tab:purple", "logprob": "tab:brown", "probe": "tab:cyan", "self": "tab:olive"}  # the routers' curves
 COST = (("accuracy", "accuracy (%)"), ("generated_tokens", "generated tokens / input"),
         ("prompt_tokens", "prompt tokens / input"), ("flops", "FLOPs / input"), ("seconds", "seconds / input"),
         ("n", "n"))

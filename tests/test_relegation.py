@@ -301,7 +301,12 @@ def test_rounds_over_a_stream_go_on_as_inputs_arrive(reference, tmp_path, capsys
 
 @pytest.mark.parametrize("stage, overrides, message", [
     ("run", ["route.method=votes"], "key 'route.method' = 'votes' is not allowed (expected one of 'none', "
-                                    "'agreement', 'logprob', 'probe')"),
+                                    "'agreement', 'logprob', 'probe', 'self')"),
+    ("run", ["eval.routers=self"], "key 'eval.routers': 'self' reads the marker a model learns with "
+                                      "route.method=self only"),
+    ("run", ["route.method=self", "eval.routers=probe"], "key 'eval.routers': 'probe' trains on the "
+                                                            "held-out examples that route.method=self teaches"),
+    ("run", ["route.method=self", "route.marker="], "key 'route.marker': an empty marker cannot be told"),
     ("run", ["route.threshold=1.5"], "key 'route.threshold' = 1.5 is not allowed (expected [0.0, 1.0])"),
     ("run", ["route.thresholds=(0.5,2)"], "key 'route.thresholds': 2 is not a threshold"),
     ("run", ["route.samples=1"], "key 'route.samples' = 1 is not allowed (expected >= 2)"),

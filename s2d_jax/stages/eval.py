@@ -19,7 +19,7 @@ from s2d_jax.build import build_generation_mesh, build_model, build_system1, bui
 from s2d_jax.errors import S2DError
 from s2d_jax.stages.inputs import load_eval_inputs, program_args, system1_instruction, system1_prompt, with_swapped
 from s2d_jax.stages.probe import train_probe
-from s2d_jax.stages.route import load_probe, model_name, router_args
+from s2d_jax.stages.route import model_name, router_args, router_state
 from s2d_jax.stages.train import nothing_to_train
 from s2d_jax.system2.programs import get_program
 
@@ -103,8 +103,8 @@ def evaluate_stage(config: ConfigDict, workdir: str) -> str:
 
         def routed_system1(method: str):
             return lambda m, k: evaluate.routed_system1(m, k, task, examples, **{
-                **router_args(config, task, mesh), "method": method},
-                probe=load_probe(config, router_dir, models["router"], m, method))
+                **router_args(config, task, mesh), "method": method,
+                **router_state(config, router_dir, models["router"], m, method)})
 
         if config.route.method != "none":
             score("router", router_model, routed_system1(config.route.method))

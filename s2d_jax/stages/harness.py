@@ -101,7 +101,7 @@ def _routed(config: ConfigDict, workdir: str, system1, mesh, common: dict):
     from s2d_jax.system2.tasks import get_task
 
     from s2d_jax.relegation import rounds
-    from s2d_jax.stages.route import load_probe
+    from s2d_jax.stages.route import router_state
 
     task = get_task(config.eval.task or config.task.name)
     path = os.path.join(workdir, "model") if os.path.exists(os.path.join(workdir, "model")) else \
@@ -109,7 +109,7 @@ def _routed(config: ConfigDict, workdir: str, system1, mesh, common: dict):
     name = os.path.relpath(path, rounds.root(workdir)) if path else "base"
     router = {k: v for k, v in router_args(config, task, mesh).items()
               if k in ("method", "samples", "temperature", "seed", "chat")}
-    router["probe"] = load_probe(config, path, name, system1[0])
+    router.update(router_state(config, path, name, system1[0]))
     args = program_args(config, task)
     return harness_lib.RoutedHarnessLM(
         *system1, system2=build_system2(config, mesh, workdir), program=get_program(config.program.name), task=task,

@@ -42,8 +42,8 @@ def route(config: ConfigDict, workdir: str) -> str | None:
     model, tok = build_system1(config, mesh, workdir)
     log.info("route: System 1 (%s) on %d unlabelled inputs, %s >= %g stays with System 1", model_name(workdir),
              len(examples), r.method, r.threshold)
-    probe = load_probe(config, rounds.system1_path(workdir), model_name(workdir), model)
-    rows, seconds = evaluate.router(model, tok, task, examples, **router_args(config, task, mesh), probe=probe)
+    rows, seconds = evaluate.router(model, tok, task, examples, **router_args(config, task, mesh),
+                                    **router_state(config, rounds.system1_path(workdir), model_name(workdir), model))
     for row in rows:
         row["escalated"] = escalated(row["confidence"], r.threshold)
     up = sum(row["escalated"] for row in rows)
@@ -69,15 +69,16 @@ def router_args(config: ConfigDict, task, mesh) -> dict:
                 cache_dtype=g.cache_dtype or None)
 
 
-def load_probe(config: ConfigDict, system1: str | None, name: str, model, method: str = "") -> dict | None:
-    """With `route.method=probe` (or `method`): the probe trained for System 1 (saved beside the distilled model
-    `system1`, in its round's `router/`); None for the base model or before one is trained (then every input
-    escalates)."""
+def router_state(config: ConfigDict, system1: str | None, name: str, model, method: str = "") -> dict:
+    """What the router (`route.method`, or `method`) reads besides System 1's answers: the probe trained for System 1
+    (saved beside the distilled model `system1`, in its round's `router/`), and whether System 1 was taught the
+    marker (`self`). The base model (`system1` None) has neither, so every input escalates, and System 2's answers
+    train them; a probe not trained yet is None too."""
     from s2d_jax.relegation import probe
 
-    if (method or config.route.method) != "probe" or not system1:
-        return None
-    return probe.load(os.path.dirname(system1), name, model.cfg.num_layers)
+    method = method or config.route.method
+    found = probe.load(os.path.dirname(system1), name, model.cfg.num_layers) if method == "probe" and system1 else None
+    return {"probe": found, "marker": config.route.marker if method == "self" and system1 else None}
 
 
 def model_name(workdir: str) -> str:

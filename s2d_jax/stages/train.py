@@ -1,4 +1,5 @@
-"""Stage `train`: distil `distill.jsonl` into the model and export it to `model/`."""
+"""Stage `train`: distil `distill.jsonl` into the model and export it to `model/` (with `route.method=self`, then
+teach it the marker on the examples it was kept from: `relegation/marker.py`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from ml_collections import ConfigDict
 
 from s2d_jax import datasets
 from s2d_jax.runtime import distributed
-from s2d_jax.relegation import probe, rounds
+from s2d_jax.relegation import marker, probe, rounds
 from s2d_jax.build import build_generation_mesh, build_mesh, build_model, build_tokenizer
 from s2d_jax.errors import S2DError
 from s2d_jax.model import lora, quant, save_hf
@@ -34,7 +35,7 @@ def train(config: ConfigDict, workdir: str) -> str:
     data = train_data(config, workdir)
     if not os.path.exists(data):
         raise S2DError(f"{data}: no such file (run `s2d filter` first, or set 'train.data')")
-    if probe.wanted(config) and not config.train.data:
+    if (probe.wanted(config) or marker.wanted(config)) and not config.train.data:
         data = _without_probe_examples(config, workdir, data)
     mesh = build_mesh(config)
     model = build_model(config, mesh, workdir, trainable=True, path=rounds.init_path(workdir))
@@ -42,19 +43,18 @@ def train(config: ConfigDict, workdir: str) -> str:
     eval_fn = None
     if config.train.eval_every:
         task, examples = load_eval_inputs(config)
-        decoding = build_generation_mesh(config)
 
         def eval_fn(m):  # on the generation mesh: the trained weights copied there on device, training's untouched
-            from s2d_jax.sampling.reshard import reshard
-
-            m = quant.quantize(m if decoding == mesh else reshard(m, decoding), config.generate.weights_dtype)
+            m, target = decoding(config, m, mesh)
             return evaluate.system1(m, tok, task, examples, chat=config.program.chat,
                                     prompt=lambda x: system1_prompt(config, task, x),
                                     max_new_tokens=config.eval.max_new_tokens or task.answer_tokens,
-                                    mesh=decoding, max_batch=config.generate.max_batch)
+                                    mesh=target, max_batch=config.generate.max_batch)
     result = Trainer(model, tok, config, workdir, mesh=mesh, chat=config.program.chat, eval_fn=eval_fn,
                      data=data).fit()
     log.info("trained %d steps: %s", result.step, {k: round(v, 4) for k, v in result.metrics.items()})
+    if marker.wanted(config) and not config.train.data:
+        _learn_marker(config, workdir, model, tok, mesh, data)
     if config.train.lora_rank:
         adapter = os.path.join(workdir, "adapter")  # one left by a run killed before model/ is replaced
         lora.save_peft(model, adapter, base_model=config.model.path, overwrite=True)
@@ -62,6 +62,61 @@ def train(config: ConfigDict, workdir: str) -> str:
     save_hf(model, out, tokenizer=tok)
     log.info("wrote %s", out)
     return out
+
+
+def decoding(config: ConfigDict, model, mesh) -> tuple:
+    """(model, its mesh) for sampling from a model in training: its weights copied onto the generation
+    mesh on device (training's untouched) and quantised as `generate.weights_dtype` says."""
+    from s2d_jax.sampling.reshard import reshard
+
+    target = build_generation_mesh(config)
+    m = quant.quantize(model if target == mesh else reshard(model, target), config.generate.weights_dtype)
+    return m, target
+
+
+def _learn_marker(config: ConfigDict, workdir: str, model, tok, mesh, fit: str) -> None:
+    """`route.method=self`: the distilled model answers the held-out examples (greedy, as it will be routed); those
+    it answers unlike System 2 get the marker as their target, and training goes on for `route.self_steps` steps on
+    every example (WORKDIR/self/: `train.jsonl`, the targets, written once; its own checkpoints and metrics), so the
+    model keeps its answers and asks for System 2 where it was wrong."""
+    import json
+
+    from s2d_jax.artifacts import read_jsonl, write_atomic
+    from s2d_jax.sampling import Sampler
+    from s2d_jax.system2.tasks import get_task
+    from s2d_jax.train import Trainer
+
+    here = os.path.join(workdir, marker.DIR)
+    targets = os.path.join(here, "train.jsonl")
+    rows = read_jsonl(fit, ("id", "prompt", "target"))
+    kept = {r["id"] for r in rows}
+    held = [r for r in read_jsonl(train_data(config, workdir), ("id", "prompt", "target")) if r["id"] not in kept]
+    if not held:
+        log.warning("route.method=self: no held-out example to learn the marker from; the model never asks for "
+                    "System 2 (raise route.probe_holdout or the pool)")
+        return
+    if not os.path.exists(targets):
+        task, g = get_task(config.task.name), config.generate
+        m, target = decoding(config, model, mesh)
+        sampler = Sampler(m, tok, mesh=target, max_batch=g.max_batch, cache_dtype=g.cache_dtype or None)
+        said = [s.text for (s,) in sampler.generate([r["prompt"] for r in held], chat=config.program.chat,
+                                                    max_new_tokens=config.eval.max_new_tokens or task.answer_tokens,
+                                                    progress=False)]
+        held = marker.self_targets(held, said, task.parse, config.route.marker)
+        if distributed.primary():
+            os.makedirs(here, exist_ok=True)
+            write_atomic(targets, "".join(json.dumps(r) + "\n" for r in rows + held))
+        distributed.barrier(f"marker targets {workdir}")
+    held = [r for r in read_jsonl(targets, ("id",)) if r.get("marked") is not None]
+    up = sum(r["marked"] for r in held)
+    log.info("route.method=self: the model answered %d of %d held-out examples unlike System 2; %d steps teach it "
+             "%r there", up, len(held), config.route.self_steps, config.route.marker)
+    sub = ConfigDict(config.to_dict())
+    sub.train.update(data=targets, checkpoint_dir="", steps=config.route.self_steps, warmup_steps=0, eval_every=0,
+                     checkpoint_every=min(config.train.checkpoint_every, config.route.self_steps),
+                     log_every=min(config.train.log_every, config.route.self_steps))
+    result = Trainer(model, tok, sub, here, mesh=mesh, chat=config.program.chat, data=targets, track="self").fit()
+    log.info("self: trained %d steps: %s", result.step, {k: round(v, 4) for k, v in result.metrics.items()})
 
 
 def _grown(config: ConfigDict, workdir: str) -> bool:
@@ -76,7 +131,7 @@ def _grown(config: ConfigDict, workdir: str) -> bool:
     log.info("model/ was trained for %d steps; train.steps is %d: continuing from checkpoint %d", trained,
              config.train.steps, trained)
     if distributed.primary():
-        for name in ("eval.json", "report.md", "report.png", "report_flops.png", "adapter", "model"):
+        for name in ("eval.json", "report.md", "report.png", "report_flops.png", "adapter", marker.DIR, "model"):
             path = os.path.join(workdir, name)
             if os.path.isdir(path):
                 shutil.rmtree(path)
@@ -108,8 +163,8 @@ def _without_probe_examples(config: ConfigDict, workdir: str, data: str) -> str:
     if distributed.primary():
         write_atomic(out, "".join(json.dumps(r) + "\n" for r in kept))
     distributed.barrier(f"probe split {workdir}")
-    log.info("train: %d of %d examples (the other %d train the probe router)", len(kept), len(rows),
-             len(rows) - len(kept))
+    log.info("train: %d of %d examples (the other %d are held out for the %s router)", len(kept), len(rows),
+             len(rows) - len(kept), config.route.method if config.route.method in ("probe", "self") else "probe")
     return out
 
 
