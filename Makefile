@@ -30,8 +30,9 @@ fixtures: $(GGUF)
 $(GGUF): | $(STAMP)
 	$(PY) -m s2d_jax.assets
 
+# --max-worker-restart=0: a worker that dies (a crash inside XLA) ends the run with a failure, never a hang
 test: setup fixtures
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --max-worker-restart=0 $(PYTEST_ARGS) tests
 
 demo: setup fixtures
 	$(PY) -m s2d_jax.demo
