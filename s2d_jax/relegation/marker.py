@@ -15,7 +15,7 @@ System 2 on every input."""
 
 from __future__ import annotations
 
-from s2d_jax.relegation.routing import token_probability
+from s2d_jax.relegation.routing import agrees, token_probability
 
 DIR = "self"  # WORKDIR/self/: the second phase's targets, checkpoints and metrics
 FOLLOW = 0.75  # up to this threshold, marked answers escalate and nothing else
@@ -45,7 +45,6 @@ def self_targets(rows: list[dict], answers: list[str], parse, marker: str) -> li
     the model said (`system1`) and whether it is `marked`."""
     out = []
     for row, text in zip(rows, answers):
-        mine = parse(text)
-        wrong = mine is None or mine != parse(row["target"])
+        wrong = not agrees(parse, text, row["target"])
         out.append({**row, "target": marker if wrong else row["target"], "marked": wrong, "system1": text})
     return out

@@ -43,6 +43,13 @@ def token_probability(logprobs: Sequence[float] | None) -> float:
     return math.exp(sum(logprobs) / len(logprobs)) if logprobs else 0.0
 
 
+def agrees(parse, text: str, target: str) -> bool:
+    """Whether System 1's answer `text` parses to System 2's self-consistent answer `target`: the label the learned
+    routers (probe, marker) are trained on."""
+    mine = parse(text)
+    return mine is not None and mine == parse(target)
+
+
 def escalated(confidence: float, threshold: float) -> bool:
     """System 2 takes the input when System 1 is less sure than `threshold` (threshold 0: never; above every
     confidence: always)."""

@@ -15,11 +15,22 @@ from s2d_jax import trackers
 from s2d_jax.artifacts import read_jsonl
 from s2d_jax.build import build_generation_mesh, build_model, build_tokenizer
 from s2d_jax.relegation import probe, rounds
+from s2d_jax.relegation.routing import agrees
 from s2d_jax.runtime import distributed
 from s2d_jax.sampling import Sampler
 from s2d_jax.system2.tasks import get_task
 
 log = logging.getLogger("s2d")
+
+
+def held_out_answers(config: ConfigDict, model, tok, mesh, prompts: list[str], logprobs: bool = False) -> list:
+    """The distilled model's greedy answers to held-out distillation prompts, asked as the router asks (eval's
+    answer budget): what the learned routers' labels compare with System 2's answers."""
+    g = config.generate
+    sampler = Sampler(model, tok, mesh=mesh, max_batch=g.max_batch, cache_dtype=g.cache_dtype or None)
+    budget = config.eval.max_new_tokens or get_task(config.task.name).answer_tokens
+    return [s for (s,) in sampler.generate(prompts, max_new_tokens=budget, chat=config.program.chat,
+                                           logprobs=logprobs, progress=False)]
 
 
 def train_probe(config: ConfigDict, workdir: str) -> str | None:
@@ -47,16 +58,12 @@ def train_probe(config: ConfigDict, workdir: str) -> str | None:
         distributed.barrier(f"probe {workdir}")
         log.warning("probe: no held-out example to train on; the routed system escalates every input")
         return done
-    mesh, g = build_generation_mesh(config), config.generate
+    mesh = build_generation_mesh(config)
     model = build_model(config, mesh, path=distilled, sampling=True)
     tok = build_tokenizer(config, workdir)
-    sampler = Sampler(model, tok, mesh=mesh, max_batch=g.max_batch, cache_dtype=g.cache_dtype or None)
-    budget = config.eval.max_new_tokens or task.answer_tokens
     prompts = [r["prompt"] for r in rows]
-    samples = [s for (s,) in sampler.generate(prompts, max_new_tokens=budget, chat=config.program.chat,
-                                              logprobs=True, progress=False)]
-    agree = np.asarray([task.parse(s.text) is not None and task.parse(s.text) == task.parse(r["target"])
-                        for s, r in zip(samples, rows)], np.float32)
+    samples = held_out_answers(config, model, tok, mesh, prompts, logprobs=True)
+    agree = np.asarray([agrees(task.parse, s.text, r["target"]) for s, r in zip(samples, rows)], np.float32)
     x = probe.features(model, tok, prompts, samples, chat=config.program.chat)
     fitted = probe.train(x, agree, [r["id"] for r in rows], config.route.probe_layer)
     meta.update(agreeing=int(agree.sum()), source=os.path.basename(source))

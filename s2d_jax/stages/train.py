@@ -82,7 +82,7 @@ def _learn_marker(config: ConfigDict, workdir: str, model, tok, mesh, fit: str) 
     import json
 
     from s2d_jax.artifacts import read_jsonl, write_atomic
-    from s2d_jax.sampling import Sampler
+    from s2d_jax.stages.probe import held_out_answers
     from s2d_jax.system2.tasks import get_task
     from s2d_jax.train import Trainer
 
@@ -96,13 +96,9 @@ def _learn_marker(config: ConfigDict, workdir: str, model, tok, mesh, fit: str) 
                     "System 2 (raise route.probe_holdout or the pool)")
         return
     if not os.path.exists(targets):
-        task, g = get_task(config.task.name), config.generate
         m, target = decoding(config, model, mesh)
-        sampler = Sampler(m, tok, mesh=target, max_batch=g.max_batch, cache_dtype=g.cache_dtype or None)
-        said = [s.text for (s,) in sampler.generate([r["prompt"] for r in held], chat=config.program.chat,
-                                                    max_new_tokens=config.eval.max_new_tokens or task.answer_tokens,
-                                                    progress=False)]
-        held = marker.self_targets(held, said, task.parse, config.route.marker)
+        said = [s.text for s in held_out_answers(config, m, tok, target, [r["prompt"] for r in held])]
+        held = marker.self_targets(held, said, get_task(config.task.name).parse, config.route.marker)
         if distributed.primary():
             os.makedirs(here, exist_ok=True)
             write_atomic(targets, "".join(json.dumps(r) + "\n" for r in rows + held))
