@@ -6,7 +6,10 @@ figures. Each row compiles the run's decode program for the target (libtpu, from
 - roofline ms: XLA's cost analysis of one decode step (FLOPs and bytes, extrapolated from 1 and 2 layers) against the
   chip's peaks, `max(FLOPs / peak, bytes / HBM bandwidth)`: an estimate, never a measurement;
 - floor ms: the bytes a step must read per chip (the weights and the live KV of every slot) over HBM bandwidth;
-- floor/roofline: 1 = XLA's program reads only what it must; tokens/s = slots / roofline over the whole slice.
+- floor/roofline: 1 = XLA's program reads only what it must; tokens/s = slots / roofline over the whole slice;
+- HBM roofline ms: the same with only the bytes that have an end in HBM (`s2d_jax/plan/hbm.py`: XLA's count also
+  sums every read and write of VMEM, so a weight prefetched there counts about three times), its floor/roofline
+  and tokens/s; int8 / bf16 compares these.
 
     python benchmarks/tpu_decode.py                                   # the whole table (about a minute a row)
     python benchmarks/tpu_decode.py --targets v5e-8 --models llama3-8b --slots 128 --dtypes bfloat16,int8 --memory
@@ -57,10 +60,10 @@ def main() -> None:
     ap.add_argument("--dtypes", default="bfloat16,int8,int8kv", help="int8: weights; int8kv: weights and KV cache")
     ap.add_argument("--memory", action="store_true", help="also XLA's peak bytes per chip (full-depth compile)")
     args = ap.parse_args()
-    print("| model | target | weights | slots | generation mesh d/f/t | roofline ms | floor ms | floor/roofline "
-          "| tokens/s (roofline) | int8 / bf16 |" + (" peak GB/chip |" if args.memory else "")
-          + " JetStream tokens/s (batch) |")  # int8kv: int8 weights and an int8 KV cache
-    print("|---" * (11 + args.memory) + "|")
+    print("| model | target | weights | slots | generation mesh d/f/t | floor ms | XLA roofline ms | floor/XLA "
+          "| tokens/s (XLA) | HBM roofline ms | floor/HBM | tokens/s (HBM) | int8 / bf16 (HBM) |"
+          + (" peak GB/chip |" if args.memory else "") + " JetStream tokens/s (batch) |")  # int8kv: + KV cache
+    print("|---" * (14 + args.memory) + "|")
     base = {}
     for model in args.models.split(","):
         for target in args.targets.split(","):
@@ -69,14 +72,16 @@ def main() -> None:
                     start = time.perf_counter()
                     f = figures(model, target, slots, dtype, args.memory)
                     if dtype == "bfloat16":
-                        base[(model, target, slots)] = f["tokens_per_s"]
-                    ratio = f["tokens_per_s"] / base[(model, target, slots)] if (model, target, slots) in base else None
+                        base[(model, target, slots)] = f["hbm_tokens_per_s"]
+                    ratio = f["hbm_tokens_per_s"] / base[(model, target, slots)] if (model, target, slots) in base \
+                        else None
                     jet = JETSTREAM.get((model, target, dtype.replace("kv", "")))
                     m = f["generate_mesh"]
                     print(f"| {model} | {target} | {dtype} | {f['slots']} | {m['data']}/{m['fsdp']}/{m['tensor']} | "
-                          f"{f['roofline_s'] * 1e3:.2f} | {f['hbm_floor_s'] * 1e3:.2f} | "
+                          f"{f['hbm_floor_s'] * 1e3:.2f} | {f['roofline_s'] * 1e3:.2f} | "
                           f"{f['floor_over_roofline']:.2f} | {f['tokens_per_s']:,.0f} | "
-                          f"{'' if ratio is None else f'{ratio:.2f}x'} |"
+                          f"{f['hbm_roofline_s'] * 1e3:.2f} | {f['floor_over_hbm_roofline']:.2f} | "
+                          f"{f['hbm_tokens_per_s']:,.0f} | {'' if ratio is None else f'{ratio:.2f}x'} |"
                           + (f" {f['peak'] / GB:.2f} |" if args.memory else "")
                           + (f" {jet[0]:,} ({jet[1]}) |" if jet else " |"), flush=True)
                     print(f"  ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)

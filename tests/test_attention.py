@@ -148,3 +148,26 @@ def test_cudnn_matches_the_reference_on_gpu():
         for a, b in zip(grads["cudnn"], grads["reference"]):
             a, b = np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32))
             assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2
+
+
+@pytest.mark.parametrize("dtype,t", [("float32", 1), ("bfloat16", 1), ("int8", 3), ("bfloat16", 40)])
+def test_the_kernel_cache_write_equals_xlas(dtype, t):
+    """Each row's new slots written by the in-place DMA kernel (interpreted here; Mosaic on a TPU: test_aot), through
+    an aligned window around them, equal XLA's per-row update: at the cache's first and last slots, across a
+    window's edge, and for an int8 cache (`Int8KV`: its scales by XLA)."""
+    from s2d_jax.model.decode_attention import ALIGN, dma_width, write, write_slots
+    from s2d_jax.model.quant import kv_store
+
+    b, k, slots, hd = 5, 2, 128, 16
+    rng = np.random.default_rng(0)
+    cache, new = (jnp.asarray(rng.normal(size=(b, k, n, hd)) * 20, jnp.float32) for n in (slots, t))
+    index = jnp.asarray([0, slots - t, ALIGN - 1, 2 * ALIGN + 5, 77 % (slots - t + 1)], jnp.int32)
+    if dtype == "int8":
+        cache, new = kv_store(cache, "int8"), kv_store(new, "int8")
+    else:
+        cache, new = cache.astype(dtype), new.astype(dtype)
+    assert dma_width(slots, t) is not None and dma_width(slots + 1, t) is None  # else XLA writes
+    got = jax.jit(lambda c, n, i: write(c, n, i, kernel=True))(cache, new, index)
+    want = jax.tree.map(lambda c, n: write_slots(c, n, index, 2), cache, new)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))

@@ -86,6 +86,15 @@ def choose(q_len: int, dtype, right_padded: bool, backend: str | None = None, ca
     return "blockwise"
 
 
+def resolve(impl: str, q_len: int, dtype, right_padded: bool = False, cached: bool = False,
+            softcap: float | None = None, platform: str = "") -> str:
+    """The implementation that runs: `impl`, or what `auto` picks where `impl` cannot take these inputs."""
+    if (impl == "auto" or cached and impl in ("cudnn", "splash") or softcap and impl == "cudnn"
+            or impl == "ragged" and not cached):
+        return choose(q_len, dtype, right_padded, platform or jax.default_backend(), cached=cached, softcap=softcap)
+    return impl
+
+
 def attention(q, k, v, mask: Mask, *, window: int | None = None, impl: str = "auto", right_padded: bool = False,
               cached: bool = False, block: int = BLOCK, scale: float | None = None,
               softcap: float | None = None, platform: str = "", splash_block: int = 0) -> jax.Array:
@@ -94,9 +103,7 @@ def attention(q, k, v, mask: Mask, *, window: int | None = None, impl: str = "au
     aligned slots (cuDNN, splash) gives way to what `auto` picks, as cuDNN does for soft-capping; without, the
     ragged decode kernel does. `platform`: the one the program is built for ("" = JAX's backend here)."""
     platform = platform or jax.default_backend()
-    if (impl == "auto" or cached and impl in ("cudnn", "splash") or softcap and impl == "cudnn"
-            or impl == "ragged" and not cached):
-        impl = choose(q.shape[3], q.dtype, right_padded, platform, cached=cached, softcap=softcap)
+    impl = resolve(impl, q.shape[3], q.dtype, right_padded, cached, softcap, platform)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     softcap = float(softcap) if softcap else None
     if impl == "ragged":

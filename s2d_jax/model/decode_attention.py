@@ -8,6 +8,10 @@ is skipped (`pl.when`). The live length per row comes in as a prefetched scalar 
 JAX's paged attention use the same trick). An int8 cache (`quant.Int8KV`) is read as int8: the key scales
 multiply the scores and the value scales the probabilities, each one per slot.
 
+The new tokens' keys and values reach the cache through `write`: per row at its own slot, XLA's scatter moves the
+whole cache layer through VMEM and back every step (by XLA:TPU's own HLO, a third more HBM traffic per layer than
+the weights and the live KV at 64 slots); on TPU a kernel DMAs each row's new slots into the cache in place.
+
 Queries of one kv head (its G query heads x T new tokens) are the rows of one `[G T, block]` score tile, float32,
 with an online softmax across blocks. The mask is the one every path takes (`attention.Mask`) over a cache: a key
 is seen when its slot is valid (segment nonzero; a cache's new tokens are all one segment) and not after the
@@ -109,7 +113,7 @@ def ragged(q, k, v, mask, window=None, scale=None, softcap=None, interpret: bool
     scale_spec = pl.BlockSpec((1, 1, 1, block), lambda bi, h, j, lv: (bi, h, 0, last(bi, j, lv)))
     row_spec = pl.BlockSpec((1, 1, block), lambda bi, h, j, lv: (bi, 0, last(bi, j, lv)))
     q_spec = pl.BlockSpec((1, 1, rows, hd), lambda bi, h, j, lv: (bi, h, 0, 0))
-    inputs, specs = [qr, k.q if int8 else k, v.q if int8 else v], [q_spec, kv_spec, kv_spec]
+    inputs, specs = [qr, in_hbm(k.q if int8 else k), in_hbm(v.q if int8 else v)], [q_spec, kv_spec, kv_spec]
     if int8:
         inputs += [k.scale.reshape(b, kh, 1, s), v.scale.reshape(b, kh, 1, s)]
         specs += [scale_spec, scale_spec]
@@ -131,3 +135,89 @@ def ragged(q, k, v, mask, window=None, scale=None, softcap=None, interpret: bool
         name="ragged_decode_attention",
     )(live, *inputs)
     return out.reshape(b, kh, g, t, hd)
+
+
+def write(cache, new, index: jax.Array, kernel: bool = False, platform: str = ""):
+    """`new` `[B, K, T, hd]` written into a cache layer `[B, K, S, hd]` (or `Int8KV`) from slot `index`: one slot
+    for the whole batch (`[]`), or each row's own (`[B]`, continuous batching). `kernel`: each row's slots by the
+    in-place DMA kernel (the ragged path's; interpreted off TPU), an int8 cache's scales still by XLA."""
+    if kernel and index.ndim == 1 and dma_width(jax.tree.leaves(cache)[0].shape[2], new_len(new)):
+        from s2d_jax.model.attention import per_device
+
+        run = lambda c, n, i: _dma_write(c, n, i, interpret=(platform or jax.default_backend()) != "tpu")
+        if isinstance(cache, Int8KV):
+            return Int8KV(per_device(run, cache.q, new.q, index)(cache.q, new.q, index),
+                          write_slots(cache.scale, new.scale, index, 2))
+        return per_device(run, cache, new, index)(cache, new, index)
+    return jax.tree.map(lambda c, n: write_slots(c, n, index, 2), cache, new)
+
+
+def new_len(new) -> int:
+    return jax.tree.leaves(new)[0].shape[2]
+
+
+def write_slots(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    """`new` written into `cache` along `axis` from slot `index` (`[]` or `[B]`), by XLA."""
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(cache, new, tuple(index if a == axis else 0 for a in range(cache.ndim)))
+    row = lambda c, x, i: jax.lax.dynamic_update_slice(c, x, tuple(i if a == axis - 1 else 0 for a in range(c.ndim)))
+    return jax.vmap(row)(cache, new, index)
+
+
+ALIGN = 32  # cache slots a DMA window starts and ends on: a tile's rows for float32, bfloat16 and int8 alike
+
+
+def _write_kernel(index_ref, new_ref, _, cache_ref, window_ref, sem, *, t, width, slots):
+    """Row b: the aligned window of slots holding index[b]..index[b] + t - 1 copied in, those slots replaced, copied
+    back (a DMA's offset along a tiled dimension must be a whole tile)."""
+    b = pl.program_id(0)
+    i = index_ref[b]
+    start = pl.multiple_of(jnp.minimum(i // ALIGN * ALIGN, slots - width), ALIGN)
+    region = cache_ref.at[b, :, pl.ds(start, width), :]
+    copy = pltpu.make_async_copy(region, window_ref, sem)
+    copy.start()
+    copy.wait()
+    buf = window_ref[...]
+    at = jax.lax.broadcasted_iota(jnp.int32, buf.shape, 1) + start
+    for n in range(t):
+        buf = jnp.where(at == i + n, new_ref[0, :, n:n + 1, :].astype(buf.dtype), buf)
+    window_ref[...] = buf
+    copy = pltpu.make_async_copy(window_ref, region, sem)
+    copy.start()
+    copy.wait()
+
+
+def dma_width(slots: int, t: int) -> int | None:
+    """The DMA window for `t` new slots in a cache of `slots` (None: the cache is not a whole number of windows,
+    and XLA writes it)."""
+    width = -(-(t + ALIGN - 1) // ALIGN) * ALIGN if t > 1 else ALIGN
+    return width if slots % ALIGN == 0 and width <= slots else None
+
+
+def _dma_write(cache: jax.Array, new: jax.Array, index: jax.Array, interpret: bool) -> jax.Array:
+    """One device's rows: row b's `new[b]` written to `cache[b, :, index[b]:index[b] + T]` through a small aligned
+    window, the cache aliased to the output (it stays in HBM, touched only around the new slots)."""
+    b, k, slots, hd = cache.shape
+    t = new.shape[2]
+    width = dma_width(slots, t)
+    return pl.pallas_call(
+        functools.partial(_write_kernel, t=t, width=width, slots=slots),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(b,),
+            in_specs=[pl.BlockSpec((1, k, t, hd), lambda r, i: (r, 0, 0, 0)), pl.BlockSpec(memory_space=pl.ANY)],
+            out_specs=pl.BlockSpec(memory_space=pl.ANY),
+            scratch_shapes=[pltpu.VMEM((k, width, hd), cache.dtype), pltpu.SemaphoreType.DMA]),
+        out_shape=jax.ShapeDtypeStruct(cache.shape, cache.dtype),
+        input_output_aliases={2: 0},
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
+        cost_estimate=pl.CostEstimate(flops=0, transcendentals=0,
+                                      bytes_accessed=(2 * b * k * width * hd + new.size) * cache.dtype.itemsize),
+        interpret=interpret,
+        name="kv_cache_write",
+    )(index.astype(jnp.int32), new.astype(cache.dtype), in_hbm(cache))
+
+
+def in_hbm(x: jax.Array) -> jax.Array:
+    """`x` kept in HBM for a kernel: XLA would otherwise stage a cache that fits into VMEM whole, reading every
+    slot (and writing it all back if the kernel wrote any), which is what these kernels exist to avoid."""
+    return pltpu.with_memory_space_constraint(x, pltpu.HBM)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from s2d_jax.mesh import constrain
-from s2d_jax.model import attention as attention_lib
+from s2d_jax.model import attention as attention_lib, decode_attention
 from s2d_jax.model.config import FULL, SLIDING, ModelConfig
 from s2d_jax.model.quant import Int8KV, dequantized, kv_store, scaled, weight
 from s2d_jax.model.rope import apply_rope, rope_tables
@@ -139,9 +139,11 @@ class Attention(nnx.Module):
         if cache_kv is None:
             keys, values = k, v
         else:  # write at slot `index` (mod the ring's size), then attend over the whole cache
-            ck, cv = cache_kv
-            keys, values = (jax.tree.map(lambda c, n: _write(c, n, index % c.shape[2], 2), c, kv_store(x, c.dtype))
-                            for c, x in ((ck, k), (cv, v)))
+            ragged = attention_lib.resolve(impl, q.shape[3], q.dtype, right_padded, True, cfg.attn_softcap,
+                                           cfg.platform) == "ragged"
+            keys, values = (decode_attention.write(c, kv_store(x, jax.tree.leaves(c)[0].dtype),
+                                                   index % jax.tree.leaves(c)[0].shape[2], ragged, cfg.platform)
+                            for c, x in zip(cache_kv, (k, v)))
         out = attention_lib.attention(q, keys, values, mask, window=window, impl=impl,
                                       right_padded=right_padded, cached=cache_kv is not None,
                                       scale=cfg.query_scale ** -0.5 if cfg.query_scale else None,
@@ -250,7 +252,7 @@ class Transformer(nnx.Module):
         else:  # the new tokens' slots become valid first (padding, segment 0, never does): each token sees itself
             # and every valid slot before it
             new = jnp.ones(tokens.shape, bool) if segment_ids is None else segment_ids != 0
-            valid = _write(cache.valid, new, cache.index, 1)
+            valid = decode_attention.write_slots(cache.valid, new, cache.index, 1)
             mask, masks = None, _cache_masks(cache, valid, t)  # one per cache length (full, or a ring)
             kw = dict(impl=cfg.attention)
 
@@ -372,10 +374,3 @@ def _cache_masks(cache: KVCache, valid: jax.Array, t: int) -> dict[int, attentio
     return masks
 
 
-def _write(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
-    """`new` written into `cache` along `axis` from slot `index`: one slot for the whole batch (`[]`), or each
-    row's own (`[B]`, continuous batching)."""
-    if index.ndim == 0:
-        return jax.lax.dynamic_update_slice(cache, new, tuple(index if a == axis else 0 for a in range(cache.ndim)))
-    row = lambda c, x, i: jax.lax.dynamic_update_slice(c, x, tuple(i if a == axis - 1 else 0 for a in range(c.ndim)))
-    return jax.vmap(row)(cache, new, index)

@@ -23,7 +23,8 @@ import jax
 from ml_collections import ConfigDict
 
 from s2d_jax import mesh as mesh_lib
-from s2d_jax.plan import aot_programs
+from s2d_jax.plan import aot_programs, hbm
+from s2d_jax.sampling import engine
 from s2d_jax.errors import REMEDIES, S2DError
 
 GB = 1 << 30
@@ -204,11 +205,12 @@ def plan_figures(config: ConfigDict, t: Target, p: dict) -> dict:
 
 
 def decode_figures(fig: dict, p: dict, t: Target, s: dict) -> None:
-    """A decode step's `slots` (over all chips), `hbm_floor_s` (the bytes it must read per chip, the weights and
-    the live KV of every slot at the longest sequence the config reaches, over the chip's HBM bandwidth),
-    `tokens_per_s` (slots / roofline_s) and `floor_over_roofline` (1 = XLA's program reads only what it must)."""
+    """A decode step's `slots` (over all chips), `hbm_floor_s` (the bytes it must read per chip, the weights (an
+    untied input embedding only at the rows it looks up) and the live KV of every slot at the longest sequence the config reaches, over the chip's HBM bandwidth),
+    `tokens_per_s` (slots / roofline_s) and `floor_over_roofline` (1 = XLA's program reads only what it must), and
+    the same two by the HBM-only roofline (`hbm_tokens_per_s`, `floor_over_hbm_roofline`)."""
     fig["slots"] = s["slots"]
-    fig["hbm_floor_s"] = (p["generate_params"] + p["kv_live"]) / t.hbm_bytes_s
+    fig["hbm_floor_s"] = (p["generate_params_read"] + p["kv_live"]) / t.hbm_bytes_s
     _rates(fig, s["slots"])
 
 
@@ -218,17 +220,19 @@ def _prefill_figures(fig: dict, p: dict, t: Target, s: dict, prompt: int, cfg) -
     g = p["generate_mesh"]
     kv = p["kv_live"] / max(s["prompt"] + s["budget"], 1) * prompt * s["rows"] / s["slots"]  # per chip
     fig.update(rows=s["rows"], tokens=s["rows"] * prompt)
-    fig["hbm_floor_s"] = (p["generate_params"] + kv) / t.hbm_bytes_s
+    fig["hbm_floor_s"] = (p["generate_params_read"] + kv) / t.hbm_bytes_s
     matmul = cfg.num_params - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_embeddings else 2)  # per token
     fig["compute_floor_s"] = 2 * matmul * s["rows"] * prompt / (g["data"] * g["fsdp"] * g["tensor"]) / t.bf16_flops
     _rates(fig, s["rows"] * prompt)
 
 
 def _rates(fig: dict, tokens: int) -> None:
-    r = fig.get("roofline_s")
-    fig["tokens_per_s"] = tokens / r if r else None
+    """Tokens/s and the floor's share, by XLA's roofline and by the HBM-only one (`hbm_`)."""
     floor = max(fig["hbm_floor_s"], fig.get("compute_floor_s", 0.0))
-    fig["floor_over_roofline"] = floor / r if r else None
+    for prefix in ("", "hbm_"):
+        r = fig.get(prefix + "roofline_s")
+        fig[prefix + "tokens_per_s"] = tokens / r if r else None
+        fig[f"floor_over_{prefix}roofline"] = floor / r if r else None
 
 
 class Programs:
@@ -248,11 +252,12 @@ class Programs:
         mesh = self.mesh_for(name)
         fig = {"mesh": dict(mesh.shape), "device_kind": mesh.devices.flat[0].device_kind}
         costs = self.costs(name, cfg)
-        fig["flops"] = fig["bytes_accessed"] = fig["roofline_s"] = None
+        fig["flops"] = fig["bytes_accessed"] = fig["roofline_s"] = fig["hbm_bytes"] = fig["hbm_roofline_s"] = None
         if costs:
             repeat = self.config.train.grad_accum if name == "train_step" else 1  # micro-steps: a loop counted once
-            fig["flops"], fig["bytes_accessed"] = costs[0] * repeat, costs[1] * repeat
+            fig["flops"], fig["bytes_accessed"], fig["hbm_bytes"] = (x * repeat for x in costs)
             fig["roofline_s"] = max(fig["flops"] / self.t.bf16_flops, fig["bytes_accessed"] / self.t.hbm_bytes_s)
+            fig["hbm_roofline_s"] = max(fig["flops"] / self.t.bf16_flops, fig["hbm_bytes"] / self.t.hbm_bytes_s)
         return {**self.memory(name, cfg), **fig} if memory else fig
 
     def memory(self, name: str, cfg) -> dict:
@@ -297,10 +302,10 @@ class Programs:
         return tree.unflatten([jax.ShapeDtypeStruct(i.shape, i.dtype, sharding=s)
                                for i, s in zip(infos, jax.tree.leaves(compiled.output_shardings))])
 
-    def costs(self, name: str, cfg) -> tuple[float, float]:
-        """FLOPs and bytes accessed per chip at the full depth, from unscanned copies of one and two periods of
-        layers (XLA's cost analysis counts a loop body once; the period is 2 where local and global layers
-        alternate)."""
+    def costs(self, name: str, cfg) -> tuple[float, float, float]:
+        """FLOPs, bytes accessed and HBM bytes per chip at the full depth, from unscanned copies of one and two
+        periods of layers (XLA's cost analysis counts a loop body once; the period is 2 where local and global
+        layers alternate)."""
         if not self.t.costed:  # (compile no copies for nothing)
             return None
         p = period(cfg)
@@ -313,12 +318,15 @@ class Programs:
         return tuple(a + (depth - 1) * (b - a) for a, b in zip(one, two))
 
 
-    def cost(self, name: str, cfg) -> tuple[float, float] | None:
-        """FLOPs and bytes accessed of one compiled program, by the target compiler's analysis (XLA:GPU compiled
-        without a GPU has none: None)."""
-        cost = self.compiled(name, cfg).cost_analysis()
+    def cost(self, name: str, cfg) -> tuple[float, float, float] | None:
+        """FLOPs and bytes accessed of one compiled program by the target compiler's analysis (XLA:GPU compiled
+        without a GPU has none: None), and the bytes one step moves to and from HBM (`hbm.hbm_bytes`)."""
+        compiled = self.compiled(name, cfg)
+        cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-        return (float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))) if cost else None
+        steps = engine.CHUNK if name == "decode" else 1  # a decode call's steps share its entry and exit
+        return (float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
+                hbm.hbm_bytes(compiled.as_text(), steps)) if cost else None
 
 
 def period(cfg) -> int:

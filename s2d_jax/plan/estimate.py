@@ -173,7 +173,10 @@ def plan(config: ConfigDict, mesh, gen=None) -> dict:
     rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
     gen = gen or mesh
     sampler = model_config(config, system2=True)  # what samples the rollouts: the teacher, if any
-    sample_params = _state_bytes(sampling_state(sampler, config.generate.weights_dtype), gen)
+    sample_state = sampling_state(sampler, config.generate.weights_dtype)
+    sample_params = _state_bytes(sample_state, gen)
+    # what a step reads of them: an untied input embedding only at the rows it looks up (nothing, to a byte count)
+    sample_read = sample_params - (0 if sampler.tie_embeddings else _state_bytes(sample_state["embed"], gen))
     s = sampler_shapes(config, sampler, gen.shape["data"] * gen.shape["fsdp"])
     kv_shape = (s["slots"], sampler.num_kv_heads, s["width"], sampler.head_dim)
     length = s["width"]
@@ -196,6 +199,7 @@ def plan(config: ConfigDict, mesh, gen=None) -> dict:
             "generate_num_params": sampler.num_params, "lora_rank": t.lora_rank, "params": params,
             "grads": trained, "optimizer": 2 * trained, "activations_estimate": activations, "train_total": train_total,
             "kv_cache": kv, "kv_cache_shape": list(kv_shape), "kv_live": kv_live, "generate_params": sample_params,
+            "generate_params_read": sample_read,
             "sampler_transient": (transient := sampler_transient(sampler, s, gen)),
             "generate_total": sample_params + kv + transient, "device_gb": config.plan.device_gb}
 
@@ -258,18 +262,20 @@ def compiled_report(p: dict) -> list[str]:
 
 
 def rates_report(p: dict) -> list[str]:
-    """The sampler's programs against the chip: XLA's roofline beside the floor (the bytes a step must read over
-    HBM bandwidth; a prefill's FLOPs over peak where larger), and tokens/s over the slice."""
-    lines = [f"  {'program':<12} {'mesh d/f/t':>10} {'rows':>6} {'roofline ms':>11} {'floor ms':>9} "
-             f"{'floor/roofline':>14} {'tokens/s':>11}"]
+    """The sampler's programs against the chip: XLA's roofline and the HBM-only one (`plan.hbm`: only bytes with
+    an end in HBM) beside the floor (the bytes a step must read over HBM bandwidth; a prefill's FLOPs over peak
+    where larger), and tokens/s over the slice by each roofline."""
+    lines = [f"  {'program':<12} {'mesh d/f/t':>10} {'rows':>6} {'floor ms':>9} {'XLA roofline ms':>15} "
+             f"{'floor/XLA':>9} {'tokens/s':>10} {'HBM roofline ms':>15} {'floor/HBM':>9} {'tokens/s':>10}"]
     for name, c in p["compiled"].items():
         if "hbm_floor_s" not in c or c["roofline_s"] is None:
             continue
         m = c["mesh"]
         floor = max(c["hbm_floor_s"], c.get("compute_floor_s", 0.0))
         lines.append(f"  {name:<12} {m['data']:>4}/{m['fsdp']}/{m['tensor']:<3} {c.get('slots', c.get('rows')):>6} "
-                     f"{c['roofline_s'] * 1e3:11.2f} {floor * 1e3:9.2f} {c['floor_over_roofline']:14.2f} "
-                     f"{c['tokens_per_s']:11,.0f}")
+                     f"{floor * 1e3:9.2f} {c['roofline_s'] * 1e3:15.2f} {c['floor_over_roofline']:9.2f} "
+                     f"{c['tokens_per_s']:10,.0f} {c['hbm_roofline_s'] * 1e3:15.2f} "
+                     f"{c['floor_over_hbm_roofline']:9.2f} {c['hbm_tokens_per_s']:10,.0f}")
     return lines
 
 
