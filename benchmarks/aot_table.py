@@ -3,6 +3,7 @@ config x target at the real model shape (llama3-8b), from this machine, then one
 
     python benchmarks/aot_table.py --out /tmp/aot_table            # runs every plan (minutes each), then the table
     python benchmarks/aot_table.py --out /tmp/aot_table --reuse     # the table from plans already in --out
+    python benchmarks/aot_table.py --out /tmp/aot_table --targets v5e-8,v5p-64   # some targets (or --configs)
 
 Needs libtpu (and the CUDA plugin for h100-80gb): `pip install -e '.[test]'`. Each row's command is
 `s2d plan --config configs/CONFIG.py --config.model.path= --config.model.preset=llama3-8b --config.plan.topology=T`.
@@ -40,7 +41,7 @@ def row(out: str, config: str, target: str) -> str:
     if not os.path.exists(path):
         err = os.path.join(workdir, "err.txt")
         lines = open(err).read().strip().splitlines() if os.path.exists(err) else []
-        return f"| {name} | {target} | {(lines or ['not run'])[-1].removeprefix('s2d: error: ')[:170]}... ||||||"
+        return f"| {name} | {target} | {(lines or ['not run'])[-1].removeprefix('s2d: error: ')[:170]}... |||||||"
     p = json.load(open(path))
     p.update(_estimate(config, p["devices"]))  # today's estimate (cheap: shapes only), beside XLA's figures
     c, e = p["compiled"], p["roofline_estimate"]
@@ -49,10 +50,13 @@ def row(out: str, config: str, target: str) -> str:
     cells = [f"{p['train_compiled'] / GB:.2f} ({p['train_total'] / GB:.2f}){over('train')}",
              f"{p['generate_compiled'] / GB:.2f} ({p['generate_total'] / GB:.2f}){over('generate')}"]
     if e:
+        d = c["decode"]
         cells += [f"{e['train_step_s']:.3f}", f"{e['train_tokens_per_s']:,.0f}",
-                  f"{e['decode_tokens_per_s']:,.0f} ({e['decode_slots']})"]
+                  f"{e['decode_tokens_per_s']:,.0f} ({e['decode_slots']})",
+                  f"{d['hbm_tokens_per_s']:,.0f} ({d['floor_over_hbm_roofline']:.2f})" if "hbm_tokens_per_s" in d
+                  else "not in this plan"]
     else:
-        cells += ["n/a", "n/a", "n/a"]
+        cells += ["n/a", "n/a", "n/a", "n/a"]
     return f"| {name} | {target} | " + " | ".join(cells) + f" | {compile_s:.0f} |"
 
 
@@ -69,16 +73,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--reuse", action="store_true", help="only read the plans already in --out")
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--configs", default=",".join(CONFIGS))
     args = parser.parse_args()
+    targets, configs = args.targets.split(","), args.configs.split(",")
     if not args.reuse:
-        for target in TARGETS:
-            for config in CONFIGS:
+        for target in targets:
+            for config in configs:
                 run(args.out, config, target)
     print("| config | target | train GB/chip, compiled (estimate) | generate GB/chip, compiled (estimate) | "
-          "train step s (roofline) | train tokens/s (roofline) | decode tokens/s (roofline; slots) | compile s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for config in CONFIGS:
-        for target in TARGETS:
+          "train step s (roofline) | train tokens/s (roofline) | decode tokens/s (roofline; slots) | "
+          "decode tokens/s by HBM bytes (floor / that roofline) | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for config in configs:
+        for target in targets:
             print(row(args.out, config, target))
 
 

@@ -152,3 +152,15 @@ def test_the_decode_step_leaves_the_cache_in_hbm(tmp_path, chips):
     layer = 64 // g["data"] * max(cfg.num_kv_heads // g["tensor"], 1) * 512 * cfg.head_dim * 2  # one layer's keys
     moved = [b for b, op, _, _ in hbm.breakdown(hlo) if op in ("copy-start", "slice-start")]
     assert moved and max(moved) < layer, (max(moved), layer)
+
+
+def test_a_scan_counts_its_layers(chips):
+    """A scan over 8 layers of a [4096, 4096] bf16 weight (XLA:TPU keeps the loop, with no trip count annotated):
+    the count reads its trip count from the loop's condition, so each layer's weight counts once."""
+    def layers(x, w):
+        return jax.lax.scan(lambda h, wl: (jnp.tanh(h @ wl), None), x, w)[0]
+
+    compiled = _compiled(layers, chips, ((64, 4096), jnp.bfloat16), ((8, 4096, 4096), jnp.bfloat16))
+    assert " while(" in compiled.as_text()
+    weights = 8 * 4096 * 4096 * 2
+    assert weights <= hbm.hbm_bytes(compiled.as_text()) <= 1.1 * weights

@@ -165,3 +165,27 @@ def test_a_prompt_whose_bucket_fills_the_context_still_decodes(tiny):
     assert short.num_tokens >= 1 and long.num_tokens >= 1
     (alone,), = sampler.generate(["y" * 600], max_new_tokens=24, progress=False)
     assert alone.token_ids == short.token_ids  # the same tokens next to a 1000-token prompt as alone
+
+
+def test_the_two_level_draw_is_the_one_level_inverse_cdf():
+    """Over a vocabulary of 1,000 (8 blocks of 128, the last padded) with tokens of probability 0 among the others:
+    the draw by block then token equals one cumulative sum over the vocabulary inverted at the same uniform (but
+    where the two sums round differently), follows the distribution, and never lands on a token without mass."""
+    from s2d_jax.sampling.select import categorical
+
+    rng = np.random.default_rng(0)
+    p = rng.random(1000) ** 4 * (rng.random(1000) > 0.3)
+    p[900:] = 0.0  # the last block's tail, and the padding after it, have no mass
+    logits = jnp.log(jnp.asarray(p / p.sum(), jnp.float32))[None].repeat(20000, 0)
+    keys = jax.random.split(jax.random.key(1), 20000)
+    draws = np.asarray(jax.jit(categorical)(keys, logits))
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+    u = jax.vmap(lambda k: jax.random.uniform(k, ()))(keys)[:, None] * cdf[:, -1:]
+    one_level = np.asarray(jnp.sum(cdf <= jnp.minimum(u, cdf[:, -1:] * (1 - 1e-6)), axis=-1))
+    assert np.mean(draws == one_level) > 0.999
+    assert p[draws].min() > 0
+    expected = p / p.sum() * len(draws)
+    counts = np.bincount(draws, minlength=1000)
+    seen = expected > 5
+    chi2 = ((counts[seen] - expected[seen]) ** 2 / expected[seen]).sum()
+    assert chi2 < seen.sum() + 5 * np.sqrt(2 * seen.sum())  # within 5 standard deviations of its mean

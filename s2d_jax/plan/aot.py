@@ -7,7 +7,9 @@ target's chips laid out as the configured mesh: the train step (`trainer.step_pr
 LoRA or full, remat, loss chunk, the attention `auto` picks on the target) and the sampler's prefill, insert and
 decode chunk at their largest shapes. XLA's memory analysis gives each program's peak per chip; its cost analysis
 (FLOPs, bytes) and the chip's peaks give a roofline time: an estimate, never a measurement. XLA counts a loop's
-body once, so costs are taken from unscanned copies of 1 and 2 layer periods and extrapolated to the depth.
+body once, so costs are taken from unscanned copies of 1 and 2 layer periods and extrapolated to the depth. XLA's
+bytes also count every read and write of on-chip VMEM; a second roofline takes only the bytes with an end in HBM,
+read from the whole program's HLO (`plan/hbm.py`).
 """
 
 from __future__ import annotations
@@ -197,7 +199,8 @@ def plan_figures(config: ConfigDict, t: Target, p: dict) -> dict:
     roofline = None if train_s is None else {
         "train_step_s": train_s, "train_tokens_per_s": tr.batch_size * tr.max_len / train_s,
         "prefill_s": c["prefill"]["roofline_s"], "decode_step_s": decode_s, "decode_slots": s["slots"],
-        "decode_tokens_per_s": s["slots"] / decode_s}
+        "decode_tokens_per_s": s["slots"] / decode_s, "decode_hbm_step_s": c["decode"]["hbm_roofline_s"],
+        "decode_hbm_tokens_per_s": c["decode"]["hbm_tokens_per_s"]}
     return {"target": {"name": t.name, "chips": t.chips, "hosts": t.hosts, "device_kind": c["decode"]["device_kind"],
                        "hbm_gb": t.hbm_gb, "bf16_flops": t.bf16_flops, "hbm_bytes_s": t.hbm_bytes_s},
             "device_gb": t.hbm_gb, "compiled": c, "train_compiled": c["train_step"]["peak"],
@@ -255,8 +258,12 @@ class Programs:
         fig["flops"] = fig["bytes_accessed"] = fig["roofline_s"] = fig["hbm_bytes"] = fig["hbm_roofline_s"] = None
         if costs:
             repeat = self.config.train.grad_accum if name == "train_step" else 1  # micro-steps: a loop counted once
-            fig["flops"], fig["bytes_accessed"], fig["hbm_bytes"] = (x * repeat for x in costs)
+            fig["flops"], fig["bytes_accessed"] = costs[0] * repeat, costs[1] * repeat
             fig["roofline_s"] = max(fig["flops"] / self.t.bf16_flops, fig["bytes_accessed"] / self.t.hbm_bytes_s)
+            # HBM bytes from the whole program: what XLA keeps in VMEM depends on all of it (a 1-layer copy's
+            # weights may fit there, the model's do not), and fixed loops are counted as often as they run
+            steps = engine.CHUNK if name == "decode" else 1  # a decode call's steps share its entry and exit
+            fig["hbm_bytes"] = hbm.hbm_bytes(self.compiled(name, cfg).as_text(), steps)
             fig["hbm_roofline_s"] = max(fig["flops"] / self.t.bf16_flops, fig["hbm_bytes"] / self.t.hbm_bytes_s)
         return {**self.memory(name, cfg), **fig} if memory else fig
 
@@ -302,10 +309,10 @@ class Programs:
         return tree.unflatten([jax.ShapeDtypeStruct(i.shape, i.dtype, sharding=s)
                                for i, s in zip(infos, jax.tree.leaves(compiled.output_shardings))])
 
-    def costs(self, name: str, cfg) -> tuple[float, float, float]:
-        """FLOPs, bytes accessed and HBM bytes per chip at the full depth, from unscanned copies of one and two
-        periods of layers (XLA's cost analysis counts a loop body once; the period is 2 where local and global
-        layers alternate)."""
+    def costs(self, name: str, cfg) -> tuple[float, float]:
+        """FLOPs and bytes accessed per chip at the full depth, from unscanned copies of one and two periods of
+        layers (XLA's cost analysis counts a loop body once; the period is 2 where local and global layers
+        alternate)."""
         if not self.t.costed:  # (compile no copies for nothing)
             return None
         p = period(cfg)
@@ -318,15 +325,12 @@ class Programs:
         return tuple(a + (depth - 1) * (b - a) for a, b in zip(one, two))
 
 
-    def cost(self, name: str, cfg) -> tuple[float, float, float] | None:
-        """FLOPs and bytes accessed of one compiled program by the target compiler's analysis (XLA:GPU compiled
-        without a GPU has none: None), and the bytes one step moves to and from HBM (`hbm.hbm_bytes`)."""
-        compiled = self.compiled(name, cfg)
-        cost = compiled.cost_analysis()
+    def cost(self, name: str, cfg) -> tuple[float, float] | None:
+        """FLOPs and bytes accessed of one compiled program, by the target compiler's analysis (XLA:GPU compiled
+        without a GPU has none: None)."""
+        cost = self.compiled(name, cfg).cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-        steps = engine.CHUNK if name == "decode" else 1  # a decode call's steps share its entry and exit
-        return (float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
-                hbm.hbm_bytes(compiled.as_text(), steps)) if cost else None
+        return (float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))) if cost else None
 
 
 def period(cfg) -> int:

@@ -257,7 +257,8 @@ def compiled_report(p: dict) -> list[str]:
     lines.append(f"roofline estimate from XLA's FLOPs and bytes (not a measurement): train step "
                  f"{e['train_step_s']:.3f} s ({e['train_tokens_per_s']:,.0f} tokens/s), decode step "
                  f"{e['decode_step_s'] * 1e3:.2f} ms ({e['decode_tokens_per_s']:,.0f} tokens/s at "
-                 f"{e['decode_slots']} slots), prefill {e['prefill_s'] * 1e3:.1f} ms")
+                 f"{e['decode_slots']} slots; by HBM bytes alone {e['decode_hbm_step_s'] * 1e3:.2f} ms, "
+                 f"{e['decode_hbm_tokens_per_s']:,.0f} tokens/s), prefill {e['prefill_s'] * 1e3:.1f} ms")
     return lines
 
 

@@ -8,9 +8,9 @@ an end in HBM (memory space 0: a layout with no `S(n)`) counts: an async copy on
 HBM; a fusion's operands and outputs in HBM, as much of each as it touches (a parameter read only through slices
 or gathers counts the slices; an output updated in place by a `dynamic-update-slice` counts the update). A Pallas
 kernel counts the bytes its cost estimate gives (at most its operands and outputs in HBM), other custom calls their
-operands and outputs whole. Loops at the program's top level count once (a decode
-call's loop over steps: one step, as XLA's own cost analysis counts it) and what lies outside them is shared by
-the steps one call runs; loops inside them count as often as their known trip count says. Logical bytes: tile padding is not counted. On a platform without memory spaces
+operands and outputs whole. A loop counts as often as it runs where that is fixed (a
+scan over layers), once where it is not (a decode call's loop over steps: one step), and what the program does
+outside its loops is shared by the steps one call runs. Logical bytes: tile padding is not counted. On a platform without memory spaces
 (CPU) every byte is HBM's.
 """
 
@@ -86,36 +86,71 @@ def _called(attrs: str, key: str) -> list[str]:
     return re.findall(r"%([\w.\-]+)", m.group(1)) if m else []
 
 
-def _fusion(fused: list, operands: list[str], shapes: dict, out_shape: str) -> float:
+def _fusion(comps: dict, fused: str, operands: list[str], shapes: dict, out_shape: str) -> float:
     """HBM bytes of one fusion: each operand in HBM as much as the fused computation touches it, each output in
     HBM, an in-place update counted as its update."""
-    params = {int(re.match(r"\((\d+)\)", args).group(1)): name for name, _, op, _, args in fused if op == "parameter"}
-    defs = {name: (shape, op, o) for name, shape, op, o, _ in fused}
-    users: dict[str, list] = {}
-    for name, shape, op, o, _ in fused:
-        for i, x in enumerate(o):
-            users.setdefault(x, []).append((name, shape, op, i))
-    root = fused[-1]
+    body = comps[fused]
+    defs = {name: (shape, op, o) for name, shape, op, o, _ in body}
+    root = body[-1]
     roots = [defs[x] for x in root[3]] if root[2] == "tuple" else [root[1:4]]
-    in_place = {o[0] for _, op, o in roots if op == "dynamic-update-slice"}
     total = 0.0
     for i, operand in enumerate(operands):
-        if operand not in shapes or in_hbm(shapes[operand]) == 0:
-            continue
-        name = params.get(i)
-        use = users.get(name, [])
-        if name in in_place and len(use) == 1:
-            continue  # the buffer updated in place: its old values are not read
-        elif use and all(op in SLICING and pos == 0 for _, _, op, pos in use):
-            total += min(in_hbm(shapes[operand]), sum(size(shape) for _, shape, _, _ in use))
-        else:
-            total += in_hbm(shapes[operand])
+        if operand in shapes and in_hbm(shapes[operand]):
+            total += min(in_hbm(shapes[operand]), _touched(comps, fused, i))
     outs = leaves(out_shape)
     for k, (nbytes, space) in enumerate(outs):
         if space == 0:
             op = roots[k] if len(roots) == len(outs) else None
             total += size(defs[op[2][1]][0]) if op and op[1] == "dynamic-update-slice" else nbytes
     return total
+
+
+def _touched(comps: dict, comp: str, index: int) -> float:
+    """The bytes a fused computation reads of its parameter `index`: the slices it takes where it only slices it
+    (through bitcasts and nested fusions), nothing where it only updates it in place, else all of it."""
+    body = comps[comp]
+    name = next(n for n, _, op, _, args in body if op == "parameter" and args.startswith(f"({index})"))
+    users: dict[str, list] = {}
+    for n, shape, op, o, attrs in body:
+        for pos, x in enumerate(o):
+            users.setdefault(x, []).append((n, shape, op, pos, attrs))
+
+    root = body[-1]
+    out = {root[0]} | set(root[3] if root[2] == "tuple" else ())  # what flows out to the caller, whole
+
+    def reads(value: str, whole: float) -> float:
+        if value in out:
+            return whole
+        total = 0.0
+        for n, shape, op, pos, attrs in users.get(value, []):
+            if op in SLICING and pos == 0:
+                total += size(shape)
+            elif op == "dynamic-update-slice" and pos == 0 and n == body[-1][0]:
+                continue  # updated in place (the fusion's result): the old values are not read
+            elif op in ("bitcast", "reshape"):
+                total += reads(n, whole)
+            elif op == "fusion":
+                total += _touched(comps, _called(attrs, "calls")[0], pos)
+            else:
+                return whole
+        return min(total, whole)
+
+    return reads(name, size(next(shape for n, shape, *_ in body if n == name)))
+
+
+def _trips(comps: dict, attrs: str) -> int:
+    """A loop's trip count where it is fixed (XLA's annotation, or its condition comparing the counter with a
+    constant, as a scan's does); 1 where it is not (a decode call's loop runs up to a `steps` argument)."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
+    if known:
+        return int(known.group(1))
+    cond = comps.get((_called(attrs, "condition") or [""])[0], [])
+    consts = {name: args for name, _, op, _, args in cond if op == "constant"}
+    root = cond[-1] if cond else None
+    if root and root[2] == "compare" and "direction=LT" in root[4] and len(root[3]) == 2 and root[3][1] in consts:
+        value = re.match(r"\((-?\d+)\)", consts[root[3][1]])
+        return max(int(value.group(1)), 1) if value else 1
+    return 1
 
 
 def hbm_bytes(hlo: str, steps: int = 1) -> float:
@@ -138,7 +173,7 @@ def breakdown(hlo: str, steps: int = 1) -> list[tuple[float, str, str, str]]:
         if opcode.endswith("-start"):  # a collective: its operands read, its results written
             return in_hbm(shape)
         if opcode == "fusion":
-            return _fusion(comps[_called(attrs, "calls")[0]], operands, shapes, shape)
+            return _fusion(comps, _called(attrs, "calls")[0], operands, shapes, shape)
         if opcode == "dynamic-update-slice":  # in place: the update read, and written over the buffer's rows
             update = shapes[operands[1]]
             return in_hbm(update) + (size(update) if in_hbm(shapes[operands[0]]) else 0)
@@ -154,8 +189,7 @@ def breakdown(hlo: str, steps: int = 1) -> list[tuple[float, str, str, str]]:
             if opcode in FREE or opcode.endswith("-done"):
                 continue
             if opcode == "while":
-                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
-                n = 1 if top or not trips else int(trips.group(1))
+                n = _trips(comps, attrs)
                 for c in _called(attrs, "body") + _called(attrs, "condition"):
                     walk(c, times * n, False)
             elif opcode == "conditional":  # the costliest branch

@@ -41,15 +41,40 @@ class Sampling:
         return choice.astype(jnp.int32)
 
 
+BLOCK = 128  # tokens per block of the two-level draw
+
+
 def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
     """One draw per row from softmax(logits) by inverting its CDF with one uniform per row: exact (to float32
     sums), and one random number per row where `jax.random.categorical` draws one per vocabulary entry (Gumbel),
-    which cost a quarter of a sampled decode step on CPU. A token of probability 0 is never drawn."""
-    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
-    total = cdf[:, -1:]
+    which cost a quarter of a sampled decode step on CPU. A token of probability 0 is never drawn.
+
+    In two levels: the block of 128 tokens the draw falls in (a cumulative sum over the blocks' masses), then the
+    token within it. One cumulative sum over the whole vocabulary is the same draw (to float32 rounding), but
+    XLA:TPU computes it in passes that each write a `[rows, vocab]` float32 array (by XLA's HLO, a tenth of a 1B
+    model's decode step at 64 slots); here every pass over the vocabulary is a reduction, and the logits may stay
+    sharded over it."""
+    rows, vocab = logits.shape
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    blocks = jnp.pad(probs, ((0, 0), (0, -vocab % BLOCK))).reshape(rows, -1, BLOCK)
+    mass = blocks.sum(axis=-1)  # [rows, blocks]
+    upto = jnp.cumsum(mass, axis=-1)
+    total = upto[:, -1:]
     u = jax.vmap(lambda k: jax.random.uniform(k, ()))(keys)[:, None] * total
     u = jnp.minimum(u, total * (1 - 1e-6))  # strictly below the total, so the draw lands on a token that has mass
-    return jnp.minimum(jnp.sum(cdf <= u, axis=-1), logits.shape[-1] - 1)
+    block = _first_above(upto, u, mass > 0)
+    chosen = jnp.arange(mass.shape[1])[None, :] == block[:, None]
+    inner = jnp.sum(jnp.where(chosen[:, :, None], blocks, 0.0), axis=1)  # [rows, BLOCK], a reduction (no gather)
+    before = jnp.sum(jnp.where(chosen, upto - mass, 0.0), axis=1, keepdims=True)
+    return jnp.minimum(block * BLOCK + _first_above(before + jnp.cumsum(inner, axis=-1), u, inner > 0), vocab - 1)
+
+
+def _first_above(cdf: jax.Array, u: jax.Array, has_mass: jax.Array) -> jax.Array:
+    """Per row, the first index whose cumulative value exceeds `u`, never past the last one with mass (float32
+    rounding can leave the whole row at or below `u`)."""
+    index = jnp.arange(cdf.shape[-1])[None, :]
+    last = jnp.max(jnp.where(has_mass, index, 0), axis=-1)
+    return jnp.minimum(jnp.sum(cdf <= u, axis=-1), last)
 
 
 def make_method(temperature: float, top_k: int | None, top_p: float | None):
