@@ -45,7 +45,7 @@ def row(out: str, config: str, target: str) -> str:
     p = json.load(open(path))
     p.update(_estimate(config, p["devices"]))  # today's estimate (cheap: shapes only), beside XLA's figures
     c, e = p["compiled"], p["roofline_estimate"]
-    compile_s = sum(x["compile_s"] for x in c.values())
+    compile_s = sum(x.get("compile_s", 0) for x in c.values())  # (a prefill bucket: costs only)
     over = lambda kind: " **over HBM**" if p[f"{kind}_compiled"] > p["device_gb"] * GB else ""
     cells = [f"{p['train_compiled'] / GB:.2f} ({p['train_total'] / GB:.2f}){over('train')}",
              f"{p['generate_compiled'] / GB:.2f} ({p['generate_total'] / GB:.2f}){over('generate')}"]
