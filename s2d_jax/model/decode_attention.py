@@ -141,7 +141,7 @@ def write(cache, new, index: jax.Array, kernel: bool = False, platform: str = ""
     """`new` `[B, K, T, hd]` written into a cache layer `[B, K, S, hd]` (or `Int8KV`) from slot `index`: one slot
     for the whole batch (`[]`), or each row's own (`[B]`, continuous batching). `kernel`: each row's slots by the
     in-place DMA kernel (the ragged path's; interpreted off TPU), an int8 cache's scales still by XLA."""
-    if kernel and index.ndim == 1 and dma_width(jax.tree.leaves(cache)[0].shape[2], new_len(new)):
+    if kernel and index.ndim == 1 and dma_width(jax.tree.leaves(cache)[0].shape[2], _new_slots(new)):
         from s2d_jax.model.attention import per_device
 
         run = lambda c, n, i: _dma_write(c, n, i, interpret=(platform or jax.default_backend()) != "tpu")
@@ -152,7 +152,7 @@ def write(cache, new, index: jax.Array, kernel: bool = False, platform: str = ""
     return jax.tree.map(lambda c, n: write_slots(c, n, index, 2), cache, new)
 
 
-def new_len(new) -> int:
+def _new_slots(new) -> int:
     return jax.tree.leaves(new)[0].shape[2]
 
 
