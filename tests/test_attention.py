@@ -155,7 +155,8 @@ def test_the_kernel_cache_write_equals_xlas(dtype, t):
     """Each row's new slots written by the in-place DMA kernel (interpreted here; Mosaic on a TPU: test_aot), through
     an aligned window around them, equal XLA's per-row update: at the cache's first and last slots, across a
     window's edge, and for an int8 cache (`Int8KV`: its scales by XLA)."""
-    from s2d_jax.model.decode_attention import ALIGN, dma_width, write, write_slots
+    from s2d_jax.model.attention import write_cache as write
+    from s2d_jax.model.decode_attention import ALIGN, dma_width, write_slots
     from s2d_jax.model.quant import kv_store
 
     b, k, slots, hd = 5, 2, 128, 16

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from s2d_jax.model import decode_attention
 from s2d_jax.model.quant import kv_load
 
 MASKED = -0.7 * float(np.finfo(np.float32).max)
@@ -284,11 +285,22 @@ def _splash(q, k, v, mask: Mask, window, scale, softcap, platform: str, block: i
 
 def _ragged(q, k, v, mask: Mask, window, scale, softcap, platform: str):
     """The ragged decode kernel on each device's rows and kv heads; interpreted off TPU (tests)."""
-    from s2d_jax.model.decode_attention import ragged
-
     mask = mask._replace(kv_slots=jnp.broadcast_to(mask.kv_slots, mask.kv_segments.shape))  # rows, to split
-    run = lambda q, k, v, m: ragged(q, k, v, m, window, scale, softcap, interpret=platform != "tpu")
+    run = lambda q, k, v, m: decode_attention.ragged(q, k, v, m, window, scale, softcap,
+                                                    interpret=platform != "tpu")
     return per_device(run, q, k, v, mask)(q, k, v, mask)
+
+
+def write_cache(cache, new, index: jax.Array, kernel: bool = False, platform: str = ""):
+    """`new` `[B, K, T, hd]` written into a cache layer `[B, K, S, hd]` (or `Int8KV`) from slot `index`: one slot
+    for the whole batch (`[]`), or each row's own (`[B]`, continuous batching). `kernel` (the ragged path's): each
+    row's slots by the in-place DMA kernel on each device's rows, where the cache is a whole number of its
+    windows; else by XLA."""
+    slots = jax.tree.leaves(cache)[0].shape[2]
+    if kernel and index.ndim == 1 and decode_attention.dma_width(slots, jax.tree.leaves(new)[0].shape[2]):
+        run = lambda c, n, i: decode_attention.dma_write(c, n, i, platform)
+        return per_device(run, cache, new, index)(cache, new, index)
+    return jax.tree.map(lambda c, n: decode_attention.write_slots(c, n, index, 2), cache, new)
 
 
 def per_device(fn, *args):

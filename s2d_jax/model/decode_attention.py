@@ -8,7 +8,8 @@ is skipped (`pl.when`). The live length per row comes in as a prefetched scalar 
 JAX's paged attention use the same trick). An int8 cache (`quant.Int8KV`) is read as int8: the key scales
 multiply the scores and the value scales the probabilities, each one per slot.
 
-The new tokens' keys and values reach the cache through `write`: per row at its own slot, XLA's scatter moves the
+The new tokens' keys and values reach the cache through `dma_write` (`attention.write_cache` maps it over the
+mesh): per row at its own slot, XLA's scatter moves the
 whole cache layer through VMEM and back every step (by XLA:TPU's own HLO, a third more HBM traffic per layer than
 the weights and the live KV at 64 slots); on TPU a kernel DMAs each row's new slots into the cache in place.
 
@@ -137,23 +138,13 @@ def ragged(q, k, v, mask, window=None, scale=None, softcap=None, interpret: bool
     return out.reshape(b, kh, g, t, hd)
 
 
-def write(cache, new, index: jax.Array, kernel: bool = False, platform: str = ""):
-    """`new` `[B, K, T, hd]` written into a cache layer `[B, K, S, hd]` (or `Int8KV`) from slot `index`: one slot
-    for the whole batch (`[]`), or each row's own (`[B]`, continuous batching). `kernel`: each row's slots by the
-    in-place DMA kernel (the ragged path's; interpreted off TPU), an int8 cache's scales still by XLA."""
-    if kernel and index.ndim == 1 and dma_width(jax.tree.leaves(cache)[0].shape[2], _new_slots(new)):
-        from s2d_jax.model.attention import per_device
-
-        run = lambda c, n, i: _dma_write(c, n, i, interpret=(platform or jax.default_backend()) != "tpu")
-        if isinstance(cache, Int8KV):
-            return Int8KV(per_device(run, cache.q, new.q, index)(cache.q, new.q, index),
-                          write_slots(cache.scale, new.scale, index, 2))
-        return per_device(run, cache, new, index)(cache, new, index)
-    return jax.tree.map(lambda c, n: write_slots(c, n, index, 2), cache, new)
-
-
-def _new_slots(new) -> int:
-    return jax.tree.leaves(new)[0].shape[2]
+def dma_write(cache, new, index: jax.Array, platform: str = ""):
+    """`new` `[B, K, T, hd]` written into a cache layer `[B, K, S, hd]` (or `Int8KV`) at each row's slot `index`
+    `[B]` by the in-place kernel (interpreted off TPU); an int8 cache's scales by XLA. One device's rows."""
+    run = lambda c, n: _dma_write(c, n, index, interpret=(platform or jax.default_backend()) != "tpu")
+    if isinstance(cache, Int8KV):
+        return Int8KV(run(cache.q, new.q), write_slots(cache.scale, new.scale, index, 2))
+    return run(cache, new)
 
 
 def write_slots(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:

@@ -141,9 +141,9 @@ class Attention(nnx.Module):
         else:  # write at slot `index` (mod the ring's size), then attend over the whole cache
             ragged = attention_lib.resolve(impl, q.shape[3], q.dtype, right_padded, True, cfg.attn_softcap,
                                            cfg.platform) == "ragged"
-            keys, values = (decode_attention.write(c, kv_store(x, jax.tree.leaves(c)[0].dtype),
-                                                   index % jax.tree.leaves(c)[0].shape[2], ragged, cfg.platform)
-                            for c, x in zip(cache_kv, (k, v)))
+            layer = jax.tree.leaves(cache_kv[0])[0]  # (an int8 cache is a pair)
+            keys, values = (attention_lib.write_cache(c, kv_store(x, layer.dtype), index % layer.shape[2], ragged,
+                                                      cfg.platform) for c, x in zip(cache_kv, (k, v)))
         out = attention_lib.attention(q, keys, values, mask, window=window, impl=impl,
                                       right_padded=right_padded, cached=cache_kv is not None,
                                       scale=cfg.query_scale ** -0.5 if cfg.query_scale else None,

@@ -247,6 +247,7 @@ class Programs:
         self.gen = gen or mesh
         self._compiled: dict = {}
         self._seconds: dict = {}  # (program, config) -> seconds to lower and compile it
+        self._hlo: dict = {}
 
     def mesh_for(self, name: str):
         return self.mesh if name == "train_step" else self.gen
@@ -264,7 +265,7 @@ class Programs:
             # HBM bytes from the whole program: what XLA keeps in VMEM depends on all of it (a 1-layer copy's
             # weights may fit there, the model's do not), and fixed loops are counted as often as they run
             steps = engine.CHUNK if name == "decode" else 1  # a decode call's steps share its entry and exit
-            fig["hbm_bytes"] = hbm.hbm_bytes(self.compiled(name, cfg).as_text(), steps)
+            fig["hbm_bytes"] = hbm.hbm_bytes(self.hlo(name, cfg), steps)
             fig["hbm_roofline_s"] = max(fig["flops"] / self.t.bf16_flops, fig["hbm_bytes"] / self.t.hbm_bytes_s)
         return {**self.memory(name, cfg), **fig} if memory else fig
 
@@ -275,7 +276,7 @@ class Programs:
                "outputs": mem.output_size_in_bytes, "aliases": mem.alias_size_in_bytes}
         fig["peak"] = fig["arguments"] + fig["outputs"] + fig["temporaries"] - fig["aliases"]
         fig["compile_s"] = round(self._seconds[(name, cfg)], 2)
-        hlo = compiled.as_text()
+        hlo = self.hlo(name, cfg)
         fig["collectives"] = collectives(hlo)
         fig["kernels"] = kernels(hlo)
         return fig
@@ -301,6 +302,13 @@ class Programs:
                 raise S2DError(f"the {name.replace('_', ' ')} does not compile for {self.t.name} "
                                f"({cfg.num_layers} layers): {line}") from None
         return self._compiled[key]
+
+    def hlo(self, name: str, cfg) -> str:
+        """A program's optimised HLO text (read once: the collectives, the kernels and the HBM count use it)."""
+        key = (name, cfg)
+        if key not in self._hlo:
+            self._hlo[key] = self.compiled(name, cfg).as_text()
+        return self._hlo[key]
 
     def outputs(self, name: str, cfg):
         """A program's outputs as abstract arrays laid out as it lays them out (the next program's inputs)."""

@@ -164,7 +164,6 @@ def breakdown(hlo: str, steps: int = 1) -> list[tuple[float, str, str, str]]:
     """Where `hbm_bytes` comes from: (bytes, opcode, instruction, the JAX op it came from) per instruction that
     moves any, in program order."""
     comps, entry = parse(hlo)
-    rows = []
 
     def one(shapes: dict, shape: str, opcode: str, operands: list[str], attrs: str) -> float:
         if opcode in ("copy-start", "slice-start"):  # an async DMA: (source, destination, context...)
@@ -183,33 +182,26 @@ def breakdown(hlo: str, steps: int = 1) -> list[tuple[float, str, str, str]]:
         kernel = re.search(r'"cost_estimate":\{[^}]*"bytes_accessed":"(\d+)"', attrs)  # a Pallas kernel's own
         return min(whole, float(kernel.group(1))) if kernel else whole
 
-    def walk(comp: str, times: float, top: bool) -> None:
+    def walk(comp: str, times: float, top: bool) -> list:
         shapes = {name: shape for name, shape, *_ in comps.get(comp, [])}
+        rows = []
         for name, shape, opcode, operands, attrs in comps.get(comp, []):
             if opcode in FREE or opcode.endswith("-done"):
                 continue
             if opcode == "while":
                 n = _trips(comps, attrs)
                 for c in _called(attrs, "body") + _called(attrs, "condition"):
-                    walk(c, times * n, False)
+                    rows += walk(c, times * n, False)
             elif opcode == "conditional":  # the costliest branch
-                branches = _called(attrs, "branch_computations") + _called(attrs, "true_computation") \
-                    + _called(attrs, "false_computation")
-                costs = [sum(r[0] for r in breakdown_of(c, times, top)) for c in branches]
-                rows.extend(breakdown_of(branches[costs.index(max(costs))], times, top) if branches else [])
+                branches = [walk(c, times, top) for c in _called(attrs, "branch_computations")
+                            + _called(attrs, "true_computation") + _called(attrs, "false_computation")]
+                rows += max(branches, key=lambda found: sum(r[0] for r in found), default=[])
             elif opcode in ("call", "async-start"):
                 for c in _called(attrs, "to_apply") + _called(attrs, "calls"):
-                    walk(c, times, top)
+                    rows += walk(c, times, top)
             elif b := times / (steps if top else 1) * one(shapes, shape, opcode, operands, attrs):
                 op = re.search(r'op_name="([^"]*)"', attrs)
                 rows.append((b, opcode, name, op.group(1) if op else ""))
+        return rows
 
-    def breakdown_of(comp: str, times: float, top: bool) -> list:
-        nonlocal rows
-        saved, rows = rows, []
-        walk(comp, times, top)
-        found, rows = rows, saved
-        return found
-
-    walk(entry, 1.0, True)
-    return rows
+    return walk(entry, 1.0, True)
