@@ -313,6 +313,6 @@ def per_device(fn, *args):
 
     heads = ("batch", "kv_heads", None, None, None)
     spec = lambda x: partition_spec(heads[:x.ndim] if x.ndim > 2 else heads[::4][:x.ndim], x.shape, mesh)
-    out = spec(args[0])
+    out = jax.tree.map(spec, args[0])  # (an int8 cache layer is a pair)
     return jax.shard_map(fn, mesh=mesh, out_specs=out, check_vma=False,
                          in_specs=tuple(jax.tree.map(spec, a) for a in args))
