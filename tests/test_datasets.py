@@ -209,7 +209,7 @@ def test_a_file_without_a_known_checksum_is_fetched_and_says_so(tmp_path, monkey
     monkeypatch.setenv("S2D_DATA_OFFLINE", "1")
     local = datasets.fetch_file(datasets.File("extra/notes.txt", "https://example.invalid/notes.txt", None, 5))
     assert open(local).read() == "hello"
-    assert f"extra/notes.txt: no checksum is known for this file; fetched unverified" in caplog.text
+    assert "extra/notes.txt: no checksum is known for this file; fetched unverified" in caplog.text
     assert hashlib.sha256(b"hello").hexdigest() in caplog.text
 
 

@@ -305,3 +305,32 @@ def test_an_int8_cache_keeps_logprobs_close_through_refills_shared_prefixes_and_
     shape = engine.Shape(4, 16, 2, 8, 64, "int8", 0)
     cache = engine.empty(shape, (128, 128, 128)).cache
     assert cache.k[0].q.dtype == np.int8 and cache.k[0].scale.shape == (4, 2, 128)
+
+
+def test_a_cpu_decode_step_copies_no_weight(ragged):
+    """XLA:CPU copies a weight it must slice before a product (the MLP's stacked gate/up halves were, every step,
+    2026-12-06): the compiled decode program makes no array as large as a weight matrix but the cache it writes
+    in place."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from s2d_jax.sampling import cache as cache_lib
+    from s2d_jax.sampling.engine import CHUNK, Shape, decode, empty
+    from s2d_jax.sampling.select import Greedy
+
+    model = ragged[0]
+    cfg = model.cfg
+    graphdef, state = nnx.split(model)
+    slots = empty(Shape(4, 16, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, "float32", 0),
+                  cache_lib.layer_sizes(cfg, 128))
+    hlo = decode.lower(graphdef, state, slots, jnp.int32(CHUNK), method=Greedy(), eos_ids=cfg.eos_token_ids,
+                       pad_id=0).compile().as_text()
+    smallest = min(x.size for x in jax.tree.leaves(state) if x.ndim >= 2)
+    cache_shapes = {",".join(map(str, k.shape)) for k in slots.cache.k}
+    large = [(shape, op) for shape, op in re.findall(r"= f32\[([\d,]+)\]\S* ([\w-]+)\(", hlo)
+             if np.prod([int(d) for d in shape.split(",")]) >= smallest and shape not in cache_shapes
+             and op not in ("parameter", "get-tuple-element", "bitcast", "tuple", "while", "copy-start", "copy-done")]
+    assert not large, large
