@@ -1,4 +1,5 @@
-"""The task's inputs a stage works on: the unlabelled pool (generate, filter) and the held-out split (eval)."""
+"""The task's inputs a stage works on: the unlabelled pool (generate, filter), the held-out split (eval) and the
+examples a model trains on (train, and the probe on those train left out)."""
 
 from __future__ import annotations
 
@@ -117,3 +118,12 @@ def load_eval_inputs(config: ConfigDict):
     e = config.eval
     task = get_task(e.task or config.task.name)
     return task, _examples(task, e.path, e.n, e.offset, e.seed, config.task.size, "eval", config.task)
+
+
+def train_data(config: ConfigDict, workdir: str) -> str:
+    """What `train` fine-tunes on: `train.data`, or in a round with `loop.accumulate` every round's kept examples
+    so far (`train.jsonl`, written by the loop), else the workdir's own `distill.jsonl`."""
+    if config.train.data:
+        return datasets.resolve(config.train.data)
+    pooled = os.path.join(workdir, "train.jsonl")
+    return pooled if os.path.exists(pooled) else os.path.join(workdir, "distill.jsonl")

@@ -18,6 +18,7 @@ from s2d_jax.relegation import probe, rounds
 from s2d_jax.relegation.routing import agrees
 from s2d_jax.runtime import distributed
 from s2d_jax.sampling import Sampler
+from s2d_jax.stages.inputs import train_data
 from s2d_jax.system2.tasks import get_task
 
 log = logging.getLogger("s2d")
@@ -43,8 +44,6 @@ def train_probe(config: ConfigDict, workdir: str) -> str | None:
         return done
     if not os.path.exists(distilled):  # nothing distilled: the routed system's System 1 has no probe
         return None
-    from s2d_jax.stages.train import train_data
-
     source = train_data(config, workdir)
     fit = os.path.join(workdir, probe.FIT)
     trained = {r["id"] for r in read_jsonl(fit, ("id",), empty_ok=True)} if os.path.exists(fit) else set()

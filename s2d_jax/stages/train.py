@@ -9,13 +9,13 @@ import shutil
 
 from ml_collections import ConfigDict
 
-from s2d_jax import datasets
 from s2d_jax.runtime import distributed
 from s2d_jax.relegation import marker, probe, rounds
 from s2d_jax.build import build_generation_mesh, build_mesh, build_model, build_tokenizer
 from s2d_jax.errors import S2DError
 from s2d_jax.model import lora, quant, save_hf
-from s2d_jax.stages.inputs import load_eval_inputs, system1_prompt
+from s2d_jax.stages.inputs import load_eval_inputs, system1_prompt, train_data
+from s2d_jax.stages.probe import held_out_answers
 
 log = logging.getLogger("s2d")
 
@@ -82,7 +82,6 @@ def _learn_marker(config: ConfigDict, workdir: str, model, tok, mesh, fit: str) 
     import json
 
     from s2d_jax.artifacts import read_jsonl, write_atomic
-    from s2d_jax.stages.probe import held_out_answers
     from s2d_jax.system2.tasks import get_task
     from s2d_jax.train import Trainer
 
@@ -135,15 +134,6 @@ def _grown(config: ConfigDict, workdir: str) -> bool:
                 os.remove(path)
     distributed.barrier(f"retire {workdir}/model")
     return True
-
-
-def train_data(config: ConfigDict, workdir: str) -> str:
-    """What `train` fine-tunes on: `train.data`, or in a round with `loop.accumulate` every round's kept examples
-    so far (`train.jsonl`, written by the loop), else the workdir's own `distill.jsonl`."""
-    if config.train.data:
-        return datasets.resolve(config.train.data)
-    pooled = os.path.join(workdir, "train.jsonl")
-    return pooled if os.path.exists(pooled) else os.path.join(workdir, "distill.jsonl")
 
 
 def _without_probe_examples(config: ConfigDict, workdir: str, data: str) -> str:
