@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import s2d_jax  # noqa: E402
 from s2d_jax import datasets  # noqa: E402
-from s2d_jax.sampling import Job, engine  # noqa: E402
+from s2d_jax.sampling import Job, fill  # noqa: E402
 from s2d_jax.sampling import cache as cache_lib  # noqa: E402
 from s2d_jax.system2.programs import BSM_SOLVE, PARAMS, get_program  # noqa: E402
 from s2d_jax.system2.tasks import get_task  # noqa: E402
@@ -44,16 +44,16 @@ class Before:
     """The engine's bucketing before: prompt lengths and prefill rows padded up to powers of two."""
 
     def __enter__(self):
-        self.saved = engine.length_bucket, engine._chunks
-        engine.length_bucket = cache_lib.bucket
+        self.saved = fill.length_bucket, fill.chunks
+        fill.length_bucket = cache_lib.bucket
 
         def one_chunk(sampler, group, multiple):  # every prompt of a fill in one prefill, rows padded up
             return [(group, -(-cache_lib.bucket(len(group), 1) // multiple) * multiple)] if group else []
 
-        engine._chunks = one_chunk
+        fill.chunks = one_chunk
 
     def __exit__(self, *exc):
-        engine.length_bucket, engine._chunks = self.saved
+        fill.length_bucket, fill.chunks = self.saved
 
 
 def measure(sampler, prompts: list[str]) -> tuple[int, int, float]:

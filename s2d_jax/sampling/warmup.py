@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from s2d_jax.sampling import cache as cache_lib
-from s2d_jax.sampling import engine
+from s2d_jax.sampling import engine, fill
 
 
 def tail_chain(sampler) -> list[int]:
@@ -41,7 +41,7 @@ def programs(sampler, queue) -> tuple[engine.Shape, list[int], list[int], list[i
     plain = [q for q in queue if not q.prefix]
     per_fill = max(1, n // max(1, min((q.count for q in plain), default=1)))  # prompts one fill can take
     rows = sorted({c for k in range(1, per_fill + 1) for c in cache_lib.row_chunks(k, sampler.row_multiple)})
-    lengths = sorted({engine._prefill_len(sampler, [q]) for q in plain})
+    lengths = sorted({fill.prefill_len(sampler, [q]) for q in plain})
     fit = lambda need: cache_lib.width_bucket(need) if need > ctx else min(cache_lib.width_bucket(need), ctx)
     top = max(lengths, default=0) + budget
     widths = sorted({cache_lib.LIVE_BUCKET} | {fit(x) for x in range(min(lengths, default=top) + 1, top + 1)})
@@ -89,7 +89,7 @@ def warmup(sampler, queue, method, want_logprobs: bool, seen: set) -> int:
                 if tuple(at) not in prefilled:
                     r, p = at
                     group = [engine.Request(0, [sampler.pad_id] * p, 0, 1, None, 1)] * r
-                    prefilled[tuple(at)] = engine._prefill(sampler, group, p, r)
+                    prefilled[tuple(at)] = fill.prefill(sampler, group, p, r)
                 slots = engine.insert(slots, *prefilled[tuple(at)], none, zeros, zeros, keys, pad_id=sampler.pad_id)
             seen.add(key(w, kind, *at))
             ran += 1
