@@ -241,27 +241,42 @@ def test_five_prompts_prefill_five_rows_not_eight(ragged):
 
 def test_warmup_leaves_the_run_nothing_to_compile_and_changes_no_sample():
     """A model no other test compiled for (its own EOS set); budgets long enough to grow the cache, ragged ends
-    so the tail shrinks the slots: after the warm-up the run traces nothing, and the samples are the ones a
-    cold sampler (and one without the tail) draws."""
+    so the tail shrinks the slots, through the CPU's finer shapes (eighths) and the quarters: after the warm-up the
+    run traces nothing, and the samples are the ones a cold sampler draws with quarters alone and with no tail."""
     cfg = PRESETS["tiny"].replace(eos_token_ids=tuple(range(90, 104)))
     model, tok = init_model(cfg, seed=2), byte_tokenizer()
-    kw = dict(temperature=1.0, max_new_tokens=150, seed=4, progress=False)  # the last 2 rows end alone
-    warm = Sampler(model, tok, max_batch=8, warmup=True)
+    kw = dict(n=2, temperature=1.0, max_new_tokens=150, seed=4, progress=False)  # the last rows end alone
+    warm = Sampler(model, tok, max_batch=16, warmup=True)
+    assert not warm.fine_tail  # this model's rows cost too little (engine.fine_tail): forced here
+    warm.fine_tail = True  # tail shapes 16, 8 (an eighth, at least FINE_ROWS), 4, 1
     out = warm.generate(PROMPTS, **kw)
     assert warm.last_warmup["programs"] > 5 and warm.last_stats["traces"] == 0
     assert warm.last_stats["seconds"]["compile"] == 0.0
-    cold = Sampler(model, tok, max_batch=8, tail=False)
-    assert _ids(cold.generate(PROMPTS, **kw)) == _ids(out)
-    assert warm.last_stats["rows"] < cold.last_stats["rows"]  # the tail decoded in fewer rows
-    assert warm.last_stats["live_rows"] == cold.last_stats["live_rows"]
+    quarters = Sampler(model, tok, max_batch=16)
+    quarters.fine_tail = False  # an accelerator's tail: 16, 4, 1
+    cold = Sampler(model, tok, max_batch=16, tail=False)
+    assert _ids(quarters.generate(PROMPTS, **kw)) == _ids(out) == _ids(cold.generate(PROMPTS, **kw))
+    rows = [s.last_stats["rows"] for s in (warm, quarters, cold)]
+    assert rows[0] < rows[1] < rows[2], rows  # each finer tail decoded fewer rows
+    assert warm.last_stats["live_rows"] == quarters.last_stats["live_rows"] == cold.last_stats["live_rows"]
 
 
-def test_the_tail_shrinks_to_a_quarter_of_the_slots_at_a_time():
-    from s2d_jax.sampling.engine import tail_slots
+def test_the_tail_shrinks_by_quarters_and_on_cpu_by_eighths():
+    from s2d_jax.sampling.engine import fine_tail, tail_shapes, tail_slots
 
     assert [tail_slots(32, live, 1) for live in (1, 2, 3, 8, 9, 32)] == [2, 2, 8, 8, 32, 32]
     assert tail_slots(16, 1, 4) == 4 and tail_slots(8, 1, 4) == 8  # a multiple of the mesh's rows
     assert tail_slots(6, 1, 1) == 6
+    # fine (CPU): every eighth of the slots too, at least FINE_ROWS (8) rows, each a multiple of the mesh's rows
+    assert tail_shapes(64, 1, True) == [64, 56, 48, 40, 32, 24, 16, 8, 4, 1]
+    assert tail_shapes(32, 1, True) == [32, 24, 16, 8, 2] and tail_shapes(8, 1, True) == [8, 2]
+    assert tail_shapes(48, 4, True) == [48, 40, 32, 24, 16, 12, 8]
+    assert tail_shapes(96, 1, True) == [96, 84, 72, 60, 48, 36, 24, 12, 6]
+    assert [tail_slots(64, live, 1, True) for live in (1, 5, 9, 33, 57)] == [1, 8, 16, 40, 64]
+    smol = PRESETS["smollm2-135m"].num_params  # fine on CPU once an eighth of the slots' products reach 1 GFLOP
+    assert fine_tail("cpu", smol, 64) and fine_tail("cpu", smol, 32) and not fine_tail("cpu", smol, 16)
+    assert not fine_tail("tpu", smol, 64) and not fine_tail("gpu", smol, 64)
+    assert not fine_tail("cpu", PRESETS["toy"].num_params, 64)
 
 
 def test_a_bfloat16_cache_keeps_greedy_outputs_close_to_float32(ragged):

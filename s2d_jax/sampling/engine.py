@@ -151,14 +151,37 @@ def resize(slots: Slots, sizes: tuple[int, ...]) -> Slots:
 
 
 TAIL = 4  # the tail's slot shapes: a quarter of the slots, a sixteenth, ...
+FINE_ROWS = 8  # with a fine tail, also every multiple of an eighth of the slots, at least this many rows
+FINE_FLOPS = 1e9  # ... once an eighth of the slots' products reach this many FLOPs (several ms of a CPU)
 
 
-def tail_slots(slots: int, live: int, multiple: int) -> int:
-    """The slot count `live` rows decode in once nothing is queued: `slots / TAIL^k` (a multiple of `multiple`,
-    the mesh's row divisor) for the largest k that still holds them; `slots` itself when none does."""
-    while slots % (TAIL * multiple) == 0 and live <= slots // TAIL:
-        slots //= TAIL
-    return slots
+def fine_tail(platform: str, num_params: int, slots: int) -> bool:
+    """Whether the tail also takes eighths of the slots: on CPU, where a step costs its rows' products, once an
+    eighth of the slots' products (2 x parameters x rows) reach FINE_FLOPS (SmolLM2-135M at 64 slots: 2.2 GFLOP,
+    about 16 ms of a 64-row step's 165 here). Below that a step is its fixed costs, and each shape only one more
+    compile (the demo's 0.5M-parameter model at 64 slots: 5 s more warm-up, no faster)."""
+    return platform == "cpu" and 2 * num_params * (slots // 8) >= FINE_FLOPS
+
+
+def tail_shapes(slots: int, multiple: int, fine: bool) -> list[int]:
+    """The slot counts the tail decodes in, largest (all `slots`) first: `slots / TAIL^k` while a multiple of
+    `multiple` (the mesh's row divisor); with `fine`, also every multiple of an eighth of the slots (at least
+    FINE_ROWS rows, a multiple of `multiple`). Fine is for CPUs, where a step costs its rows' products (a one-wave
+    call of 64 rows decodes 22% fewer rows); a memory-bound accelerator pays mostly for the weights it reads,
+    whatever the rows, and each shape is one more compile."""
+    out, s = {slots}, slots
+    while s % (TAIL * multiple) == 0:
+        s //= TAIL
+        out.add(s)
+    if fine:
+        unit = max(slots // 8 // multiple, -(-FINE_ROWS // multiple)) * multiple
+        out.update(range(unit, slots, unit))
+    return sorted(out, reverse=True)
+
+
+def tail_slots(slots: int, live: int, multiple: int, fine: bool = False) -> int:
+    """The slot count `live` rows decode in once nothing is queued: the smallest tail shape that holds them."""
+    return min(s for s in tail_shapes(slots, multiple, fine) if s >= live)
 
 
 @jax.jit
@@ -227,16 +250,20 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
                 slots, width = resize(slots, cache_lib.layer_sizes(cfg, target)), target
                 out.append(slots)
 
+    def every_slot():
+        """Back to all the slots from a tail shape (rows keep their slot)."""
+        nonlocal slots, owner, count, n_slots
+        idx = np.concatenate([np.arange(n_slots), np.full(sampler.slots - n_slots, -1)]).astype(np.int32)
+        with clock("resize") as out:
+            slots = reslot(slots, put(idx))
+            out.append(slots)
+        owner, count, n_slots = owner + [None] * (len(idx) - n_slots), np.pad(count, (0, len(idx) - n_slots)), len(idx)
+
     while queue or any(o is not None for o in owner):
         stopping.check()  # SIGTERM / SIGINT: every host stops here alike (s2d_jax/runtime/stopping.py)
         faults.point("decode-chunk")
         if queue and n_slots < sampler.slots:  # new requests after a tail: every slot back
-            idx = np.concatenate([np.arange(n_slots), np.full(sampler.slots - n_slots, -1)])
-            with clock("resize") as out:
-                slots = reslot(slots, sampler._put(idx.astype(np.int32)))
-                out.append(slots)
-            owner, count = owner + [None] * (len(idx) - n_slots), np.pad(count, (0, len(idx) - n_slots))
-            n_slots = len(idx)
+            every_slot()
         free = [r for r in range(n_slots) if owner[r] is None]
         if queue and (len(free) == n_slots or continuous and free):
             taken, room = [], len(free)
@@ -282,8 +309,11 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
                                    jax.random.wrap_key_data(put(keys)), pad_id=sampler.pad_id)
                     out.append(slots)
         active = [r for r in range(n_slots) if owner[r] is not None]
-        smaller = tail_slots(n_slots, len(active), sampler.row_multiple) if sampler.tail and not queue else n_slots
+        smaller = (tail_slots(sampler.slots, len(active), sampler.row_multiple, sampler.fine_tail)
+                   if sampler.tail and not queue else n_slots)
         if smaller < n_slots:  # the tail: the last live rows decode in a smaller slot shape
+            if n_slots < sampler.slots:  # a smaller tail shape through the full one: 2 programs a shape, not 1 a pair
+                every_slot()
             idx = np.array(active + [r for r in range(n_slots) if owner[r] is None][:smaller - len(active)], np.int32)
             with clock("resize") as out:
                 slots = reslot(slots, sampler._put(idx))

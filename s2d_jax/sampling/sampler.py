@@ -103,6 +103,8 @@ class Sampler:
         self.last_warmup = {"programs": 0, "seconds": 0.0}
         self.row_multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self.slots = -(-max_batch // self.row_multiple) * self.row_multiple  # rows divide evenly over the mesh
+        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        self.fine_tail = engine.fine_tail(platform, model.cfg.num_params, self.slots)  # the tail by eighths too
 
     # ------------------------------------------------------------------------------------------ public
 

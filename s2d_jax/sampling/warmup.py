@@ -18,12 +18,6 @@ from s2d_jax.sampling import cache as cache_lib
 from s2d_jax.sampling import engine, fill
 
 
-def tail_chain(sampler) -> list[int]:
-    """Every slot count the engine's tail can shrink to (engine.tail_slots), the full count first."""
-    out = [sampler.slots]
-    while (m := engine.tail_slots(out[-1], out[-1] // engine.TAIL, sampler.row_multiple)) < out[-1]:
-        out.append(m)
-    return out
 
 
 def _idx(put, rows: int, total: int | None = None):
@@ -64,7 +58,7 @@ def warmup(sampler, queue, method, want_logprobs: bool, seen: set) -> int:
                                                  np.uint32)))
     ran, prefilled = 0, {}
     for w in widths:
-        tails = [m for m in tail_chain(sampler) if m != shape.slots] if sampler.tail else []
+        tails = engine.tail_shapes(shape.slots, sampler.row_multiple, sampler.fine_tail)[1:] if sampler.tail else []
         todo = [k for k in [("decode",)] + [("resize", b) for b in widths if b != w]
                 + [("insert", r, p) for r in rows for p in lengths if w > p]
                 + [("tail", m) for m in tails] if key(w, *k) not in seen]
@@ -78,9 +72,7 @@ def warmup(sampler, queue, method, want_logprobs: bool, seen: set) -> int:
                                       eos_ids=sampler.eos_ids, pad_id=sampler.pad_id, logprobs=want_logprobs)
             elif kind == "resize":
                 jax.block_until_ready(engine.resize(slots, sizes(at[0])))
-            elif kind == "tail":  # into a tail shape (from the full one and every larger tail), decode, and back
-                for big in [m for m in tails if m > at[0]]:
-                    engine.reslot(engine.reslot(slots, _idx(put, big)), _idx(put, at[0]))
+            elif kind == "tail":  # into a tail shape from the full one, decode, and back (as the engine moves)
                 small = engine.reslot(slots, _idx(put, at[0]))
                 small = engine.decode(sampler.graphdef, sampler.state, small, jnp.int32(0), method=method,
                                       eos_ids=sampler.eos_ids, pad_id=sampler.pad_id, logprobs=want_logprobs)
