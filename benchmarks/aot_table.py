@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 CONFIGS = ["rar2_last_letters", "rar2_last_letters_system1_sc", "cot_gsm8k", "bsm_mt_bench", "rar2_last_letters_full"]
 # configs whose programs are the same at the same shapes
@@ -43,7 +44,7 @@ def row(out: str, config: str, target: str) -> str:
         lines = open(err).read().strip().splitlines() if os.path.exists(err) else []
         return f"| {name} | {target} | {(lines or ['not run'])[-1].removeprefix('s2d: error: ')[:170]}... |||||||"
     p = json.load(open(path))
-    p.update(_estimate(config, p["devices"]))  # today's estimate (cheap: shapes only), beside XLA's figures
+    p.update(_estimate(config, p["devices"], p.get("generate_mesh")))  # today's (shapes only), beside XLA's
     c, e = p["compiled"], p["roofline_estimate"]
     compile_s = sum(x.get("compile_s", 0) for x in c.values())  # (a prefill bucket: costs only)
     over = lambda kind: " **over HBM**" if p[f"{kind}_compiled"] > p["device_gb"] * GB else ""
@@ -60,12 +61,15 @@ def row(out: str, config: str, target: str) -> str:
     return f"| {name} | {target} | " + " | ".join(cells) + f" | {compile_s:.0f} |"
 
 
-def _estimate(config: str, devices: int) -> dict:
+def _estimate(config: str, devices: int, generate_mesh: dict | None) -> dict:
+    """The plan's estimate by today's code, generation on the mesh the plan compiled it on (a plan from before
+    the generation mesh: the training mesh)."""
     from s2d_jax.plan import estimate as plan
     from s2d_jax.config import load_config
 
     cfg = load_config(f"configs/{config}.py", ["model.path=", "model.preset=llama3-8b"])
-    p = plan.plan(cfg, plan.mesh_shape(cfg.mesh, devices))
+    gen = types.SimpleNamespace(shape=generate_mesh, size=devices) if generate_mesh else None
+    p = plan.plan(cfg, plan.mesh_shape(cfg.mesh, devices), gen)
     return {"train_total": p["train_total"], "generate_total": p["generate_total"]}
 
 
