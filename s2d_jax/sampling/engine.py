@@ -206,20 +206,6 @@ def widen(slots: Slots, max_new: int) -> Slots:
     return slots._replace(tokens=pad(slots.tokens), logprobs=pad(slots.logprobs))
 
 
-@dataclasses.dataclass
-class Request:
-    """Samples `first .. first + count - 1` of prompt `prompt` (token ids `ids`), drawn with `keys`, each of at
-    most `budget` new tokens."""
-
-    prompt: int
-    ids: list[int]
-    first: int
-    count: int
-    keys: np.ndarray  # [count] key data
-    budget: int
-    prefix: int = 0  # leading tokens other prompts may share (prefilled once for all of them); 0: none
-
-
 def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuous: bool, on_sample,
              chunk: int = CHUNK) -> dict:
     """Run the requests of `queue` through `sampler.slots` slots; call `on_sample(prompt, sample index, tokens,

@@ -4,15 +4,26 @@ The engine (engine.py) calls these for every fill; the warm-up (warmup.py) for e
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
 
 import numpy as np
 
 from s2d_jax.sampling import cache as cache_lib
 from s2d_jax.sampling.cache import bucket, length_bucket, quarter_octave
 
-if TYPE_CHECKING:
-    from s2d_jax.sampling.engine import Request
+
+@dataclasses.dataclass
+class Request:
+    """Samples `first .. first + count - 1` of prompt `prompt` (token ids `ids`), drawn with `keys`, each of at
+    most `budget` new tokens."""
+
+    prompt: int
+    ids: list[int]
+    first: int
+    count: int
+    keys: np.ndarray  # [count] key data
+    budget: int
+    prefix: int = 0  # leading tokens other prompts may share (prefilled once for all of them); 0: none
 
 
 def prefill_len(sampler, group: list[Request]) -> int:

@@ -27,7 +27,7 @@ from s2d_jax.runtime import distributed
 from s2d_jax.runtime import memory
 from s2d_jax.errors import S2DError
 from s2d_jax.model.transformer import Transformer
-from s2d_jax.sampling import engine, warmup as warmup_lib
+from s2d_jax.sampling import engine, fill, warmup as warmup_lib
 from s2d_jax.sampling.cache import TRACES, sample_keys
 from s2d_jax.sampling.select import make_method
 from s2d_jax.tokenizer import chat_prompt
@@ -159,7 +159,7 @@ class Sampler:
                 job, handle = new[i], counts["handles"] + i
                 row, prefix = ids[i]
                 pending[handle] = [job, len(row), [None] * job.n]
-                queue.extend(engine.Request(handle, row, a, min(self.slots, job.n - a), keys[i][a:a + self.slots],
+                queue.extend(fill.Request(handle, row, a, min(self.slots, job.n - a), keys[i][a:a + self.slots],
                                             job.max_new_tokens, prefix) for a in range(0, job.n, self.slots))
             counts["handles"] += len(new)
             bar.total = (bar.total or 0) + len(new)

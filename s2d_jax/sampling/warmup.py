@@ -18,8 +18,6 @@ from s2d_jax.sampling import cache as cache_lib
 from s2d_jax.sampling import engine, fill
 
 
-
-
 def _idx(put, rows: int, total: int | None = None):
     """`reslot` indices: the first `rows` slots, padded with empty ones to `total`."""
     return put(np.concatenate([np.arange(rows), np.full((total or rows) - rows, -1)]).astype(np.int32))
@@ -80,7 +78,7 @@ def warmup(sampler, queue, method, want_logprobs: bool, seen: set) -> int:
             else:
                 if tuple(at) not in prefilled:
                     r, p = at
-                    group = [engine.Request(0, [sampler.pad_id] * p, 0, 1, None, 1)] * r
+                    group = [fill.Request(0, [sampler.pad_id] * p, 0, 1, None, 1)] * r
                     prefilled[tuple(at)] = fill.prefill(sampler, group, p, r)
                 slots = engine.insert(slots, *prefilled[tuple(at)], none, zeros, zeros, keys, pad_id=sampler.pad_id)
             seen.add(key(w, kind, *at))
