@@ -74,6 +74,22 @@ TINY = dict(vocab_size=264, hidden_size=64, intermediate_size=96, num_hidden_lay
             max_position_embeddings=256)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+    """After each test module, drop the programs it compiled. XLA:CPU maps every executable's machine code into the
+    process (about 15 memory maps a program); a worker that keeps a whole suite's programs alive passed 49,000 maps,
+    and at the kernel's limit (vm.max_map_count, 65,530) LLVM's JIT fails to map memory and the next compile or
+    cache write dies in a segmentation fault."""
+    yield
+    import gc
+
+    import jax
+
+    gc.collect()
+    jax.clear_caches()
+    gc.collect()
+
+
 def data(spec: str) -> str:
     """The local path of registry data `spec` (`NAME` or `NAME/FILE`), fetched through the mirror; a test that
     needs it says so where no mirror is set (a clone without ../shared)."""

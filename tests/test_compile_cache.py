@@ -50,3 +50,41 @@ def test_the_cache_directory_setting(monkeypatch):
     monkeypatch.setenv(compile_cache.ENV, "/somewhere/xla")
     assert compile_cache.directory("") == "/somewhere/xla"
     assert compile_cache.directory("gs://bucket/xla") == "gs://bucket/xla"
+
+
+def _maps() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+def test_a_finished_samplers_programs_are_released():
+    """XLA:CPU maps each program's machine code into the process (some 15 memory maps a program), and the kernel caps
+    a process's maps (vm.max_map_count, 65,530 by default): past it LLVM's JIT cannot map memory and the next compile
+    dies in a segmentation fault (seen in this suite's long-lived workers, which passed 49,000 maps before each test
+    module's programs were dropped). Nothing in s2d may pin a finished sampler's programs: once JAX's caches are
+    cleared, their maps are gone."""
+    import gc
+
+    import jax
+
+    from s2d_jax.model import PRESETS, init_model
+    from s2d_jax.sampling import Sampler
+    from s2d_jax.tokenizer import byte_tokenizer
+
+    def release():
+        gc.collect()
+        jax.clear_caches()
+        gc.collect()
+        return _maps()
+
+    def sample():
+        sampler = Sampler(init_model(PRESETS["tiny"].replace(eos_token_ids=(7,)), seed=0), byte_tokenizer(),
+                          max_batch=4)
+        sampler.generate(["a prompt", "another one"], n=2, temperature=1.0, max_new_tokens=20, progress=False)
+        return _maps()
+
+    sample()  # the first sampling also starts the runtime's threads, which stay
+    before = release()
+    compiled = sample() - before
+    after = release()
+    assert compiled > 100 and after - before < compiled // 10, (before, compiled, after)

@@ -17,10 +17,7 @@ def test_a_teacher_with_another_tokenizer_and_size_end_to_end(tmp_path, smollm2_
     args = ["run", *TINY, "--workdir", str(tmp_path), f"--config.teacher.path={smollm2_gguf}",
             "--config.pretrain.steps=0",  # the student need not know anything: it is taught the teacher's text
             "--config.filter.name=none", "--config.program.max_new_tokens=24", "--config.task.n=4",
-            "--config.eval.n=4",
-            # no persistent cache in this test: in two of three suite runs on 2026-12-06 its worker died in XLA while
-            # JAX wrote the student's train step to the cache (never alone); docs/testing.md
-            "--config.compile.cache_dir=off"]
+            "--config.eval.n=4"]
     assert main(args) == 0
     teacher = load_tokenizer(smollm2_gguf)
     rows = [json.loads(x) for x in open(tmp_path / "rollouts.jsonl")]
