@@ -74,20 +74,32 @@ TINY = dict(vocab_size=264, hidden_size=64, intermediate_size=96, num_hidden_lay
             max_position_embeddings=256)
 
 
+def memory_maps() -> tuple[int, int]:
+    """This process's memory maps and the kernel's cap on them (0, 0 where /proc does not tell)."""
+    try:
+        with open("/proc/self/maps") as maps, open("/proc/sys/vm/max_map_count") as cap:
+            return sum(1 for _ in maps), int(cap.read())
+    except OSError:
+        return 0, 0
+
+
 @pytest.fixture(scope="module", autouse=True)
 def release_compiled_programs():
-    """After each test module, drop the programs it compiled. XLA:CPU maps every executable's machine code into the
-    process (about 15 memory maps a program); a worker that keeps a whole suite's programs alive passed 49,000 maps,
-    and at the kernel's limit (vm.max_map_count, 65,530) LLVM's JIT fails to map memory and the next compile or
-    cache write dies in a segmentation fault."""
+    """After a test module, drop every compiled program once the worker holds a third of the kernel's memory-map cap.
+    XLA:CPU maps each program's machine code into the process (some 15 maps a program); a worker that kept the whole
+    suite's programs passed 49,000 maps, and at the cap (vm.max_map_count, 65,530 by default) LLVM's JIT fails to
+    map memory and the next compile or cache write dies in a segmentation fault. Below a third, the next modules
+    reuse what is compiled."""
     yield
-    import gc
+    used, cap = memory_maps()
+    if used > cap // 3:
+        import gc
 
-    import jax
+        import jax
 
-    gc.collect()
-    jax.clear_caches()
-    gc.collect()
+        gc.collect()
+        jax.clear_caches()
+        gc.collect()
 
 
 def data(spec: str) -> str:

@@ -7,6 +7,8 @@ import sys
 
 from s2d_jax.runtime import compile_cache
 
+from conftest import memory_maps
+
 SCRIPT = """
 import json, sys
 import s2d_jax
@@ -52,17 +54,12 @@ def test_the_cache_directory_setting(monkeypatch):
     assert compile_cache.directory("gs://bucket/xla") == "gs://bucket/xla"
 
 
-def _maps() -> int:
-    with open("/proc/self/maps") as f:
-        return sum(1 for _ in f)
-
-
 def test_a_finished_samplers_programs_are_released():
     """XLA:CPU maps each program's machine code into the process (some 15 memory maps a program), and the kernel caps
     a process's maps (vm.max_map_count, 65,530 by default): past it LLVM's JIT cannot map memory and the next compile
-    dies in a segmentation fault (seen in this suite's long-lived workers, which passed 49,000 maps before each test
-    module's programs were dropped). Nothing in s2d may pin a finished sampler's programs: once JAX's caches are
-    cleared, their maps are gone."""
+    dies in a segmentation fault (this suite's long-lived workers passed 49,000 maps until tests/conftest.py dropped
+    programs between modules). Nothing in s2d may pin a finished sampler's programs: once JAX's caches are cleared,
+    their maps are gone."""
     import gc
 
     import jax
@@ -75,13 +72,13 @@ def test_a_finished_samplers_programs_are_released():
         gc.collect()
         jax.clear_caches()
         gc.collect()
-        return _maps()
+        return memory_maps()[0]
 
     def sample():
         sampler = Sampler(init_model(PRESETS["tiny"].replace(eos_token_ids=(7,)), seed=0), byte_tokenizer(),
                           max_batch=4)
         sampler.generate(["a prompt", "another one"], n=2, temperature=1.0, max_new_tokens=20, progress=False)
-        return _maps()
+        return memory_maps()[0]
 
     sample()  # the first sampling also starts the runtime's threads, which stay
     before = release()
