@@ -16,9 +16,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="s2d-test-xla-cache-")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
-if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers: each its own cache (writes are not atomic)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"],
-                                                           os.environ["PYTEST_XDIST_WORKER"])
+# `make test`'s two workers share it too: with a size bound JAX takes a file lock around every read and write (as
+# `s2d` itself does: s2d_jax/runtime/compile_cache.py), so what one worker compiled the other loads
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 import pathlib
 

@@ -46,7 +46,9 @@ def _llama(tmp_path):
 PLANS = {}  # plan.json of each (family, LoRA rank) this module compiled: later tests compare against them
 
 
-@pytest.mark.parametrize("family,lora", [("llama", 8), ("llama", 0), ("gemma2", 8), ("gemma2", 0)])
+# Llama with LoRA and full fine-tuning; Gemma 2 (its attention kinds, forward and backward) with LoRA only: the
+# optimizer's side of full fine-tuning is the same program part whatever the family
+@pytest.mark.parametrize("family,lora", [("llama", 8), ("llama", 0), ("gemma2", 8)])
 def test_plan_compiles_every_program_for_a_v5e_8(tmp_path, capsys, family, lora):
     path = (_llama if family == "llama" else _gemma2)(tmp_path)
     args = ["plan", "--config", "configs/rar2_last_letters.py", "--workdir", str(tmp_path / "run"),
