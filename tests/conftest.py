@@ -18,7 +18,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 # `make test`'s two workers share it too: with a size bound JAX takes a file lock around every read and write (as
 # `s2d` itself does: s2d_jax/runtime/compile_cache.py), so what one worker compiled the other loads
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))  # compile_cache.MAX_BYTES
 
 import pathlib
 
@@ -83,6 +83,19 @@ def memory_maps() -> tuple[int, int]:
         return 0, 0
 
 
+def release_programs() -> int:
+    """Drop every program this process compiled (JAX's caches and whatever only they kept alive); returns the maps
+    left."""
+    import gc
+
+    import jax
+
+    gc.collect()
+    jax.clear_caches()
+    gc.collect()
+    return memory_maps()[0]
+
+
 @pytest.fixture(scope="module", autouse=True)
 def release_compiled_programs():
     """After a test module, drop every compiled program once the worker holds a third of the kernel's memory-map cap.
@@ -93,13 +106,7 @@ def release_compiled_programs():
     yield
     used, cap = memory_maps()
     if used > cap // 3:
-        import gc
-
-        import jax
-
-        gc.collect()
-        jax.clear_caches()
-        gc.collect()
+        release_programs()
 
 
 def data(spec: str) -> str:

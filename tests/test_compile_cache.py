@@ -7,7 +7,7 @@ import sys
 
 from s2d_jax.runtime import compile_cache
 
-from conftest import memory_maps
+from conftest import memory_maps, release_programs
 
 SCRIPT = """
 import json, sys
@@ -60,19 +60,9 @@ def test_a_finished_samplers_programs_are_released():
     dies in a segmentation fault (this suite's long-lived workers passed 49,000 maps until tests/conftest.py dropped
     programs between modules). Nothing in s2d may pin a finished sampler's programs: once JAX's caches are cleared,
     their maps are gone."""
-    import gc
-
-    import jax
-
     from s2d_jax.model import PRESETS, init_model
     from s2d_jax.sampling import Sampler
     from s2d_jax.tokenizer import byte_tokenizer
-
-    def release():
-        gc.collect()
-        jax.clear_caches()
-        gc.collect()
-        return memory_maps()[0]
 
     def sample():
         sampler = Sampler(init_model(PRESETS["tiny"].replace(eos_token_ids=(7,)), seed=0), byte_tokenizer(),
@@ -81,7 +71,7 @@ def test_a_finished_samplers_programs_are_released():
         return memory_maps()[0]
 
     sample()  # the first sampling also starts the runtime's threads, which stay
-    before = release()
+    before = release_programs()
     compiled = sample() - before
-    after = release()
+    after = release_programs()
     assert compiled > 100 and after - before < compiled // 10, (before, compiled, after)

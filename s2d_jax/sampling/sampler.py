@@ -160,7 +160,7 @@ class Sampler:
                 row, prefix = ids[i]
                 pending[handle] = [job, len(row), [None] * job.n]
                 queue.extend(fill.Request(handle, row, a, min(self.slots, job.n - a), keys[i][a:a + self.slots],
-                                            job.max_new_tokens, prefix) for a in range(0, job.n, self.slots))
+                                          job.max_new_tokens, prefix) for a in range(0, job.n, self.slots))
             counts["handles"] += len(new)
             bar.total = (bar.total or 0) + len(new)
             bar.refresh()
