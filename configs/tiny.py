@@ -21,6 +21,6 @@ def get_config():
                   "checkpoint_every": 4, "log_every": 2},
         "eval": {"n": 8, "max_new_tokens": 8},
         # no warm-up: it would compile every program the queued prompts could meet, most of which a run this small
-        # never calls (26 programs against 14 for a 12-input generate, twice its seconds on CPU)
+        # never calls (26 programs against 14 for a 12-input generate, 15.9 s against 8.9 s on CPU)
         "compile": {"warmup": False},
     })

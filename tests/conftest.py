@@ -5,8 +5,12 @@ import os
 # XLA:CPU's machine code at LLVM's -O1: the programs (HLO) are the product's; the suite's tiny models spend more
 # time compiling than running (tests/test_lora.py: 173 -> 108-127 s of CPU; -O0 compiles faster still, but a 60-step
 # pretrain of the tiny model then runs 1.6x slower, where -O1 runs as fast as the default)
-FAST_COMPILE = "--xla_backend_optimization_level=1"
-os.environ["XLA_FLAGS"] = f'{os.environ.get("XLA_FLAGS", "")} {FAST_COMPILE} --xla_force_host_platform_device_count=8'
+def xla_flags(devices: int) -> str:
+    """The suite's XLA flags for a process with `devices` fake CPU devices (this one, and the clusters' processes)."""
+    return f"--xla_backend_optimization_level=1 --xla_force_host_platform_device_count={devices}"
+
+
+os.environ["XLA_FLAGS"] = f'{os.environ.get("XLA_FLAGS", "")} {xla_flags(8)}'
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval tasks read data through our registry only

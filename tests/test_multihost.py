@@ -17,7 +17,7 @@ from s2d_jax.cli import main
 from s2d_jax.config import load_config
 from s2d_jax.stages.generate import read_rollouts
 
-from conftest import FAST_COMPILE, REPO
+from conftest import REPO, xla_flags
 
 TIMEOUT = 600  # seconds for one multi-process stage (a hang guard, no timing): a hung cluster fails the test
 MESH = ["mesh.data=4", "mesh.tensor=2"]
@@ -38,7 +38,7 @@ def _cluster(stage: str, workdir, overrides: list[str], processes: int = 2, devi
     """Run `s2d STAGE` as `processes` local processes of one cluster and wait for all of them; `faults` gives a
     process an S2D_FAULT (s2d_jax/runtime/faults.py). Returns each process's (exit status, output)."""
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices),
            "JAX_PLATFORMS": "cpu"}
     args = [sys.executable, "-m", "s2d_jax.cli", stage, "--config", "configs/tiny.py", "--workdir", str(workdir),
             *(f"--config.{o}" for o in overrides), "--coordinator_address", f"127.0.0.1:{port}",
@@ -148,8 +148,7 @@ def test_two_hosts_generate_the_rollouts_of_one_through_a_lost_host_and_a_torn_s
     holding its own inputs; the filter merges the shards into the one-process distillation set; a shard torn by a
     kill is finished by the next run."""
     two = tmp_path / "two"
-    # with the warm-up (configs/tiny.py has none): on the last rerun host 0 has nothing left to generate and host 1
-    # warms up, yet both compile the same programs
+    # the generate stage's warm-up on a cluster, through a lost host and a torn shard (configs/tiny.py has none)
     overrides = [*GENERATE, *LOST, "task.n=12", "generate.chunk=2", "compile.warmup=true"]
     _survivor_says_host_1_was_lost(_cluster("generate", two, overrides, faults={1: "rollout-chunk:1"}, expect=None))
     assert "heartbeat" in (two / "s2d-error.log").read_text()  # the details, kept
