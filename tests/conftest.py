@@ -49,6 +49,14 @@ if "S2D_DATA" not in os.environ:
 
     os.environ["S2D_DATA"] = tempfile.mkdtemp(prefix="s2d-test-data-")
     atexit.register(shutil.rmtree, os.environ["S2D_DATA"], True)
+# A directory of this session's own that the xdist workers share (inherited, as above): `tiny_base`'s base model
+if "S2D_TEST_SHARED" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["S2D_TEST_SHARED"] = tempfile.mkdtemp(prefix="s2d-test-shared-")
+    atexit.register(shutil.rmtree, os.environ["S2D_TEST_SHARED"], True)
 CACHE = pathlib.Path(os.environ.get("S2D_CACHE", pathlib.Path.home() / ".cache" / "s2d_jax"))
 SMOLLM2_GGUF = CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -181,3 +189,22 @@ def assert_sharded_forward_equals_one_device(single, sharded, mesh, vocab: int, 
     assert len(out.sharding.device_set) == mesh.size
     np.testing.assert_allclose(np.asarray(out), np.asarray(forward(single, ids)), atol=1e-5)
 
+
+
+def tiny_base(workdir) -> None:
+    """Give `workdir` the base model that `s2d pretrain --config configs/tiny.py` writes (WORKDIR/base, which a run
+    then skips as complete): pretrained once per session, the first worker to ask pretraining while the other
+    waits, and copied. For tests of the later stages whose config leaves pretraining as tiny.py has it: each would
+    repeat the same 60 steps (some 20 s of CPU a run). The stage inside `s2d run` keeps its own tests
+    (tests/test_multihost.py's whole loop on one host and two, the syllable tokenizer's in tests/test_pipeline.py)."""
+    import fcntl
+    import shutil
+
+    from s2d_jax.cli import main
+
+    shared = pathlib.Path(os.environ["S2D_TEST_SHARED"]) / "tiny"
+    with open(f"{shared}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / "base").exists():
+            assert main(["pretrain", "--config", "configs/tiny.py", "--workdir", str(shared)]) == 0
+    shutil.copytree(shared / "base", pathlib.Path(workdir) / "base")

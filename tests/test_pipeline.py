@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from conftest import tiny_base
 from s2d_jax.cli import main
 from s2d_jax.report import markdown, write_report
 from s2d_jax.system2.programs import get_program
@@ -33,6 +34,7 @@ TRACKED = ["--config.report.trackers=tensorboard,wandb", "--config.report.wandb.
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
+    tiny_base(workdir)
     assert main(["run", *TINY, *TRACKED, "--workdir", str(workdir)]) == 0
     return workdir
 
@@ -187,6 +189,7 @@ def test_rerun_skips_every_complete_stage(reference, caplog):
 
 
 def test_kill_and_rerun_resumes_to_the_same_result(reference, tmp_path):
+    tiny_base(tmp_path)
     env = _child_env(S2D_FAULT="rollout-chunk:1")  # killed after generate's 1st chunk
     proc = subprocess.Popen([sys.executable, "-m", "s2d_jax.cli", "run", *TINY, *TRACKED, "--workdir", str(tmp_path),
                              "--config.generate.chunk=2"],
@@ -194,7 +197,7 @@ def test_kill_and_rerun_resumes_to_the_same_result(reference, tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, err
     assert not (tmp_path / "rollouts.jsonl").exists() and (tmp_path / "rollouts.jsonl.partial").exists()
-    assert (tmp_path / "base").exists() and not (tmp_path / "eval.json").exists()
+    assert not (tmp_path / "eval.json").exists()
     assert main(["run", *TINY, *TRACKED, "--workdir", str(tmp_path)]) == 0
     run_id = json.load(open(tmp_path / "wandb_run.json"))["id"]  # the resumed command continued the W&B run
     assert len(glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))) == 2

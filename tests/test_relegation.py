@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from s2d_jax.relegation import routing
+from conftest import tiny_base
 from s2d_jax.cli import main
 from s2d_jax.config import load_config
 
@@ -128,6 +129,7 @@ def test_a_mixed_size_pool_takes_every_size_in_turn():
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("rounds")
+    tiny_base(workdir)
     assert main(["run", *ROUNDS, "--workdir", str(workdir)]) == 0
     return workdir
 
@@ -252,6 +254,7 @@ def test_rounds_killed_mid_round_resume_to_the_same_artifacts(reference, tmp_pat
     first = json.load(open(reference / "rounds" / "1" / "route_report.json"))["escalated"]
     second = json.load(open(reference / "rounds" / "2" / "route_report.json"))["escalated"]
     assert second >= 1  # round 2 has rollouts to kill in
+    tiny_base(tmp_path)
     env = dict(os.environ, JAX_PLATFORMS="cpu", S2D_FAULT=f"rollout-chunk:{-(-first // 2) + 1}")
     proc = subprocess.run([sys.executable, "-m", "s2d_jax.cli", "run", *ROUNDS, "--workdir", str(tmp_path)],
                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
@@ -445,6 +448,7 @@ def test_the_probe_router_trains_each_round_and_routes_the_next(tmp_path):
     from s2d_jax.stages.inputs import load_inputs, system1_prompt
     from s2d_jax.stages.run import round_config
 
+    tiny_base(tmp_path)
     assert main(["run", *PROBE, "--workdir", str(tmp_path)]) == 0
     one, two = tmp_path / "rounds" / "1", tmp_path / "rounds" / "2"
     assert json.load(open(one / "route_report.json"))["escalated_share"] == 1.0

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from conftest import tiny_base
 from s2d_jax.cli import main
 from s2d_jax.config import load_config
 from s2d_jax.relegation import marker
@@ -41,6 +42,7 @@ def test_the_self_router_learns_the_marker_where_it_was_wrong_and_routes_by_it(t
     from s2d_jax.system2.tasks import get_task
     from s2d_jax.train import Trainer
 
+    tiny_base(tmp_path)
     assert main(["run", *SELF, "--workdir", str(tmp_path)]) == 0
     assert json.load(open(tmp_path / "route_report.json"))["escalated_share"] == 1.0
     read = lambda name: [json.loads(x) for x in open(tmp_path / name)]
