@@ -189,3 +189,39 @@ def test_the_two_level_draw_is_the_one_level_inverse_cdf():
     seen = expected > 5
     chi2 = ((counts[seen] - expected[seen]) ** 2 / expected[seen]).sum()
     assert chi2 < seen.sum() + 5 * np.sqrt(2 * seen.sum())  # within 5 standard deviations of its mean
+
+
+def test_weights_in_the_decode_s_own_layouts_give_the_same_samples(tiny):
+    """`sampling/layouts.py`: XLA:CPU's decode takes every weight as it is laid out (its AUTO choice is the
+    default: no copy); a QKV weight laid out another way (as XLA:TPU asks on a v5p-64) is taken as it is by every
+    program the sampler compiles, and the samples do not change."""
+    from jax.experimental.layout import Format, Layout
+
+    from s2d_jax.sampling import cache as cache_lib, engine, layouts
+    from s2d_jax.sampling.select import Greedy
+
+    model, tok = tiny
+    sampler = Sampler(model, tok, max_batch=4)
+    queue = [type("Request", (), {"budget": 12})()]
+    kept = layouts.for_decode(sampler, engine.slot_shape(sampler, queue), Greedy(), False)
+    assert all(a is b for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(sampler.state)))
+
+    expected = sampler.generate(PROMPTS, max_new_tokens=12, progress=False)
+    other = Sampler(model, tok, max_batch=4)
+    qkv = lambda path: "qkv" in jax.tree_util.keystr(path)
+    order = lambda x: (*range(x.ndim - 4), x.ndim - 3, x.ndim - 2, x.ndim - 4, x.ndim - 1)  # embed after the heads
+    formats = jax.tree_util.tree_map_with_path(
+        lambda p, x: Format(Layout(order(x)) if qkv(p) else None, x.sharding), other.state)
+    other.state = layouts.place(other.state, formats)
+    laid = [x for p, x in jax.tree_util.tree_flatten_with_path(other.state)[0] if qkv(p)]
+    assert laid and all(x.format.layout.major_to_minor == order(x) != tuple(range(x.ndim)) for x in laid)
+    assert [[s.token_ids for s in row] for row in other.generate(PROMPTS, max_new_tokens=12, progress=False)] == \
+        [[s.token_ids for s in row] for row in expected]
+    after = [x for p, x in jax.tree_util.tree_flatten_with_path(other.state)[0] if qkv(p)]
+    assert all(a is b for a, b in zip(after, laid))
+    slots = engine.empty(engine.slot_shape(other, queue), cache_lib.layer_sizes(model.cfg, cache_lib.LIVE_BUCKET))
+    compiled = engine.decode.lower(other.graphdef, other.state, slots, jnp.int32(0), method=Greedy(),
+                                   eos_ids=other.eos_ids, pad_id=other.pad_id).compile()
+    taken = [f for p, f in jax.tree_util.tree_flatten_with_path(
+        compiled.input_formats[0][0], is_leaf=lambda f: isinstance(f, Format))[0] if qkv(p)]
+    assert [f.layout.major_to_minor for f in taken] == [order(x) for x in laid]  # the program takes them as laid

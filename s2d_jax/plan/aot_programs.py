@@ -14,7 +14,7 @@ from flax import nnx
 from s2d_jax import mesh as mesh_lib
 from s2d_jax.model import lora as lora_lib, quant
 from s2d_jax.model.transformer import Transformer
-from s2d_jax.sampling import cache as cache_lib, engine
+from s2d_jax.sampling import cache as cache_lib, engine, layouts
 from s2d_jax.sampling.select import make_method
 from s2d_jax.train import data as data_lib
 
@@ -59,8 +59,9 @@ def train_step(programs, cfg):
     return step, (params, opt_state, batch, None if frozen is None else _split(frozen, mesh)), {}
 
 
-def _sampler(programs, cfg):
-    """The sampler's model (weights in the compute dtype, split as `Sampler` splits it) and its largest shapes."""
+def _sampler(programs, cfg, laid: bool = False):
+    """The sampler's model (weights in the compute dtype, split as `Sampler` splits it) and its largest shapes.
+    `laid`: the weights in the layouts the decode program chose, as the sampler lays them out (layouts.py)."""
     from s2d_jax.plan.estimate import sampler_shapes
 
     mesh = programs.gen
@@ -68,13 +69,20 @@ def _sampler(programs, cfg):
     dtype = programs.config.generate.weights_dtype
     graphdef, state = nnx.split(nnx.eval_shape(lambda: quant.quantize(Transformer(cfg, rngs=nnx.Rngs(0)), dtype)))
     state = _abstract(state, mesh_lib.state_shardings(state, mesh))
+    if laid and _auto_layouts(programs):
+        formats = programs.compiled("decode", cfg).input_formats[0][0]
+        state = jax.tree.map(lambda x, f: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=f), state, formats)
     return cfg, graphdef, state, sampler_shapes(programs.config, cfg, mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+def _auto_layouts(programs) -> bool:
+    return programs.t.platform in layouts.PLATFORMS
 
 
 def prefill(programs, cfg, prompt: int = 0):
     """A full insert's prefill: `rows` prompts left-padded to the largest prompt bucket, or to `prompt`
     (`cache.prefill`)."""
-    _, graphdef, state, s = _sampler(programs, cfg)
+    _, graphdef, state, s = _sampler(programs, cfg, laid=True)
     prompt = prompt or s["prompt"]
     ids = _rows((s["rows"], prompt), jnp.int32, programs.gen)
     return cache_lib.prefill, (graphdef, state, ids, ids, ids), {"max_len": prompt,
@@ -113,6 +121,9 @@ def decode(programs, cfg):
     _, graphdef, state, s = _sampler(programs, cfg)
     g = programs.config.generate
     method = make_method(g.temperature, g.top_k or None, g.top_p if g.top_p < 1 else None)
-    steps = jax.ShapeDtypeStruct((), jnp.int32)
-    return engine.decode, (graphdef, state, programs.outputs("empty", cfg), steps), {
-        "method": method, "eos_ids": tuple(cfg.eos_token_ids) or (0,), "pad_id": 0}
+    steps, slots = jax.ShapeDtypeStruct((), jnp.int32), programs.outputs("empty", cfg)
+    static = {"method": method, "eos_ids": tuple(cfg.eos_token_ids) or (0,), "pad_id": 0}
+    if _auto_layouts(programs):  # the weights' layouts left to XLA, as the sampler asks on this platform
+        shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+        return layouts.auto_decode(graphdef, shardings(state), shardings(slots), **static), (state, slots, steps), {}
+    return engine.decode, (graphdef, state, slots, steps), static

@@ -69,6 +69,13 @@ class Shape:
     pad_id: int
 
 
+def slot_shape(sampler, queue) -> Shape:
+    """The slots' shape for `queue`'s requests: token buffers as long as the largest budget (bucketed)."""
+    cfg = sampler.model.cfg
+    return Shape(sampler.slots, bucket(max(q.budget for q in queue), 16), cfg.num_kv_heads, cfg.head_dim,
+                 cfg.vocab_size, str(sampler.cache_dtype), sampler.pad_id)
+
+
 def _rows(x):
     return mesh_lib.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
@@ -214,8 +221,7 @@ def generate(sampler, queue: deque, method, stop, want_logprobs: bool, continuou
     cfg = sampler.model.cfg
     ctx = cfg.max_position_embeddings
     n_slots = sampler.slots
-    shape = Shape(n_slots, bucket(max(q.budget for q in queue), 16), cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size,
-                  str(sampler.cache_dtype), sampler.pad_id)
+    shape = slot_shape(sampler, queue)
     put = sampler._put
     owner: list[tuple[int, int, int, int] | None] = [None] * n_slots  # (prompt, sample, prompt bucket, budget)
     count = np.zeros(n_slots, np.int64)

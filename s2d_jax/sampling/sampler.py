@@ -27,7 +27,7 @@ from s2d_jax.runtime import distributed
 from s2d_jax.runtime import memory
 from s2d_jax.errors import S2DError
 from s2d_jax.model.transformer import Transformer
-from s2d_jax.sampling import engine, fill, warmup as warmup_lib
+from s2d_jax.sampling import engine, fill, layouts, warmup as warmup_lib
 from s2d_jax.sampling.cache import TRACES, sample_keys
 from s2d_jax.sampling.select import make_method
 from s2d_jax.tokenizer import chat_prompt
@@ -105,6 +105,7 @@ class Sampler:
         self.slots = -(-max_batch // self.row_multiple) * self.row_multiple  # rows divide evenly over the mesh
         platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
         self.fine_tail = engine.fine_tail(platform, model.cfg.num_params, self.slots)  # the tail by eighths too
+        self.laid_out = platform not in layouts.PLATFORMS  # the weights in the decode's layouts (layouts.py)
 
     # ------------------------------------------------------------------------------------------ public
 
@@ -180,6 +181,9 @@ class Sampler:
         if not queue:
             return bar.close()
         with self._mesh_context():
+            if not self.laid_out:  # once, before any program: every one then compiles for these layouts
+                self.state = layouts.for_decode(self, engine.slot_shape(self, queue), method, logprobs)
+                self.laid_out = True
             if self.warmup:
                 t = time.perf_counter()
                 with memory.program("warm-up", lambda: f"{self.slots} slots, the engine's programs for "

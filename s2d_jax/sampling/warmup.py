@@ -28,8 +28,7 @@ def programs(sampler, queue) -> tuple[engine.Shape, list[int], list[int], list[i
     cfg = sampler.model.cfg
     n, ctx = sampler.slots, cfg.max_position_embeddings
     budget = max(q.budget for q in queue)
-    shape = engine.Shape(n, cache_lib.bucket(budget, 16), cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size,
-                         str(sampler.cache_dtype), sampler.pad_id)
+    shape = engine.slot_shape(sampler, queue)
     plain = [q for q in queue if not q.prefix]
     per_fill = max(1, n // max(1, min((q.count for q in plain), default=1)))  # prompts one fill can take
     rows = sorted({c for k in range(1, per_fill + 1) for c in cache_lib.row_chunks(k, sampler.row_multiple)})

@@ -1,0 +1,59 @@
+"""The generation weights in the layouts the decode program asks for.
+
+XLA chooses the physical layout of every array inside a program but takes the program's arguments as they come.
+On a v5p-64 (generation mesh data 8 x tensor 4, 8 rows a chip) XLA:TPU streams each layer's QKV weight through
+VMEM with the embedding dimension minor, so the Llama-3-8B decode copied the whole stacked QKV shard into that
+layout at the start of every call (0.375 GB a chip; `s2d plan`'s HLO). On the platforms in `PLATFORMS` the sampler
+compiles its first decode once with `Layout.AUTO` for the weights, which says what the program wants, and keeps a
+copy of each weight whose wanted layout differs (the model's own arrays are left as training has them): every
+program it compiles after takes the weights as they are (JAX compiles for a committed argument's layout).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.layout import Format, Layout
+
+from s2d_jax.sampling import cache as cache_lib, engine
+
+PLATFORMS = ("tpu",)  # XLA:CPU and XLA:GPU take the weights in their default layouts
+
+
+def auto_decode(graphdef, state_shardings, slot_shardings, *, method, eos_ids: tuple[int, ...], pad_id: int,
+                logprobs: bool = False):
+    """`engine.decode` as a jitted function of `(state, slots, steps)` that leaves the weights' layouts to XLA:
+    lowered with abstract weights (`abstract`) and compiled, its `input_formats[0][0]` are the layouts it chose."""
+    body = functools.partial(engine.decode.__wrapped__, graphdef, method=method, eos_ids=eos_ids, pad_id=pad_id,
+                             logprobs=logprobs)
+    auto = jax.tree.map(lambda s: Format(Layout.AUTO, s), state_shardings)
+    return jax.jit(lambda state, slots, steps: body(state, slots, steps), in_shardings=(auto, slot_shardings, None),
+                   donate_argnums=1)
+
+
+def abstract(state):
+    """`state`'s arrays as shapes, dtypes and shardings (what a program with AUTO layouts is lowered with)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def for_decode(sampler, shape: engine.Shape, method, logprobs: bool):
+    """`sampler.state` with each weight whose layout the decode program wants otherwise copied into that layout
+    (the rest are the same arrays); where nothing differs, `sampler.state` itself."""
+    slots = engine.empty(shape, cache_lib.layer_sizes(sampler.model.cfg, cache_lib.LIVE_BUCKET))
+    shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+    program = auto_decode(sampler.graphdef, shardings(sampler.state), shardings(slots), method=method,
+                          eos_ids=sampler.eos_ids, pad_id=sampler.pad_id, logprobs=logprobs)
+    formats = program.lower(abstract(sampler.state), slots, jnp.int32(0)).compile().input_formats[0][0]
+    return place(sampler.state, formats)
+
+
+def place(state, formats):
+    """`state` with each array whose layout differs from its format's copied into it (per array: the peak is the
+    state plus the copies)."""
+    leaves, tree = jax.tree.flatten(state)
+    wanted = jax.tree.leaves(formats, is_leaf=lambda x: isinstance(x, Format))
+    out = [x if f.layout is None or x.format.layout == f.layout else jax.device_put(x, f)
+           for x, f in zip(leaves, wanted)]
+    return jax.tree.unflatten(tree, out)
