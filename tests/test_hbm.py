@@ -164,3 +164,45 @@ def test_a_scan_counts_its_layers(chips):
     assert " while(" in compiled.as_text()
     weights = 8 * 4096 * 4096 * 2
     assert weights <= hbm.hbm_bytes(compiled.as_text()) <= 1.1 * weights
+
+
+@pytest.fixture
+def uncached():
+    with aot.uncached():
+        yield
+
+
+def test_the_decode_on_a_v5p_64_takes_its_weights_as_laid_out(monkeypatch, uncached):
+    """Llama-3-8B's shape (2 layers) on a v5p-64, generation mesh data 8 x tensor 4: with the weights in their
+    default layouts XLA:TPU copies the stacked QKV weight into another layout at the start of every decode call;
+    laid out as the decode asks (sampling/layouts.py, as the sampler does on a TPU), no parameter is copied, the
+    prefill takes the same layouts, and the decode's temporaries shrink by at least that copy."""
+    import re
+
+    from s2d_jax.config import load_config
+    from s2d_jax.plan import aot_programs, estimate as plan_lib
+    from s2d_jax.sampling import layouts
+
+    config = load_config("configs/rar2_last_letters.py", ["model.path=", "model.preset=llama3-8b",
+                                                          "plan.topology=v5p-64"])
+    t = aot.target("v5p-64")
+    p = aot.target_plan(config, t)
+    assert p["generate_mesh"]["tensor"] == 4 and p["generate_mesh"]["data"] == 8
+    cfg = plan_lib.model_config(config, system2=True).replace(platform="tpu", num_layers=2)
+    copies = lambda hlo: re.findall(r"= (\w+\[[\d,]+\])\{[^}]*\} copy\(%param\.", hlo)
+    laid = aot.programs(config, t, p)
+    assert not copies(laid.hlo("decode", cfg)) and not copies(laid.hlo("prefill", cfg))
+    qkv = [f.layout.major_to_minor for path, f in jax.tree_util.tree_flatten_with_path(
+        laid.compiled("decode", cfg).input_formats[0][0], is_leaf=lambda f: hasattr(f, "layout"))[0]
+        if "qkv" in jax.tree_util.keystr(path)]
+    assert qkv == [(0, 2, 3, 1, 4)]  # [layers, kv heads, group + 2, embed, head_dim] in memory
+    shard = 2 * 4096 * 2 * 6 * 128 * 2  # bytes of the stacked QKV weight a chip holds
+    with jax.set_mesh(laid.gen):
+        assert aot_programs.held_twice(laid, cfg) == shard  # the sampler's second copy, counted in the plan
+
+    monkeypatch.setattr(layouts, "PLATFORMS", ())
+    default = aot.programs(config, t, p)
+    (copied,) = copies(default.hlo("decode", cfg))
+    assert copied == "bf16[2,4096,2,6,128]"  # the whole stacked QKV shard, every call
+    saved = default.memory("decode", cfg)["temporaries"] - laid.memory("decode", cfg)["temporaries"]
+    assert saved >= shard

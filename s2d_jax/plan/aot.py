@@ -14,6 +14,7 @@ read from the whole program's HLO (`plan/hbm.py`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -162,15 +163,24 @@ def compile_all(config: ConfigDict, t: Target, p: dict, cfg, sampler, prefill_bu
     model's (the teacher, if any)."""
     run = programs(config, t, p)
     cfg, sampler = cfg.replace(platform=t.platform), sampler.replace(platform=t.platform)
+    with uncached():
+        out = {name: run.figures(name, cfg if name == "train_step" else sampler) for name in PROGRAMS}
+        with jax.set_mesh(run.gen):
+            out["decode"]["held_twice"] = aot_programs.held_twice(run, sampler)
+        out.update({f"prefill@{n}": run.figures(f"prefill@{n}", sampler, memory=False) for n in prefill_buckets})
+        return out
+
+
+@contextlib.contextmanager
+def uncached():
+    """Compiles for a target outside the persistent XLA cache: no machine here could load those executables."""
     from jax.experimental.compilation_cache import compilation_cache
 
     cache = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)  # no machine here could load these executables
+    jax.config.update("jax_enable_compilation_cache", False)
     compilation_cache.reset_cache()  # (JAX decides whether to use its cache once, and keeps the answer)
     try:
-        out = {name: run.figures(name, cfg if name == "train_step" else sampler) for name in PROGRAMS}
-        out.update({f"prefill@{n}": run.figures(f"prefill@{n}", sampler, memory=False) for n in prefill_buckets})
-        return out
+        yield
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
         compilation_cache.reset_cache()
@@ -191,6 +201,7 @@ def plan_figures(config: ConfigDict, t: Target, p: dict) -> dict:
     c = compile_all(config, t, p, cfg, sampler, tuple(buckets))
     slots = max(c["decode"]["arguments"] - p["generate_params"], 0)  # the decode call's other arguments
     generate = max(c["prefill"]["peak"] + slots, c["insert"]["peak"] + p["generate_params"], c["decode"]["peak"])
+    generate += c["decode"]["held_twice"]  # weights the sampler keeps in the decode's layouts too (layouts.py)
     tr = config.train
     decode_figures(c["decode"], p, t, s)
     for n in buckets:

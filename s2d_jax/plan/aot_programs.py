@@ -75,6 +75,14 @@ def _sampler(programs, cfg, laid: bool = False):
     return cfg, graphdef, state, sampler_shapes(programs.config, cfg, mesh.shape["data"] * mesh.shape["fsdp"])
 
 
+def held_twice(programs, cfg) -> int:
+    """Bytes per chip of the weights the sampler keeps a second copy of in the decode's layouts (layouts.py)."""
+    if not _auto_layouts(programs):
+        return 0
+    _, _, state, _ = _sampler(programs, cfg)
+    return layouts.held_twice(state, programs.compiled("decode", cfg).input_formats[0][0])
+
+
 def _auto_layouts(programs) -> bool:
     return programs.t.platform in layouts.PLATFORMS
 

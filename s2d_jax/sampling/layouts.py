@@ -57,3 +57,15 @@ def place(state, formats):
     out = [x if f.layout is None or x.format.layout == f.layout else jax.device_put(x, f)
            for x, f in zip(leaves, wanted)]
     return jax.tree.unflatten(tree, out)
+
+
+def held_twice(state, formats) -> int:
+    """Bytes per device of the weights `place` would copy (abstract `state`: the plan's count): the sampler holds
+    them beside the model's own, in place of the decode's per-call copy."""
+    import numpy as np
+
+    default = jax.jit(lambda s: 0, keep_unused=True).lower(state).compile().input_formats[0][0]
+    is_format = lambda x: isinstance(x, Format)
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+               for x, have, want in zip(jax.tree.leaves(state), jax.tree.leaves(default, is_leaf=is_format),
+                                        jax.tree.leaves(formats, is_leaf=is_format)) if have.layout != want.layout)
