@@ -172,7 +172,7 @@ def uncached():
         yield
 
 
-def test_the_decode_on_a_v5p_64_takes_its_weights_as_laid_out(monkeypatch, uncached):
+def test_the_decode_on_a_v5p_64_takes_its_weights_as_laid_out(tmp_path, monkeypatch, uncached):
     """Llama-3-8B's shape (2 layers) on a v5p-64, generation mesh data 8 x tensor 4: with the weights in their
     default layouts XLA:TPU copies the stacked QKV weight into another layout at the start of every decode call;
     laid out as the decode asks (sampling/layouts.py, as the sampler does on a TPU), no parameter is copied, the
@@ -183,12 +183,21 @@ def test_the_decode_on_a_v5p_64_takes_its_weights_as_laid_out(monkeypatch, uncac
     from s2d_jax.plan import aot_programs, estimate as plan_lib
     from s2d_jax.sampling import layouts
 
-    config = load_config("configs/rar2_last_letters.py", ["model.path=", "model.preset=llama3-8b",
-                                                          "plan.topology=v5p-64"])
+    import json
+
+    from s2d_jax.model import PRESETS
+
+    shape = PRESETS["llama3-8b"]  # its widths, 2 layers (the plan reads only config.json)
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": shape.hidden_size, "intermediate_size": shape.intermediate_size,
+        "num_attention_heads": shape.num_heads, "num_key_value_heads": shape.num_kv_heads, "num_hidden_layers": 2,
+        "vocab_size": shape.vocab_size, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}))
+    config = load_config("configs/rar2_last_letters.py", [f"model.path={tmp_path}", "plan.topology=v5p-64"])
     t = aot.target("v5p-64")
     p = aot.target_plan(config, t)
     assert p["generate_mesh"]["tensor"] == 4 and p["generate_mesh"]["data"] == 8
-    cfg = plan_lib.model_config(config, system2=True).replace(platform="tpu", num_layers=2)
+    cfg = plan_lib.model_config(config, system2=True).replace(platform="tpu")
     copies = lambda hlo: re.findall(r"= (\w+\[[\d,]+\])\{[^}]*\} copy\(%param\.", hlo)
     laid = aot.programs(config, t, p)
     assert not copies(laid.hlo("decode", cfg)) and not copies(laid.hlo("prefill", cfg))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import math
 import os
@@ -259,6 +260,13 @@ class Programs:
         self._compiled: dict = {}
         self._seconds: dict = {}  # (program, config) -> seconds to lower and compile it
         self._hlo: dict = {}
+
+    @functools.cached_property
+    def sampler(self):
+        """The sampling model's config (the teacher's, if any)."""
+        from s2d_jax.plan import estimate as plan_lib
+
+        return plan_lib.model_config(self.config, system2=True)
 
     def mesh_for(self, name: str):
         return self.mesh if name == "train_step" else self.gen
