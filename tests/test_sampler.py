@@ -191,7 +191,7 @@ def test_the_two_level_draw_is_the_one_level_inverse_cdf():
     assert chi2 < seen.sum() + 5 * np.sqrt(2 * seen.sum())  # within 5 standard deviations of its mean
 
 
-def test_weights_in_the_decode_s_own_layouts_give_the_same_samples(tiny):
+def test_weights_in_the_decode_s_own_layouts_give_the_same_samples(tiny, monkeypatch):
     """`sampling/layouts.py`: XLA:CPU's decode takes every weight as it is laid out (its AUTO choice is the
     default: no copy); a QKV weight laid out another way (as XLA:TPU asks on a v5p-64) is taken as it is by every
     program the sampler compiles, and the samples do not change."""
@@ -225,3 +225,15 @@ def test_weights_in_the_decode_s_own_layouts_give_the_same_samples(tiny):
     taken = [f for p, f in jax.tree_util.tree_flatten_with_path(
         compiled.input_formats[0][0], is_leaf=lambda f: isinstance(f, Format))[0] if qkv(p)]
     assert [f.layout.major_to_minor for f in taken] == [order(x) for x in laid]  # the program takes them as laid
+
+    # the sampler's own path on a platform in PLATFORMS (as on a TPU), weights sharded over 8 devices
+    mesh = s2d_jax.make_mesh(data=4, fsdp=1, tensor=2)
+    sharded = init_model(model.cfg, seed=1, mesh=mesh)
+    args = dict(n=2, temperature=0.8, top_k=20, max_new_tokens=10, progress=False)
+    plain = Sampler(sharded, tok, mesh=mesh).generate(PROMPTS, **args)
+    monkeypatch.setattr(layouts, "PLATFORMS", ("cpu",))
+    asked = Sampler(sharded, tok, mesh=mesh)
+    assert not asked.laid_out
+    ids = lambda out: [[s.token_ids for s in row] for row in out]
+    assert ids(asked.generate(PROMPTS, **args)) == ids(plain)
+    assert asked.laid_out
