@@ -3,7 +3,7 @@
 XLA chooses the physical layout of every array inside a program but takes the program's arguments as they come.
 On a v5p-64 (generation mesh data 8 x tensor 4, 8 rows a chip) XLA:TPU streams each layer's QKV weight through
 VMEM with the embedding dimension minor, so the Llama-3-8B decode copied the whole stacked QKV shard into that
-layout at the start of every call (0.375 GB a chip; `s2d plan`'s HLO). On the platforms in `PLATFORMS` the sampler
+layout at the start of every call (0.40 GB a chip; `s2d plan`'s HLO). On the platforms in `PLATFORMS` the sampler
 compiles its first decode once with `Layout.AUTO` for the weights, which says what the program wants, and keeps a
 copy of each weight whose wanted layout differs (the model's own arrays are left as training has them): every
 program it compiles after takes the weights as they are (JAX compiles for a committed argument's layout).
@@ -15,6 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.layout import Format, Layout
 
 from s2d_jax.sampling import cache as cache_lib, engine
@@ -62,8 +63,6 @@ def place(state, formats):
 def held_twice(state, formats) -> int:
     """Bytes per device of the weights `place` would copy (abstract `state`: the plan's count): the sampler holds
     them beside the model's own, in place of the decode's per-call copy."""
-    import numpy as np
-
     default = jax.jit(lambda s: 0, keep_unused=True).lower(state).compile().input_formats[0][0]
     is_format = lambda x: isinstance(x, Format)
     return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
