@@ -139,6 +139,6 @@ def decode(programs, cfg):
     steps, slots = jax.ShapeDtypeStruct((), jnp.int32), programs.outputs("empty", cfg)
     static = {"method": method, "eos_ids": tuple(cfg.eos_token_ids) or (0,), "pad_id": 0}
     if _auto_layouts(programs, cfg):  # the weights' layouts left to XLA, as the sampler asks on this platform
-        shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
-        return layouts.auto_decode(graphdef, shardings(state), shardings(slots), **static), (state, slots, steps), {}
+        program = layouts.auto_decode(graphdef, layouts.shardings(state), layouts.shardings(slots), **static)
+        return program, (state, slots, steps), {}
     return engine.decode, (graphdef, state, slots, steps), static

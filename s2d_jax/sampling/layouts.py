@@ -34,6 +34,11 @@ def auto_decode(graphdef, state_shardings, slot_shardings, *, method, eos_ids: t
                    donate_argnums=1)
 
 
+def shardings(tree):
+    """Each array's sharding (the in_shardings of `auto_decode`)."""
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
 def abstract(state):
     """`state`'s arrays as shapes, dtypes and shardings (what a program with AUTO layouts is lowered with)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -43,7 +48,6 @@ def for_decode(sampler, shape: engine.Shape, method, logprobs: bool):
     """`sampler.state` with each weight whose layout the decode program wants otherwise copied into that layout
     (the rest are the same arrays); where nothing differs, `sampler.state` itself."""
     slots = engine.empty(shape, cache_lib.layer_sizes(sampler.model.cfg, cache_lib.LIVE_BUCKET))
-    shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
     program = auto_decode(sampler.graphdef, shardings(sampler.state), shardings(slots), method=method,
                           eos_ids=sampler.eos_ids, pad_id=sampler.pad_id, logprobs=logprobs)
     formats = program.lower(abstract(sampler.state), slots, jnp.int32(0)).compile().input_formats[0][0]
