@@ -29,15 +29,19 @@ from s2d_jax.sampling.engine import CHUNK, Slots, decode  # noqa: E402
 from s2d_jax.sampling.select import Greedy  # noqa: E402
 
 
-def _best(fn, reps: int) -> float:
-    """The median of `reps` timings of `fn` (after one untimed call); `fn` may time itself (returns seconds)."""
-    fn()
-    times = []
+def _medians(fns, reps: int) -> list[float]:
+    """The median of `reps` timings of each of `fns` (after one untimed call each), the calls interleaved (one of
+    each per round) so that the machine's drift during the run moves every column alike; a `fn` may time itself
+    (returns seconds)."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
     for _ in range(reps):
-        t = time.perf_counter()
-        own = fn()
-        times.append(own if own is not None else time.perf_counter() - t)
-    return float(np.median(times))
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            own = fn()
+            ts.append(own if own is not None else time.perf_counter() - t)
+    return [float(np.median(ts)) for ts in times]
 
 
 def matmuls_only(cfg, graphdef, state, batch: int):
@@ -108,12 +112,13 @@ def main():
     print(f"{'batch':>5} {'matmuls ms':>10} {'all slots + logprobs':>20} {'ratio':>6} {'all slots':>9} {'ratio':>6} "
           f"{f'{bucket} slots':>16} {'ratio':>6} {f'{bucket}, bf16 cache':>16} {'ratio':>6}")
     for batch in map(int, args.batches.split(",")):
-        mm = _best(matmuls_only(cfg, graphdef, state, batch), args.reps)
-        times = [_best(decode_step(cfg, graphdef, state, batch, slots, args.live, lp, dt), args.reps)
-                 for lp, slots, dt in ((True, args.slots, None), (False, args.slots, None), (False, bucket, None),
-                                       (False, bucket, "bfloat16"))]
+        mm, *times = _medians([matmuls_only(cfg, graphdef, state, batch)] + [
+            decode_step(cfg, graphdef, state, batch, slots, args.live, lp, dt)
+            for lp, slots, dt in ((True, args.slots, None), (False, args.slots, None), (False, bucket, None),
+                                  (False, bucket, "bfloat16"))], args.reps)
         print(f"{batch:>5} {mm * 1e3:>10.1f} " + " ".join(f"{t * 1e3:>{w}.1f} {t / mm:>6.2f}"
                                                         for t, w in zip(times, (20, 9, 16, 16))))
+
 
 if __name__ == "__main__":
     main()

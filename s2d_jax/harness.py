@@ -19,6 +19,7 @@ from lm_eval.api.model import TemplateLM
 
 from s2d_jax.errors import S2DError
 from s2d_jax.sampling import Sampler
+from s2d_jax.sampling.select import argmax
 
 # Stock harness tasks whose data the registry holds: the task's own YAML, with its dataset read from our files
 REGISTRY_DATA = {
@@ -185,7 +186,7 @@ def _token_scores(graphdef, state, tokens, targets, segments):
     logits = model(tokens, segment_ids=segments)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
-    return picked, jnp.argmax(logits, -1) == targets
+    return picked, argmax(logits) == targets
 
 
 def _key(kwargs: dict) -> tuple:

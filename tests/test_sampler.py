@@ -191,6 +191,18 @@ def test_the_two_level_draw_is_the_one_level_inverse_cdf():
     assert chi2 < seen.sum() + 5 * np.sqrt(2 * seen.sum())  # within 5 standard deviations of its mean
 
 
+def test_argmax_by_two_reductions_is_jnp_argmax():
+    """Ties (the first index wins), a NaN (the first NaN wins), rows of -inf, bfloat16, and the caller's max."""
+    from s2d_jax.sampling.select import argmax
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 4, 1000)).round(1), jnp.float32)  # many ties
+    x = x.at[2, 1, 17].set(jnp.nan).at[2, 1, 400].set(jnp.nan).at[3, 0].set(-jnp.inf)
+    for y in (x, x.astype(jnp.bfloat16)):
+        np.testing.assert_array_equal(jax.jit(argmax)(y), jnp.argmax(y, -1))
+    np.testing.assert_array_equal(argmax(x, jnp.max(x, -1, keepdims=True)), jnp.argmax(x, -1))
+    assert int(argmax(x)[2, 1]) == 17 and int(argmax(x)[3, 0]) == 0
+
+
 def test_weights_in_the_decode_s_own_layouts_give_the_same_samples(tiny, monkeypatch):
     """`sampling/layouts.py`: XLA:CPU's decode takes every weight as it is laid out (its AUTO choice is the
     default: no copy); a QKV weight laid out another way (as XLA:TPU asks on a v5p-64) is taken as it is by every

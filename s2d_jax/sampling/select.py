@@ -8,10 +8,19 @@ import jax
 import jax.numpy as jnp
 
 
+def argmax(x: jax.Array, top: jax.Array | None = None) -> jax.Array:
+    """`jnp.argmax(x, -1)` (the first index of the largest; of the first NaN if any) as two reductions: XLA:CPU runs
+    argmax's paired (value, index) reduction at about 1 GB/s, 17x slower than these (3.5 ms of a SmolLM2 decode step
+    at 32 slots, 2 cores). `top`: `x`'s max over the last axis, where the caller has it."""
+    top = jnp.max(x, -1, keepdims=True) if top is None else top
+    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where((x == top) | jnp.isnan(x), index, x.shape[-1] - 1), -1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Greedy:
     def select(self, logits: jax.Array, keys: jax.Array) -> jax.Array:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax(logits)
 
 
 @dataclasses.dataclass(frozen=True)

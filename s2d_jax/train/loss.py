@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from s2d_jax.sampling.select import argmax
+
 
 def cross_entropy(hidden, head, targets, weights, chunk: int = 0, softcap: float | None = None):
     """`(sum of weighted -log p(target), sum of weighted correct argmax)` for `hidden: [B, T, D]`,
@@ -25,7 +27,7 @@ def cross_entropy(hidden, head, targets, weights, chunk: int = 0, softcap: float
         if softcap:
             logits = softcap * jnp.tanh(logits / softcap)
         nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-        correct = (jnp.argmax(logits, -1) == targets) * weights
+        correct = (argmax(logits) == targets) * weights
         return jnp.sum(nll * weights), jax.lax.stop_gradient(jnp.sum(correct))
     return _chunked(hidden, head, targets, weights, chunk, float(softcap) if softcap else None)
 
@@ -57,7 +59,7 @@ def _forward(hidden, head, targets, weights, chunk, softcap):
             dlogits = dlogits * (1.0 - jnp.square(squashed))
         dh = jnp.einsum("bcv,vd->bcd", dlogits.astype(dt), w_head, preferred_element_type=jnp.float32)
         dhead = dhead + jnp.einsum("bcv,bcd->vd", dlogits.astype(dt), h, preferred_element_type=jnp.float32)
-        correct = correct + jnp.sum((jnp.argmax(logits, -1) == y) * w)
+        correct = correct + jnp.sum((argmax(logits, top) == y) * w)
         return (loss + jnp.sum(nll * w), correct, dhead), (dh.astype(dt), nll)
 
     zero = jnp.zeros((), jnp.float32)
