@@ -4,7 +4,8 @@ the same step's matmuls alone (every layer's projections and the LM head as 2-D 
 measured in the same run).
 Random weights at a preset's shape. Three steps: a cache of `--slots` with log-probabilities (the sampler before
 stop 12: the whole budget preallocated), the same without, a cache of only the LIVE_BUCKET-rounded live slots
-without (the engine now), and that cache in bfloat16 (`generate.cache_dtype`).
+without (the engine now), and that cache in bfloat16 (`generate.cache_dtype`). Each column is the median of
+`--reps` timings taken in rounds, one of each column per round, so that the machine's drift moves them alike.
 
     python benchmarks/decode_step.py --preset smollm2-135m --batches 32,64 --slots 512 --live 300
 """
