@@ -23,7 +23,7 @@ def _inputs(seed, b=2, k=2, g=3, t=70, hd=16):
 
 
 @pytest.mark.parametrize("window", [None, 7])
-@pytest.mark.parametrize("impl,block", [("blockwise", 16), ("blockwise", 512), ("splash", 0)])
+@pytest.mark.parametrize("impl,block", [("blockwise", 16), ("blockwise", 512), ("splash", 0), ("reference", 0)])
 def test_paths_equal_the_reference_with_gradients(impl, block, window):
     q, k, v, mask, seg = _inputs(seed=block + (window or 0))
     real = (seg != 0)[:, None, None, :, None]
@@ -31,7 +31,7 @@ def test_paths_equal_the_reference_with_gradients(impl, block, window):
     def loss(fn):
         return lambda q, k, v: jnp.sum(jnp.where(real, fn(q, k, v), 0.0) ** 2)
 
-    ref = lambda q, k, v: A.reference(q, k, v, mask, window)
+    ref = lambda q, k, v: A.reference(q, k, v, mask, window)  # ("reference" on CPU: its keys-first scores)
     got = lambda q, k, v: A.attention(q, k, v, mask, window=window, impl=impl, block=block or A.BLOCK)
     np.testing.assert_allclose(np.where(real, got(q, k, v), 0), np.where(real, ref(q, k, v), 0), atol=2e-6)
     for a, b in zip(jax.grad(loss(got), (0, 1, 2))(q, k, v), jax.grad(loss(ref), (0, 1, 2))(q, k, v)):

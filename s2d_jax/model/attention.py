@@ -111,7 +111,7 @@ def attention(q, k, v, mask: Mask, *, window: int | None = None, impl: str = "au
         return _ragged(q, k, v, mask, window, scale, softcap, platform)
     k, v = kv_load(k, q.dtype), kv_load(v, q.dtype)
     if impl == "reference":
-        return reference(q, k, v, mask, window, scale, softcap)
+        return reference(q, k, v, mask, window, scale, softcap, keys_first=platform == "cpu")
     if impl == "blockwise":
         return blockwise(q, k, v, mask, window, block, scale, softcap)
     if impl == "cudnn":
@@ -125,20 +125,23 @@ def _capped(scores, softcap):
     return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
 
 
-def _keys_first(q, k):
-    """`einsum("bkgth,bksh->bkgts", q, k)` in float32 with the keys as the product's left operand, read in their own
-    layout: as the right operand, contracted on their minor dimension, XLA:CPU repacks every key block (in a
-    SmolLM2 decode step at 32 slots the scores took 2.2x the values' product over the same bytes; this way 1.8x).
-    The barrier keeps XLA from folding the transpose back into the product, which restores the repacking."""
+def _products(q, k, keys_first: bool):
+    """`einsum("bkgth,bksh->bkgts", q, k)` in float32. `keys_first` (XLA:CPU): the keys as the product's left
+    operand, read in their own layout: as the right operand, contracted on their minor dimension, XLA:CPU repacks
+    every key block (in a SmolLM2 decode step at 32 slots the scores took 2.2x the values' product over the same
+    bytes; this way 1.8x). The barrier keeps XLA from folding the transpose back into the product, which restores
+    the repacking. Not measured on a GPU, so not used there."""
+    if not keys_first:
+        return jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
     b, kh, g, t, hd = q.shape
     s = jax.lax.dot_general(k, q.reshape(b, kh, g * t, hd), (((3,), (3,)), ((0, 1), (0, 1))),
                             preferred_element_type=jnp.float32)  # [B, K, S, G * T]
     return jnp.swapaxes(jax.lax.optimization_barrier(s), 2, 3).reshape(b, kh, g, t, -1)
 
 
-def reference(q, k, v, mask: Mask, window=None, scale=None, softcap=None):
+def reference(q, k, v, mask: Mask, window=None, scale=None, softcap=None, keys_first: bool = False):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = _keys_first(q, k.astype(q.dtype)) * scale
+    scores = _products(q, k.astype(q.dtype), keys_first) * scale
     scores = jnp.where(allowed(mask, window)[:, None, None], _capped(scores, softcap), MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     return jnp.einsum("bkgts,bksh->bkgth", probs, v.astype(q.dtype))
