@@ -35,8 +35,9 @@ def _gemma2(tmp_path):
     return str(tmp_path / "gemma2")
 
 
-def _llama(tmp_path):
-    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **SHAPE, "rms_norm_eps": 1e-5,
+def _llama(tmp_path, **shape):
+    """A Llama config.json (no weights: a plan reads only it) at `SHAPE`, or with `shape`'s keys in its place."""
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **SHAPE, **shape, "rms_norm_eps": 1e-5,
               "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps(config))

@@ -179,21 +179,18 @@ def test_the_decode_on_a_v5p_64_takes_its_weights_as_laid_out(tmp_path, monkeypa
     prefill takes the same layouts, and the decode's temporaries shrink by at least that copy."""
     import re
 
+    from test_aot import _llama
+
     from s2d_jax.config import load_config
+    from s2d_jax.model import PRESETS
     from s2d_jax.plan import aot_programs, estimate as plan_lib
     from s2d_jax.sampling import layouts
 
-    import json
-
-    from s2d_jax.model import PRESETS
-
-    shape = PRESETS["llama3-8b"]  # its widths, 2 layers (the plan reads only config.json)
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "llama", "hidden_size": shape.hidden_size, "intermediate_size": shape.intermediate_size,
-        "num_attention_heads": shape.num_heads, "num_key_value_heads": shape.num_kv_heads, "num_hidden_layers": 2,
-        "vocab_size": shape.vocab_size, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}))
-    config = load_config("configs/rar2_last_letters.py", [f"model.path={tmp_path}", "plan.topology=v5p-64"])
+    shape = PRESETS["llama3-8b"]  # its widths, 2 layers
+    path = _llama(tmp_path, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+                  num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads, num_hidden_layers=2,
+                  head_dim=shape.head_dim, vocab_size=shape.vocab_size, max_position_embeddings=8192)
+    config = load_config("configs/rar2_last_letters.py", [f"model.path={path}", "plan.topology=v5p-64"])
     t = aot.target("v5p-64")
     p = aot.target_plan(config, t)
     assert p["generate_mesh"]["tensor"] == 4 and p["generate_mesh"]["data"] == 8
