@@ -151,7 +151,7 @@ def schema() -> dict:
             "checkpoint_dir": "",  # "" = WORKDIR/checkpoints; or a gs:// path (Orbax writes it directly)
             "log_every": _(10, at_least(1)),  # steps between metrics rows
             "eval_every": _(0, at_least(0)),  # steps between System 1 accuracy checks on the eval split; 0 = off
-            "peak_flops": _(0.0, at_least(0.0)),  # per-device FLOP/s for MFU; 0 = measure a matmul peak at start
+            "peak_flops": _(0.0, at_least(0.0)),  # per-device FLOP/s for MFU; 0 = a matmul peak measured once per process
         },
         "plan": {  # `s2d plan`
             "device_gb": _(16.0, above(0.0)),  # memory per device to fit in (TPU v5e: 16, v5p: 95, H100: 80)

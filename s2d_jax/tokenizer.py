@@ -50,10 +50,11 @@ def _with_pad(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
 def _gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """Build the tokenizer a GGUF file describes with transformers' own GGUF converters, reading the metadata
     with the `gguf` package (transformers' GGUF reader imports torch, which the core install does not have)."""
-    import gguf
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
-    fields = gguf.GGUFReader(path).fields
+    from s2d_jax.model.sources import gguf_reader
+
+    fields = gguf_reader(path).fields
     meta = {k: f.contents() for k, f in fields.items() if k.startswith("tokenizer.") or k == "general.architecture"}
     grouped = {
         group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}

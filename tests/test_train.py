@@ -165,6 +165,29 @@ def test_accumulation_matches_one_big_batch(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
 
 
+def test_trainers_of_one_setting_share_the_step_program(tmp_path):
+    """A run trains several times in one process (rounds, self-training, distillation): trainers of one model
+    structure, optimizer setting and layout share the jitted step, so the second traces nothing, and trains bitwise
+    as the first; another learning rate is another program."""
+    from jax import monitoring
+
+    traced = []
+    listen = lambda event, _, fun_name="", **__: traced.append(fun_name) if event.endswith("jaxpr_trace_duration") else 0
+    first = _trainer(tmp_path / "a", "train.steps=2", "train.batch_size=4")
+    first.fit()
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        second = _trainer(tmp_path / "b", "train.steps=2", "train.batch_size=4")
+        second.fit()
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    assert second._step is first._step and "train_step" not in traced
+    for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(second.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = _trainer(tmp_path / "c", "train.steps=2", "train.batch_size=4", "train.learning_rate=1e-2")
+    assert other._step is not first._step and other.tx is not first.tx
+
+
 def test_eight_devices_match_one(tmp_path):
     assert jax.device_count() == 8
     config = load_config("configs/tiny.py", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])

@@ -138,3 +138,29 @@ def test_load_onto_a_mesh_places_each_shard(hf_models):
     qkv = model.layers[0].attn.qkv[...]  # [embed 64, kv_heads 2, group+2, head_dim]: embed/fsdp, kv_heads/tensor
     assert qkv.addressable_shards[0].data.shape == (32, 1, 4, 16)
     assert len(qkv.sharding.device_set) == 8
+
+
+def test_a_gguf_header_is_parsed_once_per_file_version(tmp_path):
+    """A run opens its GGUF for the tokenizer, the config and the weights: one parse per file version in a process,
+    and a file written again is read again."""
+    import gguf
+
+    from s2d_jax.model.sources import gguf_reader
+
+    def write(path, name: str):
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_name(name)
+        writer.add_tensor("t", np.arange(4, dtype=np.float32))
+        writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+        writer.close()
+
+    path = tmp_path / "m.gguf"
+    write(path, "first")
+    first = gguf_reader(str(path))
+    assert gguf_reader(str(path)) is first and first.fields["general.name"].contents() == "first"
+    write(path, "second!")
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1_000_000))
+    assert gguf_reader(str(path)).fields["general.name"].contents() == "second!"
+    path.write_bytes(b"nope")
+    with pytest.raises(S2DError, match="m.gguf: not a readable GGUF file"):
+        gguf_reader(str(path))

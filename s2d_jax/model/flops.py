@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -24,6 +25,18 @@ def matmul_peak(dtype="float32", reps: int = 5) -> float:
             f(a, b).block_until_ready()
         best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t))
     return best
+
+
+def process_peak(dtype="float32") -> float:
+    """`matmul_peak` measured once per process, backend and dtype: the trainer's MFU yardstick (a run that trains
+    several times, rounds or stages, measures it once; a benchmark that wants it measured now calls
+    `matmul_peak`)."""
+    return _process_peak(jax.default_backend(), str(jnp.dtype(dtype)))
+
+
+@functools.cache
+def _process_peak(backend: str, dtype: str) -> float:
+    return matmul_peak(dtype, reps=2)
 
 
 def flops_per_token(cfg, context: float, head: bool = True) -> float:

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+import types
 from collections.abc import Callable
 
 import jax
@@ -39,7 +40,7 @@ from s2d_jax.runtime import distributed, faults, stopping
 from s2d_jax.runtime import memory
 from s2d_jax.artifacts import writing
 from s2d_jax.errors import S2DError
-from s2d_jax.model.flops import flops_per_token, matmul_peak
+from s2d_jax.model.flops import flops_per_token, process_peak
 from s2d_jax.model import lora as lora_lib
 from s2d_jax.model.transformer import Transformer
 from s2d_jax.train import data as data_lib
@@ -67,8 +68,20 @@ def learning_rate_schedule(t: ConfigDict) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
+# the train settings an optimizer is built from: equal settings give the same optimizer object (below)
+OPTIMIZER_KEYS = ("learning_rate", "warmup_steps", "steps", "schedule", "end_lr_ratio", "b1", "b2", "weight_decay",
+                  "clip_norm")
+
+
 def make_optimizer(t: ConfigDict) -> optax.GradientTransformation:
-    """AdamW (no decay on vectors: norms and biases) after global-norm clipping."""
+    """AdamW (no decay on vectors: norms and biases) after global-norm clipping. The same settings give the same
+    object within a process, so the trainers of a run's rounds and stages share one jitted step (`step_program`)."""
+    return _optimizer(tuple(t[k] for k in OPTIMIZER_KEYS))
+
+
+@functools.lru_cache(maxsize=8)
+def _optimizer(key: tuple) -> optax.GradientTransformation:
+    t = types.SimpleNamespace(**dict(zip(OPTIMIZER_KEYS, key)))
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
     adamw = optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask)
     return optax.chain(optax.clip_by_global_norm(t.clip_norm), adamw) if t.clip_norm > 0 else adamw
@@ -136,9 +149,17 @@ def optimizer_shardings(tx: optax.GradientTransformation, params, param_sharding
 
 def step_program(graphdef, tx: optax.GradientTransformation, t: ConfigDict, param_shardings, opt_shardings):
     """The jitted train step as the trainer runs it (and `s2d plan` compiles it ahead of time for a target):
-    params and optimizer state donated, laid out as given."""
-    return jax.jit(functools.partial(train_step, graphdef, tx, chunk=t.loss_chunk, right_padded=not t.pack),
-                   donate_argnums=(0, 1), out_shardings=(param_shardings, opt_shardings, None))
+    params and optimizer state donated, laid out as given. One per model structure, optimizer and layout in a
+    process: `jax.jit` caches by function, and a new one traced and lowered the step again for every trainer (a
+    run's rounds, its self-training and distillation; 36 s of tracing in three test files)."""
+    (p, p_tree), (o, o_tree) = jax.tree.flatten(param_shardings), jax.tree.flatten(opt_shardings)
+    return _step_program(graphdef, tx, t.loss_chunk, not t.pack, tuple(p), p_tree, tuple(o), o_tree)
+
+
+@functools.lru_cache(maxsize=8)
+def _step_program(graphdef, tx, chunk: int, right_padded: bool, p, p_tree, o, o_tree):
+    return jax.jit(functools.partial(train_step, graphdef, tx, chunk=chunk, right_padded=right_padded),
+                   donate_argnums=(0, 1), out_shardings=(p_tree.unflatten(p), o_tree.unflatten(o), None))
 
 
 @dataclasses.dataclass
@@ -211,7 +232,7 @@ class Trainer:
         iterator = iter(self.data)
         step, resumed = self._restore(iterator)
         flops_token = 3 * flops_per_token(self.model.cfg, t.max_len / 2)  # forward + backward, mean context
-        peak = t.peak_flops or matmul_peak(self.model.cfg.dtype, reps=2)
+        peak = t.peak_flops or process_peak(self.model.cfg.dtype)
         metrics_path = os.path.join(self.workdir, "metrics.jsonl")
         _truncate_metrics(metrics_path, step)
         last: dict = {}
