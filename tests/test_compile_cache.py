@@ -44,6 +44,48 @@ def test_two_processes_fill_the_cache_together_and_a_third_loads_it(tmp_path):
     assert any(name.endswith("-cache") for name in os.listdir(tmp_path / "xla"))
 
 
+ONE_PROGRAM = """
+import sys
+import jax, jax.numpy as jnp
+from jax import monitoring
+from s2d_jax.runtime import compile_cache
+compile_cache.enable(sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # (this small program is cached too)
+hits = []
+monitoring.register_event_listener(lambda event, **_: hits.append(event) if event.endswith("/cache_hits") else 0)
+print(float(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).sum()), len(hits))
+"""
+
+
+def _one_program(path) -> tuple[str, int, str]:
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    done = subprocess.run([sys.executable, "-c", ONE_PROGRAM, str(path)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    value, hits = done.stdout.split()
+    return value, int(hits), done.stderr
+
+
+def test_an_entry_cut_short_is_written_again_by_the_next_process(tmp_path):
+    """JAX writes cache entries in place and skips a key whose file exists: an entry cut short (a kill mid-write, a
+    full disk) was warned about and compiled again in every later process. The next process removes it and
+    writes it whole; the one after loads it."""
+    cache = tmp_path / "xla"
+    value, hits, _ = _one_program(cache)
+    entries = [p for p in cache.iterdir() if p.name.endswith("-cache")]  # the product, and jnp.ones' small programs
+    (entry,) = [p for p in entries if p.name.startswith("jit__lambda-")]
+    assert hits == 0
+    whole = entry.read_bytes()
+    entry.write_bytes(whole[: len(whole) // 2])
+    again, hits, err = _one_program(cache)
+    assert again == value and hits == len(entries) - 1
+    assert "Error reading persistent compilation cache entry for 'jit__lambda'" in err
+    assert "removed 1 unreadable entry of jit__lambda" in err
+    assert entry.stat().st_size == len(whole)
+    third, hits, err = _one_program(cache)
+    assert third == value and hits == len(entries) and "Error reading" not in err
+
+
 def test_the_cache_directory_setting(monkeypatch):
     monkeypatch.delenv(compile_cache.ENV, raising=False)
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
