@@ -256,8 +256,8 @@ def gguf_reader(path: str):
     """`gguf.GGUFReader(path)`, shared per file version within a process: parsing a header takes seconds (2.2 s for
     SmolLM2-135M's, its 49,152-token vocabulary one field part at a time), and a run opens its GGUF for the
     tokenizer, the config and the weights. The reader maps the file read-only; its arrays are views of that map."""
-    stat = os.stat(path)
     try:
+        stat = os.stat(path)
         return _gguf_reader(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
     except Exception as e:
         raise S2DError(f"{path}: not a readable GGUF file ({e})") from None
