@@ -217,6 +217,16 @@ def test_weights_in_the_decode_s_own_layouts_give_the_same_samples(tiny, monkeyp
     queue = [type("Request", (), {"budget": 12})()]
     kept = layouts.for_decode(sampler, engine.slot_shape(sampler, queue), Greedy(), False)
     assert all(a is b for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(sampler.state)))
+    # another sampler of the model (the eval stage builds one a system): the layouts are not compiled for again
+    lowered = []
+    listen = lambda event, *_, **__: lowered.append(event) if event.endswith("jaxpr_to_mlir_module_duration") else 0
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        again = Sampler(model, tok, max_batch=4)
+        layouts.for_decode(again, engine.slot_shape(again, queue), Greedy(), False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert not lowered
 
     expected = sampler.generate(PROMPTS, max_new_tokens=12, progress=False)
     other = Sampler(model, tok, max_batch=4)

@@ -4,9 +4,10 @@ XLA chooses the physical layout of every array inside a program but takes the pr
 On a v5p-64 (generation mesh data 8 x tensor 4, 8 rows a chip) XLA:TPU streams each layer's QKV weight through
 VMEM with the embedding dimension minor, so the Llama-3-8B decode copied the whole stacked QKV shard into that
 layout at the start of every call (0.40 GB a chip; `s2d plan`'s HLO). On the platforms in `PLATFORMS` the sampler
-compiles its first decode once with `Layout.AUTO` for the weights, which says what the program wants, and keeps a
-copy of each weight whose wanted layout differs (the model's own arrays are left as training has them): every
-program it compiles after takes the weights as they are (JAX compiles for a committed argument's layout).
+compiles its first decode with `Layout.AUTO` for the weights (once per process and model), which says what the
+program wants, and keeps a copy of each weight whose wanted layout differs (the model's own arrays are left as
+training has them): every program it compiles after takes the weights as they are (JAX compiles for a committed
+argument's layout).
 """
 
 from __future__ import annotations
@@ -46,12 +47,27 @@ def abstract(state):
 
 def for_decode(sampler, shape: engine.Shape, method, logprobs: bool):
     """`sampler.state` with each weight whose layout the decode program wants otherwise copied into that layout
-    (the rest are the same arrays); where nothing differs, `sampler.state` itself."""
-    slots = engine.empty(shape, cache_lib.layer_sizes(sampler.model.cfg, cache_lib.LIVE_BUCKET))
-    program = auto_decode(sampler.graphdef, shardings(sampler.state), shardings(slots), method=method,
-                          eos_ids=sampler.eos_ids, pad_id=sampler.pad_id, logprobs=logprobs)
-    formats = program.lower(abstract(sampler.state), slots, jnp.int32(0)).compile().input_formats[0][0]
+    (the rest are the same arrays); where nothing differs, `sampler.state` itself. The layouts are chosen once per
+    process for a model structure, its weights' shapes and shardings and the decode's settings: a run builds
+    several samplers of one model (the eval stage's systems, the rounds), and each compiled the 8B decode again."""
+    slots = abstract(engine.empty(shape, cache_lib.layer_sizes(sampler.model.cfg, cache_lib.LIVE_BUCKET)))
+    state, slots = (_hashable(abstract(x)) for x in (sampler.state, slots))
+    formats = _formats(sampler.graphdef, state, slots, method, sampler.eos_ids, sampler.pad_id, logprobs)
     return place(sampler.state, formats)
+
+
+def _hashable(tree) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return tuple(leaves), treedef
+
+
+@functools.lru_cache(maxsize=8)
+def _formats(graphdef, state, slots, method, eos_ids: tuple[int, ...], pad_id: int, logprobs: bool):
+    """The formats `auto_decode` chooses for the weights (`state`, `slots`: abstract, as `_hashable` gives them)."""
+    state, slots = (treedef.unflatten(leaves) for leaves, treedef in (state, slots))
+    program = auto_decode(graphdef, shardings(state), shardings(slots), method=method, eos_ids=eos_ids,
+                          pad_id=pad_id, logprobs=logprobs)
+    return program.lower(state, slots, jnp.int32(0)).compile().input_formats[0][0]
 
 
 def place(state, formats):
