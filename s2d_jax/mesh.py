@@ -134,6 +134,19 @@ def state_shardings(state: nnx.State, mesh: Mesh):
     )
 
 
+def frozen(tree) -> tuple:
+    """A pytree of shardings (or of abstract arrays with them) as a hashable key: (its leaves, its structure). The
+    programs built once per process (the train step, the decode's layouts) are cached by the layouts they take."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return tuple(leaves), treedef
+
+
+def thawed(key: tuple):
+    """The pytree `frozen` made `key` of."""
+    leaves, treedef = key
+    return treedef.unflatten(leaves)
+
+
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     """Place every parameter of `model` (in place) on `mesh` by the rules."""
     graphdef, state = nnx.split(model)

@@ -16,6 +16,7 @@ afresh.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -99,10 +100,8 @@ def repair(path: str, module: str) -> int:
             continue
         if not _readable(data):
             for name in (entry, entry[: -len("-cache")] + "-atime"):
-                try:
+                with contextlib.suppress(OSError):
                     os.remove(name)
-                except OSError:
-                    pass
             removed += 1
     return removed
 

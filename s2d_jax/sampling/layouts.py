@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.layout import Format, Layout
 
+from s2d_jax import mesh as mesh_lib
 from s2d_jax.sampling import cache as cache_lib, engine
 
 PLATFORMS = ("tpu",)  # XLA:CPU and XLA:GPU take the weights in their default layouts
@@ -50,21 +51,16 @@ def for_decode(sampler, shape: engine.Shape, method, logprobs: bool):
     (the rest are the same arrays); where nothing differs, `sampler.state` itself. The layouts are chosen once per
     process for a model structure, its weights' shapes and shardings and the decode's settings: a run builds
     several samplers of one model (the eval stage's systems, the rounds), and each compiled the 8B decode again."""
-    slots = abstract(engine.empty(shape, cache_lib.layer_sizes(sampler.model.cfg, cache_lib.LIVE_BUCKET)))
-    state, slots = (_hashable(abstract(x)) for x in (sampler.state, slots))
+    slots = engine.empty(shape, cache_lib.layer_sizes(sampler.model.cfg, cache_lib.LIVE_BUCKET))
+    state, slots = (mesh_lib.frozen(abstract(x)) for x in (sampler.state, slots))
     formats = _formats(sampler.graphdef, state, slots, method, sampler.eos_ids, sampler.pad_id, logprobs)
     return place(sampler.state, formats)
 
 
-def _hashable(tree) -> tuple:
-    leaves, treedef = jax.tree.flatten(tree)
-    return tuple(leaves), treedef
-
-
 @functools.lru_cache(maxsize=8)
 def _formats(graphdef, state, slots, method, eos_ids: tuple[int, ...], pad_id: int, logprobs: bool):
-    """The formats `auto_decode` chooses for the weights (`state`, `slots`: abstract, as `_hashable` gives them)."""
-    state, slots = (treedef.unflatten(leaves) for leaves, treedef in (state, slots))
+    """The formats `auto_decode` chooses for the weights (`state`, `slots`: abstract, as `mesh.frozen` keys them)."""
+    state, slots = mesh_lib.thawed(state), mesh_lib.thawed(slots)
     program = auto_decode(graphdef, shardings(state), shardings(slots), method=method, eos_ids=eos_ids,
                           pad_id=pad_id, logprobs=logprobs)
     return program.lower(state, slots, jnp.int32(0)).compile().input_formats[0][0]

@@ -152,14 +152,15 @@ def step_program(graphdef, tx: optax.GradientTransformation, t: ConfigDict, para
     params and optimizer state donated, laid out as given. One per model structure, optimizer and layout in a
     process: `jax.jit` caches by function, and a new one traced and lowered the step again for every trainer (a
     run's rounds, its self-training and distillation; 36 s of tracing in three test files)."""
-    (p, p_tree), (o, o_tree) = jax.tree.flatten(param_shardings), jax.tree.flatten(opt_shardings)
-    return _step_program(graphdef, tx, t.loss_chunk, not t.pack, tuple(p), p_tree, tuple(o), o_tree)
+    return _step_program(graphdef, tx, t.loss_chunk, not t.pack, mesh_lib.frozen(param_shardings),
+                         mesh_lib.frozen(opt_shardings))
 
 
 @functools.lru_cache(maxsize=8)
-def _step_program(graphdef, tx, chunk: int, right_padded: bool, p, p_tree, o, o_tree):
+def _step_program(graphdef, tx, chunk: int, right_padded: bool, param_shardings, opt_shardings):
     return jax.jit(functools.partial(train_step, graphdef, tx, chunk=chunk, right_padded=right_padded),
-                   donate_argnums=(0, 1), out_shardings=(p_tree.unflatten(p), o_tree.unflatten(o), None))
+                   donate_argnums=(0, 1),
+                   out_shardings=(mesh_lib.thawed(param_shardings), mesh_lib.thawed(opt_shardings), None))
 
 
 @dataclasses.dataclass
