@@ -167,17 +167,20 @@ def test_a_prompt_whose_bucket_fills_the_context_still_decodes(tiny):
     assert alone.token_ids == short.token_ids  # the same tokens next to a 1000-token prompt as alone
 
 
-def test_the_two_level_draw_is_the_one_level_inverse_cdf():
-    """Over a vocabulary of 1,000 (8 blocks of 128, the last padded) with tokens of probability 0 among the others:
-    the draw by block then token equals one cumulative sum over the vocabulary inverted at the same uniform (but
-    where the two sums round differently), follows the distribution, and never lands on a token without mass."""
-    from s2d_jax.sampling.select import categorical
+@pytest.mark.parametrize("vocab,rows", [(1000, 20000), (2053, 8000)])
+def test_the_two_level_draw_is_the_one_level_inverse_cdf(vocab, rows):
+    """Over a vocabulary of 1,000 (8 blocks of 125) and of 2,053 (a prime: 17 blocks of 128, the last padded) with
+    tokens of probability 0 among the others: the draw by block then token equals one cumulative sum over the
+    vocabulary inverted at the same uniform (but where the two sums round differently), follows the distribution,
+    and never lands on a token without mass."""
+    from s2d_jax.sampling.select import blocks, categorical
 
+    assert blocks(vocab) == {1000: (8, 125), 2053: (17, 128)}[vocab]
     rng = np.random.default_rng(0)
-    p = rng.random(1000) ** 4 * (rng.random(1000) > 0.3)
-    p[900:] = 0.0  # the last block's tail, and the padding after it, have no mass
-    logits = jnp.log(jnp.asarray(p / p.sum(), jnp.float32))[None].repeat(20000, 0)
-    keys = jax.random.split(jax.random.key(1), 20000)
+    p = rng.random(vocab) ** 4 * (rng.random(vocab) > 0.3)
+    p[vocab - 100:] = 0.0  # the last block's tail (and the padding after it) have no mass
+    logits = jnp.log(jnp.asarray(p / p.sum(), jnp.float32))[None].repeat(rows, 0)
+    keys = jax.random.split(jax.random.key(1), rows)
     draws = np.asarray(jax.jit(categorical)(keys, logits))
     cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
     u = jax.vmap(lambda k: jax.random.uniform(k, ()))(keys)[:, None] * cdf[:, -1:]
@@ -185,10 +188,30 @@ def test_the_two_level_draw_is_the_one_level_inverse_cdf():
     assert np.mean(draws == one_level) > 0.999
     assert p[draws].min() > 0
     expected = p / p.sum() * len(draws)
-    counts = np.bincount(draws, minlength=1000)
+    counts = np.bincount(draws, minlength=vocab)
     seen = expected > 5
     chi2 = ((counts[seen] - expected[seen]) ** 2 / expected[seen]).sum()
     assert chi2 < seen.sum() + 5 * np.sqrt(2 * seen.sum())  # within 5 standard deviations of its mean
+
+
+def test_a_draw_over_a_sharded_vocabulary_gathers_only_the_block_masses():
+    """Logits sharded over 8 devices along Llama 3's vocabulary (128,256 = 8 x 16,032 tokens): each device holds
+    whole blocks, so the compiled draw moves only the `[rows, blocks]` masses between devices, never the rows'
+    probabilities (blocks of 128 straddled the devices' shards, and XLA gathered `[rows, 64,128]` on each)."""
+    import re
+
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from s2d_jax.sampling.select import blocks, categorical
+
+    mesh = jax.make_mesh((8,), ("tensor",), axis_types=(jax.sharding.AxisType.Auto,))
+    rows, vocab = 16, 128256
+    n, width = blocks(vocab)
+    keys = jax.random.split(jax.random.key(0), rows)
+    f = jax.jit(categorical, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "tensor"))))
+    text = f.lower(keys, jax.ShapeDtypeStruct((rows, vocab), jnp.float32)).compile().as_text()
+    moved = re.findall(r"= \w+\[([\d,]+)\]\S* (?:all-gather|all-to-all|collective-permute|all-reduce)\(", text)
+    assert moved and max(np.prod([int(d) for d in shape.split(",")]) for shape in moved) <= rows * max(n, width)
 
 
 def test_argmax_by_two_reductions_is_jnp_argmax():

@@ -143,14 +143,26 @@ def dma_write(cache, new, index: jax.Array, platform: str = ""):
     `[B]` by the in-place kernel (interpreted off TPU); an int8 cache's scales by XLA. One device's rows."""
     run = lambda c, n: _dma_write(c, n, index, interpret=(platform or jax.default_backend()) != "tpu")
     if isinstance(cache, Int8KV):
-        return Int8KV(run(cache.q, new.q), write_slots(cache.scale, new.scale, index, 2))
+        return Int8KV(run(cache.q, new.q), write_slots(cache.scale, new.scale, index, 2, select=True))
     return run(cache, new)
 
 
-def write_slots(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
-    """`new` written into `cache` along `axis` from slot `index` (`[]` or `[B]`), by XLA."""
+def write_slots(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int, select: bool = False) -> jax.Array:
+    """`new` written into `cache` along `axis` from slot `index` (`[]` or `[B]`), by XLA. `select`: each row's
+    slots by one elementwise select over the whole array (a start clamped as `dynamic_update_slice` clamps it), for
+    small arrays (the valid mask, an int8 cache's scales): XLA:TPU runs a per-row scatter as a loop over the rows,
+    one iteration after another, each copying the whole array (64 of them in each step of an 8B decode at 64 slots)."""
     if index.ndim == 0:
         return jax.lax.dynamic_update_slice(cache, new, tuple(index if a == axis else 0 for a in range(cache.ndim)))
+    if select:
+        t, size = new.shape[axis], cache.shape[axis]
+        along = lambda x: x.reshape([-1 if a == axis else 1 for a in range(cache.ndim)])
+        start = jnp.clip(index, 0, size - t).reshape((-1,) + (1,) * (cache.ndim - 1))
+        offset = along(jnp.arange(size)) - start
+        if t > 1:
+            shape = cache.shape[:axis] + (size,) + cache.shape[axis + 1:]
+            new = jnp.take_along_axis(new, jnp.broadcast_to(jnp.clip(offset, 0, t - 1), shape), axis)
+        return jnp.where((offset >= 0) & (offset < t), new.astype(cache.dtype), cache)
     row = lambda c, x, i: jax.lax.dynamic_update_slice(c, x, tuple(i if a == axis - 1 else 0 for a in range(c.ndim)))
     return jax.vmap(row)(cache, new, index)
 

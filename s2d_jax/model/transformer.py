@@ -265,7 +265,7 @@ class Transformer(nnx.Module):
         else:  # the new tokens' slots become valid first (padding, segment 0, never does): each token sees itself
             # and every valid slot before it
             new = jnp.ones(tokens.shape, bool) if segment_ids is None else segment_ids != 0
-            valid = decode_attention.write_slots(cache.valid, new, cache.index, 1)
+            valid = decode_attention.write_slots(cache.valid, new, cache.index, 1, select=True)
             mask, masks = None, _cache_masks(cache, valid, t)  # one per cache length (full, or a ring)
             kw = dict(impl=cfg.attention)
 

@@ -50,7 +50,21 @@ class Sampling:
         return choice.astype(jnp.int32)
 
 
-BLOCK = 128  # tokens per block of the two-level draw
+MAX_BLOCKS = 1024  # blocks of the two-level draw, at most
+MAX_WIDTH = 2048  # tokens per block, at most; past it the vocabulary is padded to blocks of PADDED_WIDTH
+PADDED_WIDTH = 128
+
+
+def blocks(vocab: int) -> tuple[int, int]:
+    """(blocks, tokens per block) of the two-level draw: as many blocks as the largest power of two dividing the
+    vocabulary (at most MAX_BLOCKS), so that a vocabulary sharded over a power-of-two number of devices holds whole
+    blocks on each (Llama 3's 128,256 tokens: 256 blocks of 501; blocks of 128 split them, 125.25 to each of 8
+    devices, and XLA gathered every row's probabilities); blocks of PADDED_WIDTH over a padded vocabulary where that
+    would leave blocks wider than MAX_WIDTH (an odd vocabulary, which no mesh shards evenly anyway)."""
+    n = min(vocab & -vocab, MAX_BLOCKS)
+    if vocab // n <= MAX_WIDTH:
+        return n, vocab // n
+    return -(-vocab // PADDED_WIDTH), PADDED_WIDTH
 
 
 def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
@@ -58,24 +72,25 @@ def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
     sums), and one random number per row where `jax.random.categorical` draws one per vocabulary entry (Gumbel),
     which cost a quarter of a sampled decode step on CPU. A token of probability 0 is never drawn.
 
-    In two levels: the block of 128 tokens the draw falls in (a cumulative sum over the blocks' masses), then the
-    token within it. One cumulative sum over the whole vocabulary is the same draw (to float32 rounding), but
-    XLA:TPU computes it in passes that each write a `[rows, vocab]` float32 array (by XLA's HLO, a tenth of a 1B
-    model's decode step at 64 slots); here every pass over the vocabulary is a reduction, and the logits may stay
-    sharded over it."""
+    In two levels (`blocks`): the block the draw falls in (a cumulative sum over the blocks' masses), then the token
+    within it. One cumulative sum over the whole vocabulary is the same draw (to float32 rounding), but XLA:TPU
+    computes it in passes that each write a `[rows, vocab]` float32 array (by XLA's HLO, a tenth of a 1B model's
+    decode step at 64 slots); here every pass over the vocabulary is a reduction, and logits sharded over the
+    vocabulary stay so."""
     rows, vocab = logits.shape
+    n, width = blocks(vocab)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    blocks = jnp.pad(probs, ((0, 0), (0, -vocab % BLOCK))).reshape(rows, -1, BLOCK)
-    mass = blocks.sum(axis=-1)  # [rows, blocks]
+    grouped = jnp.pad(probs, ((0, 0), (0, n * width - vocab))).reshape(rows, n, width)
+    mass = grouped.sum(axis=-1)  # [rows, blocks]
     upto = jnp.cumsum(mass, axis=-1)
     total = upto[:, -1:]
     u = jax.vmap(lambda k: jax.random.uniform(k, ()))(keys)[:, None] * total
     u = jnp.minimum(u, total * (1 - 1e-6))  # strictly below the total, so the draw lands on a token that has mass
     block = _first_above(upto, u, mass > 0)
-    chosen = jnp.arange(mass.shape[1])[None, :] == block[:, None]
-    inner = jnp.sum(jnp.where(chosen[:, :, None], blocks, 0.0), axis=1)  # [rows, BLOCK], a reduction (no gather)
+    chosen = jnp.arange(n)[None, :] == block[:, None]
+    inner = jnp.sum(jnp.where(chosen[:, :, None], grouped, 0.0), axis=1)  # [rows, width], a reduction (no gather)
     before = jnp.sum(jnp.where(chosen, upto - mass, 0.0), axis=1, keepdims=True)
-    return jnp.minimum(block * BLOCK + _first_above(before + jnp.cumsum(inner, axis=-1), u, inner > 0), vocab - 1)
+    return jnp.minimum(block * width + _first_above(before + jnp.cumsum(inner, axis=-1), u, inner > 0), vocab - 1)
 
 
 def _first_above(cdf: jax.Array, u: jax.Array, has_mass: jax.Array) -> jax.Array:
