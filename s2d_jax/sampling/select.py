@@ -79,8 +79,9 @@ def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
     vocabulary stay so."""
     rows, vocab = logits.shape
     n, width = blocks(vocab)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    grouped = jnp.pad(probs, ((0, 0), (0, n * width - vocab))).reshape(rows, n, width)
+    logits = logits.astype(jnp.float32)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # unnormalised: `u` scales to their sum
+    grouped = jnp.pad(weights, ((0, 0), (0, n * width - vocab))).reshape(rows, n, width)
     mass = grouped.sum(axis=-1)  # [rows, blocks]
     upto = jnp.cumsum(mass, axis=-1)
     total = upto[:, -1:]
