@@ -3,7 +3,8 @@ slots, bf16, int8 weights and int8 weights + KV cache, for Llama-3-8B and a 1B s
 figures. Each row compiles the run's decode program for the target (libtpu, from this CPU) on the generation mesh
 `s2d plan` would choose, exactly as `s2d plan --config.plan.topology=T` does, and prints:
 
-- roofline ms: XLA's cost analysis of one decode step (FLOPs and bytes, extrapolated from 1 and 2 layers) against the
+- roofline ms: XLA's cost analysis of one decode step (FLOPs and bytes of the whole program: it runs its layers
+  unrolled; before 2026-12-07, extrapolated from 1- and 2-layer copies) against the
   chip's peaks, `max(FLOPs / peak, bytes / HBM bandwidth)`: an estimate, never a measurement;
 - floor ms: the bytes a step must read per chip (the weights and the live KV of every slot) over HBM bandwidth;
 - floor/roofline: 1 = XLA's program reads only what it must; tokens/s = slots / roofline over the whole slice;
