@@ -80,6 +80,13 @@ def _rows(x):
     return mesh_lib.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
 
+def _logits(x):
+    """The slots' next-token logits as the head leaves them, the vocabulary over `tensor`: held whole on every chip,
+    they were 33 MB a chip at 64 slots of Llama 3 and the decode's input and output differed in layout (so it was
+    neither donated nor one program per shape)."""
+    return mesh_lib.constrain(x, ("batch", "vocab"))
+
+
 @functools.partial(jax.jit, static_argnames=("shape", "sizes"))
 def empty(shape: Shape, sizes: tuple[int, ...]) -> Slots:
     """Empty (done) slots with a cache of `sizes` (cache.layer_sizes)."""
@@ -89,7 +96,7 @@ def empty(shape: Shape, sizes: tuple[int, ...]) -> Slots:
     cache = cache_lib.constrain(KVCache(tuple(kv(n) for n in sizes[1:]), tuple(kv(n) for n in sizes[1:]),
                                         _rows(jnp.zeros((s, sizes[0]), bool)), _rows(jnp.zeros(s, jnp.int32))))
     zeros = lambda *dims, dtype=jnp.int32: _rows(jnp.zeros((s,) + dims, dtype))
-    return Slots(_rows(jnp.ones(s, bool)), zeros(), zeros(), zeros(shape.vocab, dtype=jnp.float32), zeros(),
+    return Slots(_rows(jnp.ones(s, bool)), zeros(), zeros(), _logits(jnp.zeros((s, shape.vocab), jnp.float32)), zeros(),
                  _rows(jnp.full((s, shape.max_new), shape.pad_id, jnp.int32)), zeros(shape.max_new, dtype=jnp.float32),
                  jax.random.split(jax.random.key(0), s), cache)
 
@@ -112,7 +119,7 @@ def insert(slots: Slots, logits, cache: KVCache, rows, positions, budget, keys, 
     new = KVCache(layers(c.k, cache.k), layers(c.v, cache.v), pick(c.valid, cache.valid[src]), pick(c.index, index))
     key_data = jax.random.key_data
     return Slots(pick(slots.done, False), pick(slots.count, 0), pick(slots.budget, budget),
-                 pick(slots.logits, logits[src]), pick(slots.positions, positions), pick(slots.tokens, pad_id),
+                 _logits(pick(slots.logits, logits[src])), pick(slots.positions, positions), pick(slots.tokens, pad_id),
                  pick(slots.logprobs, 0.0), jax.random.wrap_key_data(pick(key_data(slots.keys), key_data(keys))),
                  cache_lib.constrain(new))
 
@@ -143,7 +150,7 @@ def decode(graphdef, state, slots: Slots, steps, method, eos_ids: tuple[int, ...
         done = s.done | jnp.isin(token, eos) | (count >= s.budget)
         hidden, cache = model.forward(token[:, None], s.positions[:, None], cache=s.cache)
         cache = cache_lib.constrain(cache._replace(index=jnp.where(live, cache.index, s.cache.index)))
-        return i + 1, Slots(done, count, s.budget, model.logits(hidden[:, 0]), s.positions + live, tokens, lps,
+        return i + 1, Slots(done, count, s.budget, _logits(model.logits(hidden[:, 0])), s.positions + live, tokens, lps,
                             s.keys, cache)
 
     cond = lambda carry: (carry[0] < steps) & ~jnp.all(carry[1].done)
