@@ -135,7 +135,8 @@ def test_the_decode_step_leaves_the_cache_in_hbm(tmp_path, chips, cache_dtype):
     the new keys and values reach the cache through the write kernel in place, and attention reads it where it
     lies; no async copy moves a whole cache layer into VMEM and back (what XLA did with a per-row scatter: a third
     more HBM traffic per layer at the 8B shape), so a step's HBM bytes stay within the weights, the live KV and a
-    small remainder. The only loop is the call's loop over steps: the valid mask and an int8 cache's scales take
+    small remainder; the slots' logits stay sharded over the vocabulary and are donated. The only loop is the call's
+    loop over steps: the valid mask and an int8 cache's scales take
     each row's slot by a select, where a per-row scatter was a loop over the 64 rows in every step (and per layer
     for the scales: by XLA:TPU's own cycle estimates ~0.6M cycles each at the 8B shape)."""
     import re
@@ -153,6 +154,10 @@ def test_the_decode_step_leaves_the_cache_in_hbm(tmp_path, chips, cache_dtype):
     hlo = aot.programs(config, t, p).compiled("decode", cfg).as_text()
     assert len(re.findall(r"name=\"kv_cache_write\"|kv_cache_write[.\w]* = ", hlo)) >= 4  # k and v, per layer
     assert re.findall(r" while\(.*?op_name=\"([^\"]*)\"", hlo) == ["jit(decode)/while"]
+    # the slots' logits stay as the head leaves them (the vocabulary over tensor) and are donated to the output
+    logits = re.search(r"f32\[\d+,(\d+)\]\S* parameter\((\d+)\), metadata=\{op_name=\"slots.logits\"", hlo)
+    assert int(logits.group(1)) * p["generate_mesh"]["tensor"] == cfg.vocab_size
+    assert re.search(rf"input_output_alias=\{{[^\n]*: \({logits.group(2)}, \{{\}}", hlo)
     g = p["generate_mesh"]
     layer = 64 // g["data"] * max(cfg.num_kv_heads // g["tensor"], 1) * 512 * cfg.head_dim * 2  # one layer's keys
     moved = [b for b, op, _, _ in hbm.breakdown(hlo) if op in ("copy-start", "slice-start")]
