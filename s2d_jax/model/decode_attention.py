@@ -156,12 +156,10 @@ def write_slots(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int, s
         return jax.lax.dynamic_update_slice(cache, new, tuple(index if a == axis else 0 for a in range(cache.ndim)))
     if select:
         t, size = new.shape[axis], cache.shape[axis]
-        along = lambda x: x.reshape([-1 if a == axis else 1 for a in range(cache.ndim)])
         start = jnp.clip(index, 0, size - t).reshape((-1,) + (1,) * (cache.ndim - 1))
-        offset = along(jnp.arange(size)) - start
+        offset = jnp.arange(size).reshape([-1 if a == axis else 1 for a in range(cache.ndim)]) - start
         if t > 1:
-            shape = cache.shape[:axis] + (size,) + cache.shape[axis + 1:]
-            new = jnp.take_along_axis(new, jnp.broadcast_to(jnp.clip(offset, 0, t - 1), shape), axis)
+            new = jnp.take_along_axis(new, jnp.broadcast_to(jnp.clip(offset, 0, t - 1), cache.shape), axis)
         return jnp.where((offset >= 0) & (offset < t), new.astype(cache.dtype), cache)
     row = lambda c, x, i: jax.lax.dynamic_update_slice(c, x, tuple(i if a == axis - 1 else 0 for a in range(c.ndim)))
     return jax.vmap(row)(cache, new, index)
